@@ -1,0 +1,410 @@
+//! Layered configuration: built-in defaults < a TOML file < `LIVEMESH_*`
+//! environment variables < command-line flags.
+//!
+//! Environment variables map to keys by lower-casing and reading `__` as a
+//! section separator: `LIVEMESH_ROOMS__SCAN_INTERVAL_MS=2000` sets
+//! `rooms.scan_interval_ms`. The environment is passed in as a list of pairs,
+//! so tests hand over a map instead of mutating the process environment.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Variables with this prefix configure livemesh.
+pub const ENV_PREFIX: &str = "LIVEMESH_";
+
+/// Variables that share the prefix but are not configuration keys: the file
+/// path itself and the test harness's server addresses.
+const ENV_NOT_CONFIG: &[&str] = &["LIVEMESH_CONFIG", "LIVEMESH_TEST_"];
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole mesh's configuration. Each service reads the sections it needs;
+/// the all-in-one binary reads them all from the same file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Where the embedded default keeps its SQLite files.
+    pub data_dir: PathBuf,
+    /// The service's SQL database (`sqlite://…` or `mysql://…`). For
+    /// ongoing-query it is the rooms database of the local region.
+    pub database_url: Option<String>,
+    /// The hot store (`redis://…`); unset means the in-process store.
+    pub redis_url: Option<String>,
+    pub telemetry: TelemetryConfig,
+    pub shutdown: ShutdownConfig,
+    pub client: ClientConfig,
+    pub rooms: RoomsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("livemesh-data"),
+            database_url: None,
+            redis_url: None,
+            telemetry: TelemetryConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            client: ClientConfig::default(),
+            rooms: RoomsConfig::default(),
+        }
+    }
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// A `tracing` filter, e.g. `info` or `livemesh=debug,info`. `RUST_LOG` wins when set.
+    pub log: String,
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`. Unset: no export.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log: "info".to_owned(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/Ctrl-C, how long in-flight calls may take to finish.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The inter-service client stack (see [`crate::client`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// TCP connect timeout to a peer.
+    pub connect_timeout_ms: u64,
+    /// Time a call may take until its response headers arrive.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 1_000,
+            request_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// The rooms table and the ongoing-rooms cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// The region whose database is `database_url`.
+    pub local_region: u16,
+    /// Further regional rooms databases; a room id names its region.
+    pub regions: Vec<RegionConfig>,
+    /// Period of the full scan that reconciles the cache with the tables.
+    pub scan_interval_ms: u64,
+    /// How long an ended room stays in the cache before reads go to SQL.
+    pub ended_retention_ms: u64,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            local_region: 0,
+            regions: Vec::new(),
+            scan_interval_ms: 5_000,
+            ended_retention_ms: 600_000,
+        }
+    }
+}
+
+/// One regional rooms database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub id: u16,
+    pub database_url: String,
+}
+
+/// Where configuration comes from, lowest precedence first.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// A TOML file; it must exist when named.
+    pub file: Option<PathBuf>,
+    /// Environment pairs; only `LIVEMESH_*` ones are read.
+    pub env: Vec<(String, String)>,
+    /// Flag values by dotted key (`rooms.scan_interval_ms`), highest precedence.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// The process environment plus the given file and flag overrides.
+    pub fn from_process(file: Option<PathBuf>, overrides: Vec<(String, String)>) -> Self {
+        Self {
+            file,
+            env: std::env::vars().collect(),
+            overrides,
+        }
+    }
+}
+
+impl Config {
+    /// Builds the configuration from `sources`, layered over the defaults.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let invalid = |e: config::ConfigError| ConfigError::Invalid(e.to_string());
+        let defaults = config::Config::try_from(&Config::default()).map_err(invalid)?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = &sources.file {
+            if !path.is_file() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            let file = config::Config::builder()
+                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml))
+                .build()
+                .map_err(|source| ConfigError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+            builder = builder.add_source(file);
+        }
+        let env: HashMap<String, String> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with(ENV_PREFIX) && !ENV_NOT_CONFIG.iter().any(|skip| k.starts_with(skip))
+            })
+            .cloned()
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("LIVEMESH")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        for (key, value) in &sources.overrides {
+            builder = builder.set_override(key.as_str(), value.as_str()).map_err(invalid)?;
+        }
+        let config: Config = builder
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(invalid)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.rooms.scan_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "rooms.scan_interval_ms must be at least 1".into(),
+            ));
+        }
+        if self.client.request_timeout_ms == 0 || self.client.connect_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "client.connect_timeout_ms and client.request_timeout_ms must be at least 1".into(),
+            ));
+        }
+        let mut seen = vec![self.rooms.local_region];
+        for region in &self.rooms.regions {
+            if seen.contains(&region.id) {
+                return Err(ConfigError::Invalid(format!(
+                    "region {} is configured twice (rooms.local_region and rooms.regions must name distinct regions)",
+                    region.id
+                )));
+            }
+            seen.push(region.id);
+        }
+        Ok(())
+    }
+
+    /// The SQLite URL of `file` under the data dir, created if missing.
+    pub fn sqlite_url(&self, file: &str) -> String {
+        sqlite_url(&self.data_dir.join(file))
+    }
+}
+
+/// A `sqlite://` URL for `path`, creating the file when it is missing.
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Flags every livemesh binary takes. They override the file and environment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    /// TOML config file (see the README's configuration reference).
+    #[arg(long, env = "LIVEMESH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on [default: 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the embedded default's SQLite files [default: ./livemesh-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// SQL database, `sqlite://FILE` or `mysql://USER:PASS@HOST:PORT/DB`.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Redis, `redis://HOST:PORT` (unset: the in-process hot store).
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Log filter, e.g. `info` or `livemesh_ongoing_query=debug` [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+    /// OTLP/gRPC endpoint to export traces to, e.g. `http://127.0.0.1:4317`.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl CommonArgs {
+    /// The flags as config overrides.
+    pub fn overrides(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut put = |key: &str, value: Option<String>| {
+            if let Some(value) = value {
+                out.push((key.to_owned(), value));
+            }
+        };
+        put("listen", self.listen.map(|a| a.to_string()));
+        put("data_dir", self.data_dir.as_ref().map(|d| d.display().to_string()));
+        put("database_url", self.database_url.clone());
+        put("redis_url", self.redis_url.clone());
+        put("telemetry.log", self.log.clone());
+        put("telemetry.otlp_endpoint", self.otlp_endpoint.clone());
+        out
+    }
+
+    /// Loads the configuration these flags describe, from the process environment.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(&Sources::from_process(self.config.clone(), self.overrides()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_without_sources() {
+        let config = Config::load(&Sources::default()).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn file_beats_defaults_env_beats_file_flags_beat_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("livemesh.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:7001\"\ndatabase_url = \"sqlite://file.db\"\n\
+             [rooms]\nscan_interval_ms = 111\nended_retention_ms = 5\n\
+             [[rooms.regions]]\nid = 3\ndatabase_url = \"mysql://r3\"\n",
+        )
+        .unwrap();
+        let sources = Sources {
+            file: Some(file),
+            env: env(&[
+                ("LIVEMESH_DATABASE_URL", "sqlite://env.db"),
+                ("LIVEMESH_ROOMS__SCAN_INTERVAL_MS", "222"),
+                ("LIVEMESH_TEST_MYSQL_URL", "mysql://not-config"),
+                ("LIVEMESH_CONFIG", "ignored.toml"),
+                ("UNRELATED", "x"),
+            ]),
+            overrides: vec![("rooms.scan_interval_ms".into(), "333".into())],
+        };
+        let config = Config::load(&sources).unwrap();
+        assert_eq!(config.listen.port(), 7001, "file beats the default");
+        assert_eq!(config.database_url.as_deref(), Some("sqlite://env.db"));
+        assert_eq!(config.rooms.scan_interval_ms, 333, "flags beat env");
+        assert_eq!(config.rooms.ended_retention_ms, 5);
+        assert_eq!(
+            config.rooms.regions,
+            vec![RegionConfig {
+                id: 3,
+                database_url: "mysql://r3".into()
+            }]
+        );
+        assert_eq!(config.client, ClientConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected_with_the_key_named() {
+        let err = Config::load(&Sources {
+            env: env(&[("LIVEMESH_ROOMS__SCAN_INTERVL_MS", "1")]),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("scan_intervl_ms"), "{err}");
+
+        let err = Config::load(&Sources {
+            overrides: vec![("listen".into(), "not-an-address".into())],
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listen") || err.contains("address"), "{err}");
+
+        let err = Config::load(&Sources {
+            file: Some(PathBuf::from("/nonexistent/livemesh.toml")),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_regions_are_rejected() {
+        let err = Config::load(&Sources {
+            env: env(&[("LIVEMESH_ROOMS__LOCAL_REGION", "2")]),
+            overrides: vec![],
+            file: None,
+        })
+        .map(|mut c| {
+            c.rooms.regions.push(RegionConfig {
+                id: 2,
+                database_url: "x".into(),
+            });
+            c.validate()
+        })
+        .unwrap()
+        .unwrap_err();
+        assert!(err.to_string().contains("region 2"), "{err}");
+    }
+}

@@ -1,0 +1,42 @@
+//! The livemesh shared runtime.
+//!
+//! Everything a service needs that is not its own domain lives here, once:
+//! layered configuration ([`config`]), tracing and OpenTelemetry
+//! ([`telemetry`]), the gRPC server bootstrap with health and reflection
+//! ([`server`]), graceful shutdown ([`shutdown`]) and the one client stack
+//! that every inter-service client goes through ([`client`]).
+
+pub mod client;
+pub mod config;
+pub mod server;
+pub mod shutdown;
+pub mod sql;
+pub mod telemetry;
+
+pub use client::{ClientStack, MeshChannel};
+pub use config::{CommonArgs, Config};
+pub use server::{ServerBuilder, ServiceSet};
+pub use shutdown::{Shutdown, ShutdownSignal};
+
+/// The error type carried through tower stacks.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Milliseconds since the Unix epoch, by the wall clock.
+pub fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub mod main_shape;
+pub use main_shape::run_service_main;
+
+/// The status of an RPC whose implementation is owned by a later piece of
+/// work: names the RPC and what will implement it, so a caller knows it is
+/// not a fault of theirs.
+pub fn not_yet_implemented(rpc: &str, owner: &str) -> tonic::Status {
+    tonic::Status::unimplemented(format!(
+        "{rpc} is not implemented in this build yet; it arrives with {owner}"
+    ))
+}

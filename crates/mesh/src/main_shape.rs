@@ -1,0 +1,63 @@
+//! The one shape of a service's `main`: config, telemetry, build, bind,
+//! serve until SIGTERM/Ctrl-C, drain under a timeout.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::{CommonArgs, Config};
+use crate::server::{ServiceSet, bind, serve_set};
+use crate::shutdown::{os_signal, run_with_drain};
+
+/// Runs one service as its own process. `build` turns the loaded config into
+/// the service (connecting to its databases); any failure is printed with
+/// its cause and the process exits non-zero.
+pub async fn run_service_main<S, F>(
+    name: &'static str,
+    args: &CommonArgs,
+    build: impl FnOnce(Config) -> F,
+) -> ExitCode
+where
+    S: ServiceSet + Send + 'static,
+    F: Future<Output = anyhow::Result<S>>,
+{
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let _telemetry = match crate::telemetry::init(&config.telemetry, name) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{name}: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match serve(config, build).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("{name}: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve<S, F>(config: Config, build: impl FnOnce(Config) -> F) -> anyhow::Result<()>
+where
+    S: ServiceSet + Send + 'static,
+    F: Future<Output = anyhow::Result<S>>,
+{
+    let drain = Duration::from_millis(config.shutdown.drain_timeout_ms);
+    let listen = config.listen;
+    let service = build(config).await?;
+    let listener = bind(listen).await?;
+    run_with_drain(
+        |signal| async move { serve_set(service, listener, signal).await },
+        os_signal(),
+        drain,
+    )
+    .await
+}

@@ -1,0 +1,154 @@
+//! The gRPC server bootstrap: every livemesh server, alone or all-in-one,
+//! serves `grpc.health.v1` and reflection (v1 and v1alpha, so older grpcurl
+//! builds work too) next to its own services.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic_health::ServingStatus;
+use tower::Service;
+
+/// A service crate's way of adding itself to a server, so the same code
+/// serves it alone (`main.rs`) or inside the all-in-one `livemesh` binary.
+pub trait ServiceSet {
+    fn register(&self, server: &mut ServerBuilder);
+}
+
+/// Collects gRPC services and their background work, then serves them.
+#[derive(Default)]
+pub struct ServerBuilder {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    background: Vec<(&'static str, BoxFuture<'static, ()>)>,
+}
+
+impl ServerBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a generated tonic server; health will report it `SERVING`.
+    pub fn add_service<S>(&mut self, service: S) -> &mut Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Work that runs while the server serves (scans, tails, lease
+    /// renewals) and is cancelled when serving ends.
+    pub fn add_background(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> &mut Self {
+        self.background.push((name, Box::pin(task)));
+        self
+    }
+
+    /// The fully-qualified names of the services added so far.
+    pub fn service_names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then lets in-flight
+    /// calls finish (bounded by the caller's drain timeout).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        // Reflection lists exactly the services this server carries.
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(livemesh_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health");
+            for name in &self.names {
+                builder = builder.with_service_name(*name);
+            }
+            builder
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        for name in &self.names {
+            health.set_service_status(*name, ServingStatus::Serving).await;
+        }
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let mut background = JoinSet::new();
+        for (name, task) in self.background {
+            background.spawn(async move {
+                task.await;
+                tracing::debug!(task = name, "background task ended");
+            });
+        }
+
+        let names = self.names.clone();
+        let addr = listener.local_addr().ok();
+        tracing::info!(?addr, services = ?names, "serving gRPC");
+        // Report NOT_SERVING as soon as shutdown starts, so load balancers
+        // stop sending new calls while the in-flight ones drain.
+        let shutdown = async move {
+            shutdown.await;
+            for name in &names {
+                health.set_service_status(*name, ServingStatus::NotServing).await;
+            }
+            health.set_service_status("", ServingStatus::NotServing).await;
+        };
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_routes(self.routes.routes())
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        background.abort_all();
+        result.map_err(ServeError::from)
+    }
+}
+
+/// Why a server could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building server reflection failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds `addr`, with a message that says what to change when it fails.
+pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|err| {
+        anyhow::anyhow!("cannot listen on {addr}: {err} (choose another address with --listen)")
+    })
+}
+
+/// Serves one service set alone on `listener` until `shutdown`.
+pub async fn serve_set(
+    set: impl ServiceSet,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let mut server = ServerBuilder::new();
+    set.register(&mut server);
+    server.serve(listener, shutdown).await
+}

@@ -1,0 +1,72 @@
+//! The livemesh contract (`proto/livemesh/v1`), generated at build time.
+//!
+//! This is the only crate that holds generated code; every service and the
+//! all-in-one binary depend on it.
+
+/// Package `livemesh.v1`.
+pub mod v1 {
+    #![allow(missing_docs, unused_qualifications, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("livemesh.v1");
+}
+
+/// The encoded `FileDescriptorSet` of the whole contract, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/livemesh_descriptor.bin"));
+
+/// The fully-qualified names of every livemesh service, as health and
+/// reflection report them.
+pub const SERVICE_NAMES: &[&str] = &[
+    "livemesh.v1.SubscribeService",
+    "livemesh.v1.PublishService",
+    "livemesh.v1.CounterService",
+    "livemesh.v1.OngoingQueryService",
+    "livemesh.v1.RoomAdminService",
+    "livemesh.v1.GiftsService",
+    "livemesh.v1.SettlementService",
+];
+
+/// Conversions between wall-clock milliseconds and protobuf timestamps.
+pub mod time {
+    /// A timestamp for `ms` milliseconds since the Unix epoch.
+    pub fn timestamp_from_ms(ms: i64) -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: ms.div_euclid(1000),
+            // Always in 0..1_000_000_000, so the cast cannot truncate.
+            nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+        }
+    }
+
+    /// Milliseconds since the Unix epoch of `ts`, rounding towards the past.
+    pub fn ms_from_timestamp(ts: &prost_types::Timestamp) -> i64 {
+        ts.seconds * 1000 + i64::from(ts.nanos).div_euclid(1_000_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn service_names_match_the_descriptor_set() {
+        let fds = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET)
+            .expect("descriptor set decodes");
+        let mut described: Vec<String> = fds
+            .file
+            .iter()
+            .filter(|f| f.package() == "livemesh.v1")
+            .flat_map(|f| f.service.iter().map(|s| format!("livemesh.v1.{}", s.name())))
+            .collect();
+        described.sort();
+        let mut listed: Vec<String> = SERVICE_NAMES.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        assert_eq!(described, listed);
+    }
+
+    #[test]
+    fn timestamps_round_trip_including_before_the_epoch() {
+        for ms in [0, 1, 999, 1000, 1_700_000_000_123, -1, -1001] {
+            assert_eq!(time::ms_from_timestamp(&time::timestamp_from_ms(ms)), ms);
+        }
+    }
+}
