@@ -1,1 +1,107 @@
-//! placeholder
+//! `ongoing-query`: the rooms table (the system of record for room starts
+//! and ends, one per region) and the cache of rooms in front of it that
+//! answers `GetRoom`, `ListOngoing` and `Partition` without touching the
+//! databases, except `GetRoom`'s read-through on a miss.
+//!
+//! Freshness: writes through `RoomAdmin` go to the cache at once; a periodic
+//! full scan repairs whatever else changed the tables. The binlog tail and
+//! `Watch` come with the ongoing-query issue.
+
+pub mod cache;
+pub mod grpc;
+pub mod partition;
+pub mod room;
+pub mod rooms;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
+use livemesh_mesh::{Config, ShutdownSignal};
+use livemesh_proto::v1::ongoing_query_service_server::OngoingQueryServiceServer;
+use livemesh_proto::v1::room_admin_service_server::RoomAdminServiceServer;
+
+pub use crate::rooms::{RoomError, Rooms};
+use crate::store::RegionStore;
+
+/// The ongoing-query service: both room gRPC services plus the periodic scan.
+#[derive(Debug, Clone)]
+pub struct OngoingQuery {
+    rooms: Arc<Rooms>,
+    scan_interval: Duration,
+}
+
+impl OngoingQuery {
+    /// Opens every configured region's rooms database (the local one is
+    /// `database_url`, or `rooms.db` under the data dir), migrates it, and
+    /// fills the cache with a first full scan.
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let local_url = config
+            .database_url
+            .clone()
+            .unwrap_or_else(|| config.sqlite_url("rooms.db"));
+        let mut urls = vec![(config.rooms.local_region, local_url)];
+        urls.extend(
+            config
+                .rooms
+                .regions
+                .iter()
+                .map(|r| (r.id, r.database_url.clone())),
+        );
+        let mut stores = Vec::with_capacity(urls.len());
+        for (region, url) in urls {
+            if region > room::MAX_REGION {
+                anyhow::bail!("region {region} is above the highest region {}", room::MAX_REGION);
+            }
+            let store = RegionStore::open(region, &url)
+                .await
+                .with_context(|| format!("rooms database of region {region}"))?;
+            stores.push(store);
+        }
+        let rooms = Rooms::new(
+            stores,
+            Duration::from_millis(config.rooms.ended_retention_ms),
+        );
+        let report = rooms.scan_all().await.context("first full scan of the rooms")?;
+        tracing::info!(ongoing = report.ongoing, "room cache filled");
+        Ok(Self {
+            rooms: Arc::new(rooms),
+            scan_interval: Duration::from_millis(config.rooms.scan_interval_ms),
+        })
+    }
+
+    pub fn rooms(&self) -> &Arc<Rooms> {
+        &self.rooms
+    }
+}
+
+impl ServiceSet for OngoingQuery {
+    fn register(&self, server: &mut ServerBuilder) {
+        let api = grpc::RoomsApi::new(self.rooms.clone());
+        server.add_service(OngoingQueryServiceServer::new(api.clone()));
+        server.add_service(RoomAdminServiceServer::new(api));
+        let rooms = self.rooms.clone();
+        let period = self.scan_interval;
+        server.add_background("rooms full scan", async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // the first tick is immediate; from_config just scanned
+            loop {
+                tick.tick().await;
+                // Failures are logged and counted inside; the next tick retries.
+                let _ = rooms.scan_all().await;
+            }
+        });
+    }
+}
+
+/// Serves ongoing-query on `listener` until `shutdown`.
+pub async fn run(
+    service: OngoingQuery,
+    listener: tokio::net::TcpListener,
+    shutdown: ShutdownSignal,
+) -> Result<(), ServeError> {
+    livemesh_mesh::server::serve_set(service, listener, shutdown).await
+}

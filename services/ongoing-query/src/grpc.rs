@@ -1,0 +1,119 @@
+//! The gRPC face of the room slice: `OngoingQueryService` and
+//! `RoomAdminService`, and the one mapping of domain errors to statuses.
+
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use livemesh_mesh::not_yet_implemented;
+use livemesh_proto::v1::ongoing_query_service_server::OngoingQueryService;
+use livemesh_proto::v1::room_admin_service_server::RoomAdminService;
+use livemesh_proto::v1::{
+    EndRoomRequest, EndRoomResponse, GetRoomRequest, GetRoomResponse, ListOngoingRequest,
+    ListOngoingResponse, PartitionRequest, PartitionResponse, StartRoomRequest, StartRoomResponse,
+    WatchRequest, WatchResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::rooms::{RoomError, Rooms};
+
+impl From<RoomError> for Status {
+    fn from(err: RoomError) -> Self {
+        match &err {
+            RoomError::InvalidArgument(_) => Status::invalid_argument(err.to_string()),
+            RoomError::NotFound(_) => Status::not_found(err.to_string()),
+            RoomError::AlreadyEnded { .. } | RoomError::RegionNotConfigured { .. } => {
+                Status::failed_precondition(err.to_string())
+            }
+            RoomError::Store { region, source } => {
+                // The cause stays in the log; the caller learns what to do.
+                tracing::error!(region, %source, "rooms database call failed");
+                Status::unavailable(format!(
+                    "the rooms database of region {region} is unavailable; retry later"
+                ))
+            }
+        }
+    }
+}
+
+/// Both room services over one [`Rooms`].
+#[derive(Debug, Clone)]
+pub struct RoomsApi {
+    rooms: Arc<Rooms>,
+}
+
+impl RoomsApi {
+    pub fn new(rooms: Arc<Rooms>) -> Self {
+        Self { rooms }
+    }
+}
+
+#[tonic::async_trait]
+impl OngoingQueryService for RoomsApi {
+    type WatchStream = BoxStream<'static, Result<WatchResponse, Status>>;
+
+    async fn get_room(
+        &self,
+        request: Request<GetRoomRequest>,
+    ) -> Result<Response<GetRoomResponse>, Status> {
+        let room = self.rooms.get_room(request.into_inner().room_id).await?;
+        Ok(Response::new(GetRoomResponse {
+            room: Some(room.into()),
+        }))
+    }
+
+    async fn list_ongoing(
+        &self,
+        request: Request<ListOngoingRequest>,
+    ) -> Result<Response<ListOngoingResponse>, Status> {
+        let request = request.into_inner();
+        let (rooms, next_page_token) = self
+            .rooms
+            .list_ongoing(request.page_size, &request.page_token)?;
+        Ok(Response::new(ListOngoingResponse {
+            rooms: rooms.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn partition(
+        &self,
+        request: Request<PartitionRequest>,
+    ) -> Result<Response<PartitionResponse>, Status> {
+        let request = request.into_inner();
+        let room_ids = self.rooms.partition(request.index, request.total)?;
+        Ok(Response::new(PartitionResponse { room_ids }))
+    }
+
+    async fn watch(
+        &self,
+        _request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(not_yet_implemented(
+            "OngoingQueryService.Watch",
+            "the ongoing-query binlog work (issue 3)",
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl RoomAdminService for RoomsApi {
+    async fn start_room(
+        &self,
+        request: Request<StartRoomRequest>,
+    ) -> Result<Response<StartRoomResponse>, Status> {
+        let room = self.rooms.start_room(request.into_inner().anchor_id).await?;
+        Ok(Response::new(StartRoomResponse {
+            room: Some(room.into()),
+        }))
+    }
+
+    async fn end_room(
+        &self,
+        request: Request<EndRoomRequest>,
+    ) -> Result<Response<EndRoomResponse>, Status> {
+        let room = self.rooms.end_room(request.into_inner().room_id).await?;
+        Ok(Response::new(EndRoomResponse {
+            room: Some(room.into()),
+        }))
+    }
+}
