@@ -14,7 +14,26 @@ use crate::config::ClientConfig;
 
 /// A channel to one peer, wrapped in the mesh's middleware. Generated
 /// clients take it as their transport: `CounterServiceClient::new(channel)`.
-pub type MeshChannel = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError>;
+pub type MeshChannel = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, MeshError>;
+
+/// The error of a [`MeshChannel`] call. A concrete type rather than a bare
+/// `Box<dyn Error>`: with the latter, futures calling a client cannot be
+/// spawned (rustc cannot prove `From` for every lifetime of the trait
+/// object). tonic finds a `Status` inside through `source()`.
+#[derive(Debug)]
+pub struct MeshError(BoxError);
+
+impl std::fmt::Display for MeshError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for MeshError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
 
 /// Builds [`MeshChannel`]s with the configured middleware.
 #[derive(Debug, Clone)]
@@ -70,14 +89,14 @@ impl ClientStack {
         let peer = peer.to_owned();
         let timeout = self.request_timeout;
         let service = ServiceBuilder::new()
-            .map_err(move |err: BoxError| -> BoxError {
+            .map_err(move |err: BoxError| {
                 if err.is::<tower::timeout::error::Elapsed>() {
-                    Box::new(tonic::Status::deadline_exceeded(format!(
+                    MeshError(Box::new(tonic::Status::deadline_exceeded(format!(
                         "{peer} did not answer within {} ms",
                         timeout.as_millis()
-                    )))
+                    ))))
                 } else {
-                    err
+                    MeshError(err)
                 }
             })
             .timeout(timeout)

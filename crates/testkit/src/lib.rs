@@ -1,1 +1,160 @@
-//! placeholder
+//! Test helpers shared by every crate's tests: the private servers that
+//! `scripts/test` starts (found through `LIVEMESH_TEST_*` variables), fresh
+//! databases, and livemesh servers on loopback ports.
+//!
+//! A test that needs a server and finds no address fails with a message
+//! naming the test command; it never skips.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use livemesh_mesh::config::ClientConfig;
+use livemesh_mesh::server::{ServiceSet, serve_set};
+use livemesh_mesh::{ClientStack, MeshChannel, Shutdown};
+use sqlx::Connection as _;
+
+/// The command that starts the private servers and runs the tests.
+pub const TEST_COMMAND: &str = "scripts/test";
+
+/// The value of a harness variable, or a panic that says how to get it.
+pub fn harness_var(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(value) if !value.is_empty() => value,
+        _ => panic!(
+            "{name} is not set: this test needs the private Redis/MariaDB servers that \
+             `{TEST_COMMAND}` starts. Run `{TEST_COMMAND}` (it passes extra arguments to \
+             cargo nextest), or `scripts/with-servers cargo nextest run ...`."
+        ),
+    }
+}
+
+/// `mysql://USER:PASS@127.0.0.1:PORT` of the harness's MariaDB (binlog on).
+pub fn mysql_url() -> String {
+    harness_var("LIVEMESH_TEST_MYSQL_URL")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// `redis://127.0.0.1:PORT` of the harness's standalone Redis.
+pub fn redis_url() -> String {
+    harness_var("LIVEMESH_TEST_REDIS_URL")
+}
+
+/// The three masters of the harness's Redis Cluster.
+pub fn redis_cluster_urls() -> Vec<String> {
+    harness_var("LIVEMESH_TEST_REDIS_CLUSTER_URLS")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A name no other test of this run uses.
+pub fn unique_name(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "lm_{tag}_{}_{}_{nanos:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates an empty database on the harness's MariaDB and returns its URL.
+pub async fn fresh_mysql_database(tag: &str) -> String {
+    let base = mysql_url();
+    let name = unique_name(tag);
+    let mut conn = sqlx::MySqlConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach the harness's MariaDB at {base}: {e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    format!("{base}/{name}")
+}
+
+/// Where a backend-generic test keeps its SQL: a SQLite file in a temporary
+/// directory, or a fresh database on the harness's MariaDB.
+#[derive(Debug)]
+pub enum SqlBackend {
+    Sqlite(tempfile::TempDir),
+    MariaDb,
+}
+
+impl SqlBackend {
+    pub fn sqlite() -> Self {
+        SqlBackend::Sqlite(tempfile::tempdir().expect("temp dir"))
+    }
+
+    pub fn mariadb() -> Self {
+        // Fail now, with the message naming the test command, not later.
+        mysql_url();
+        SqlBackend::MariaDb
+    }
+
+    /// A new, empty database of this backend.
+    pub async fn database_url(&self, tag: &str) -> String {
+        match self {
+            SqlBackend::Sqlite(dir) => {
+                livemesh_mesh::config::sqlite_url(&dir.path().join(format!("{}.db", unique_name(tag))))
+            }
+            SqlBackend::MariaDb => fresh_mysql_database(tag).await,
+        }
+    }
+}
+
+/// A livemesh server on a free loopback port, stopped when dropped.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: Shutdown,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Serves `set` on `127.0.0.1:0`.
+    pub async fn start(set: impl ServiceSet + Send + 'static) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = Shutdown::new();
+        let signal = shutdown.signal();
+        let task = tokio::spawn(async move {
+            serve_set(set, listener, signal)
+                .await
+                .expect("test server failed");
+        });
+        Self {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// A channel to this server through the mesh's client stack.
+    pub fn channel(&self) -> MeshChannel {
+        ClientStack::new(&ClientConfig::default())
+            .channel(&format!("http://{}", self.addr))
+            .expect("loopback uri")
+    }
+
+    /// Stops the server and waits until it has drained.
+    pub async fn stop(mut self) {
+        self.shutdown.trigger();
+        if let Some(task) = self.task.take() {
+            task.await.expect("test server task");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
