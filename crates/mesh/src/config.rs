@@ -213,7 +213,9 @@ impl Config {
                 .source(Some(env)),
         );
         for (key, value) in &sources.overrides {
-            builder = builder.set_override(key.as_str(), value.as_str()).map_err(invalid)?;
+            builder = builder
+                .set_override(key.as_str(), value.as_str())
+                .map_err(invalid)?;
         }
         let config: Config = builder
             .build()
@@ -294,7 +296,10 @@ impl CommonArgs {
             }
         };
         put("listen", self.listen.map(|a| a.to_string()));
-        put("data_dir", self.data_dir.as_ref().map(|d| d.display().to_string()));
+        put(
+            "data_dir",
+            self.data_dir.as_ref().map(|d| d.display().to_string()),
+        );
         put("database_url", self.database_url.clone());
         put("redis_url", self.redis_url.clone());
         put("telemetry.log", self.log.clone());
@@ -304,7 +309,10 @@ impl CommonArgs {
 
     /// Loads the configuration these flags describe, from the process environment.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        Config::load(&Sources::from_process(self.config.clone(), self.overrides()))
+        Config::load(&Sources::from_process(
+            self.config.clone(),
+            self.overrides(),
+        ))
     }
 }
 

@@ -89,7 +89,9 @@ impl ServerBuilder {
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
         for name in &self.names {
-            health.set_service_status(*name, ServingStatus::Serving).await;
+            health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
         }
         health.set_service_status("", ServingStatus::Serving).await;
 
@@ -109,9 +111,13 @@ impl ServerBuilder {
         let shutdown = async move {
             shutdown.await;
             for name in &names {
-                health.set_service_status(*name, ServingStatus::NotServing).await;
+                health
+                    .set_service_status(*name, ServingStatus::NotServing)
+                    .await;
             }
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
         };
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)

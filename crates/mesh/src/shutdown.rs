@@ -90,7 +90,10 @@ where
         joined = &mut server => return flatten(joined),
         () = stop => {}
     }
-    tracing::info!(drain_ms = drain.as_millis(), "shutting down: draining in-flight calls");
+    tracing::info!(
+        drain_ms = drain.as_millis(),
+        "shutting down: draining in-flight calls"
+    );
     shutdown.trigger();
     match tokio::time::timeout(drain, &mut server).await {
         Ok(joined) => {

@@ -125,7 +125,9 @@ impl Db {
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);
             let options = MySqlConnectOptions::from_str(&url).map_err(open_err)?;
-            if options.get_database().is_some() && !MySql::database_exists(&url).await.map_err(open_err)? {
+            if options.get_database().is_some()
+                && !MySql::database_exists(&url).await.map_err(open_err)?
+            {
                 MySql::create_database(&url).await.map_err(open_err)?;
                 tracing::info!(url = %redact(&url), "created database");
             }

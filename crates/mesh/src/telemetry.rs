@@ -32,7 +32,9 @@ impl Drop for TelemetryGuard {
 pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<TelemetryGuard> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log))
-        .map_err(|e| anyhow::anyhow!("telemetry.log {:?} is not a valid filter: {e}", config.log))?;
+        .map_err(|e| {
+            anyhow::anyhow!("telemetry.log {:?} is not a valid filter: {e}", config.log)
+        })?;
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
 
     let Some(endpoint) = &config.otlp_endpoint else {

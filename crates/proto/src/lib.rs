@@ -55,7 +55,11 @@ mod tests {
             .file
             .iter()
             .filter(|f| f.package() == "livemesh.v1")
-            .flat_map(|f| f.service.iter().map(|s| format!("livemesh.v1.{}", s.name())))
+            .flat_map(|f| {
+                f.service
+                    .iter()
+                    .map(|s| format!("livemesh.v1.{}", s.name()))
+            })
             .collect();
         described.sort();
         let mut listed: Vec<String> = SERVICE_NAMES.iter().map(|s| s.to_string()).collect();

@@ -100,9 +100,9 @@ impl SqlBackend {
     /// A new, empty database of this backend.
     pub async fn database_url(&self, tag: &str) -> String {
         match self {
-            SqlBackend::Sqlite(dir) => {
-                livemesh_mesh::config::sqlite_url(&dir.path().join(format!("{}.db", unique_name(tag))))
-            }
+            SqlBackend::Sqlite(dir) => livemesh_mesh::config::sqlite_url(
+                &dir.path().join(format!("{}.db", unique_name(tag))),
+            ),
             SqlBackend::MariaDb => fresh_mysql_database(tag).await,
         }
     }

@@ -10,10 +10,9 @@ use livemesh_mesh::{ShutdownSignal, not_yet_implemented};
 use livemesh_proto::v1::gifts_service_server::{GiftsService, GiftsServiceServer};
 use livemesh_proto::v1::settlement_service_server::{SettlementService, SettlementServiceServer};
 use livemesh_proto::v1::{
-    DepositRequest, DepositResponse, ExportLedgerRequest, ExportLedgerResponse,
-    GetBalanceRequest, GetBalanceResponse, GetSettlementRequest, GetSettlementResponse,
-    ReconcileRequest, ReconcileResponse, SendGiftRequest, SendGiftResponse, SettleRoomRequest,
-    SettleRoomResponse,
+    DepositRequest, DepositResponse, ExportLedgerRequest, ExportLedgerResponse, GetBalanceRequest,
+    GetBalanceResponse, GetSettlementRequest, GetSettlementResponse, ReconcileRequest,
+    ReconcileResponse, SendGiftRequest, SendGiftResponse, SettleRoomRequest, SettleRoomResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -62,7 +61,10 @@ impl SettlementService for GiftSettler {
         &self,
         _request: Request<GetSettlementRequest>,
     ) -> Result<Response<GetSettlementResponse>, Status> {
-        Err(not_yet_implemented("SettlementService.GetSettlement", OWNER))
+        Err(not_yet_implemented(
+            "SettlementService.GetSettlement",
+            OWNER,
+        ))
     }
 
     async fn reconcile(

@@ -183,7 +183,11 @@ mod tests {
         RoomRecord {
             room_id: id,
             anchor_id: 9,
-            status: if ongoing { Status::Ongoing } else { Status::Ended },
+            status: if ongoing {
+                Status::Ongoing
+            } else {
+                Status::Ended
+            },
             started_at_ms: 1,
             ended_at_ms: (!ongoing).then_some(2),
             version,

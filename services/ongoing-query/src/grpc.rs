@@ -101,7 +101,10 @@ impl RoomAdminService for RoomsApi {
         &self,
         request: Request<StartRoomRequest>,
     ) -> Result<Response<StartRoomResponse>, Status> {
-        let room = self.rooms.start_room(request.into_inner().anchor_id).await?;
+        let room = self
+            .rooms
+            .start_room(request.into_inner().anchor_id)
+            .await?;
         Ok(Response::new(StartRoomResponse {
             room: Some(room.into()),
         }))

@@ -53,7 +53,10 @@ impl OngoingQuery {
         let mut stores = Vec::with_capacity(urls.len());
         for (region, url) in urls {
             if region > room::MAX_REGION {
-                anyhow::bail!("region {region} is above the highest region {}", room::MAX_REGION);
+                anyhow::bail!(
+                    "region {region} is above the highest region {}",
+                    room::MAX_REGION
+                );
             }
             let store = RegionStore::open(region, &url)
                 .await
@@ -64,7 +67,10 @@ impl OngoingQuery {
             stores,
             Duration::from_millis(config.rooms.ended_retention_ms),
         );
-        let report = rooms.scan_all().await.context("first full scan of the rooms")?;
+        let report = rooms
+            .scan_all()
+            .await
+            .context("first full scan of the rooms")?;
         tracing::info!(ongoing = report.ongoing, "room cache filled");
         Ok(Self {
             rooms: Arc::new(rooms),

@@ -14,7 +14,11 @@ pub const MIGRATIONS: Migrations = Migrations {
         "rooms",
         include_str!("../migrations/sqlite/0001_rooms.sql"),
     )],
-    mysql: &[(1, "rooms", include_str!("../migrations/mysql/0001_rooms.sql"))],
+    mysql: &[(
+        1,
+        "rooms",
+        include_str!("../migrations/mysql/0001_rooms.sql"),
+    )],
 };
 
 /// A `SELECT` of every column of `rooms`, in [`Row`]'s order.
@@ -85,17 +89,14 @@ impl RegionStore {
     pub async fn insert(&self, anchor_id: u64, now_ms: i64) -> Result<RoomRecord, StoreError> {
         // Anchor ids are checked below 2^63 by the caller.
         let anchor = i64::try_from(anchor_id).unwrap_or(i64::MAX);
-        const SQL: &str =
-            "INSERT INTO rooms (anchor_id, status, started_at_ms, ended_at_ms, version) VALUES (?, 1, ?, NULL, 1)";
+        const SQL: &str = "INSERT INTO rooms (anchor_id, status, started_at_ms, ended_at_ms, version) VALUES (?, 1, ?, NULL, 1)";
         let id = match &self.db {
-            Db::Sqlite(pool) => {
-                sqlx::query(SQL)
-                    .bind(anchor)
-                    .bind(now_ms)
-                    .execute(pool)
-                    .await?
-                    .last_insert_rowid()
-            }
+            Db::Sqlite(pool) => sqlx::query(SQL)
+                .bind(anchor)
+                .bind(now_ms)
+                .execute(pool)
+                .await?
+                .last_insert_rowid(),
             Db::MySql(pool) => {
                 let id = sqlx::query(SQL)
                     .bind(anchor)

@@ -128,7 +128,11 @@ async fn start_get_list_end(backend: SqlBackend) {
     assert!(room.ended_at.is_none());
     assert_eq!(region_of(room.room_id), Some(0));
 
-    assert_eq!(c.get(room.room_id).await.unwrap(), room, "found right after start");
+    assert_eq!(
+        c.get(room.room_id).await.unwrap(),
+        room,
+        "found right after start"
+    );
     assert_eq!(c.list_all(100).await, vec![room.room_id]);
 
     let ended = c.end(room.room_id).await.unwrap();
@@ -198,7 +202,11 @@ async fn bad_input_gets_precise_codes(backend: SqlBackend) {
             .partition(PartitionRequest { index, total })
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{index}/{total}: {err:?}");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{index}/{total}: {err:?}"
+        );
     }
 }
 
@@ -213,8 +221,15 @@ async fn pages_cover_every_ongoing_room_once(backend: SqlBackend) {
     c.end(ended).await.unwrap();
 
     let listed = c.list_all(10).await;
-    assert_eq!(listed, started, "ascending, complete, without the ended room");
-    assert_eq!(c.list_all(0).await, started, "page size 0 means the default");
+    assert_eq!(
+        listed, started,
+        "ascending, complete, without the ended room"
+    );
+    assert_eq!(
+        c.list_all(0).await,
+        started,
+        "page size 0 means the default"
+    );
 }
 
 async fn partitions_split_ongoing_rooms_exactly_once(backend: SqlBackend) {
@@ -266,7 +281,11 @@ async fn full_scan_heals_changes_made_behind_the_cache(backend: SqlBackend) {
     assert_eq!(reader.list_all(100).await, vec![room.room_id]);
 
     writer.end(room.room_id).await.unwrap();
-    assert_eq!(reader.list_all(100).await, vec![room.room_id], "stale until a scan");
+    assert_eq!(
+        reader.list_all(100).await,
+        vec![room.room_id],
+        "stale until a scan"
+    );
     b.rooms().scan_all().await.unwrap();
     assert!(reader.list_all(100).await.is_empty());
     assert_eq!(
@@ -337,7 +356,10 @@ async fn room_ids_route_to_the_anchor_region(backend: SqlBackend) {
         assert_eq!(anchors, vec![(expected_anchor,)], "region {region}");
     }
     assert_eq!(c.get(far.room_id).await.unwrap(), far);
-    assert_eq!(c.end(far.room_id).await.unwrap().status(), RoomStatus::Ended);
+    assert_eq!(
+        c.end(far.room_id).await.unwrap().status(),
+        RoomStatus::Ended
+    );
     assert_eq!(c.list_all(10).await, vec![near.room_id]);
 }
 

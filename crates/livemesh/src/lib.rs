@@ -1,0 +1,54 @@
+//! The all-in-one livemesh: every service in one process on one port, on
+//! the embedded default (SQLite under the data dir, the in-process hot
+//! store), plus the scripted demo and the benchmarks.
+
+pub mod bench;
+pub mod demo;
+
+use livemesh_counter::Counter;
+use livemesh_gift_settler::GiftSettler;
+use livemesh_mesh::Config;
+use livemesh_mesh::server::{ServerBuilder, ServiceSet};
+use livemesh_ongoing_query::OngoingQuery;
+use livemesh_publish::Dispatcher;
+use livemesh_subscribe::SubscribeNode;
+
+/// All five services, built from one config.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    pub ongoing_query: OngoingQuery,
+    pub subscribe: SubscribeNode,
+    pub publish: Dispatcher,
+    pub counter: Counter,
+    pub gift_settler: GiftSettler,
+}
+
+impl Mesh {
+    /// Opens every service's stores as `config` says (SQLite files under
+    /// `data_dir` unless database URLs are given).
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the data dir {}: {e} (choose another with --data-dir)",
+                config.data_dir.display()
+            )
+        })?;
+        Ok(Self {
+            ongoing_query: OngoingQuery::from_config(config).await?,
+            subscribe: SubscribeNode,
+            publish: Dispatcher,
+            counter: Counter,
+            gift_settler: GiftSettler,
+        })
+    }
+}
+
+impl ServiceSet for Mesh {
+    fn register(&self, server: &mut ServerBuilder) {
+        self.ongoing_query.register(server);
+        self.subscribe.register(server);
+        self.publish.register(server);
+        self.counter.register(server);
+        self.gift_settler.register(server);
+    }
+}
