@@ -1,0 +1,219 @@
+//! The all-in-one mesh: health, reflection, the demo, and `livemesh up` as a
+//! real process that keeps its rooms across a restart and stops cleanly on
+//! SIGTERM.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use livemesh::Mesh;
+use livemesh_mesh::config::ClientConfig;
+use livemesh_mesh::{ClientStack, Config, MeshChannel};
+use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::{GetRoomRequest, RoomStatus, StartRoomRequest};
+use livemesh_testkit::TestServer;
+use tokio_stream::StreamExt as _;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
+
+async fn mesh(dir: &std::path::Path) -> Mesh {
+    Mesh::from_config(&Config {
+        data_dir: dir.to_owned(),
+        ..Config::default()
+    })
+    .await
+    .expect("mesh")
+}
+
+async fn reflect(channel: MeshChannel, request: MessageRequest) -> MessageResponse {
+    let mut client = ServerReflectionClient::new(channel);
+    let outbound = tokio_stream::iter([ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    }]);
+    let mut replies = client
+        .server_reflection_info(outbound)
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let reply: ServerReflectionResponse = replies
+        .next()
+        .await
+        .expect("a reflection reply")
+        .expect("reflection reply ok");
+    reply.message_response.expect("reflection payload")
+}
+
+#[tokio::test]
+async fn every_service_is_serving_and_listed_by_reflection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(mesh(dir.path()).await).await;
+
+    let mut health = HealthClient::new(server.channel());
+    for name in livemesh_proto::SERVICE_NAMES {
+        let status = health
+            .check(HealthCheckRequest {
+                service: (*name).to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "{name}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "livemesh.v1.NoSuchService".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let MessageResponse::ListServicesResponse(listed) = reflect(
+        server.channel(),
+        MessageRequest::ListServices(String::new()),
+    )
+    .await
+    else {
+        panic!("expected a service list");
+    };
+    let listed: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
+    for name in livemesh_proto::SERVICE_NAMES
+        .iter()
+        .chain(&["grpc.health.v1.Health"])
+    {
+        assert!(listed.iter().any(|l| l == name), "{name} not in {listed:?}");
+    }
+
+    // What grpcurl's `describe` needs: the file that defines a service.
+    let MessageResponse::FileDescriptorResponse(files) = reflect(
+        server.channel(),
+        MessageRequest::FileContainingSymbol("livemesh.v1.RoomAdminService".into()),
+    )
+    .await
+    else {
+        panic!("expected file descriptors");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+}
+
+#[tokio::test]
+async fn the_demo_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    livemesh::demo::run(Some(dir.path().to_owned()))
+        .await
+        .expect("demo");
+}
+
+/// `livemesh up` as its own process.
+struct Up {
+    child: Child,
+    channel: MeshChannel,
+}
+
+impl Up {
+    async fn start(dir: &std::path::Path) -> Self {
+        // Reserve a free port, then hand it to the process.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_livemesh"))
+            .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn livemesh up");
+        let channel = ClientStack::new(&ClientConfig::default())
+            .channel(&format!("http://127.0.0.1:{port}"))
+            .unwrap();
+        let mut up = Self { child, channel };
+        up.wait_serving().await;
+        up
+    }
+
+    /// Waits until health answers SERVING (the process needs a moment to
+    /// open its databases), failing if the process dies first.
+    async fn wait_serving(&mut self) {
+        let mut health = HealthClient::new(self.channel.clone());
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("livemesh up exited early: {status}");
+            }
+            let reply = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if reply.is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("livemesh up did not report SERVING within 10 s");
+    }
+
+    /// SIGTERM, then the exit status.
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        tokio::task::spawn_blocking(move || self.child.wait().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn up_keeps_its_rooms_across_a_restart_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path()).await;
+    let room = RoomAdminServiceClient::new(up.channel.clone())
+        .start_room(StartRoomRequest { anchor_id: 31 })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap();
+    let status = up.terminate().await;
+    assert!(status.success(), "exit after SIGTERM: {status}");
+
+    let up = Up::start(dir.path()).await;
+    let again = OngoingQueryServiceClient::new(up.channel.clone())
+        .get_room(GetRoomRequest {
+            room_id: room.room_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap();
+    assert_eq!(again, room);
+    assert_eq!(again.status(), RoomStatus::Ongoing);
+    assert!(up.terminate().await.success());
+}
+
+#[test]
+fn up_rejects_a_bad_config_with_a_clear_message_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("livemesh.toml");
+    std::fs::write(&file, "[rooms]\nscan_intervl_ms = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_livemesh"))
+        .args(["up", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("scan_intervl_ms"), "{stderr}");
+}
