@@ -2,6 +2,9 @@
 //! real process that keeps its rooms across a restart and stops cleanly on
 //! SIGTERM.
 
+// Helpers outside #[test] functions unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -163,10 +166,7 @@ impl Up {
     /// SIGTERM, then the exit status.
     async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        let killed = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(killed.success());
         tokio::task::spawn_blocking(move || self.child.wait().unwrap())
             .await

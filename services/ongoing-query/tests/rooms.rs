@@ -1,6 +1,9 @@
 //! The room slice, end to end through gRPC, against SQLite and against the
 //! harness's MariaDB: every case below runs on both backends.
 
+// Helpers outside #[test] functions unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 
 use livemesh_mesh::config::RegionConfig;
