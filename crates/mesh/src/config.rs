@@ -416,3 +416,22 @@ mod tests {
         assert!(err.to_string().contains("region 2"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The documented example must stay loadable and equal to the defaults,
+    /// so the reference cannot drift from the code.
+    #[test]
+    fn the_example_config_loads_and_documents_the_defaults() {
+        let path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config/livemesh.example.toml");
+        let config = Config::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(config, Config::default());
+    }
+}

@@ -40,7 +40,10 @@ async fn redis(url: &str, command: &str) -> String {
 
 #[tokio::test]
 async fn redis_standalone_answers() {
-    assert_eq!(redis(&livemesh_testkit::redis_url(), "PING").await, "+PONG\r\n");
+    assert_eq!(
+        redis(&livemesh_testkit::redis_url(), "PING").await,
+        "+PONG\r\n"
+    );
 }
 
 #[tokio::test]
@@ -64,12 +67,11 @@ async fn mariadb_has_the_binlog_on_in_row_format() {
         ("binlog_row_image", "FULL"),
         ("binlog_row_metadata", "FULL"),
     ] {
-        let (_, value): (String, String) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SHOW VARIABLES LIKE '{name}'"
-        )))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+        let (_, value): (String, String) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("SHOW VARIABLES LIKE '{name}'")))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
         assert_eq!(value, expected, "{name}");
     }
     let (server_id,): (u32,) = sqlx::query_as("SELECT @@server_id")
