@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use livemesh_mesh::server::serve_set;
-use livemesh_mesh::{ClientStack, Config, Shutdown};
+use livemesh_mesh::server::LocalServer;
+use livemesh_mesh::{ClientStack, Config};
 use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::GetRoomRequest;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
@@ -128,10 +128,7 @@ async fn rooms(args: RoomsArgs) -> anyhow::Result<()> {
     };
     let service = OngoingQuery::from_config(&config).await?;
     let rooms = service.rooms().clone();
-    let listener = livemesh_mesh::server::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
-    let shutdown = Shutdown::new();
-    let server = tokio::spawn(serve_set(service, listener, shutdown.signal()));
+    let server = LocalServer::start(service, config.listen).await?;
 
     println!(
         "bench rooms: {} rooms on {backend}, {} callers, {} s per side",
@@ -169,7 +166,7 @@ async fn rooms(args: RoomsArgs) -> anyhow::Result<()> {
         })
         .await?
     };
-    let channel = ClientStack::new(&config.client).channel(&format!("http://{addr}"))?;
+    let channel = ClientStack::new(&config.client).channel(&server.uri())?;
     let grpc = {
         let ids = ids.clone();
         measure(args.concurrency, duration, move |n| {
@@ -182,8 +179,7 @@ async fn rooms(args: RoomsArgs) -> anyhow::Result<()> {
         })
         .await?
     };
-    shutdown.trigger();
-    server.await??;
+    server.stop().await?;
 
     let ratio = cache.per_sec / sql.per_sec;
     println!(

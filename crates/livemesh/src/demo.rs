@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail, ensure};
 use livemesh_mesh::config::TelemetryConfig;
-use livemesh_mesh::server::serve_set;
-use livemesh_mesh::{ClientStack, Config, MeshChannel, Shutdown};
+use livemesh_mesh::server::LocalServer;
+use livemesh_mesh::{ClientStack, Config, MeshChannel};
 use livemesh_proto::time::ms_from_timestamp;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
@@ -40,19 +40,15 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         ..Config::default()
     };
     let mesh = Mesh::from_config(&config).await?;
-    let listener = livemesh_mesh::server::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
-    let shutdown = Shutdown::new();
-    let server = tokio::spawn(serve_set(mesh, listener, shutdown.signal()));
-
+    let server = LocalServer::start(mesh, config.listen).await?;
     println!(
-        "livemesh demo: all services in one process on {addr}, data in {}",
+        "livemesh demo: all services in one process on {}, data in {}",
+        server.addr(),
         data_dir.display()
     );
-    let channel = ClientStack::new(&config.client).channel(&format!("http://{addr}"))?;
+    let channel = ClientStack::new(&config.client).channel(&server.uri())?;
     let result = script(channel).await;
-    shutdown.trigger();
-    server.await.context("mesh task")??;
+    server.stop().await?;
     match &result {
         Ok(()) => println!("\ndemo complete: every step got the answer it expected."),
         Err(err) => println!("\ndemo FAILED: {err:#}"),

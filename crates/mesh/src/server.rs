@@ -158,3 +158,54 @@ pub async fn serve_set(
     set.register(&mut server);
     server.serve(listener, shutdown).await
 }
+
+/// A server running in this process on its own task: what the demo, the
+/// benchmarks and tests use to talk to a service through real gRPC.
+#[derive(Debug)]
+pub struct LocalServer {
+    addr: std::net::SocketAddr,
+    shutdown: crate::Shutdown,
+    task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
+}
+
+impl LocalServer {
+    /// Binds `addr` (port 0 picks a free one) and serves `set` on it.
+    pub async fn start(
+        set: impl ServiceSet + Send + 'static,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let listener = bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = crate::Shutdown::new();
+        let task = tokio::spawn(serve_set(set, listener, shutdown.signal()));
+        Ok(Self {
+            addr,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for [`crate::ClientStack::channel`].
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and waits until in-flight calls have drained.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.trigger();
+        match self.task.take() {
+            Some(task) => Ok(task.await??),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}

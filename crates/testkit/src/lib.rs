@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use livemesh_mesh::config::ClientConfig;
-use livemesh_mesh::server::{ServiceSet, serve_set};
-use livemesh_mesh::{ClientStack, MeshChannel, Shutdown};
+use livemesh_mesh::server::{LocalServer, ServiceSet};
+use livemesh_mesh::{ClientStack, MeshChannel};
 use sqlx::Connection as _;
 
 /// The command that starts the private servers and runs the tests.
@@ -112,49 +112,33 @@ impl SqlBackend {
 #[derive(Debug)]
 pub struct TestServer {
     pub addr: SocketAddr,
-    shutdown: Shutdown,
-    task: Option<tokio::task::JoinHandle<()>>,
+    server: LocalServer,
 }
 
 impl TestServer {
     /// Serves `set` on `127.0.0.1:0`.
     pub async fn start(set: impl ServiceSet + Send + 'static) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let server = LocalServer::start(set, SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
-            .expect("bind a loopback port");
-        let addr = listener.local_addr().expect("local addr");
-        let shutdown = Shutdown::new();
-        let signal = shutdown.signal();
-        let task = tokio::spawn(async move {
-            serve_set(set, listener, signal)
-                .await
-                .expect("test server failed");
-        });
+            .expect("start a server on a loopback port");
         Self {
-            addr,
-            shutdown,
-            task: Some(task),
+            addr: server.addr(),
+            server,
         }
     }
 
     /// A channel to this server through the mesh's client stack.
     pub fn channel(&self) -> MeshChannel {
         ClientStack::new(&ClientConfig::default())
-            .channel(&format!("http://{}", self.addr))
+            .channel(&self.server.uri())
             .expect("loopback uri")
     }
 
     /// Stops the server and waits until it has drained.
-    pub async fn stop(mut self) {
-        self.shutdown.trigger();
-        if let Some(task) = self.task.take() {
-            task.await.expect("test server task");
-        }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
+    pub async fn stop(self) {
+        self.server
+            .stop()
+            .await
+            .expect("test server stopped cleanly");
     }
 }
