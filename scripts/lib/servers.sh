@@ -88,7 +88,7 @@ case ":$PATH:" in *:/sbin:*) ;; *) PATH="$PATH:/sbin" ;; esac
 export PATH
 
 # How long (seconds) to wait for each server to come up before giving up.
-: "${LIVEMESH_SERVER_START_TIMEOUT:=30}"
+: "${LIVEMESH_TEST_SERVER_START_TIMEOUT:=30}"
 
 # Internal state; start_servers and stop_servers both tolerate these being
 # empty, which is what makes a double stop or a stop after a partial start safe.
@@ -96,6 +96,7 @@ _LM_TMPDIR=""
 _LM_PIDFILES=()   # pid files of every server started, in start order
 _LM_PIDS=()       # pids at start-up, used when a pid file has gone missing
 _LM_MYSQL_PID="" _LM_MYSQL_PORT="" _LM_MYSQL_SOCKET="" _LM_MYSQL_ADMIN=""
+_LM_REDIS_PID="" _LM_REDIS_PORT="" _LM_CLUSTER_PORTS=() _LM_CLUSTER_PIDS=()
 
 _lm_log() { printf '[servers] %s\n' "$*" >&2; }
 
@@ -169,7 +170,7 @@ _lm_wait_for() {
 _lm_redis_ping() { [[ $(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null) == PONG ]]; }
 
 # True if a pid is alive AND is the program we expect (guards against a pid
-# that has since been reused by an unrelated process).
+# that has since been reused by an unrelated process); NAME "" = any program.
 _lm_pid_is() {
     local pid=$1 name=$2 comm stat
     [[ $pid =~ ^[0-9]+$ ]] || return 1
@@ -218,50 +219,55 @@ _lm_spawn() {
     local pidfile=$1 log=$2; shift 2
     "$@" </dev/null >>"$log" 2>&1 &
     _LM_LAST_PID=$!
+    # Out of the job table: no "Killed ..." line from bash when a chaos test
+    # kills it (bash still reaps it).
+    disown "$_LM_LAST_PID" 2>/dev/null || true
     _LM_PIDFILES+=("$pidfile")
     _LM_PIDS+=("$_LM_LAST_PID")
 }
 
 # Wait until CHECK... succeeds; fail early if the process died, fail after
-# LIVEMESH_SERVER_START_TIMEOUT seconds otherwise.
+# LIVEMESH_TEST_SERVER_START_TIMEOUT seconds otherwise.
 #   _lm_wait_up WHAT PID LOG CHECK [ARGS...]
 _lm_wait_up() {
     local what=$1 pid=$2 log=$3; shift 3
-    local deadline=$((SECONDS + LIVEMESH_SERVER_START_TIMEOUT))
+    local deadline=$((SECONDS + LIVEMESH_TEST_SERVER_START_TIMEOUT))
     until "$@" >/dev/null 2>&1; do
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if ! _lm_pid_is "$pid" ""; then
             _lm_fail "$what (the server process exited)" "$log"
             return 1
         fi
         if ((SECONDS >= deadline)); then
-            _lm_fail "$what (not ready after ${LIVEMESH_SERVER_START_TIMEOUT}s)" "$log"
+            _lm_fail "$what (not ready after ${LIVEMESH_TEST_SERVER_START_TIMEOUT}s)" "$log"
             return 1
         fi
         sleep 0.05
     done
 }
 
-# Start one redis-server from DIR/redis.conf and wait until it answers PING.
-# The config says daemonize yes (for restarts by hand); here it runs as our
-# background child instead, so that a start-up failure (port taken, bad
-# option) is seen at once rather than after a timeout.
-_lm_start_redis_in() {
-    local what=$1 dir=$2 port=$3
-    _lm_spawn "$dir/redis.pid" "$dir/redis.log" \
-        redis-server "$dir/redis.conf" --daemonize no || return 1
-    _lm_wait_up "$what" "$_LM_LAST_PID" "$dir/redis.log" _lm_redis_ping "$port"
-}
+# Each server starts in two halves, launch (spawn, no waiting) and ready
+# (wait, configure, export), so that start_servers can let all of them boot
+# at the same time; start_X runs both halves for a single server.
+start_redis_standalone() { _lm_redis_launch && _lm_redis_ready; }
 
-start_redis_standalone() {
-    local dir="$_LM_TMPDIR/redis" port pid
+_lm_redis_launch() {
+    local dir="$_LM_TMPDIR/redis" port
     mkdir -p "$dir"
     port=$(livemesh_pick_ports 1) || { _lm_fail "redis (no free port)"; return 1; }
     _lm_write_redis_conf "$dir" "$port"
-    _lm_start_redis_in "redis standalone" "$dir" "$port" || return 1
-    pid=$_LM_LAST_PID
+    _lm_spawn "$dir/redis.pid" "$dir/redis.log" \
+        redis-server "$dir/redis.conf" --daemonize no || return 1
+    _LM_REDIS_PORT=$port
+    _LM_REDIS_PID=$_LM_LAST_PID
+}
+
+_lm_redis_ready() {
+    local dir="$_LM_TMPDIR/redis" port=$_LM_REDIS_PORT
+    _lm_wait_up "redis standalone on 127.0.0.1:$port" "$_LM_REDIS_PID" "$dir/redis.log" \
+        _lm_redis_ping "$port" || return 1
     export LIVEMESH_TEST_REDIS_URL="redis://127.0.0.1:$port"
     export LIVEMESH_TEST_REDIS_PORT="$port"
-    export LIVEMESH_TEST_REDIS_PID="$pid"
+    export LIVEMESH_TEST_REDIS_PID="$_LM_REDIS_PID"
     export LIVEMESH_TEST_REDIS_PIDFILE="$dir/redis.pid"
     export LIVEMESH_TEST_REDIS_CONF="$dir/redis.conf"
     export LIVEMESH_TEST_REDIS_LOG="$dir/redis.log"
@@ -279,50 +285,67 @@ _lm_cluster_ok_all() {
     for p in "$@"; do _lm_cluster_ok_on "$p" || return 1; done
 }
 
-start_redis_cluster() {
+start_redis_cluster() { _lm_cluster_launch && _lm_cluster_ready; }
+
+# Launch the three nodes (no waiting).  A fresh master only reports
+# cluster_state:ok 2 s after it started, so launching early pays off.
+_lm_cluster_launch() {
     local base="$_LM_TMPDIR/redis-cluster" ports=() i dir
-    local urls=() pids=() pidfiles=() confs=() addrs=()
     mkdir -p "$base"
     # 3 client ports + 3 cluster-bus ports.
     mapfile -t ports < <(livemesh_pick_ports 6)
     if ((${#ports[@]} != 6)); then _lm_fail "redis cluster (no free ports)"; return 1; fi
-    # Launch the three nodes at once, then wait for each to answer.
+    _LM_CLUSTER_PORTS=("${ports[@]:0:3}")
+    _LM_CLUSTER_PIDS=()
     for i in 0 1 2; do
         dir="$base/${ports[i]}"
         mkdir -p "$dir"
         _lm_write_redis_conf "$dir" "${ports[i]}" "${ports[i + 3]}"
         _lm_spawn "$dir/redis.pid" "$dir/redis.log" \
             redis-server "$dir/redis.conf" --daemonize no || return 1
-        pids+=("$_LM_LAST_PID")
+        _LM_CLUSTER_PIDS+=("$_LM_LAST_PID")
+    done
+}
+
+# Wait for the nodes, form the cluster, wait until all three agree it is ok.
+_lm_cluster_ready() {
+    local base="$_LM_TMPDIR/redis-cluster" i dir
+    local ports=("${_LM_CLUSTER_PORTS[@]}") pids=("${_LM_CLUSTER_PIDS[@]}")
+    local urls=() pidfiles=() confs=() addrs=()
+    for i in 0 1 2; do
+        dir="$base/${ports[i]}"
+        _lm_wait_up "redis cluster node 127.0.0.1:${ports[i]}" "${pids[i]}" \
+            "$dir/redis.log" _lm_redis_ping "${ports[i]}" || return 1
         pidfiles+=("$dir/redis.pid")
         confs+=("$dir/redis.conf")
         urls+=("redis://127.0.0.1:${ports[i]}")
         addrs+=("127.0.0.1:${ports[i]}")
     done
-    for i in 0 1 2; do
-        _lm_wait_up "redis cluster node 127.0.0.1:${ports[i]}" "${pids[i]}" \
-            "$base/${ports[i]}/redis.log" _lm_redis_ping "${ports[i]}" || return 1
-    done
-    # Assign the 16384 slots over the three masters.
-    if ! redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes \
+    # Assign the 16384 slots over the three masters.  Bounded with timeout:
+    # redis-cli waits for the nodes to join with no limit of its own, so a
+    # node dying at this point would otherwise hang the run forever.
+    # --foreground keeps redis-cli in our process group, so a Ctrl-C or a
+    # TERM to the group reaches it (and our trap runs) at once.
+    if ! timeout --foreground "$LIVEMESH_TEST_SERVER_START_TIMEOUT" \
+        redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes \
         >"$base/create.log" 2>&1; then
         _lm_fail "redis cluster (redis-cli --cluster create)" "$base/create.log"
         return 1
     fi
     # `create` returns once slots are assigned; the nodes still have to gossip
     # until every one of them sees the full, healthy cluster.
-    if ! _lm_wait_for "$LIVEMESH_SERVER_START_TIMEOUT" _lm_cluster_ok_all "${ports[@]:0:3}"; then
+    if ! _lm_wait_for "$LIVEMESH_TEST_SERVER_START_TIMEOUT" _lm_cluster_ok_all "${ports[@]}"; then
         for i in 0 1 2; do
             _lm_log "cluster info on ${ports[i]}:"
             redis-cli -p "${ports[i]}" cluster info 2>&1 | head -8 >&2 || true
         done
-        _lm_fail "redis cluster (cluster_state:ok not reached in ${LIVEMESH_SERVER_START_TIMEOUT}s)" \
+        _lm_fail "redis cluster (cluster_state:ok not reached in ${LIVEMESH_TEST_SERVER_START_TIMEOUT}s)" \
             "$base/${ports[0]}/redis.log"
         return 1
     fi
     local IFS=,
     export LIVEMESH_TEST_REDIS_CLUSTER_URLS="${urls[*]}"
-    export LIVEMESH_TEST_REDIS_CLUSTER_PORTS="${ports[*]:0:3}"
+    export LIVEMESH_TEST_REDIS_CLUSTER_PORTS="${ports[*]}"
     export LIVEMESH_TEST_REDIS_CLUSTER_PIDS="${pids[*]}"
     export LIVEMESH_TEST_REDIS_CLUSTER_PIDFILES="${pidfiles[*]}"
     export LIVEMESH_TEST_REDIS_CLUSTER_CONFS="${confs[*]}"
@@ -334,8 +357,6 @@ _lm_mysql_admin() {
     mariadb --no-defaults --protocol=socket -S "$_LM_MYSQL_SOCKET" -u "$_LM_MYSQL_ADMIN" "$@"
 }
 
-# MariaDB in two halves, so that start_servers can bring the Redis servers
-# up while mariadbd initialises (which takes seconds on a busy machine).
 start_mysql() { _lm_mysql_launch && _lm_mysql_ready; }
 
 # First half: write the option file, create the system tables, launch mariadbd.
@@ -525,12 +546,14 @@ livemesh_install_server_traps() {
     trap '_lm_on_signal 143' TERM
 }
 
+_lm_launch_redis_all() { _lm_redis_launch && _lm_cluster_launch; }
+
 # Run a start function and log how long it took.
 _lm_timed() {
     local what=$1 t0 rc=0; shift
     t0=$(_lm_now)
     "$@" || rc=$?
-    if ((rc == 0)); then _lm_log "$what up in $(_lm_elapsed "$t0")s"; fi
+    if ((rc == 0)); then _lm_log "$what: $(_lm_elapsed "$t0")s"; fi
     return "$rc"
 }
 
@@ -541,7 +564,7 @@ _lm_elapsed() { awk -v a="$1" -v b="$(_lm_now)" 'BEGIN { printf "%.1f", b - a }'
 start_servers() {
     local t0 tool
     t0=$(_lm_now)
-    for tool in redis-server redis-cli mariadbd mariadb-install-db mariadb python3; do
+    for tool in redis-server redis-cli mariadbd mariadb-install-db mariadb python3 timeout; do
         if ! command -v "$tool" >/dev/null 2>&1; then
             _lm_log "missing '$tool' on PATH; run scripts/install-deps"
             return 1
@@ -551,12 +574,14 @@ start_servers() {
     _LM_TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/livemesh-test.XXXXXX") || return 1
     export LIVEMESH_TEST_TMPDIR="$_LM_TMPDIR"
 
-    # mariadbd is launched first and only waited for last: it boots while
-    # the Redis servers start and the cluster converges.
-    _lm_mysql_launch || { stop_servers; return 1; }
-    _lm_timed "redis standalone" start_redis_standalone || { stop_servers; return 1; }
-    _lm_timed "redis cluster" start_redis_cluster || { stop_servers; return 1; }
-    _lm_timed "mariadb" _lm_mysql_ready || { stop_servers; return 1; }
+    # Launch everything first, then wait: the Redis nodes boot (and sit out
+    # their 2 s before a cluster can be ok) while mariadb-install-db runs,
+    # and mariadbd initialises while the cluster forms.
+    _lm_timed "launch redis + cluster nodes" _lm_launch_redis_all || { stop_servers; return 1; }
+    _lm_timed "mariadb-install-db + launch" _lm_mysql_launch || { stop_servers; return 1; }
+    _lm_timed "redis standalone ready" _lm_redis_ready || { stop_servers; return 1; }
+    _lm_timed "redis cluster ready" _lm_cluster_ready || { stop_servers; return 1; }
+    _lm_timed "mariadb ready" _lm_mysql_ready || { stop_servers; return 1; }
 
     _lm_log "redis $LIVEMESH_TEST_REDIS_URL | cluster $LIVEMESH_TEST_REDIS_CLUSTER_URLS | mariadb 127.0.0.1:$LIVEMESH_TEST_MYSQL_PORT"
     _lm_log "all servers up in $(_lm_elapsed "$t0")s (dir $LIVEMESH_TEST_TMPDIR)"

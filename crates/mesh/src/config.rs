@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "LIVEMESH_";
 
 /// Variables that share the prefix but are not configuration keys: the file
-/// path itself and the test harness's server addresses.
+/// path itself, and `LIVEMESH_TEST_*`, which belong to the test harness
+/// (server addresses, tool dirs). Any other `LIVEMESH_*` variable must name
+/// a key, so a typo fails loudly instead of being ignored.
 const ENV_NOT_CONFIG: &[&str] = &["LIVEMESH_CONFIG", "LIVEMESH_TEST_"];
 
 /// Why configuration could not be loaded.
