@@ -212,7 +212,7 @@ impl Config {
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
-                .source(Some(env)),
+                .source(Some(env.clone())),
         );
         for (key, value) in &sources.overrides {
             builder = builder
@@ -222,7 +222,7 @@ impl Config {
         let config: Config = builder
             .build()
             .and_then(config::Config::try_deserialize)
-            .map_err(invalid)?;
+            .map_err(|e| ConfigError::Invalid(name_env_source(e.to_string(), &env)))?;
         config.validate()?;
         Ok(config)
     }
@@ -254,6 +254,22 @@ impl Config {
     /// The SQLite URL of `file` under the data dir, created if missing.
     pub fn sqlite_url(&self, file: &str) -> String {
         sqlite_url(&self.data_dir.join(file))
+    }
+}
+
+/// Points an "unknown field" error at the environment variable it came
+/// from, when it came from one: the variable name is what the user must fix.
+fn name_env_source(message: String, env: &HashMap<String, String>) -> String {
+    let culprit = env.keys().find(|var| {
+        let field = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        let leaf = field.rsplit("__").next().unwrap_or(&field);
+        message.contains(&format!("unknown field `{leaf}`"))
+    });
+    match culprit {
+        Some(var) => format!(
+            "{message} (set by the environment variable {var}; LIVEMESH_* variables are config keys)"
+        ),
+        None => message,
     }
 }
 
@@ -381,6 +397,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("scan_intervl_ms"), "{err}");
+        assert!(err.contains("LIVEMESH_ROOMS__SCAN_INTERVL_MS"), "{err}");
 
         let err = Config::load(&Sources {
             overrides: vec![("listen".into(), "not-an-address".into())],
