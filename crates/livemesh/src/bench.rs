@@ -11,18 +11,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
+use livemesh_mesh::on_db;
 use livemesh_mesh::server::LocalServer;
 use livemesh_mesh::{ClientStack, Config};
-use livemesh_ongoing_query::OngoingQuery;
-use livemesh_proto::v1::GetRoomRequest;
+use livemesh_ongoing_query::partition::owner;
+use livemesh_ongoing_query::room::{RoomRecord, room_id};
+use livemesh_ongoing_query::store::RegionStore;
+use livemesh_ongoing_query::{OngoingQuery, Rooms};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_proto::v1::{GetRoomRequest, PartitionRequest};
 
 /// The benchmarks.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
-    /// Room reads: a lookup in the room cache against the peer it shields, a
-    /// primary-key SELECT on the rooms table (MariaDB under `scripts/bench`,
-    /// else SQLite), both in process; plus `GetRoom` over gRPC end to end.
+    /// Rooms: (a) how long after a commit by plain SQL from another
+    /// connection a room start or end is visible in the cache (through the
+    /// change feed); (b) GetRoom/Partition reads from the service's cache
+    /// against the same reads as SQL queries on the rooms database, at the
+    /// same concurrency. MariaDB with the binlog under `scripts/bench`, else SQLite.
     Rooms(RoomsArgs),
 }
 
@@ -32,13 +38,13 @@ pub struct RoomsArgs {
     /// Write the figures as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Seconds each side is measured for.
-    #[arg(long, default_value_t = 3)]
-    pub seconds: u64,
-    /// Concurrent callers on each side.
+    /// Seconds the whole bench may take (split over its phases).
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Concurrent readers on each side of the read comparison.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Rooms started before measuring.
+    /// Ongoing rooms while reading.
     #[arg(long, default_value_t = 1_000)]
     pub rooms: u64,
     /// The rooms database. Default: a new database on the MariaDB named by
@@ -59,6 +65,10 @@ struct Side {
     per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3
 }
 
 /// Runs `call` from `concurrency` tasks for `duration`.
@@ -92,88 +102,134 @@ where
     let elapsed = started.elapsed().as_secs_f64();
     ensure!(!all.is_empty(), "no call completed");
     all.sort_unstable();
-    let at = |q: f64| all[((all.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
     Ok(Side {
         per_sec: all.len() as f64 / elapsed,
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
     })
 }
 
+/// Every tenth read is a Partition, the rest GetRoom: the mix of a lobby
+/// and its shard workers.
+const PARTITION_EVERY: u64 = 10;
+const WORKERS: u32 = 8;
+
 async fn rooms(args: RoomsArgs) -> anyhow::Result<()> {
     ensure!(
-        args.rooms > 0 && args.concurrency > 0 && args.seconds > 0,
-        "--rooms, --concurrency and --seconds must be positive"
+        args.rooms > 0 && args.concurrency > 0 && args.duration >= 3,
+        "--rooms and --concurrency must be positive and --duration at least 3"
     );
     let temp = tempfile::tempdir()?;
     let (url, backend) = match (&args.database_url, std::env::var("LIVEMESH_TEST_MYSQL_URL")) {
-        (Some(url), _) => (url.clone(), "given"),
+        (Some(url), _) => (url.clone(), "the given database"),
         (None, Ok(base)) if !base.is_empty() => (
             format!(
                 "{}/livemesh_bench_{}",
                 base.trim_end_matches('/'),
                 std::process::id()
             ),
-            "MariaDB",
+            "MariaDB (binlog)",
         ),
         _ => (
             livemesh_mesh::config::sqlite_url(&temp.path().join("rooms.db")),
-            "SQLite",
+            "SQLite (change table)",
         ),
     };
-    let config = Config {
-        database_url: Some(url),
+    let mut config = Config {
+        database_url: Some(url.clone()),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..Config::default()
     };
+    // Only the change feed may explain what becomes visible.
+    config.rooms.scan_interval_ms = 3_600_000;
+    config.rooms.feed_consumer = format!("bench-{}", std::process::id());
     let service = OngoingQuery::from_config(&config).await?;
     let rooms = service.rooms().clone();
     let server = LocalServer::start(service, config.listen).await?;
-
+    // Another application's connection, writing plain SQL.
+    let outsider = RegionStore::open(0, &url).await?;
+    let phase = Duration::from_secs(args.duration) / 4;
     println!(
-        "bench rooms: {} rooms on {backend}, {} callers, {} s per side",
-        args.rooms, args.concurrency, args.seconds
+        "bench rooms on {backend}: visibility for {:.1} s, then reads with {} callers over {} rooms, {:.1} s per side",
+        phase.as_secs_f64(),
+        args.concurrency,
+        args.rooms,
+        phase.as_secs_f64()
     );
+
+    // (a) Commit-to-visible, for starts and ends.
+    let mut visible = Vec::new();
+    let started = Instant::now();
+    let mut anchor = 1_000_000_u64;
+    while started.elapsed() < phase {
+        anchor += 1;
+        let room = sql_start(&outsider, anchor).await?;
+        let committed = Instant::now();
+        wait_visible(&rooms, room.room_id, true).await?;
+        visible.push(committed.elapsed());
+        sql_end(&outsider, room.room_id).await?;
+        let committed = Instant::now();
+        wait_visible(&rooms, room.room_id, false).await?;
+        visible.push(committed.elapsed());
+    }
+    visible.sort_unstable();
+    let (vis_p50, vis_p99) = (percentile(&visible, 0.5), percentile(&visible, 0.99));
+
+    // (b) Reads.
     let mut ids = Vec::new();
     for anchor in 1..=args.rooms {
         ids.push(rooms.start_room(anchor).await?.room_id);
     }
     let ids = Arc::new(ids);
-    let duration = Duration::from_secs(args.seconds);
-
-    let cache = {
+    let service_side = {
         let (ids, rooms) = (ids.clone(), rooms.clone());
-        measure(args.concurrency, duration, move |n| {
+        measure(args.concurrency, phase, move |n| {
             let rooms = rooms.clone();
             let room_id = ids[(n % ids.len() as u64) as usize];
             async move {
-                rooms.get_room(room_id).await?;
+                if n % PARTITION_EVERY == 0 {
+                    rooms.partition((n % u64::from(WORKERS)) as u32, WORKERS)?;
+                } else {
+                    rooms.get_room(room_id).await?;
+                }
                 Ok(())
             }
         })
         .await?
     };
-    let store = rooms.store(0).context("region 0")?.clone();
-    let sql = {
-        let ids = ids.clone();
-        measure(args.concurrency, duration, move |n| {
+    let sql_side = {
+        let (ids, store) = (ids.clone(), outsider.clone());
+        measure(args.concurrency, phase, move |n| {
             let store = store.clone();
             let room_id = ids[(n % ids.len() as u64) as usize];
             async move {
-                store.get(room_id).await?.context("seeded room missing")?;
+                if n % PARTITION_EVERY == 0 {
+                    sql_partition(&store, (n % u64::from(WORKERS)) as u32, WORKERS).await?;
+                } else {
+                    store.get(room_id).await?.context("seeded room missing")?;
+                }
                 Ok(())
             }
         })
         .await?
     };
     let channel = ClientStack::new(&config.client).channel(&server.uri())?;
-    let grpc = {
+    let grpc_side = {
         let ids = ids.clone();
-        measure(args.concurrency, duration, move |n| {
+        measure(args.concurrency, phase, move |n| {
             let mut client = OngoingQueryServiceClient::new(channel.clone());
             let room_id = ids[(n % ids.len() as u64) as usize];
             async move {
-                client.get_room(GetRoomRequest { room_id }).await?;
+                if n % PARTITION_EVERY == 0 {
+                    client
+                        .partition(PartitionRequest {
+                            index: (n % u64::from(WORKERS)) as u32,
+                            total: WORKERS,
+                        })
+                        .await?;
+                } else {
+                    client.get_room(GetRoomRequest { room_id }).await?;
+                }
                 Ok(())
             }
         })
@@ -181,41 +237,87 @@ async fn rooms(args: RoomsArgs) -> anyhow::Result<()> {
     };
     server.stop().await?;
 
-    let ratio = cache.per_sec / sql.per_sec;
+    let ratio = service_side.per_sec / sql_side.per_sec;
+    let grpc_ratio = grpc_side.per_sec / sql_side.per_sec;
     println!(
-        "  {:<44} {:>12} {:>9} {:>9}",
-        "side", "calls/s", "p50 ms", "p99 ms"
+        "\n  visibility after commit ({} starts and ends): p50 {vis_p50:.2} ms, p99 {vis_p99:.2} ms",
+        visible.len()
     );
     println!(
-        "  {:<44} {:>12.0} {:>9.3} {:>9.3}",
-        "cache lookup (in process)", cache.per_sec, cache.p50_ms, cache.p99_ms
+        "\n  {:<46} {:>12} {:>9} {:>9}",
+        "reads (9 GetRoom : 1 Partition of 8)", "reads/s", "p50 ms", "p99 ms"
     );
-    println!(
-        "  {:<44} {:>12.0} {:>9.3} {:>9.3}",
-        format!("peer: SELECT by primary key ({backend})"),
-        sql.per_sec,
-        sql.p50_ms,
-        sql.p99_ms
-    );
-    println!(
-        "  {:<44} {:>12.0} {:>9.3} {:>9.3}",
-        "GetRoom over gRPC (cache behind it)", grpc.per_sec, grpc.p50_ms, grpc.p99_ms
-    );
-    println!("  ratio cache / SQL: {ratio:.2}x");
+    for (name, side) in [
+        ("service read path, cache (in process)", &service_side),
+        ("service over gRPC (loopback, same process)", &grpc_side),
+        ("peer: the same reads as SQL queries", &sql_side),
+    ] {
+        println!(
+            "  {name:<46} {:>12.0} {:>9.3} {:>9.3}",
+            side.per_sec, side.p50_ms, side.p99_ms
+        );
+    }
+    println!("  ratio service / SQL: {ratio:.1}x (over gRPC: {grpc_ratio:.1}x)");
 
     let figures = BTreeMap::from([
-        ("cache_gets_per_sec", cache.per_sec),
-        ("cache_get_p99_ms", cache.p99_ms),
-        ("sql_gets_per_sec", sql.per_sec),
-        ("sql_get_p99_ms", sql.p99_ms),
-        ("ratio_cache_vs_sql", ratio),
-        ("grpc_get_room_per_sec", grpc.per_sec),
-        ("grpc_get_room_p99_ms", grpc.p99_ms),
+        ("visibility_p50_ms", vis_p50),
+        ("visibility_p99_ms", vis_p99),
+        ("service_reads_per_s", service_side.per_sec),
+        ("sql_reads_per_s", sql_side.per_sec),
+        ("read_ratio_vs_sql", ratio),
+        ("grpc_reads_per_s", grpc_side.per_sec),
+        ("grpc_read_ratio_vs_sql", grpc_ratio),
     ]);
     if let Some(path) = &args.json {
         write_json(path, "rooms", &figures)?;
     }
     Ok(())
+}
+
+/// Waits (woken by each change the cache takes in) until `room_id` is
+/// cached as ongoing (`true`) or ended (`false`); at most 10 s.
+async fn wait_visible(rooms: &Rooms, room_id: u64, ongoing: bool) -> anyhow::Result<()> {
+    let mut head = rooms.cache().log().subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        head.borrow_and_update();
+        if rooms
+            .cache()
+            .get(room_id)
+            .is_some_and(|r| r.is_ongoing() == ongoing)
+        {
+            return Ok(());
+        }
+        tokio::time::timeout_at(deadline, head.changed())
+            .await
+            .with_context(|| {
+                format!("room {room_id} not visible after 10 s: is the change feed running?")
+            })??;
+    }
+}
+
+async fn sql_start(store: &RegionStore, anchor: u64) -> anyhow::Result<RoomRecord> {
+    // Through the store's own SQL, but on the outsider's connection pool:
+    // the service's cache only hears of it through the change feed.
+    Ok(store.insert(anchor, livemesh_mesh::now_ms()).await?)
+}
+
+async fn sql_end(store: &RegionStore, room_id: u64) -> anyhow::Result<()> {
+    store.end(room_id, livemesh_mesh::now_ms()).await?;
+    Ok(())
+}
+
+/// What `Partition` answers, computed the way a client without the cache
+/// would: read every ongoing room id from SQL and hash them itself.
+async fn sql_partition(store: &RegionStore, index: u32, total: u32) -> anyhow::Result<Vec<u64>> {
+    let ids: Vec<(i64,)> = on_db!(store.db(), pool => {
+        sqlx::query_as("SELECT id FROM rooms WHERE status = 1").fetch_all(pool).await?
+    });
+    Ok(ids
+        .into_iter()
+        .map(|(id,)| room_id(store.region(), id))
+        .filter(|room| owner(*room, total) == index)
+        .collect())
 }
 
 /// Writes `{"bench": NAME, "figures": {...}}` to `path`.

@@ -134,6 +134,21 @@ pub struct RoomsConfig {
     pub scan_interval_ms: u64,
     /// How long an ended room stays in the cache before reads go to SQL.
     pub ended_retention_ms: u64,
+    /// Follow each rooms database's change feed (MariaDB/MySQL: the binlog;
+    /// SQLite: the change table its triggers fill) to see changes made
+    /// anywhere within milliseconds. Off: only the write path and the scan.
+    pub feed: bool,
+    /// SQLite: how often the change table is polled.
+    pub feed_poll_ms: u64,
+    /// The name this replica saves its feed positions under. Empty: the
+    /// host name (a StatefulSet pod's stable name), else `ongoing-query`.
+    pub feed_consumer: String,
+    /// The replica server id the binlog tail registers with; must differ
+    /// from every server's and other tail's id. 0: derived from the
+    /// consumer name and region.
+    pub binlog_server_id: u32,
+    /// How many changes `Watch` keeps for watchers that reconnect.
+    pub watch_window: usize,
 }
 
 impl Default for RoomsConfig {
@@ -143,6 +158,11 @@ impl Default for RoomsConfig {
             regions: Vec::new(),
             scan_interval_ms: 5_000,
             ended_retention_ms: 600_000,
+            feed: true,
+            feed_poll_ms: 10,
+            feed_consumer: String::new(),
+            binlog_server_id: 0,
+            watch_window: 10_000,
         }
     }
 }
@@ -231,6 +251,11 @@ impl Config {
         if self.rooms.scan_interval_ms == 0 {
             return Err(ConfigError::Invalid(
                 "rooms.scan_interval_ms must be at least 1".into(),
+            ));
+        }
+        if self.rooms.feed_poll_ms == 0 || self.rooms.watch_window == 0 {
+            return Err(ConfigError::Invalid(
+                "rooms.feed_poll_ms and rooms.watch_window must be at least 1".into(),
             ));
         }
         if self.client.request_timeout_ms == 0 || self.client.connect_timeout_ms == 0 {

@@ -78,6 +78,28 @@ pub async fn fresh_mysql_database(tag: &str) -> String {
     format!("{base}/{name}")
 }
 
+/// Holds the harness-wide binlog lock until dropped (closing the connection
+/// frees it). Tests that hold binlog positions across a pause, and the test
+/// that purges binlog files, take it: nextest runs tests as separate
+/// processes, so only a server-side lock serialises them.
+#[derive(Debug)]
+pub struct BinlogLock(#[allow(dead_code)] sqlx::MySqlConnection);
+
+/// Takes the binlog lock (waiting up to 10 minutes).
+pub async fn binlog_lock() -> BinlogLock {
+    const LOCK: &str = "livemesh_binlog_tests";
+    let mut conn = sqlx::MySqlConnection::connect(&mysql_url())
+        .await
+        .expect("connect for the binlog lock");
+    let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 600)")
+        .bind(LOCK)
+        .fetch_one(&mut conn)
+        .await
+        .expect("GET_LOCK");
+    assert_eq!(got, Some(1), "GET_LOCK({LOCK}) timed out");
+    BinlogLock(conn)
+}
+
 /// Where a backend-generic test keeps its SQL: a SQLite file in a temporary
 /// directory, or a fresh database on the harness's MariaDB.
 #[derive(Debug)]
@@ -95,6 +117,14 @@ impl SqlBackend {
         // Fail now, with the message naming the test command, not later.
         mysql_url();
         SqlBackend::MariaDb
+    }
+
+    /// The binlog lock, for backends that have a binlog.
+    pub async fn binlog_lock(&self) -> Option<BinlogLock> {
+        match self {
+            SqlBackend::Sqlite(_) => None,
+            SqlBackend::MariaDb => Some(binlog_lock().await),
+        }
     }
 
     /// A new, empty database of this backend.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_skiplist::SkipMap;
 
+use crate::changes::{ChangeKind, ChangeLog};
 use crate::room::{RoomRecord, region_of};
 
 const STRIPES: usize = 64;
@@ -38,21 +39,29 @@ pub struct RoomCache {
     ongoing: SkipMap<u64, Entry>,
     ended: SkipMap<u64, Entry>,
     stripes: Vec<Mutex<()>>,
+    log: ChangeLog,
 }
 
 impl Default for RoomCache {
     fn default() -> Self {
-        Self {
-            ongoing: SkipMap::new(),
-            ended: SkipMap::new(),
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-        }
+        Self::new(crate::changes::DEFAULT_WINDOW)
     }
 }
 
 impl RoomCache {
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty cache whose change log keeps `window` changes for replay.
+    pub fn new(window: usize) -> Self {
+        Self {
+            ongoing: SkipMap::new(),
+            ended: SkipMap::new(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            log: ChangeLog::new(window),
+        }
+    }
+
+    /// The log of the changes applied with [`RoomCache::apply_and_emit`].
+    pub fn log(&self) -> &ChangeLog {
+        &self.log
     }
 
     /// The cached copy of a room, ongoing or recently ended.
@@ -63,8 +72,19 @@ impl RoomCache {
             .map(|e| e.value().room)
     }
 
-    /// Applies `room` unless the cache holds the same or a newer version.
+    /// Applies `room` unless the cache holds the same or a newer version,
+    /// without telling watchers: for filling the cache, not for changes.
     pub fn apply(&self, room: RoomRecord) -> Applied {
+        self.apply_inner(room, false)
+    }
+
+    /// Applies `room` like [`RoomCache::apply`] and, if it changed the cache,
+    /// appends the change to the log for watchers.
+    pub fn apply_and_emit(&self, room: RoomRecord) -> Applied {
+        self.apply_inner(room, true)
+    }
+
+    fn apply_inner(&self, room: RoomRecord, emit: bool) -> Applied {
         let _guard = self.lock(room.room_id);
         let current = self.get(room.room_id);
         if current.is_some_and(|c| c.version >= room.version) {
@@ -80,6 +100,15 @@ impl RoomCache {
         } else {
             self.ongoing.remove(&room.room_id);
             self.ended.insert(room.room_id, entry);
+        }
+        if emit {
+            let kind = match (current.map(|c| c.is_ongoing()), room.is_ongoing()) {
+                (None, true) => ChangeKind::Started,
+                (None | Some(true), false) => ChangeKind::Ended,
+                (Some(_), _) => ChangeKind::Updated,
+            };
+            // Still under the room's stripe: the log sees a room's versions in order.
+            self.log.append(kind, room);
         }
         if current.is_some() {
             Applied::Updated
@@ -196,7 +225,7 @@ mod tests {
 
     #[test]
     fn an_older_copy_never_overwrites_a_newer_one() {
-        let cache = RoomCache::new();
+        let cache = RoomCache::default();
         assert_eq!(cache.apply(room(1, 1, true)), Applied::Inserted);
         assert_eq!(cache.apply(room(1, 2, false)), Applied::Updated);
         // A scan page read before the end must not bring the room back.
@@ -207,7 +236,7 @@ mod tests {
 
     #[test]
     fn pages_are_ascending_and_complete() {
-        let cache = RoomCache::new();
+        let cache = RoomCache::default();
         for id in (1..=25).rev() {
             cache.apply(room(id, 1, true));
         }
@@ -227,12 +256,39 @@ mod tests {
 
     #[test]
     fn forget_spares_entries_cached_after_the_cutoff() {
-        let cache = RoomCache::new();
+        let cache = RoomCache::default();
         cache.apply(room(1, 1, true));
         let cutoff = Instant::now();
         cache.apply(room(2, 1, true));
         assert!(cache.forget(1, cutoff));
         assert!(!cache.forget(2, cutoff));
         assert_eq!(cache.ongoing_ids().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn changes_are_logged_with_their_kind_and_fills_are_not() {
+        let cache = RoomCache::default();
+        cache.apply(room(1, 1, true));
+        assert_eq!(cache.apply_and_emit(room(2, 1, true)), Applied::Inserted);
+        cache.apply_and_emit(room(2, 2, true));
+        cache.apply_and_emit(room(2, 3, false));
+        cache.apply_and_emit(room(2, 3, false)); // a repeat changes nothing
+        cache.apply_and_emit(room(3, 1, false));
+        let kinds: Vec<(u64, ChangeKind)> = cache
+            .log()
+            .since(0, 100)
+            .unwrap()
+            .iter()
+            .map(|c| (c.room.room_id, c.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (2, ChangeKind::Started),
+                (2, ChangeKind::Updated),
+                (2, ChangeKind::Ended),
+                (3, ChangeKind::Ended),
+            ]
+        );
     }
 }

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
-use livemesh_mesh::not_yet_implemented;
 use livemesh_proto::v1::ongoing_query_service_server::OngoingQueryService;
 use livemesh_proto::v1::room_admin_service_server::RoomAdminService;
 use livemesh_proto::v1::{
@@ -86,12 +85,13 @@ impl OngoingQueryService for RoomsApi {
 
     async fn watch(
         &self,
-        _request: Request<WatchRequest>,
+        request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(not_yet_implemented(
-            "OngoingQueryService.Watch",
-            "the ongoing-query binlog work (issue 3)",
-        ))
+        let start = crate::watch::start_for(&self.rooms, request.get_ref().from.as_ref())?;
+        let changes = crate::watch::spawn(self.rooms.clone(), start);
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(changes),
+        )))
     }
 }
 

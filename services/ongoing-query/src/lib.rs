@@ -3,17 +3,24 @@
 //! answers `GetRoom`, `ListOngoing` and `Partition` without touching the
 //! databases, except `GetRoom`'s read-through on a miss.
 //!
-//! Freshness: writes through `RoomAdmin` go to the cache at once; a periodic
-//! full scan repairs whatever else changed the tables. The binlog tail and
-//! `Watch` come with the ongoing-query issue.
+//! Freshness: writes through `RoomAdmin` go to the cache at once; changes
+//! made anywhere else arrive through each region's change feed (the binlog
+//! on MariaDB/MySQL, a trigger-filled change table on SQLite) within
+//! milliseconds; a periodic full scan repairs whatever a feed missed.
+//! `Watch` streams every change the cache takes in.
 
+pub mod binlog;
 pub mod cache;
+pub mod changes;
+pub mod feed;
 pub mod grpc;
 pub mod partition;
 pub mod room;
 pub mod rooms;
 pub mod store;
+pub mod watch;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +30,7 @@ use livemesh_mesh::{Config, ShutdownSignal};
 use livemesh_proto::v1::ongoing_query_service_server::OngoingQueryServiceServer;
 use livemesh_proto::v1::room_admin_service_server::RoomAdminServiceServer;
 
+use crate::feed::{FeedConfig, FeedStart};
 pub use crate::rooms::{RoomError, Rooms};
 use crate::store::RegionStore;
 
@@ -31,6 +39,8 @@ use crate::store::RegionStore;
 pub struct OngoingQuery {
     rooms: Arc<Rooms>,
     scan_interval: Duration,
+    /// The feed settings and each region's start position.
+    feed: Option<(FeedConfig, BTreeMap<u16, Option<FeedStart>>)>,
 }
 
 impl OngoingQuery {
@@ -63,9 +73,24 @@ impl OngoingQuery {
                 .with_context(|| format!("rooms database of region {region}"))?;
             stores.push(store);
         }
+        let feed = config.rooms.feed.then(|| FeedConfig {
+            poll: Duration::from_millis(config.rooms.feed_poll_ms),
+            consumer: FeedConfig::consumer_name(&config.rooms.feed_consumer),
+            server_id: config.rooms.binlog_server_id,
+        });
+        // Feed positions are taken before the cache is filled: whatever
+        // commits during the scan then also arrives through the feed.
+        let mut feed_starts = BTreeMap::new();
+        if let Some(feed) = &feed {
+            for store in &stores {
+                let start = feed::start_position(store, &feed.consumer).await;
+                feed_starts.insert(store.region(), start);
+            }
+        }
         let rooms = Rooms::new(
             stores,
             Duration::from_millis(config.rooms.ended_retention_ms),
+            config.rooms.watch_window,
         );
         let report = rooms
             .scan_all()
@@ -75,6 +100,7 @@ impl OngoingQuery {
         Ok(Self {
             rooms: Arc::new(rooms),
             scan_interval: Duration::from_millis(config.rooms.scan_interval_ms),
+            feed: feed.map(|config| (config, feed_starts)),
         })
     }
 
@@ -88,6 +114,13 @@ impl ServiceSet for OngoingQuery {
         let api = grpc::RoomsApi::new(self.rooms.clone());
         server.add_service(OngoingQueryServiceServer::new(api.clone()));
         server.add_service(RoomAdminServiceServer::new(api));
+        if let Some((feed, starts)) = &self.feed {
+            for region in self.rooms.stores().map(|s| s.region()) {
+                let start = starts.get(&region).cloned().flatten();
+                let task = feed::follow(self.rooms.clone(), region, feed.clone(), start);
+                server.add_background("rooms change feed", task);
+            }
+        }
         let rooms = self.rooms.clone();
         let period = self.scan_interval;
         server.add_background("rooms full scan", async move {

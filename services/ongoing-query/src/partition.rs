@@ -55,3 +55,41 @@ mod tests {
         assert!(moved.iter().all(|room| owner(*room, 11) == 10));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::owner;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// For every total from 1 to 16: each room has exactly one owner, and
+        /// growing the total by one moves about 1/(total + 1) of the rooms
+        /// (with room for sampling noise), all of them to the new worker.
+        #[test]
+        fn ownership_is_exact_and_moves_little(rooms in proptest::collection::btree_set(any::<u64>(), 2_000..3_000)) {
+            let rooms: Vec<u64> = rooms.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+            for total in 1..=16_u32 {
+                let mut owned = vec![0_usize; total as usize];
+                for room in &rooms {
+                    let worker = owner(*room, total);
+                    prop_assert!(worker < total);
+                    owned[worker as usize] += 1;
+                }
+                prop_assert_eq!(owned.iter().sum::<usize>(), rooms.len());
+
+                let moved: Vec<u64> = rooms.iter().copied().filter(|r| owner(*r, total) != owner(*r, total + 1)).collect();
+                prop_assert!(moved.iter().all(|r| owner(*r, total + 1) == total), "moves only to the new worker");
+                let share = moved.len() as f64 / rooms.len() as f64;
+                let expected = 1.0 / f64::from(total + 1);
+                // Binomial noise over >= 2000 rooms is below 3.5 standard deviations here.
+                let sigma = (expected * (1.0 - expected) / rooms.len() as f64).sqrt();
+                prop_assert!(share <= expected + 3.5 * sigma + 0.005, "total {}: moved {:.4}, expected about {:.4}", total, share, expected);
+            }
+        }
+    }
+}

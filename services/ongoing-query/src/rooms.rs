@@ -45,6 +45,10 @@ pub struct CacheStats {
     pub drift_repaired: AtomicU64,
     pub scans: AtomicU64,
     pub scan_failures: AtomicU64,
+    /// Row changes the change feeds delivered.
+    pub feed_changes: AtomicU64,
+    /// Times a change feed broke (or lost its position) and was healed by a rescan.
+    pub feed_breaks: AtomicU64,
 }
 
 /// The outcome of one full scan of one region.
@@ -66,10 +70,10 @@ pub struct Rooms {
 impl Rooms {
     /// Rooms over `regions`, with an empty cache: call [`Rooms::scan_all`]
     /// before serving reads.
-    pub fn new(regions: Vec<RegionStore>, ended_retention: Duration) -> Self {
+    pub fn new(regions: Vec<RegionStore>, ended_retention: Duration, watch_window: usize) -> Self {
         Self {
             regions: regions.into_iter().map(|r| (r.region(), r)).collect(),
-            cache: RoomCache::new(),
+            cache: RoomCache::new(watch_window),
             ended_retention,
             stats: CacheStats::default(),
         }
@@ -81,6 +85,50 @@ impl Rooms {
 
     pub fn store(&self, region: u16) -> Option<&RegionStore> {
         self.regions.get(&region)
+    }
+
+    pub fn stores(&self) -> impl Iterator<Item = &RegionStore> {
+        self.regions.values()
+    }
+
+    pub fn cache(&self) -> &RoomCache {
+        &self.cache
+    }
+
+    /// Applies rows a change feed delivered, telling watchers.
+    pub fn apply_feed(&self, rooms: impl IntoIterator<Item = RoomRecord>) {
+        for room in rooms {
+            self.cache.apply_and_emit(room);
+        }
+    }
+
+    /// A change feed saw a room's row deleted. Rooms are never deleted by
+    /// livemesh; the cache drops it and the log says so.
+    pub fn forget_deleted(&self, room_id: u64) {
+        if self.cache.forget(room_id, Instant::now()) {
+            tracing::warn!(
+                room_id,
+                "a room row was deleted from its table; dropped from the cache"
+            );
+        }
+    }
+
+    /// Scans one region again after its change feed broke; what the scan
+    /// repairs is told to watchers.
+    pub async fn rescan_region(&self, region: u16) -> Result<ScanReport, RoomError> {
+        let store = self.regions.get(&region).ok_or(RoomError::NotFound(0))?;
+        let report = self.scan_region(store, true).await?;
+        if report.repaired > 0 {
+            self.stats
+                .drift_repaired
+                .fetch_add(report.repaired, Ordering::Relaxed);
+            tracing::warn!(
+                region,
+                repaired = report.repaired,
+                "rescan repaired cache entries the change feed had missed"
+            );
+        }
+        Ok(report)
     }
 
     /// Starts a room for `anchor_id` in the anchor's region.
@@ -104,7 +152,7 @@ impl Rooms {
             .await
             .map_err(|source| RoomError::Store { region, source })?;
         // Written through, so a GetRoom right after the start finds it.
-        self.cache.apply(room);
+        self.cache.apply_and_emit(room);
         tracing::info!(room_id = room.room_id, anchor_id, region, "room started");
         Ok(room)
     }
@@ -118,12 +166,12 @@ impl Rooms {
             .map_err(|source| RoomError::Store { region, source })?;
         match outcome {
             EndOutcome::Ended(room) => {
-                self.cache.apply(room);
+                self.cache.apply_and_emit(room);
                 tracing::info!(room_id, "room ended");
                 Ok(room)
             }
             EndOutcome::AlreadyEnded(room) => {
-                self.cache.apply(room);
+                self.cache.apply_and_emit(room);
                 Err(RoomError::AlreadyEnded {
                     room_id,
                     ended_at_ms: room.ended_at_ms.unwrap_or_default(),
@@ -144,7 +192,17 @@ impl Rooms {
             .await
             .map_err(|source| RoomError::Store { region, source })?
             .ok_or(RoomError::NotFound(room_id))?;
-        self.cache.apply(room);
+        // A room this replica had not heard of yet is news for its watchers
+        // if it is live or only just ended; long-ended rooms are not.
+        let recent = room.ended_at_ms.is_none_or(|ended| {
+            now_ms().saturating_sub(ended)
+                < i64::try_from(self.ended_retention.as_millis()).unwrap_or(i64::MAX)
+        });
+        if recent {
+            self.cache.apply_and_emit(room);
+        } else {
+            self.cache.apply(room);
+        }
         Ok(room)
     }
 
@@ -200,8 +258,11 @@ impl Rooms {
     pub async fn scan_all(&self) -> Result<ScanReport, RoomError> {
         let mut total = ScanReport::default();
         let mut failure = None;
+        // The first scan fills the cache; later ones repair it, and repairs
+        // are changes watchers must hear of.
+        let first = self.stats.scans.fetch_add(1, Ordering::Relaxed) == 0;
         for store in self.regions.values() {
-            match self.scan_region(store).await {
+            match self.scan_region(store, !first).await {
                 Ok(report) => {
                     total.ongoing += report.ongoing;
                     total.repaired += report.repaired;
@@ -213,7 +274,6 @@ impl Rooms {
                 }
             }
         }
-        let first = self.stats.scans.fetch_add(1, Ordering::Relaxed) == 0;
         if !first && total.repaired > 0 {
             self.stats
                 .drift_repaired
@@ -232,7 +292,14 @@ impl Rooms {
     /// Reconciles the cache with one region's table: every ongoing row is
     /// applied (the version check keeps newer cached copies), and every
     /// cached ongoing room the scan did not see is read again.
-    async fn scan_region(&self, store: &RegionStore) -> Result<ScanReport, RoomError> {
+    async fn scan_region(&self, store: &RegionStore, emit: bool) -> Result<ScanReport, RoomError> {
+        let apply = |room| {
+            if emit {
+                self.cache.apply_and_emit(room)
+            } else {
+                self.cache.apply(room)
+            }
+        };
         let region = store.region();
         let err = |source| RoomError::Store { region, source };
         let started = Instant::now();
@@ -243,7 +310,7 @@ impl Rooms {
             let page = store.ongoing_page(after, SCAN_PAGE).await.map_err(err)?;
             for room in &page {
                 seen.insert(room.room_id);
-                if self.cache.apply(*room) != Applied::Unchanged {
+                if apply(*room) != Applied::Unchanged {
                     repaired += 1;
                 }
             }
@@ -260,7 +327,7 @@ impl Rooms {
             }
             match store.get(room_id).await.map_err(err)? {
                 Some(room) => {
-                    if self.cache.apply(room) != Applied::Unchanged {
+                    if apply(room) != Applied::Unchanged {
                         repaired += 1;
                     }
                 }

@@ -9,16 +9,30 @@ use crate::room::{RoomRecord, Status, local_id, room_id};
 /// The rooms schema, per dialect.
 pub const MIGRATIONS: Migrations = Migrations {
     table: "_livemesh_rooms_migrations",
-    sqlite: &[(
-        1,
-        "rooms",
-        include_str!("../migrations/sqlite/0001_rooms.sql"),
-    )],
-    mysql: &[(
-        1,
-        "rooms",
-        include_str!("../migrations/mysql/0001_rooms.sql"),
-    )],
+    sqlite: &[
+        (
+            1,
+            "rooms",
+            include_str!("../migrations/sqlite/0001_rooms.sql"),
+        ),
+        (
+            2,
+            "change feed",
+            include_str!("../migrations/sqlite/0002_change_feed.sql"),
+        ),
+    ],
+    mysql: &[
+        (
+            1,
+            "rooms",
+            include_str!("../migrations/mysql/0001_rooms.sql"),
+        ),
+        (
+            2,
+            "feed positions",
+            include_str!("../migrations/mysql/0002_feed_positions.sql"),
+        ),
+    ],
 };
 
 /// A `SELECT` of every column of `rooms`, in [`Row`]'s order.
@@ -30,7 +44,8 @@ macro_rules! select_rooms {
         )
     };
 }
-type Row = (i64, i64, i32, i64, Option<i64>, i64);
+/// A row of `rooms`: id, anchor_id, status, started_at_ms, ended_at_ms, version.
+pub type Row = (i64, i64, i32, i64, Option<i64>, i64);
 
 /// How an attempt to end a room went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +64,33 @@ pub enum StoreError {
     Corrupt { id: i64, status: i32 },
 }
 
+/// A row of `room_changes`: seq, then a [`Row`], then the deleted flag.
+type FeedRow = (i64, i64, i64, i32, i64, Option<i64>, i64, bool);
+
+/// One entry of the SQLite change table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedEntry {
+    pub seq: i64,
+    pub room: RoomRecord,
+    pub deleted: bool,
+}
+
 /// The rooms table of one region.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RegionStore {
     region: u16,
     db: Db,
+    /// Kept for the binlog tail's own connection; never logged.
+    url: String,
+}
+
+impl std::fmt::Debug for RegionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionStore")
+            .field("region", &self.region)
+            .field("url", &livemesh_mesh::sql::redact(&self.url))
+            .finish()
+    }
 }
 
 impl RegionStore {
@@ -62,7 +99,13 @@ impl RegionStore {
         Ok(Self {
             region,
             db: Db::open(url, &MIGRATIONS).await?,
+            url: url.to_owned(),
         })
+    }
+
+    /// The database URL, password included: for opening further connections only.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     pub fn region(&self) -> u16 {
@@ -73,7 +116,8 @@ impl RegionStore {
         &self.db
     }
 
-    fn record(&self, row: Row) -> Result<RoomRecord, StoreError> {
+    /// The record of a row of this region's table.
+    pub fn record(&self, row: Row) -> Result<RoomRecord, StoreError> {
         let (id, anchor_id, status, started_at_ms, ended_at_ms, version) = row;
         Ok(RoomRecord {
             room_id: room_id(self.region, id),
@@ -174,5 +218,97 @@ impl RegionStore {
             .await?
         });
         rows.into_iter().map(|row| self.record(row)).collect()
+    }
+
+    /// The saved feed position of `consumer`, if any.
+    pub async fn load_position(&self, consumer: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT position FROM feed_positions WHERE consumer = ?")
+                .bind(consumer)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map(|(position,)| position))
+    }
+
+    /// Saves `consumer`'s feed position, replacing the previous one.
+    pub async fn save_position(&self, consumer: &str, position: &str) -> Result<(), StoreError> {
+        let now = livemesh_mesh::now_ms();
+        match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO feed_positions (consumer, position, updated_at_ms) VALUES (?, ?, ?) \
+                     ON CONFLICT (consumer) DO UPDATE SET position = excluded.position, \
+                     updated_at_ms = excluded.updated_at_ms",
+                )
+                .bind(consumer)
+                .bind(position)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+            Db::MySql(pool) => {
+                sqlx::query(
+                    "INSERT INTO feed_positions (consumer, position, updated_at_ms) VALUES (?, ?, ?) \
+                     ON DUPLICATE KEY UPDATE position = VALUES(position), \
+                     updated_at_ms = VALUES(updated_at_ms)",
+                )
+                .bind(consumer)
+                .bind(position)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SQLite only: up to `limit` change-table entries after `after`, in order.
+    pub async fn feed_after(&self, after: i64, limit: u32) -> Result<Vec<FeedEntry>, StoreError> {
+        let Db::Sqlite(pool) = &self.db else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<FeedRow> = sqlx::query_as(
+            "SELECT seq, id, anchor_id, status, started_at_ms, ended_at_ms, version, deleted \
+             FROM room_changes WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(seq, id, anchor, status, started, ended, version, deleted)| {
+                    Ok(FeedEntry {
+                        seq,
+                        room: self.record((id, anchor, status, started, ended, version))?,
+                        deleted,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// SQLite only: the newest change-table sequence number (0 when empty).
+    pub async fn feed_head(&self) -> Result<i64, StoreError> {
+        let Db::Sqlite(pool) = &self.db else {
+            return Ok(0);
+        };
+        let (head,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM room_changes")
+            .fetch_one(pool)
+            .await?;
+        Ok(head.unwrap_or(0))
+    }
+
+    /// SQLite only: drops change-table entries up to `seq`.
+    pub async fn trim_feed(&self, seq: i64) -> Result<u64, StoreError> {
+        let Db::Sqlite(pool) = &self.db else {
+            return Ok(0);
+        };
+        Ok(sqlx::query("DELETE FROM room_changes WHERE seq <= ?")
+            .bind(seq)
+            .execute(pool)
+            .await?
+            .rows_affected())
     }
 }

@@ -1,0 +1,206 @@
+//! The change log behind `Watch`: every change the cache takes in (from the
+//! write path, the change feed or a scan repair) gets a sequence number and
+//! goes into a bounded ring that all watchers read, so many watchers share
+//! one feed and a reconnecting watcher replays what it missed.
+//!
+//! Positions are `EPOCH.SEQ`: the epoch is drawn when the process starts, so
+//! a position from before a restart (or from another replica) is recognised
+//! as foreign and answered with a snapshot instead of a wrong replay.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+use crate::room::RoomRecord;
+
+/// Changes kept for replay by default.
+pub const DEFAULT_WINDOW: usize = 10_000;
+
+/// What happened to a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Started,
+    Ended,
+    Updated,
+}
+
+/// One entry of the change log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    pub kind: ChangeKind,
+    pub room: RoomRecord,
+}
+
+/// A position in the change log, as handed to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl Position {
+    pub fn token(&self) -> String {
+        format!("{:x}.{}", self.epoch, self.seq)
+    }
+
+    pub fn parse(token: &str) -> Option<Self> {
+        let (epoch, seq) = token.split_once('.')?;
+        Some(Self {
+            epoch: u64::from_str_radix(epoch, 16).ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// The watcher asked for changes older than the window holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lagged;
+
+#[derive(Debug)]
+struct Ring {
+    changes: VecDeque<Change>,
+    /// The sequence number of the newest change (0: none yet).
+    head: u64,
+}
+
+/// The bounded, shared change log.
+#[derive(Debug)]
+pub struct ChangeLog {
+    epoch: u64,
+    window: usize,
+    ring: Mutex<Ring>,
+    head_tx: watch::Sender<u64>,
+}
+
+impl ChangeLog {
+    pub fn new(window: usize) -> Self {
+        Self {
+            epoch: random_epoch(),
+            window: window.max(1),
+            ring: Mutex::new(Ring {
+                changes: VecDeque::new(),
+                head: 0,
+            }),
+            head_tx: watch::channel(0).0,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The position of the newest change.
+    pub fn head(&self) -> Position {
+        Position {
+            epoch: self.epoch,
+            seq: self.lock().head,
+        }
+    }
+
+    /// Appends a change and wakes the watchers. Callers hold the room's
+    /// cache stripe, so a room's changes enter the log in version order.
+    pub fn append(&self, kind: ChangeKind, room: RoomRecord) -> u64 {
+        let seq = {
+            let mut ring = self.lock();
+            ring.head += 1;
+            let seq = ring.head;
+            ring.changes.push_back(Change { seq, kind, room });
+            while ring.changes.len() > self.window {
+                ring.changes.pop_front();
+            }
+            seq
+        };
+        self.head_tx.send_replace(seq);
+        seq
+    }
+
+    /// Up to `max` changes after `after`, oldest first; `Lagged` when some of
+    /// them have already left the window.
+    pub fn since(&self, after: u64, max: usize) -> Result<Vec<Change>, Lagged> {
+        let ring = self.lock();
+        if after > ring.head {
+            return Err(Lagged);
+        }
+        let oldest = ring.changes.front().map_or(ring.head + 1, |c| c.seq);
+        if after + 1 < oldest {
+            return Err(Lagged);
+        }
+        let skip = usize::try_from(after + 1 - oldest).unwrap_or(usize::MAX);
+        Ok(ring.changes.iter().skip(skip).take(max).copied().collect())
+    }
+
+    /// A receiver that is notified whenever the head moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head_tx.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // Appends leave the ring consistent at every step; a poisoned lock
+        // holds valid data.
+        self.ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A process-unique epoch: wall-clock nanoseconds mixed with the pid, never 0.
+fn random_epoch() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    (nanos ^ (u64::from(std::process::id()) << 40)) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::room::Status;
+
+    fn room(id: u64) -> RoomRecord {
+        RoomRecord {
+            room_id: id,
+            anchor_id: 1,
+            status: Status::Ongoing,
+            started_at_ms: 0,
+            ended_at_ms: None,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn replays_exactly_what_followed_a_position() {
+        let log = ChangeLog::new(10);
+        for id in 1..=5 {
+            log.append(ChangeKind::Started, room(id));
+        }
+        let after_two: Vec<u64> = log.since(2, 100).unwrap().iter().map(|c| c.seq).collect();
+        assert_eq!(after_two, vec![3, 4, 5]);
+        assert!(log.since(5, 100).unwrap().is_empty());
+        assert_eq!(log.since(0, 2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn positions_older_than_the_window_lag_and_future_ones_are_refused() {
+        let log = ChangeLog::new(3);
+        for id in 1..=6 {
+            log.append(ChangeKind::Started, room(id));
+        }
+        assert_eq!(log.since(2, 100), Err(Lagged), "3 left the window");
+        assert_eq!(log.since(3, 100).unwrap().len(), 3);
+        assert_eq!(log.since(7, 100), Err(Lagged));
+    }
+
+    #[test]
+    fn tokens_round_trip_and_garbage_is_rejected() {
+        let p = Position {
+            epoch: 0xabc,
+            seq: 42,
+        };
+        assert_eq!(Position::parse(&p.token()), Some(p));
+        assert_eq!(Position::parse("nope"), None);
+        assert_eq!(Position::parse("zz.1"), None);
+    }
+}
