@@ -6,6 +6,7 @@
 //! change is a read-compare-write of the room's version.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_skiplist::SkipMap;
@@ -40,6 +41,9 @@ pub struct RoomCache {
     ended: SkipMap<u64, Entry>,
     stripes: Vec<Mutex<()>>,
     log: ChangeLog,
+    /// Bumped whenever the set of ongoing rooms changes; lets readers reuse
+    /// results derived from that set (partitions) while it stands.
+    generation: AtomicU64,
 }
 
 impl Default for RoomCache {
@@ -56,7 +60,13 @@ impl RoomCache {
             ended: SkipMap::new(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             log: ChangeLog::new(window),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// The generation of the ongoing set: equal values mean the same set.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The log of the changes applied with [`RoomCache::apply_and_emit`].
@@ -94,12 +104,16 @@ impl RoomCache {
             room,
             applied_at: Instant::now(),
         };
+        let was_ongoing = current.is_some_and(|c| c.is_ongoing());
         if room.is_ongoing() {
             self.ended.remove(&room.room_id);
             self.ongoing.insert(room.room_id, entry);
         } else {
             self.ongoing.remove(&room.room_id);
             self.ended.insert(room.room_id, entry);
+        }
+        if was_ongoing != room.is_ongoing() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
         if emit {
             let kind = match (current.map(|c| c.is_ongoing()), room.is_ongoing()) {
@@ -126,8 +140,9 @@ impl RoomCache {
                 .is_some_and(|e| e.value().applied_at < seen_before)
         };
         let mut forgot = false;
-        if stale(&self.ongoing) {
-            forgot |= self.ongoing.remove(&room_id).is_some();
+        if stale(&self.ongoing) && self.ongoing.remove(&room_id).is_some() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            forgot = true;
         }
         if stale(&self.ended) {
             forgot |= self.ended.remove(&room_id).is_some();

@@ -3,7 +3,10 @@
 //! reconciles with the tables.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_skiplist::SkipMap;
 use std::time::{Duration, Instant};
 
 use livemesh_mesh::now_ms;
@@ -58,9 +61,21 @@ pub struct ScanReport {
     pub repaired: u64,
 }
 
+/// How many worker counts keep a memoised partition.
+const PARTITION_MEMOS: usize = 16;
+
+/// Every worker's share of the ongoing rooms of one cache generation.
+#[derive(Debug)]
+struct PartitionMemo {
+    generation: u64,
+    parts: Vec<Vec<u64>>,
+}
+
 /// The rooms of every configured region, and the cache in front of them.
 #[derive(Debug)]
 pub struct Rooms {
+    /// Memoised partitions by worker count (lock-free like the cache).
+    partitions: SkipMap<u32, Arc<PartitionMemo>>,
     regions: BTreeMap<u16, RegionStore>,
     cache: RoomCache,
     ended_retention: Duration,
@@ -74,6 +89,7 @@ impl Rooms {
         Self {
             regions: regions.into_iter().map(|r| (r.region(), r)).collect(),
             cache: RoomCache::new(watch_window),
+            partitions: SkipMap::new(),
             ended_retention,
             stats: CacheStats::default(),
         }
@@ -246,11 +262,25 @@ impl Rooms {
                 "index {index} must be below total {total} (workers are numbered from 0)"
             )));
         }
-        Ok(self
-            .cache
-            .ongoing_ids()
-            .filter(|room| owner(*room, total) == index)
-            .collect())
+        // Workers ask again and again while the ongoing set stands still:
+        // one pass assigns every room of a generation, later asks reuse it.
+        let generation = self.cache.generation();
+        if let Some(memo) = self.partitions.get(&total)
+            && memo.value().generation == generation
+        {
+            return Ok(memo.value().parts[index as usize].clone());
+        }
+        let mut parts = vec![Vec::new(); total as usize];
+        for room in self.cache.ongoing_ids() {
+            parts[owner(room, total) as usize].push(room);
+        }
+        let answer = parts[index as usize].clone();
+        // Bounded: a client cycling through totals must not grow memory.
+        if self.partitions.len() < PARTITION_MEMOS || self.partitions.contains_key(&total) {
+            self.partitions
+                .insert(total, Arc::new(PartitionMemo { generation, parts }));
+        }
+        Ok(answer)
     }
 
     /// Scans every region once; a failing region is logged and counted, the

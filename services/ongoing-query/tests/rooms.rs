@@ -261,6 +261,23 @@ async fn partitions_split_ongoing_rooms_exactly_once(backend: SqlBackend) {
     }
     assert_eq!(owned, ongoing.len(), "no room is owned twice");
     assert_eq!(union, ongoing, "every ongoing room is owned");
+
+    // Partitions are reused while the ongoing set stands still; a change
+    // must show in the very next answers.
+    let newcomer = c.start(99).await.room_id;
+    let mut union = BTreeSet::new();
+    for index in 0..3 {
+        union.extend(
+            c.query
+                .partition(PartitionRequest { index, total: 3 })
+                .await
+                .unwrap()
+                .into_inner()
+                .room_ids,
+        );
+    }
+    assert!(union.contains(&newcomer));
+    assert_eq!(union.len(), ongoing.len() + 1);
 }
 
 async fn get_room_reads_through_on_a_miss(backend: SqlBackend) {
