@@ -8,7 +8,6 @@ use std::future::Future;
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -119,13 +118,18 @@ impl ServerBuilder {
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
         };
+        // Nagle's algorithm must be off on every accepted socket: with it, a
+        // reply written in several frames waits for the peer's delayed ACK
+        // (~40 ms). The builder's `tcp_nodelay` does not reach sockets from
+        // our own listener; `TcpIncoming` sets it per connection.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_routes(self.routes.routes())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         background.abort_all();
         result.map_err(ServeError::from)
