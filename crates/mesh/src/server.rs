@@ -122,8 +122,8 @@ impl ServerBuilder {
         // reply written in several frames waits for the peer's delayed ACK
         // (~40 ms). The builder's `tcp_nodelay` does not reach sockets from
         // our own listener; `TcpIncoming` sets it per connection.
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
             .add_routes(self.routes.routes())
             .add_service(health_service)

@@ -100,6 +100,63 @@ pub async fn binlog_lock() -> BinlogLock {
     BinlogLock(conn)
 }
 
+/// Rotates the harness MariaDB's binlog and purges every older file, as an
+/// operator's `PURGE BINARY LOGS` would; the caller holds the binlog lock.
+/// Returns the purged files.
+pub async fn purge_binlogs() -> Vec<String> {
+    use sqlx::Row as _;
+    let mut conn = sqlx::MySqlConnection::connect(&mysql_url())
+        .await
+        .expect("connect to purge binlogs");
+    let files = |rows: Vec<sqlx::mysql::MySqlRow>| -> Vec<String> {
+        rows.iter()
+            .map(|row| row.try_get::<String, _>(0).expect("Log_name"))
+            .collect()
+    };
+    let before = files(
+        sqlx::raw_sql("SHOW BINARY LOGS")
+            .fetch_all(&mut conn)
+            .await
+            .expect("SHOW BINARY LOGS"),
+    );
+    sqlx::raw_sql("FLUSH BINARY LOGS")
+        .execute(&mut conn)
+        .await
+        .expect("FLUSH BINARY LOGS");
+    let newest: String = sqlx::raw_sql("SHOW MASTER STATUS")
+        .fetch_one(&mut conn)
+        .await
+        .expect("SHOW MASTER STATUS")
+        .try_get(0)
+        .expect("File");
+    // The server keeps a file until its transactions are durable in InnoDB
+    // (about a second with innodb_flush_log_at_trx_commit=2) and while a
+    // replica still reads it: retry until the old files are gone.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PURGE BINARY LOGS TO '{newest}'"
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("PURGE BINARY LOGS");
+        let left = files(
+            sqlx::raw_sql("SHOW BINARY LOGS")
+                .fetch_all(&mut conn)
+                .await
+                .expect("SHOW BINARY LOGS"),
+        );
+        if before.iter().all(|file| !left.contains(file)) {
+            return before;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "binlog files {before:?} were not purged within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Where a backend-generic test keeps its SQL: a SQLite file in a temporary
 /// directory, or a fresh database on the harness's MariaDB.
 #[derive(Debug)]

@@ -353,16 +353,6 @@ async fn dropping_the_receiver_stops_the_tail() {
     }
 }
 
-async fn binlog_files(pool: &MySqlPool) -> Vec<String> {
-    sqlx::raw_sql("SHOW BINARY LOGS")
-        .fetch_all(pool)
-        .await
-        .expect("SHOW BINARY LOGS")
-        .iter()
-        .map(|row| row.try_get::<String, _>(0).expect("Log_name"))
-        .collect()
-}
-
 async fn current_file(pool: &MySqlPool) -> String {
     let row = sqlx::raw_sql("SHOW MASTER STATUS")
         .fetch_one(pool)
@@ -380,32 +370,8 @@ async fn a_purged_position_is_reported_gone(kind: Kind) {
     // file as much as a file position does.
     db.insert(1, 1_000).await;
 
-    sqlx::raw_sql("FLUSH BINARY LOGS")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let newest = current_file(&db.pool).await;
-    assert_ne!(newest, old_file);
-    // The server keeps a file until its transactions are durable in InnoDB
-    // (about a second with innodb_flush_log_at_trx_commit=2) and while a
-    // replica still reads it: retry until the old file is gone.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PURGE BINARY LOGS TO '{newest}'"
-        )))
-        .execute(&db.pool)
-        .await
-        .expect("PURGE BINARY LOGS");
-        if !binlog_files(&db.pool).await.contains(&old_file) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{old_file} was not purged"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let purged = livemesh_testkit::purge_binlogs().await;
+    assert!(purged.contains(&old_file), "{purged:?}");
 
     let mut rx = spawn_tail(&db.url, &db.name, from.clone(), server_id());
     let item = tokio::time::timeout(EVENT_TIMEOUT, rx.recv())

@@ -367,11 +367,19 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
                 .unwrap();
             store.save_position(consumer, "1").await.unwrap();
         }
-        // The saved file is no longer on the server, as after PURGE BINARY LOGS.
-        Db::MySql(_) => store
-            .save_position(consumer, "file:mysql-bin.999999:4")
-            .await
-            .unwrap(),
+        // The saved position's binlog file is purged (a commit follows the
+        // position, so a GTID position needs the old file too).
+        Db::MySql(_) => {
+            let position = livemesh_ongoing_query::binlog::current_position(&url)
+                .await
+                .unwrap();
+            store
+                .save_position(consumer, &position.to_token())
+                .await
+                .unwrap();
+            sql_start(&db, 2).await;
+            livemesh_testkit::purge_binlogs().await;
+        }
     }
     let (service, server) = serve(&config(&url, consumer)).await;
     let later = sql_start(&db, 3).await;
