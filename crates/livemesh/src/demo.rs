@@ -15,7 +15,7 @@ use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
     EndRoomRequest, GetLovesRequest, GetRoomRequest, ListOngoingRequest, PartitionRequest, Room,
-    StartRoomRequest,
+    RoomChange, RoomChangeKind, StartRoomRequest, WatchRequest, WatchResponse,
 };
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -74,6 +74,15 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
         println!("  {name:<36} {}", status.as_str_name());
         ensure!(status == ServingStatus::Serving, "{name} is {status:?}");
     }
+
+    step("a settler-like service watches room starts and ends (OngoingQuery.Watch)");
+    let mut watch = query.watch(WatchRequest { from: None }).await?.into_inner();
+    let first = next_change(&mut watch).await?;
+    println!("  {}", describe_change(&first));
+    ensure!(
+        first.kind() == RoomChangeKind::Snapshot,
+        "a watch without a position starts with a snapshot"
+    );
 
     step("three anchors go live (RoomAdmin.StartRoom)");
     let mut rooms = Vec::new();
@@ -176,7 +185,49 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
     }
     let left = list_ongoing(&mut query, 2).await?;
     ensure!(left.is_empty(), "rooms still listed: {left:?}");
+
+    step("meanwhile the watcher saw every start and end, in order");
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let change = next_change(&mut watch).await?;
+        println!("  {}", describe_change(&change));
+        seen.push((change.kind(), change.room.map_or(0, |r| r.room_id)));
+    }
+    let ids: Vec<u64> = rooms.iter().map(|r| r.room_id).collect();
+    let expected = vec![
+        (RoomChangeKind::Started, ids[0]),
+        (RoomChangeKind::Started, ids[1]),
+        (RoomChangeKind::Started, ids[2]),
+        (RoomChangeKind::Ended, ids[0]),
+        (RoomChangeKind::Ended, ids[1]),
+        (RoomChangeKind::Ended, ids[2]),
+    ];
+    ensure!(seen == expected, "the watcher saw {seen:?}");
     Ok(())
+}
+
+/// The next change on a watch stream, within two seconds.
+async fn next_change(stream: &mut tonic::Streaming<WatchResponse>) -> anyhow::Result<RoomChange> {
+    tokio::time::timeout(std::time::Duration::from_secs(2), stream.message())
+        .await
+        .context("no room change within 2 s")??
+        .and_then(|m| m.change)
+        .context("the watch stream ended")
+}
+
+fn describe_change(change: &RoomChange) -> String {
+    let kind = change
+        .kind()
+        .as_str_name()
+        .trim_start_matches("ROOM_CHANGE_KIND_");
+    let position = change.position.as_ref().map_or("", |p| p.token.as_str());
+    match &change.room {
+        Some(room) => format!(
+            "{kind:<8} room {} (version {}) at position {position}",
+            room.room_id, room.version
+        ),
+        None => format!("{kind:<8} (the ongoing rooms follow as STARTED) at position {position}"),
+    }
 }
 
 fn step(title: &str) {
