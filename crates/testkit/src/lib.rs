@@ -195,6 +195,21 @@ impl SqlBackend {
     }
 }
 
+/// One test suite over every SQL backend: for each `case(backend)` given,
+/// generates `sqlite::case` and `mariadb::case` tests that call it with
+/// [`SqlBackend::sqlite`] and [`SqlBackend::mariadb`].
+#[macro_export]
+macro_rules! sql_backend_suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $case() { super::$case($crate::SqlBackend::sqlite()).await })*
+        }
+        mod mariadb {
+            $(#[tokio::test] async fn $case() { super::$case($crate::SqlBackend::mariadb()).await })*
+        }
+    };
+}
+
 /// A livemesh server on a free loopback port, stopped when dropped.
 #[derive(Debug)]
 pub struct TestServer {

@@ -21,18 +21,7 @@ use livemesh_proto::v1::{
 use livemesh_testkit::{SqlBackend, TestServer};
 use tonic::Streaming;
 
-macro_rules! feed_suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $case() { super::$case(livemesh_testkit::SqlBackend::sqlite()).await })*
-        }
-        mod mariadb {
-            $(#[tokio::test] async fn $case() { super::$case(livemesh_testkit::SqlBackend::mariadb()).await })*
-        }
-    };
-}
-
-feed_suite!(
+livemesh_testkit::sql_backend_suite!(
     plain_sql_changes_reach_the_cache_and_watchers_within_a_second,
     a_restarted_service_resumes_from_its_saved_position,
     a_gone_position_heals_through_a_scan,

@@ -19,19 +19,7 @@ use livemesh_proto::v1::{
 use livemesh_testkit::{SqlBackend, TestServer};
 use tonic::Code;
 
-/// Generates `sqlite::case` and `mariadb::case` for every case.
-macro_rules! room_suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $case() { super::$case(livemesh_testkit::SqlBackend::sqlite()).await })*
-        }
-        mod mariadb {
-            $(#[tokio::test] async fn $case() { super::$case(livemesh_testkit::SqlBackend::mariadb()).await })*
-        }
-    };
-}
-
-room_suite!(
+livemesh_testkit::sql_backend_suite!(
     start_get_list_end,
     bad_input_gets_precise_codes,
     pages_cover_every_ongoing_room_once,
