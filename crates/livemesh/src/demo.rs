@@ -11,11 +11,13 @@ use livemesh_mesh::server::LocalServer;
 use livemesh_mesh::{ClientStack, Config, MeshChannel};
 use livemesh_proto::time::ms_from_timestamp;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
+use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
-    EndRoomRequest, GetLovesRequest, GetRoomRequest, ListOngoingRequest, PartitionRequest, Room,
-    RoomChange, RoomChangeKind, StartRoomRequest, WatchRequest, WatchResponse,
+    EndRoomRequest, GetBalanceRequest, GetLovesRequest, GetRoomRequest, ListOngoingRequest,
+    PartitionRequest, Room, RoomChange, RoomChangeKind, SendLovesRequest, StartRoomRequest,
+    TopLoversRequest, WatchRequest, WatchResponse,
 };
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -39,8 +41,14 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..Config::default()
     };
-    let mesh = Mesh::from_config(&config).await?;
-    let server = LocalServer::start(mesh, config.listen).await?;
+    let server = LocalServer::bind_then(config.listen, |addr| {
+        let config = Config {
+            listen: addr,
+            ..config.clone()
+        };
+        async move { Mesh::from_config(&config).await }
+    })
+    .await?;
     println!(
         "livemesh demo: all services in one process on {}, data in {}",
         server.addr(),
@@ -60,7 +68,7 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
     let mut health = HealthClient::new(channel.clone());
     let mut admin = RoomAdminServiceClient::new(channel.clone());
     let mut query = OngoingQueryServiceClient::new(channel.clone());
-    let mut counter = CounterServiceClient::new(channel);
+    let mut counter = CounterServiceClient::new(channel.clone());
 
     step("health: every service reports SERVING");
     for name in livemesh_proto::SERVICE_NAMES {
@@ -164,12 +172,75 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
     )
     .await?;
 
-    step("loves, gifts and live fan-out are not in this build yet");
+    step("viewers tap hearts in the second room (CounterService.SendLoves)");
+    let room_id = rooms[1].room_id;
+    let mut expected = 0;
+    for (viewer_id, taps) in [(501_u64, 30_u64), (502, 12), (503, 20)] {
+        // Taps 50 ms apart: as fast as a human taps, buffered by the app.
+        let reply = counter
+            .send_loves(SendLovesRequest {
+                room_id,
+                viewer_id,
+                batch_id: format!("{viewer_id}-1"),
+                taps_ms: (0..taps).map(|i| i * 50).collect(),
+            })
+            .await?
+            .into_inner();
+        println!(
+            "  viewer {viewer_id} sends {taps} taps: {} counted",
+            reply.accepted
+        );
+        ensure!(reply.accepted == taps, "an honest batch counts in full");
+        expected += reply.accepted;
+    }
+    let flood = counter
+        .send_loves(SendLovesRequest {
+            room_id,
+            viewer_id: 504,
+            batch_id: "504-1".into(),
+            taps_ms: (0..3_000).map(|i| i % 1000).collect(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "  viewer 504 sends 3000 taps in one second: {} counted, {} not ({})",
+        flood.accepted, flood.rejected, flood.detail
+    );
+    ensure!(flood.accepted <= 20, "an abusive batch is clamped");
+    expected += flood.accepted;
+    let retry = counter
+        .send_loves(SendLovesRequest {
+            room_id,
+            viewer_id: 501,
+            batch_id: "501-1".into(),
+            taps_ms: (0..30).map(|i| i * 50).collect(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "  viewer 501's app retries its batch: the same answer ({} counted), counted once",
+        retry.accepted
+    );
+    let total = await_loves(&mut counter, room_id, expected).await?;
+    println!("  GetLoves: {total} loves in room {room_id}");
+    let top = counter
+        .top_lovers(TopLoversRequest { room_id, limit: 3 })
+        .await?
+        .into_inner()
+        .lovers;
+    for (rank, lover) in top.iter().enumerate() {
+        println!(
+            "  #{} viewer {} with {} loves",
+            rank + 1,
+            lover.viewer_id,
+            lover.loves
+        );
+    }
+
+    step("gifts and live fan-out are not in this build yet");
     expect_error(
-        "read the love total",
-        counter.get_loves(GetLovesRequest {
-            room_id: rooms[1].room_id,
-        }),
+        "read a balance",
+        GiftsServiceClient::new(channel.clone()).get_balance(GetBalanceRequest { user_id: 501 }),
         tonic::Code::Unimplemented,
     )
     .await?;
@@ -227,6 +298,30 @@ fn describe_change(change: &RoomChange) -> String {
             room.room_id, room.version
         ),
         None => format!("{kind:<8} (the ongoing rooms follow as STARTED) at position {position}"),
+    }
+}
+
+/// Waits (a flush is 10 ms away) until the room's total reaches `expected`.
+async fn await_loves(
+    counter: &mut CounterServiceClient<MeshChannel>,
+    room_id: u64,
+    expected: u64,
+) -> anyhow::Result<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let total = counter
+            .get_loves(GetLovesRequest { room_id })
+            .await?
+            .into_inner()
+            .total;
+        if total >= expected || std::time::Instant::now() > deadline {
+            ensure!(
+                total == expected,
+                "GetLoves says {total}, expected {expected}"
+            );
+            return Ok(total);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 

@@ -25,7 +25,8 @@ pub struct Mesh {
 
 impl Mesh {
     /// Opens every service's stores as `config` says (SQLite files under
-    /// `data_dir` unless database URLs are given).
+    /// `data_dir` unless database URLs are given). `config.listen` must be
+    /// the address the mesh is served on: the services call each other there.
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -37,7 +38,7 @@ impl Mesh {
             ongoing_query: OngoingQuery::from_config(config).await?,
             subscribe: SubscribeNode,
             publish: Dispatcher,
-            counter: Counter,
+            counter: Counter::from_config(config).await?,
             gift_settler: GiftSettler,
         })
     }

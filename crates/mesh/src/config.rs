@@ -51,6 +51,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub client: ClientConfig,
     pub rooms: RoomsConfig,
+    pub counter: CounterConfig,
 }
 
 impl Default for Config {
@@ -64,6 +65,87 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             client: ClientConfig::default(),
             rooms: RoomsConfig::default(),
+            counter: CounterConfig::default(),
+        }
+    }
+}
+
+/// The love counter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CounterConfig {
+    /// The hot-store key phase: keys are `counter|<phase>|{room:<id>}|…`
+    /// (e.g. `release`, `staging`), so stages can share one Redis.
+    pub phase: String,
+    /// ongoing-query, for room lookups and the Watch of room ends. Empty:
+    /// this process's own address (the all-in-one `livemesh up`).
+    pub ongoing_query_url: String,
+    /// The dispatcher that live totals are published through. Empty: this
+    /// process's own address.
+    pub publish_url: String,
+    /// SQL for the final totals (`room_loves`). Empty: `database_url`, else
+    /// `counter.db` under the data dir.
+    pub database_url: String,
+    /// At most this many taps of one request are considered.
+    pub max_taps_per_request: u32,
+    /// A human's tap rate: per second of video time, and the refill of the
+    /// per-viewer token bucket on the wall clock.
+    pub taps_per_second: u32,
+    /// The per-viewer token bucket's size.
+    pub burst: u32,
+    /// How far ahead of the broadcast's current video time a tap may be.
+    pub future_skew_ms: u64,
+    /// Increments are aggregated in process this long before they are
+    /// written to the hot store, one write per room.
+    pub flush_tick_ms: u64,
+    /// At most one live total per room is published per this period.
+    pub publish_tick_ms: u64,
+    /// How long a room total read from the hot store is reused.
+    pub total_cache_ms: u64,
+    /// A room's total is split over this many hot-store keys.
+    pub total_shards: u32,
+    /// The per-viewer ranking keeps this many top viewers.
+    pub top_length: u32,
+    /// Loves held in memory while the hot store is unreachable; past this,
+    /// SendLoves answers UNAVAILABLE.
+    pub max_pending_loves: u64,
+    /// After a room ends, how long to wait for every replica's last writes
+    /// before the final total goes to SQL and the hot keys are deleted.
+    pub end_grace_ms: u64,
+    /// Directory of the analytics log (JSON lines). Empty: `analytics`
+    /// under the data dir.
+    pub analytics_dir: String,
+    /// The analytics log rotates at this size.
+    pub analytics_max_bytes: u64,
+    /// Rotated analytics files kept.
+    pub analytics_files: u32,
+    /// Lines waiting for the analytics writer; past this, lines are
+    /// dropped and counted, never waited for.
+    pub analytics_queue: usize,
+}
+
+impl Default for CounterConfig {
+    fn default() -> Self {
+        Self {
+            phase: "release".to_owned(),
+            ongoing_query_url: String::new(),
+            publish_url: String::new(),
+            database_url: String::new(),
+            max_taps_per_request: 200,
+            taps_per_second: 20,
+            burst: 200,
+            future_skew_ms: 2_000,
+            flush_tick_ms: 10,
+            publish_tick_ms: 200,
+            total_cache_ms: 100,
+            total_shards: 4,
+            top_length: 1_000,
+            max_pending_loves: 10_000_000,
+            end_grace_ms: 1_000,
+            analytics_dir: String::new(),
+            analytics_max_bytes: 64 * 1024 * 1024,
+            analytics_files: 5,
+            analytics_queue: 65_536,
         }
     }
 }
@@ -256,6 +338,24 @@ impl Config {
         if self.rooms.feed_poll_ms == 0 || self.rooms.watch_window == 0 {
             return Err(ConfigError::Invalid(
                 "rooms.feed_poll_ms and rooms.watch_window must be at least 1".into(),
+            ));
+        }
+        let c = &self.counter;
+        if c.max_taps_per_request == 0
+            || c.taps_per_second == 0
+            || c.burst == 0
+            || c.flush_tick_ms == 0
+            || c.publish_tick_ms == 0
+            || c.total_shards == 0
+            || c.top_length == 0
+            || c.analytics_queue == 0
+            || c.analytics_files == 0
+        {
+            return Err(ConfigError::Invalid(
+                "counter.max_taps_per_request, taps_per_second, burst, flush_tick_ms, \
+                 publish_tick_ms, total_shards, top_length, analytics_queue and analytics_files \
+                 must be at least 1"
+                    .into(),
             ));
         }
         if self.client.request_timeout_ms == 0 || self.client.connect_timeout_ms == 0 {

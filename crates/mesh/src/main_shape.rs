@@ -51,9 +51,14 @@ where
     F: Future<Output = anyhow::Result<S>>,
 {
     let drain = Duration::from_millis(config.shutdown.drain_timeout_ms);
-    let listen = config.listen;
+    // Bound first, so the service knows its own address (port 0 resolved):
+    // the all-in-one binary's services call each other through it.
+    let listener = bind(config.listen).await?;
+    let config = Config {
+        listen: listener.local_addr()?,
+        ..config
+    };
     let service = build(config).await?;
-    let listener = bind(listen).await?;
     run_with_drain(
         |signal| async move { serve_set(service, listener, signal).await },
         os_signal(),

@@ -26,11 +26,29 @@ pub struct ServerBuilder {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     background: Vec<(&'static str, BoxFuture<'static, ()>)>,
+    hooks: Vec<BoxFuture<'static, ()>>,
+    stopping: crate::Shutdown,
 }
 
 impl ServerBuilder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Fires when shutdown begins. Long-lived streams (Watch, Subscribe)
+    /// end on it, or the drain would wait for them until its timeout.
+    pub fn stopping(&self) -> crate::Shutdown {
+        self.stopping.clone()
+    }
+
+    /// Work to finish when shutdown begins, before background tasks are
+    /// cancelled (e.g. writing out what is held in memory).
+    pub fn add_shutdown_hook(
+        &mut self,
+        hook: impl Future<Output = ()> + Send + 'static,
+    ) -> &mut Self {
+        self.hooks.push(Box::pin(hook));
+        self
     }
 
     /// Adds a generated tonic server; health will report it `SERVING`.
@@ -107,8 +125,23 @@ impl ServerBuilder {
         tracing::info!(?addr, services = ?names, "serving gRPC");
         // Report NOT_SERVING as soon as shutdown starts, so load balancers
         // stop sending new calls while the in-flight ones drain.
+        let stopping = self.stopping.clone();
+        let hooks = self.hooks;
+        let background = std::sync::Arc::new(std::sync::Mutex::new(background));
+        let cancel = background.clone();
         let shutdown = async move {
             shutdown.await;
+            stopping.trigger();
+            for hook in hooks {
+                hook.await;
+            }
+            // Background tasks may hold streams into this very server (the
+            // all-in-one's services watch each other); they end now so the
+            // drain is not kept waiting by them.
+            cancel
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .abort_all();
             for name in &names {
                 health
                     .set_service_status(*name, ServingStatus::NotServing)
@@ -131,7 +164,10 @@ impl ServerBuilder {
             .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
-        background.abort_all();
+        background
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .abort_all();
         result.map_err(ServeError::from)
     }
 }
@@ -178,8 +214,22 @@ impl LocalServer {
         set: impl ServiceSet + Send + 'static,
         addr: std::net::SocketAddr,
     ) -> anyhow::Result<Self> {
+        Self::bind_then(addr, |_| async { Ok(set) }).await
+    }
+
+    /// Binds `addr`, then builds the set knowing the bound address (services
+    /// of one process that call each other through it), then serves.
+    pub async fn bind_then<S, F>(
+        addr: std::net::SocketAddr,
+        build: impl FnOnce(std::net::SocketAddr) -> F,
+    ) -> anyhow::Result<Self>
+    where
+        S: ServiceSet + Send + 'static,
+        F: Future<Output = anyhow::Result<S>>,
+    {
         let listener = bind(addr).await?;
         let addr = listener.local_addr()?;
+        let set = build(addr).await?;
         let shutdown = crate::Shutdown::new();
         let task = tokio::spawn(serve_set(set, listener, shutdown.signal()));
         Ok(Self {

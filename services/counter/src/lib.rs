@@ -1,51 +1,282 @@
-//! `counter`: loves.
+//! `counter`: loves (hearts) for live rooms, after seed `line-live-loves`.
 //!
-//! The counter issue builds validation, the hot-store counters and the flush
-//! at room end; until then the service serves health and reflection and
-//! answers its RPCs with `UNIMPLEMENTED` naming that work.
+//! Clients buffer taps and send them as a list of video timestamps
+//! (`SendLoves`). Each batch is validated against abuse ([`validate`]),
+//! remembered for retries, and added to the room's pending increments;
+//! every `flush_tick_ms` one idempotent write per room goes to the hot store
+//! ([`hot`]: in process, Redis or Redis Cluster), and at most every
+//! `publish_tick_ms` the room's new total is published to its viewers.
+//! When ongoing-query's Watch says a room ended, its final total and top
+//! lovers go to SQL and its hot keys are deleted ([`ends`]). Accepted
+//! batches are logged for analytics off the hot path ([`analytics`]).
 
+pub mod analytics;
+pub mod core;
+pub mod ends;
+pub mod grpc;
+pub mod hot;
+pub mod rooms;
+pub mod sql;
+pub mod validate;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::future::BoxFuture;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
-use livemesh_mesh::{ShutdownSignal, not_yet_implemented};
-use livemesh_proto::v1::counter_service_server::{CounterService, CounterServiceServer};
-use livemesh_proto::v1::{
-    GetLovesRequest, GetLovesResponse, SendLovesRequest, SendLovesResponse, TopLoversRequest,
-    TopLoversResponse,
-};
-use tonic::{Request, Response, Status};
+use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
+use livemesh_proto::v1::counter_service_server::CounterServiceServer;
+use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
+use livemesh_proto::v1::{LoveTotal, PublishRequest, RoomEvent, room_event};
 
-const OWNER: &str = "the counter work (issue 4)";
+use crate::analytics::{AnalyticsLog, Rotation};
+use crate::core::CounterCore;
+use crate::hot::{HotConfig, HotStore};
+use crate::rooms::RoomDirectory;
+use crate::sql::LovesDb;
+use crate::validate::Limits;
 
-/// The love counter.
-#[derive(Debug, Clone, Default)]
-pub struct Counter;
+/// Shared state of the counter service.
+#[derive(Debug)]
+pub struct Inner {
+    pub core: CounterCore,
+    pub rooms: RoomDirectory,
+    pub db: LovesDb,
+    pub analytics: AnalyticsLog,
+    watch_client: OngoingQueryServiceClient<MeshChannel>,
+    publish_client: PublishServiceClient<MeshChannel>,
+    /// Rooms this replica counted loves for and has not finalised.
+    touched: Mutex<HashSet<u64>>,
+    /// Rooms being finalised right now.
+    ending: Mutex<HashSet<u64>>,
+    /// Rooms whose total changed since the last publish tick.
+    dirty: Mutex<HashSet<u64>>,
+    end_grace: Duration,
+    flush_tick: Duration,
+    publish_tick: Duration,
+    pub publish_failures: AtomicU64,
+    pub published: AtomicU64,
+}
 
-#[tonic::async_trait]
-impl CounterService for Counter {
-    async fn send_loves(
-        &self,
-        _request: Request<SendLovesRequest>,
-    ) -> Result<Response<SendLovesResponse>, Status> {
-        Err(not_yet_implemented("CounterService.SendLoves", OWNER))
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Set inserts and removals leave the sets consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Inner {
+    pub(crate) fn touch(&self, room_id: u64) {
+        lock(&self.touched).insert(room_id);
     }
 
-    async fn get_loves(
-        &self,
-        _request: Request<GetLovesRequest>,
-    ) -> Result<Response<GetLovesResponse>, Status> {
-        Err(not_yet_implemented("CounterService.GetLoves", OWNER))
+    pub(crate) fn touched_rooms(&self) -> Vec<u64> {
+        lock(&self.touched).iter().copied().collect()
     }
 
-    async fn top_lovers(
-        &self,
-        _request: Request<TopLoversRequest>,
-    ) -> Result<Response<TopLoversResponse>, Status> {
-        Err(not_yet_implemented("CounterService.TopLovers", OWNER))
+    /// True if the caller should finalise `room_id` (nobody else is).
+    pub(crate) fn begin_ending(&self, room_id: u64) -> bool {
+        lock(&self.ending).insert(room_id)
+    }
+
+    pub(crate) fn done_ending(&self, room_id: u64) {
+        lock(&self.ending).remove(&room_id);
+        lock(&self.touched).remove(&room_id);
+        lock(&self.dirty).remove(&room_id);
+    }
+
+    /// One flush tick: write pending increments; mark the rooms for publishing.
+    pub async fn flush_once(&self) {
+        let rooms = self.core.flush().await;
+        if !rooms.is_empty() {
+            lock(&self.dirty).extend(rooms);
+        }
+    }
+
+    /// One publish tick: each changed room's new total, once, to its viewers.
+    pub async fn publish_once(&self) {
+        let rooms: Vec<u64> = lock(&self.dirty).drain().collect();
+        let calls = rooms.into_iter().map(|room_id| async move {
+            let Ok(total) = self.core.total(room_id).await else {
+                return;
+            };
+            let event = RoomEvent {
+                room_id,
+                kind: Some(room_event::Kind::LoveTotal(LoveTotal { total })),
+                ..RoomEvent::default()
+            };
+            let request = PublishRequest {
+                room_id,
+                event: Some(event),
+                idempotency_key: None,
+            };
+            match self.publish_client.clone().publish(request).await {
+                Ok(_) => {
+                    self.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(status) => {
+                    // Counted, never fatal: viewers will see the next total.
+                    if self.publish_failures.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+                        tracing::warn!(room_id, %status, "publishing a love total failed (counted; logged once per 1000)");
+                    }
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+}
+
+/// The counter service.
+#[derive(Clone)]
+pub struct Counter {
+    inner: Arc<Inner>,
+    analytics_writer: Arc<Mutex<Option<BoxFuture<'static, ()>>>>,
+}
+
+impl std::fmt::Debug for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counter").finish_non_exhaustive()
+    }
+}
+
+impl Counter {
+    /// Connects the hot store (`redis_url`: one URL, or several
+    /// comma-separated for a Cluster; unset: in process), opens the SQL
+    /// database, and points the clients at ongoing-query and the dispatcher
+    /// (by default this process's own address).
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let c = &config.counter;
+        let hot = HotConfig {
+            phase: c.phase.clone(),
+            total_shards: c.total_shards,
+            top_length: c.top_length,
+            ..HotConfig::default()
+        };
+        let store = match &config.redis_url {
+            Some(urls) if !urls.is_empty() => HotStore::connect(urls, hot)
+                .await
+                .context("connecting the hot store (redis_url)")?,
+            _ => HotStore::memory(hot),
+        };
+        let database_url = if !c.database_url.is_empty() {
+            c.database_url.clone()
+        } else if let Some(url) = &config.database_url {
+            url.clone()
+        } else {
+            config.sqlite_url("counter.db")
+        };
+        let db = LovesDb::open(&database_url)
+            .await
+            .context("opening the counter's SQL database")?;
+        let own = format!("http://{}", config.listen);
+        let url = |configured: &str| {
+            if configured.is_empty() {
+                own.clone()
+            } else {
+                configured.to_owned()
+            }
+        };
+        let stack = ClientStack::new(&config.client);
+        let ongoing = stack.channel(&url(&c.ongoing_query_url))?;
+        let publish = stack.channel(&url(&c.publish_url))?;
+        let analytics_dir = if c.analytics_dir.is_empty() {
+            config.data_dir.join("analytics")
+        } else {
+            c.analytics_dir.clone().into()
+        };
+        let (analytics, writer) = analytics::start(
+            Rotation {
+                dir: analytics_dir,
+                max_bytes: c.analytics_max_bytes,
+                files: c.analytics_files,
+            },
+            c.analytics_queue,
+        );
+        let limits = Limits {
+            max_taps: c.max_taps_per_request as usize,
+            taps_per_second: c.taps_per_second,
+            burst: c.burst,
+            future_skew_ms: c.future_skew_ms,
+        };
+        let inner = Inner {
+            core: CounterCore::new(
+                limits,
+                store,
+                c.max_pending_loves,
+                Duration::from_millis(c.total_cache_ms),
+            ),
+            rooms: RoomDirectory::new(ongoing.clone()),
+            db,
+            analytics,
+            watch_client: OngoingQueryServiceClient::new(ongoing),
+            publish_client: PublishServiceClient::new(publish),
+            touched: Mutex::new(HashSet::new()),
+            ending: Mutex::new(HashSet::new()),
+            dirty: Mutex::new(HashSet::new()),
+            end_grace: Duration::from_millis(c.end_grace_ms),
+            flush_tick: Duration::from_millis(c.flush_tick_ms),
+            publish_tick: Duration::from_millis(c.publish_tick_ms),
+            publish_failures: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+            analytics_writer: Arc::new(Mutex::new(Some(Box::pin(writer)))),
+        })
+    }
+
+    pub fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+/// Runs `tick` every `period` until dropped.
+async fn every<F: Future<Output = ()>>(period: Duration, mut tick: impl FnMut() -> F) {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        tick().await;
     }
 }
 
 impl ServiceSet for Counter {
     fn register(&self, server: &mut ServerBuilder) {
-        server.add_service(CounterServiceServer::new(self.clone()));
+        server.add_service(CounterServiceServer::new(grpc::CounterApi::new(
+            self.inner.clone(),
+        )));
+        let inner = self.inner.clone();
+        server.add_background("loves flusher", async move {
+            every(inner.flush_tick, || inner.flush_once()).await;
+        });
+        let inner = self.inner.clone();
+        server.add_background("love totals publisher", async move {
+            every(inner.publish_tick, || inner.publish_once()).await;
+        });
+        let inner = self.inner.clone();
+        server.add_background("idle viewers pruner", async move {
+            every(Duration::from_secs(60), || async {
+                inner.core.prune_viewers(livemesh_mesh::now_ms());
+            })
+            .await;
+        });
+        server.add_background("room ends", ends::follow(self.inner.clone()));
+        // Loves accepted but not yet written go out before the process ends.
+        let inner = self.inner.clone();
+        server.add_shutdown_hook(async move {
+            inner.flush_once().await;
+            if inner.core.waiting() > 0 {
+                tracing::error!(
+                    waiting = inner.core.waiting(),
+                    "shutting down with loves the hot store did not take"
+                );
+            }
+        });
+        if let Some(writer) = lock(&self.analytics_writer).take() {
+            server.add_background("analytics log", writer);
+        }
     }
 }
 

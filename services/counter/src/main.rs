@@ -3,7 +3,10 @@
 use clap::Parser;
 use livemesh_mesh::CommonArgs;
 
-/// Serve the love counter.
+/// Serve the love counter. Point --redis-url at Redis (several
+/// comma-separated URLs for a Cluster) and --database-url at the SQL
+/// database for final totals; set counter.ongoing_query_url and
+/// counter.publish_url in the config file.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -14,8 +17,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    livemesh_mesh::run_service_main("counter", &args.common, |_config| async {
-        Ok(livemesh_counter::Counter)
+    livemesh_mesh::run_service_main("counter", &args.common, |config| async move {
+        livemesh_counter::Counter::from_config(&config).await
     })
     .await
 }

@@ -38,11 +38,13 @@ impl From<RoomError> for Status {
 #[derive(Debug, Clone)]
 pub struct RoomsApi {
     rooms: Arc<Rooms>,
+    stopping: livemesh_mesh::Shutdown,
 }
 
 impl RoomsApi {
-    pub fn new(rooms: Arc<Rooms>) -> Self {
-        Self { rooms }
+    /// `stopping` fires when the server shuts down; Watch streams end then.
+    pub fn new(rooms: Arc<Rooms>, stopping: livemesh_mesh::Shutdown) -> Self {
+        Self { rooms, stopping }
     }
 }
 
@@ -88,7 +90,7 @@ impl OngoingQueryService for RoomsApi {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let start = crate::watch::start_for(&self.rooms, request.get_ref().from.as_ref())?;
-        let changes = crate::watch::spawn(self.rooms.clone(), start);
+        let changes = crate::watch::spawn(self.rooms.clone(), start, self.stopping.signal());
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(changes),
         )))

@@ -111,7 +111,7 @@ impl OngoingQuery {
 
 impl ServiceSet for OngoingQuery {
     fn register(&self, server: &mut ServerBuilder) {
-        let api = grpc::RoomsApi::new(self.rooms.clone());
+        let api = grpc::RoomsApi::new(self.rooms.clone(), server.stopping());
         server.add_service(OngoingQueryServiceServer::new(api.clone()));
         server.add_service(RoomAdminServiceServer::new(api));
         if let Some((feed, starts)) = &self.feed {

@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use livemesh_mesh::ShutdownSignal;
 use livemesh_proto::v1::{ChangePosition, RoomChange, RoomChangeKind, WatchResponse};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -61,11 +62,21 @@ pub fn start_for(rooms: &Rooms, from: Option<&ChangePosition>) -> Result<Start, 
 }
 
 /// Spawns the watcher's task; the receiver is its stream.
-pub fn spawn(rooms: Arc<Rooms>, start: Start) -> mpsc::Receiver<Result<WatchResponse, Status>> {
+pub fn spawn(
+    rooms: Arc<Rooms>,
+    start: Start,
+    stopping: ShutdownSignal,
+) -> mpsc::Receiver<Result<WatchResponse, Status>> {
     let (tx, rx) = mpsc::channel(BUFFER);
     tokio::spawn(async move {
-        // Ends when the client goes away (a send fails).
-        let _ = run(&rooms, start, &tx).await;
+        // Ends when the client goes away (a send fails) or the server stops;
+        // the client then reconnects with its last position.
+        tokio::select! {
+            _ = run(&rooms, start, &tx) => {}
+            () = stopping => {
+                let _ = tx.send(Err(Status::unavailable("the server is shutting down; reconnect with your last position"))).await;
+            }
+        }
     });
     rx
 }

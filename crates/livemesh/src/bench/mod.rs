@@ -1,0 +1,106 @@
+//! `livemesh bench NAME`: benchmarks that measure livemesh next to a peer in
+//! the same run and report ratios (absolute figures drift on a shared
+//! machine). Every bench takes `--json FILE` and writes
+//! `{"bench": NAME, "figures": {KEY: number, ...}}`.
+
+mod loves;
+mod rooms;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+
+/// The benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Rooms: (a) how long after a commit by plain SQL from another
+    /// connection a room start or end is visible in the cache (through the
+    /// change feed); (b) GetRoom/Partition reads from the service's cache
+    /// against the same reads as SQL queries on the rooms database, at the
+    /// same concurrency. MariaDB with the binlog under `scripts/bench`, else SQLite.
+    Rooms(rooms::RoomsArgs),
+    /// Loves: many concurrent viewers sending realistic tap batches to one
+    /// hot room and to many rooms through two counter nodes sharing Redis
+    /// (the harness's under `scripts/bench`), against raw INCRBY on the same
+    /// Redis at the same concurrency; and how soon a reader on the other
+    /// node sees a love counted.
+    Loves(loves::LovesArgs),
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Rooms(args) => rooms::run(args).await,
+        BenchCommand::Loves(args) => loves::run(args).await,
+    }
+}
+
+/// Calls per second and latency percentiles of one side of a bench.
+#[derive(Debug)]
+pub(crate) struct Side {
+    pub per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+pub(crate) fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3
+}
+
+/// Runs `call` from `concurrency` tasks for `duration`.
+pub(crate) async fn measure<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    call: F,
+) -> anyhow::Result<Side>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let call = Arc::new(call);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..concurrency {
+        let call = call.clone();
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut seed = task as u64 * 7_919 + 1;
+            while Instant::now() < deadline {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let t = Instant::now();
+                call(seed >> 33).await?;
+                latencies.push(t.elapsed());
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        all.extend(joined??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    ensure!(!all.is_empty(), "no call completed");
+    all.sort_unstable();
+    Ok(Side {
+        per_sec: all.len() as f64 / elapsed,
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
+    })
+}
+
+/// Writes `{"bench": NAME, "figures": {...}}` to `path`.
+pub(crate) fn write_json(
+    path: &Path,
+    bench: &str,
+    figures: &BTreeMap<&str, f64>,
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "bench": bench, "figures": figures });
+    std::fs::write(path, serde_json::to_vec_pretty(&body)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("  figures written to {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! Room ends, told by ongoing-query's Watch stream: the room's last writes
+//! are flushed, its final total and top lovers go to SQL once, and its hot
+//! keys are deleted. Every step is idempotent, so a retry (or another
+//! replica doing the same) never counts twice.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use livemesh_proto::v1::{RoomChangeKind, WatchRequest};
+
+use crate::Inner;
+use crate::rooms::RoomInfo;
+use crate::sql::FinalLoves;
+
+/// Top lovers kept in SQL per room.
+const TOP_IN_SQL: u32 = 100;
+
+/// Follows the Watch stream for as long as the future runs, reconnecting
+/// from the last position it saw.
+pub async fn follow(inner: Arc<Inner>) {
+    let mut from = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let stream = inner
+            .watch_client
+            .clone()
+            .watch(WatchRequest { from: from.clone() })
+            .await;
+        let mut stream = match stream {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                tracing::debug!(%status, "watching room changes failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        // During a snapshot: its position and the ongoing rooms it listed.
+        let mut snapshot: Option<(String, HashSet<u64>)> = None;
+        loop {
+            let change = match stream.message().await {
+                Ok(Some(message)) => match message.change {
+                    Some(change) => change,
+                    None => continue,
+                },
+                Ok(None) | Err(_) => break,
+            };
+            let token = change
+                .position
+                .as_ref()
+                .map(|p| p.token.clone())
+                .unwrap_or_default();
+            let in_snapshot = snapshot.as_ref().is_some_and(|(t, _)| *t == token)
+                && change.kind() == RoomChangeKind::Started;
+            if let (Some((_, listed)), false) = (&snapshot, in_snapshot) {
+                // The snapshot is complete: rooms we counted for that it did
+                // not list have ended while we were not watching.
+                for room in inner.touched_rooms() {
+                    if !listed.contains(&room) {
+                        end_room(&inner, room);
+                    }
+                }
+                snapshot = None;
+            }
+            match change.kind() {
+                RoomChangeKind::Snapshot => snapshot = Some((token.clone(), HashSet::new())),
+                RoomChangeKind::Started if in_snapshot => {
+                    if let (Some((_, listed)), Some(room)) = (&mut snapshot, &change.room) {
+                        listed.insert(room.room_id);
+                    }
+                }
+                RoomChangeKind::Ended => {
+                    if let Some(room) = &change.room {
+                        inner.rooms.remember(RoomInfo::from_proto(room));
+                        end_room(&inner, room.room_id);
+                    }
+                }
+                _ => {}
+            }
+            from = change.position;
+        }
+        tracing::debug!("room watch ended; reconnecting");
+    }
+}
+
+/// Finalises `room_id` in the background, retrying until it is done.
+pub fn end_room(inner: &Arc<Inner>, room_id: u64) {
+    if !inner.begin_ending(room_id) {
+        return; // already being finalised
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(inner.end_grace).await;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match finalize(&inner, room_id).await {
+                Ok(written) => {
+                    tracing::info!(
+                        room_id,
+                        written,
+                        "room ended: final loves in SQL, hot keys deleted"
+                    );
+                    inner.done_ending(room_id);
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(room_id, %err, "finalising the room's loves failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    });
+}
+
+/// One attempt: flush what waits, write SQL once, delete the hot keys.
+/// Returns whether this attempt wrote the SQL row.
+pub async fn finalize(inner: &Inner, room_id: u64) -> anyhow::Result<bool> {
+    if inner.core.local_waiting(room_id) > 0 {
+        inner.core.flush().await;
+        anyhow::ensure!(
+            inner.core.local_waiting(room_id) == 0,
+            "loves of the room still wait for the hot store"
+        );
+    }
+    let store = inner.core.store();
+    let total = store.total(room_id).await?;
+    let top_lovers = store.top(room_id, TOP_IN_SQL).await?;
+    let written = inner
+        .db
+        .write_once(&FinalLoves {
+            room_id,
+            total,
+            top_lovers,
+            finalized_at_ms: livemesh_mesh::now_ms(),
+        })
+        .await?;
+    store.delete_room(room_id).await?;
+    inner.core.forget_room(room_id);
+    Ok(written)
+}

@@ -1,0 +1,296 @@
+//! The hot store: where loves are counted while a room is live.
+//!
+//! Taps are aggregated in process for a few milliseconds and then applied as
+//! one [`RoomFlush`] per room. Three backends share one meaning:
+//!
+//! - [`HotStore::Memory`], the in-process store of the embedded default;
+//! - [`HotStore::Redis`], one standalone Redis;
+//! - [`HotStore::Cluster`], a Redis Cluster.
+//!
+//! Per room the store keeps (names are the project's key rule, hash-tagged so
+//! that every key of a room lives in one Cluster slot, see [`keys`]):
+//!
+//! - the total, split over [`HotConfig::total_shards`] counters (the hot-room
+//!   rule: a flush increments one of them, a read sums all);
+//! - the ranking of viewers by loves, trimmed to [`HotConfig::top_length`];
+//! - one marker per applied flush id, kept for [`HotConfig::flush_id_ttl_secs`],
+//!   so that a flush replayed with the same id is applied once.
+//!
+//! A flush is applied atomically: either all of it (marker, total, ranking,
+//! trim) or none of it. On Redis that is one Lua script per room; in memory it
+//! is one critical section under the room's stripe lock.
+
+pub mod keys;
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisOptions, RedisStore};
+
+/// One room's increments of one aggregation tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomFlush {
+    pub room_id: u64,
+    /// Unique per flush, e.g. "<node id>:<room seq>"; a flush replayed with the same id is applied once.
+    pub flush_id: String,
+    pub total_delta: u64,
+    /// (viewer_id, loves) for this tick; a viewer appears once.
+    pub viewers: Vec<(u64, u64)>,
+}
+
+/// How the hot store lays out and keeps a room's counters.
+#[derive(Debug, Clone)]
+pub struct HotConfig {
+    /// The key phase: keys are `counter|<phase>|{room:<id>}|…` (`release`,
+    /// `staging`, …), so stages, or tests, can share one Redis.
+    pub phase: String,
+    /// The room total is split over this many keys (hot-room rule); each flush increments ONE of them
+    /// (chosen by hashing flush_id), reads sum all. Default 4. Must be >= 1 (0 is treated as 1).
+    ///
+    /// Readers must use at least the largest value any writer of the same
+    /// store has used, or [`HotStore::total`] misses the higher shards.
+    pub total_shards: u32,
+    /// The per-viewer ranking is trimmed to this many top entries after each flush. Default 1000.
+    pub top_length: u32,
+    /// How long a flush id is remembered for idempotent replay (seconds). Default 600.
+    /// 0 is treated as 1 (Redis rejects `EX 0`).
+    pub flush_id_ttl_secs: u64,
+}
+
+impl Default for HotConfig {
+    fn default() -> Self {
+        Self {
+            phase: "release".to_owned(),
+            total_shards: 4,
+            top_length: 1000,
+            // Covers any retry of an in-doubt flush (retries come every
+            // tick) while keeping markers bounded: a room flushing every
+            // 10 ms keeps about 60,000 of them.
+            flush_id_ttl_secs: 600,
+        }
+    }
+}
+
+impl HotConfig {
+    /// The longest flush-id memory the stores accept: 100 years is "forever",
+    /// and keeps `EX` far from the range where Redis rejects expire times.
+    const MAX_TTL_SECS: u64 = 100 * 365 * 86_400;
+
+    /// The values the backends work with: at least one total shard, a flush
+    /// id TTL between 1 s and [`Self::MAX_TTL_SECS`].
+    fn normalized(&self) -> Self {
+        Self {
+            phase: self.phase.clone(),
+            total_shards: self.total_shards.max(1),
+            top_length: self.top_length,
+            flush_id_ttl_secs: self.flush_id_ttl_secs.clamp(1, Self::MAX_TTL_SECS),
+        }
+    }
+
+    fn flush_id_ttl(&self) -> Duration {
+        Duration::from_secs(self.flush_id_ttl_secs)
+    }
+
+    /// The total shard a flush increments: a stable hash of its id (FNV-1a),
+    /// so a replay targets the same key and flushes spread over the shards.
+    fn shard_of(&self, flush_id: &str) -> u32 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in flush_id.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let shards = u64::from(self.total_shards.max(1));
+        // The remainder is below `total_shards`, a u32.
+        u32::try_from(hash % shards).unwrap_or(0)
+    }
+}
+
+/// Why the hot store could not do what was asked.
+///
+/// One variant on purpose: every failure is "try again later" (the caller
+/// retries a flush with the same flush id). A malformed URL also reports as
+/// `Unavailable`, with a message naming the URL (password masked).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HotError {
+    /// The store cannot be reached or failed (connection refused/reset, timeout, cluster down...).
+    #[error("hot store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The largest count a flush applies for a viewer or the total: 2^53.
+/// Redis keeps ranking scores as doubles, which hold integers exactly only up
+/// to here. Larger counts cannot come from validated taps; they are clamped
+/// (and logged) rather than refused, so such a flush cannot block the
+/// caller's retry queue forever.
+pub const MAX_DELTA: u64 = 1 << 53;
+
+/// `count`, clamped to [`MAX_DELTA`].
+fn clamped(count: u64) -> u64 {
+    count.min(MAX_DELTA)
+}
+
+/// Logs a flush whose counts are clamped; both backends call it before applying.
+fn warn_if_clamped(flush: &RoomFlush) {
+    if flush.total_delta > MAX_DELTA || flush.viewers.iter().any(|(_, loves)| *loves > MAX_DELTA) {
+        tracing::warn!(
+            room = flush.room_id,
+            flush_id = %flush.flush_id,
+            total_delta = flush.total_delta,
+            "flush counts above {MAX_DELTA} clamped"
+        );
+    }
+}
+
+/// The hot store: the in-process one (embedded default) or Redis (standalone or Cluster).
+///
+/// Clones are cheap and share the store.
+#[derive(Clone)]
+pub enum HotStore {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+    Cluster(RedisStore),
+}
+
+impl std::fmt::Debug for HotStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HotStore::Memory(_) => f.write_str("HotStore::Memory"),
+            HotStore::Redis(store) => write!(f, "HotStore::Redis({})", store.describe()),
+            HotStore::Cluster(store) => write!(f, "HotStore::Cluster({})", store.describe()),
+        }
+    }
+}
+
+impl HotStore {
+    /// The in-process store.
+    pub fn memory(config: HotConfig) -> Self {
+        HotStore::Memory(MemoryStore::new(config))
+    }
+
+    /// `redis://host:port` standalone, or several comma-separated `redis://…` URLs for a Cluster
+    /// (a list with a comma is a Cluster even with one seed: `redis://host:port,`).
+    ///
+    /// Connects lazily: a malformed URL fails here (the message names it,
+    /// password masked), an unreachable server fails the later calls.
+    pub async fn connect(urls: &str, config: HotConfig) -> Result<Self, HotError> {
+        Self::connect_with(urls, config, RedisOptions::default()).await
+    }
+
+    /// [`HotStore::connect`] with explicit pool size and timeouts.
+    pub async fn connect_with(
+        urls: &str,
+        config: HotConfig,
+        options: RedisOptions,
+    ) -> Result<Self, HotError> {
+        let list: Vec<&str> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
+        match list.as_slice() {
+            [] => Err(HotError::Unavailable("no Redis URL given".to_owned())),
+            [url] if !urls.contains(',') => Ok(HotStore::Redis(RedisStore::standalone(
+                url, config, options,
+            )?)),
+            seeds => Ok(HotStore::Cluster(RedisStore::cluster(
+                seeds, config, options,
+            )?)),
+        }
+    }
+
+    /// Applies every flush; each atomically and idempotently (the same flush
+    /// id twice is applied once). Different rooms are applied concurrently.
+    ///
+    /// Returns one result per flush, in the order given: `Ok` if it was
+    /// applied now or had already been applied. A failed flush is to be
+    /// retried later with the SAME flush id; a failure after the store applied
+    /// it (a lost reply, a timeout) is then harmless.
+    pub async fn flush(&self, flushes: &[RoomFlush]) -> Vec<(u64, Result<(), HotError>)> {
+        match self {
+            HotStore::Memory(store) => store.flush(flushes),
+            HotStore::Redis(store) | HotStore::Cluster(store) => store.flush(flushes).await,
+        }
+    }
+
+    /// The room's total: the sum of its total shards (0 for an unknown room).
+    pub async fn total(&self, room_id: u64) -> Result<u64, HotError> {
+        match self {
+            HotStore::Memory(store) => Ok(store.total(room_id)),
+            HotStore::Redis(store) | HotStore::Cluster(store) => store.total(room_id).await,
+        }
+    }
+
+    /// Top viewers by loves, highest first, at most `limit` (and at most
+    /// [`HotConfig::top_length`], as the ranking is trimmed to that). Equal
+    /// scores are ordered as Redis orders them: by the viewer id's decimal
+    /// string, descending.
+    pub async fn top(&self, room_id: u64, limit: u32) -> Result<Vec<(u64, u64)>, HotError> {
+        match self {
+            HotStore::Memory(store) => Ok(store.top(room_id, limit)),
+            HotStore::Redis(store) | HotStore::Cluster(store) => store.top(room_id, limit).await,
+        }
+    }
+
+    /// Deletes the room's totals and ranking. Its flush-id markers stay until
+    /// they expire, so that a late replay of an applied flush cannot bring the
+    /// room's counters back.
+    pub async fn delete_room(&self, room_id: u64) -> Result<(), HotError> {
+        match self {
+            HotStore::Memory(store) => {
+                store.delete_room(room_id);
+                Ok(())
+            }
+            HotStore::Redis(store) | HotStore::Cluster(store) => store.delete_room(room_id).await,
+        }
+    }
+
+    /// Checks that the store answers (a readiness probe); always `Ok` in memory.
+    pub async fn ping(&self) -> Result<(), HotError> {
+        match self {
+            HotStore::Memory(_) => Ok(()),
+            HotStore::Redis(store) | HotStore::Cluster(store) => store.ping().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_normalized() {
+        let config = HotConfig {
+            phase: "t".into(),
+            total_shards: 0,
+            top_length: 0,
+            flush_id_ttl_secs: 0,
+        }
+        .normalized();
+        assert_eq!(config.total_shards, 1);
+        assert_eq!(config.top_length, 0);
+        assert_eq!(config.flush_id_ttl_secs, 1);
+        assert_eq!(config.shard_of("anything"), 0);
+    }
+
+    #[test]
+    fn flushes_spread_over_shards() {
+        let config = HotConfig::default();
+        let mut seen = [false; 4];
+        for seq in 0..64 {
+            let shard = config.shard_of(&format!("node-a:{seq}"));
+            assert!(shard < 4);
+            seen[shard as usize] = true;
+        }
+        assert_eq!(seen, [true; 4]);
+        assert_eq!(config.shard_of("n:1"), config.shard_of("n:1"));
+    }
+
+    #[test]
+    fn counts_are_clamped_to_what_doubles_hold() {
+        assert_eq!(clamped(7), 7);
+        assert_eq!(clamped(MAX_DELTA), MAX_DELTA);
+        assert_eq!(clamped(u64::MAX), MAX_DELTA);
+    }
+}

@@ -1,0 +1,104 @@
+//! What the counter knows of rooms: asked of ongoing-query (through the
+//! mesh's client stack) and kept for a moment, and told of ends by the
+//! Watch stream at once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use livemesh_mesh::MeshChannel;
+use livemesh_proto::time::ms_from_timestamp;
+use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_proto::v1::{GetRoomRequest, Room, RoomStatus};
+
+/// How long an ongoing room's record is trusted without asking again; the
+/// Watch stream usually tells of an end sooner.
+const ONGOING_TTL: Duration = Duration::from_secs(1);
+/// Ended rooms remembered (they never start again).
+const ENDED_KEPT: usize = 100_000;
+
+/// A room as the counter needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomInfo {
+    pub room_id: u64,
+    pub started_at_ms: i64,
+    pub ended: bool,
+}
+
+impl RoomInfo {
+    pub fn from_proto(room: &Room) -> Self {
+        Self {
+            room_id: room.room_id,
+            started_at_ms: room.started_at.as_ref().map_or(0, ms_from_timestamp),
+            ended: room.status() == RoomStatus::Ended,
+        }
+    }
+}
+
+/// Why a room could not be looked up.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("room {0} does not exist")]
+    NotFound(u64),
+    #[error("ongoing-query did not answer: {0}")]
+    Unavailable(String),
+}
+
+/// Room lookups with a short-lived cache.
+#[derive(Debug)]
+pub struct RoomDirectory {
+    client: OngoingQueryServiceClient<MeshChannel>,
+    cache: Mutex<HashMap<u64, (RoomInfo, Instant)>>,
+}
+
+impl RoomDirectory {
+    pub fn new(channel: MeshChannel) -> Self {
+        Self {
+            client: OngoingQueryServiceClient::new(channel),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The room, from the cache or from ongoing-query.
+    pub async fn get(&self, room_id: u64) -> Result<RoomInfo, LookupError> {
+        if let Some((info, at)) = self.lock().get(&room_id).copied()
+            && (info.ended || at.elapsed() < ONGOING_TTL)
+        {
+            return Ok(info);
+        }
+        let reply = self
+            .client
+            .clone()
+            .get_room(GetRoomRequest { room_id })
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::NotFound => LookupError::NotFound(room_id),
+                _ => LookupError::Unavailable(status.message().to_owned()),
+            })?;
+        let info = reply
+            .into_inner()
+            .room
+            .as_ref()
+            .map(RoomInfo::from_proto)
+            .ok_or_else(|| LookupError::Unavailable("GetRoom returned no room".into()))?;
+        self.remember(info);
+        Ok(info)
+    }
+
+    /// Records what the Watch stream said.
+    pub fn remember(&self, info: RoomInfo) {
+        let mut cache = self.lock();
+        if cache.len() >= ENDED_KEPT {
+            // Forget the ended rooms first: they are the ones never asked again.
+            cache.retain(|_, (i, _)| !i.ended);
+        }
+        cache.insert(info.room_id, (info, Instant::now()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (RoomInfo, Instant)>> {
+        // Inserts leave the map consistent; a poisoned lock holds valid data.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

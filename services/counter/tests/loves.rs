@@ -1,0 +1,369 @@
+//! The counter end to end through gRPC, against each hot store: in process,
+//! the harness's Redis, and its Redis Cluster. Rooms come from a real
+//! ongoing-query server.
+
+// Helpers outside #[test] functions unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use livemesh_counter::Counter;
+use livemesh_counter::sql::LovesDb;
+use livemesh_mesh::{Config, MeshChannel};
+use livemesh_ongoing_query::OngoingQuery;
+use livemesh_proto::v1::counter_service_client::CounterServiceClient;
+use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::{
+    EndRoomRequest, GetLovesRequest, RejectReason, SendLovesRequest, SendLovesResponse,
+    StartRoomRequest, TopLoversRequest,
+};
+use livemesh_testkit::TestServer;
+
+/// Which hot store a case runs against.
+#[derive(Debug, Clone, Copy)]
+enum Hot {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+impl Hot {
+    fn url(self) -> Option<String> {
+        match self {
+            Hot::Memory => None,
+            Hot::Redis => Some(livemesh_testkit::redis_url()),
+            Hot::Cluster => Some(livemesh_testkit::redis_cluster_urls().join(",")),
+        }
+    }
+}
+
+macro_rules! hot_suite {
+    ($($case:ident),* $(,)?) => {
+        mod memory { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Memory).await })* }
+        mod redis { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Redis).await })* }
+        mod cluster { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Cluster).await })* }
+    };
+}
+
+hot_suite!(
+    an_honest_batch_counts_and_shows_in_totals_and_ranking,
+    an_abusive_batch_is_clamped_and_the_reply_says_so,
+    a_retried_batch_counts_once,
+    bad_requests_get_precise_codes,
+    concurrent_viewers_sum_exactly,
+    room_end_writes_sql_once_and_deletes_the_keys,
+);
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    _rooms: TestServer,
+    _counter_server: TestServer,
+    counter: Counter,
+    admin: RoomAdminServiceClient<MeshChannel>,
+    loves: CounterServiceClient<MeshChannel>,
+    db_url: String,
+}
+
+async fn mesh(hot: Hot) -> Mesh {
+    mesh_with(hot.url(), |_| {}).await
+}
+
+async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let rooms_config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let db_url = livemesh_mesh::config::sqlite_url(&dir.path().join("counter.db"));
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        redis_url,
+        ..Config::default()
+    };
+    config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
+    // No dispatcher in these tests: publishing fails and is counted.
+    config.counter.publish_url = format!("http://{}", rooms.addr);
+    config.counter.database_url = db_url.clone();
+    config.counter.flush_tick_ms = 5;
+    config.counter.total_cache_ms = 20;
+    config.counter.end_grace_ms = 50;
+    // Every test's rooms start at id 1: a key phase of its own keeps them
+    // apart on the shared Redis.
+    config.counter.phase = livemesh_testkit::unique_name("t");
+    tune(&mut config);
+    let counter = Counter::from_config(&config).await.unwrap();
+    let counter_server = TestServer::start(counter.clone()).await;
+    Mesh {
+        admin: RoomAdminServiceClient::new(rooms.channel()),
+        loves: CounterServiceClient::new(counter_server.channel()),
+        _dir: dir,
+        _rooms: rooms,
+        _counter_server: counter_server,
+        counter,
+        db_url,
+    }
+}
+
+impl Mesh {
+    async fn start_room(&mut self) -> u64 {
+        self.admin
+            .start_room(StartRoomRequest { anchor_id: 1 })
+            .await
+            .unwrap()
+            .into_inner()
+            .room
+            .unwrap()
+            .room_id
+    }
+
+    async fn send(
+        &mut self,
+        room_id: u64,
+        viewer_id: u64,
+        batch: &str,
+        taps: Vec<u64>,
+    ) -> SendLovesResponse {
+        self.loves
+            .send_loves(SendLovesRequest {
+                room_id,
+                viewer_id,
+                batch_id: batch.to_owned(),
+                taps_ms: taps,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits until GetLoves reports `expected` (flushes happen every 5 ms).
+    async fn await_total(&mut self, room_id: u64, expected: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut head = self
+            .counter
+            .inner()
+            .core
+            .stats()
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        loop {
+            let total = self
+                .loves
+                .get_loves(GetLovesRequest { room_id })
+                .await
+                .unwrap()
+                .into_inner()
+                .total;
+            if total == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "total stuck at {total}, expected {expected}"
+            );
+            // Wait for the next flush rather than a fixed time.
+            loop {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let now = self
+                    .counter
+                    .inner()
+                    .core
+                    .stats()
+                    .flushes
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if now != head || tokio::time::Instant::now() >= deadline {
+                    head = now;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Mesh {
+    /// Waits until the hot store has every accepted love.
+    async fn flushed(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.counter.inner().core.waiting() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "loves still waiting after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Taps a human could make: 20 per second of video time (50 ms apart),
+/// from `from_ms`; tests send them right after the room started, so they
+/// stay within the allowed skew ahead of the broadcast (2 s).
+fn human_taps(from_ms: u64, n: u64) -> Vec<u64> {
+    (0..n).map(|i| from_ms + i * 50).collect()
+}
+
+async fn an_honest_batch_counts_and_shows_in_totals_and_ranking(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    let reply = m.send(room, 7, "b1", human_taps(0, 30)).await;
+    assert_eq!((reply.accepted, reply.rejected), (30, 0));
+    assert_eq!(reply.reason(), RejectReason::Unspecified);
+    assert!(
+        reply.room_total >= 30,
+        "the sender sees its own loves at once"
+    );
+    m.send(room, 8, "b1", human_taps(0, 12)).await;
+    m.await_total(room, 42).await;
+    m.flushed().await;
+    let top = m
+        .loves
+        .top_lovers(TopLoversRequest {
+            room_id: room,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lovers;
+    let top: Vec<(u64, u64)> = top.iter().map(|l| (l.viewer_id, l.loves)).collect();
+    assert_eq!(top, vec![(7, 30), (8, 12)]);
+}
+
+async fn an_abusive_batch_is_clamped_and_the_reply_says_so(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    // 5,000 taps within one second of video time, in the first second.
+    let taps: Vec<u64> = (0..5_000).map(|i| i % 1000).collect();
+    let reply = m.send(room, 9, "flood", taps).await;
+    assert_eq!(reply.accepted, 20, "a human taps at most 20 times a second");
+    assert_eq!(reply.accepted + reply.rejected, 5_000);
+    assert_ne!(reply.reason(), RejectReason::Unspecified);
+    assert!(reply.detail.contains("not counted"), "{}", reply.detail);
+    m.await_total(room, 20).await;
+}
+
+async fn a_retried_batch_counts_once(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    let first = m.send(room, 3, "retry-me", human_taps(0, 15)).await;
+    let again = m.send(room, 3, "retry-me", human_taps(0, 15)).await;
+    assert_eq!(
+        (first.accepted, first.rejected, first.detail.clone()),
+        (again.accepted, again.rejected, again.detail.clone())
+    );
+    // The same id from another viewer is another batch.
+    m.send(room, 4, "retry-me", human_taps(0, 5)).await;
+    m.await_total(room, 20).await;
+}
+
+async fn bad_requests_get_precise_codes(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    let call = |room_id: u64, viewer_id: u64, batch_id: &str| SendLovesRequest {
+        room_id,
+        viewer_id,
+        batch_id: batch_id.to_owned(),
+        taps_ms: vec![1],
+    };
+    let code = |r: Result<tonic::Response<SendLovesResponse>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(m.loves.send_loves(call(room, 0, "b")).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(m.loves.send_loves(call(room, 1, "")).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(m.loves.send_loves(call(0, 1, "b")).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(m.loves.send_loves(call(987_654_321, 1, "b")).await),
+        tonic::Code::NotFound
+    );
+    m.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    let err = m.loves.send_loves(call(room, 1, "late")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err = m
+        .loves
+        .get_loves(GetLovesRequest {
+            room_id: 987_654_321,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+async fn concurrent_viewers_sum_exactly(hot: Hot) {
+    let m = mesh(hot).await;
+    let mut m = m;
+    let room = m.start_room().await;
+    let mut calls = tokio::task::JoinSet::new();
+    for viewer in 1..=20_u64 {
+        let mut loves = m.loves.clone();
+        calls.spawn(async move {
+            let mut accepted = 0;
+            for batch in 0..5_u64 {
+                accepted += loves
+                    .send_loves(SendLovesRequest {
+                        room_id: room,
+                        viewer_id: viewer,
+                        batch_id: format!("b{batch}"),
+                        taps_ms: human_taps(batch * 10, 10),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .accepted;
+            }
+            accepted
+        });
+    }
+    let mut total = 0;
+    while let Some(accepted) = calls.join_next().await {
+        total += accepted.unwrap();
+    }
+    assert_eq!(total, 20 * 5 * 10);
+    m.await_total(room, total).await;
+}
+
+async fn room_end_writes_sql_once_and_deletes_the_keys(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    m.send(room, 1, "a", human_taps(0, 5)).await;
+    m.send(room, 2, "a", human_taps(0, 9)).await;
+    m.send(room, 3, "a", human_taps(0, 2)).await;
+    m.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+
+    let db = LovesDb::open(&m.db_url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let fin = loop {
+        if let Some(fin) = db.get(room).await.unwrap() {
+            break fin;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no final total in SQL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(fin.total, 16);
+    assert_eq!(fin.top_lovers, vec![(2, 9), (1, 5), (3, 2)]);
+    let store = m.counter.inner().core.store();
+    assert_eq!(store.total(room).await.unwrap(), 0, "hot keys deleted");
+    assert!(store.top(room, 10).await.unwrap().is_empty());
+
+    // Running the end again writes nothing new.
+    let again = livemesh_counter::ends::finalize(m.counter.inner(), room)
+        .await
+        .unwrap();
+    assert!(!again);
+    assert_eq!(db.get(room).await.unwrap().unwrap().total, 16);
+}
