@@ -267,12 +267,14 @@ impl CounterCore {
             );
         }
         let mut confirmed = 0;
+        let mut added: HashMap<u64, u64> = HashMap::new();
         {
             let mut unflushed = lock(&self.unflushed);
             unflushed.retain(|f| {
                 let done = done_ids.contains(&f.flush_id);
                 if done {
                     confirmed += f.total_delta;
+                    *added.entry(f.room_id).or_default() += f.total_delta;
                 }
                 !done
             });
@@ -283,9 +285,14 @@ impl CounterCore {
             .fetch_add(done_ids.len() as u64, Ordering::Relaxed);
         done_rooms.sort_unstable();
         done_rooms.dedup();
+        // The store now holds what we wrote: move it from "waiting" into the
+        // cached total instead of dropping the cache (which would send every
+        // request of the next moment to the store).
         let mut totals = lock(&self.totals);
-        for room in &done_rooms {
-            totals.remove(room);
+        for (room, delta) in added {
+            if let Some((total, _)) = totals.get_mut(&room) {
+                *total += delta;
+            }
         }
         done_rooms
     }
@@ -294,7 +301,20 @@ impl CounterCore {
     /// node accepted and has not written yet. While the store is down, the
     /// last known total stands in.
     pub async fn total(&self, room_id: u64) -> Result<u64, HotError> {
-        let cached = lock(&self.totals).get(&room_id).copied();
+        let cached = {
+            let mut totals = lock(&self.totals);
+            let cached = totals.get(&room_id).copied();
+            if let Some((total, at)) = cached
+                && at.elapsed() >= self.total_ttl
+            {
+                // One caller refreshes; the others keep using the old total
+                // meanwhile instead of all asking the store at once.
+                totals.insert(room_id, (total, Instant::now()));
+                cached.map(|(t, _)| (t, at))
+            } else {
+                cached
+            }
+        };
         let stored = match cached {
             Some((total, at)) if at.elapsed() < self.total_ttl => total,
             _ => match self.store.total(room_id).await {

@@ -75,7 +75,14 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
         ..Config::default()
     };
     let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
-    let db_url = livemesh_mesh::config::sqlite_url(&dir.path().join("counter.db"));
+    // Final totals go to SQLite, except with standalone Redis, where they go
+    // to the harness's MariaDB: both dialects of room_loves are exercised.
+    let harness_redis = std::env::var("LIVEMESH_TEST_REDIS_URL").ok();
+    let db_url = if redis_url.is_some() && redis_url == harness_redis {
+        livemesh_testkit::fresh_mysql_database("counter").await
+    } else {
+        livemesh_mesh::config::sqlite_url(&dir.path().join("counter.db"))
+    };
     let mut config = Config {
         data_dir: dir.path().to_owned(),
         redis_url,
