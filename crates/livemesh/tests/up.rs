@@ -24,13 +24,18 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 
-async fn mesh(dir: &std::path::Path) -> Mesh {
-    Mesh::from_config(&Config {
-        data_dir: dir.to_owned(),
-        ..Config::default()
+/// The whole mesh on a loopback port; its services call each other there.
+async fn mesh(dir: &std::path::Path) -> TestServer {
+    let dir = dir.to_owned();
+    TestServer::start_with(|addr| async move {
+        Mesh::from_config(&Config {
+            data_dir: dir,
+            listen: addr,
+            ..Config::default()
+        })
+        .await
     })
     .await
-    .expect("mesh")
 }
 
 async fn reflect(channel: MeshChannel, request: MessageRequest) -> MessageResponse {
@@ -55,7 +60,7 @@ async fn reflect(channel: MeshChannel, request: MessageRequest) -> MessageRespon
 #[tokio::test]
 async fn every_service_is_serving_and_listed_by_reflection() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(mesh(dir.path()).await).await;
+    let server = mesh(dir.path()).await;
 
     let mut health = HealthClient::new(server.channel());
     for name in livemesh_proto::SERVICE_NAMES {

@@ -308,7 +308,17 @@ pub struct TestServer {
 impl TestServer {
     /// Serves `set` on `127.0.0.1:0`.
     pub async fn start(set: impl ServiceSet + Send + 'static) -> Self {
-        let server = LocalServer::start(set, SocketAddr::from(([127, 0, 0, 1], 0)))
+        Self::start_with(|_| async { Ok(set) }).await
+    }
+
+    /// Binds `127.0.0.1:0`, builds the set knowing the bound address (for
+    /// services of one process that call each other), then serves it.
+    pub async fn start_with<S, F>(build: impl FnOnce(SocketAddr) -> F) -> Self
+    where
+        S: ServiceSet + Send + 'static,
+        F: Future<Output = anyhow::Result<S>>,
+    {
+        let server = LocalServer::bind_then(SocketAddr::from(([127, 0, 0, 1], 0)), build)
             .await
             .expect("start a server on a loopback port");
         Self {
