@@ -49,29 +49,23 @@ impl LovesDb {
         .unwrap_or_else(|_| "[]".to_owned());
         let room = i64::try_from(fin.room_id).unwrap_or(i64::MAX);
         let total = i64::try_from(fin.total).unwrap_or(i64::MAX);
-        let written = match &self.db {
-            Db::Sqlite(pool) => sqlx::query(
-                "INSERT INTO room_loves (room_id, total, top_lovers, finalized_at_ms) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (room_id) DO NOTHING",
-            )
-            .bind(room)
-            .bind(total)
-            .bind(&top)
-            .bind(fin.finalized_at_ms)
-            .execute(pool)
-            .await?
-            .rows_affected(),
-            Db::MySql(pool) => sqlx::query(
-                "INSERT IGNORE INTO room_loves (room_id, total, top_lovers, finalized_at_ms) VALUES (?, ?, ?, ?)",
-            )
-            .bind(room)
-            .bind(total)
-            .bind(&top)
-            .bind(fin.finalized_at_ms)
-            .execute(pool)
-            .await?
-            .rows_affected(),
+        // The dialects spell "insert unless present" differently.
+        let sql = if self.db.is_mysql() {
+            "INSERT IGNORE INTO room_loves (room_id, total, top_lovers, finalized_at_ms) VALUES (?, ?, ?, ?)"
+        } else {
+            "INSERT INTO room_loves (room_id, total, top_lovers, finalized_at_ms) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (room_id) DO NOTHING"
         };
+        let written = livemesh_mesh::on_db!(&self.db, pool => {
+            sqlx::query(sql)
+                .bind(room)
+                .bind(total)
+                .bind(&top)
+                .bind(fin.finalized_at_ms)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
         Ok(written == 1)
     }
 

@@ -234,32 +234,24 @@ impl RegionStore {
     /// Saves `consumer`'s feed position, replacing the previous one.
     pub async fn save_position(&self, consumer: &str, position: &str) -> Result<(), StoreError> {
         let now = livemesh_mesh::now_ms();
-        match &self.db {
-            Db::Sqlite(pool) => {
-                sqlx::query(
-                    "INSERT INTO feed_positions (consumer, position, updated_at_ms) VALUES (?, ?, ?) \
-                     ON CONFLICT (consumer) DO UPDATE SET position = excluded.position, \
-                     updated_at_ms = excluded.updated_at_ms",
-                )
+        // The dialects spell "insert or replace the row" differently.
+        let sql = if self.db.is_mysql() {
+            "INSERT INTO feed_positions (consumer, position, updated_at_ms) VALUES (?, ?, ?) \
+             ON DUPLICATE KEY UPDATE position = VALUES(position), updated_at_ms = VALUES(updated_at_ms)"
+        } else {
+            "INSERT INTO feed_positions (consumer, position, updated_at_ms) VALUES (?, ?, ?) \
+             ON CONFLICT (consumer) DO UPDATE SET position = excluded.position, \
+             updated_at_ms = excluded.updated_at_ms"
+        };
+        on_db!(&self.db, pool => {
+            sqlx::query(sql)
                 .bind(consumer)
                 .bind(position)
                 .bind(now)
                 .execute(pool)
-                .await?;
-            }
-            Db::MySql(pool) => {
-                sqlx::query(
-                    "INSERT INTO feed_positions (consumer, position, updated_at_ms) VALUES (?, ?, ?) \
-                     ON DUPLICATE KEY UPDATE position = VALUES(position), \
-                     updated_at_ms = VALUES(updated_at_ms)",
-                )
-                .bind(consumer)
-                .bind(position)
-                .bind(now)
-                .execute(pool)
-                .await?;
-            }
-        }
+                .await?
+                .rows_affected()
+        });
         Ok(())
     }
 
