@@ -52,6 +52,20 @@ fn query(server: &TestServer) -> OngoingQueryServiceClient<MeshChannel> {
     OngoingQueryServiceClient::new(server.channel())
 }
 
+/// Starts a room through RoomAdmin.
+async fn start(
+    admin: &mut RoomAdminServiceClient<MeshChannel>,
+    anchor_id: u64,
+) -> livemesh_proto::v1::Room {
+    admin
+        .start_room(StartRoomRequest { anchor_id })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap()
+}
+
 fn admin(server: &TestServer) -> RoomAdminServiceClient<MeshChannel> {
     RoomAdminServiceClient::new(server.channel())
 }
@@ -217,25 +231,13 @@ async fn a_reconnecting_watcher_gets_exactly_what_it_missed(backend: SqlBackend)
     let mut changes = watch(&server, None).await;
     next(&mut changes).await; // the snapshot marker of an empty cache
 
-    let first = admin
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap();
+    let first = start(&mut admin, 1).await;
     let seen = next(&mut changes).await;
     assert_eq!(kind_and_id(&seen), (RoomChangeKind::Started, first.room_id));
     let position = seen.position.unwrap().token;
     drop(changes);
 
-    let second = admin
-        .start_room(StartRoomRequest { anchor_id: 2 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap();
+    let second = start(&mut admin, 2).await;
     admin
         .end_room(EndRoomRequest {
             room_id: first.room_id,
@@ -253,13 +255,7 @@ async fn a_reconnecting_watcher_gets_exactly_what_it_missed(backend: SqlBackend)
         (RoomChangeKind::Ended, first.room_id)
     );
     // Then live: the next thing on the stream is the next change, nothing replayed twice.
-    let third = admin
-        .start_room(StartRoomRequest { anchor_id: 3 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap();
+    let third = start(&mut admin, 3).await;
     assert_eq!(
         kind_and_id(&next(&mut changes).await),
         (RoomChangeKind::Started, third.room_id)
@@ -285,28 +281,13 @@ async fn a_watcher_beyond_the_window_gets_a_snapshot(backend: SqlBackend) {
     let mut admin = admin(&server);
     let mut changes = watch(&server, None).await;
     next(&mut changes).await;
-    let first = admin
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap();
+    let first = start(&mut admin, 1).await;
     let position = next(&mut changes).await.position.unwrap().token;
     drop(changes);
 
     let mut rooms = vec![first.room_id];
     for anchor in 2..=5 {
-        rooms.push(
-            admin
-                .start_room(StartRoomRequest { anchor_id: anchor })
-                .await
-                .unwrap()
-                .into_inner()
-                .room
-                .unwrap()
-                .room_id,
-        );
+        rooms.push(start(&mut admin, anchor).await.room_id);
     }
     admin
         .end_room(EndRoomRequest {
