@@ -547,6 +547,14 @@ impl NodeInner {
             };
             let report = {
                 let mut state = lock(&room.state);
+                if renewed.epoch > state.epoch && state.epoch != 0 && !state.ended {
+                    // The room's history restarted (the hot store lost it)
+                    // and this node has seen no event of the new epoch yet.
+                    state.epoch = renewed.epoch;
+                    state.released = 0;
+                    state.known_head = 0;
+                    state.pending.clear();
+                }
                 if state.epoch == renewed.epoch && renewed.offset > state.known_head {
                     state.known_head = renewed.offset;
                     if state.gap().is_some() && !state.gap_fill_running {

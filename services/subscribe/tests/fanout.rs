@@ -74,6 +74,7 @@ struct Mesh {
     _dir: tempfile::TempDir,
     rooms: TestServer,
     store: FanoutStore,
+    phase: String,
     nodes: Vec<(TestServer, SubscribeNode)>,
     dispatchers: Vec<(TestServer, Dispatcher)>,
     admin: RoomAdminServiceClient<MeshChannel>,
@@ -139,7 +140,8 @@ async fn mesh(backend: Backend) -> Mesh {
     let config = base_config(dir.path(), &rooms);
     // Every test's rooms start at id 1: a key phase of its own keeps them
     // apart on the shared Redis.
-    let store = store(backend, &livemesh_testkit::unique_name("fan"));
+    let phase = livemesh_testkit::unique_name("fan");
+    let store = store(backend, &phase);
     let mut dispatchers = Vec::new();
     for _ in 0..2 {
         dispatchers.push(start_dispatcher(&config, &store).await);
@@ -153,6 +155,7 @@ async fn mesh(backend: Backend) -> Mesh {
         _dir: dir,
         rooms,
         store,
+        phase,
         nodes,
         dispatchers,
     }
@@ -899,4 +902,47 @@ async fn a_dead_nodes_registration_expires(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = &mesh.rooms;
+}
+
+/// Redis loses a room's keys (a restart without persistence, an eviction):
+/// the next publish starts a new epoch, live viewers get its events, and a
+/// resume from the old epoch is told that its history is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_history_starts_a_new_epoch_and_resume_says_so() {
+    let mut mesh = mesh(Backend::Redis).await;
+    let room = mesh.start_room().await;
+    let mut viewer = subscribe(&mut mesh.node(0), room, None).await.unwrap();
+    let first = mesh.comment(0, room, "before").await;
+    assert_eq!(text_of(&viewer.next_ordered().await), "before");
+
+    let redis = ::redis::Client::open(livemesh_testkit::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("fanout|{}|{{room:{room}}}|*", mesh.phase);
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the room has keys under {pattern}");
+    let _: () = ::redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let second = mesh.comment(1, room, "after").await;
+    assert_ne!(second.epoch, first.epoch, "a new epoch");
+    assert_eq!(second.offset, 1, "offsets start over");
+    // The node re-registers on its next renewal, notices the new epoch and
+    // fetches what it missed.
+    let event = viewer.next_ordered().await;
+    assert_eq!(text_of(&event), "after");
+    assert_eq!((event.epoch, event.offset), (second.epoch, 1));
+
+    let resumed = subscribe(&mut mesh.node(1), room, Some(first))
+        .await
+        .unwrap();
+    assert!(resumed.started.epoch_changed, "{:?}", resumed.started);
+    assert!(!resumed.started.recovered);
+    assert_eq!(resumed.started.replayed, 1, "what the new epoch holds");
 }
