@@ -946,3 +946,40 @@ async fn a_lost_history_starts_a_new_epoch_and_resume_says_so() {
     assert!(!resumed.started.recovered);
     assert_eq!(resumed.started.replayed, 1, "what the new epoch holds");
 }
+
+/// A stopping node ends its streams at once with UNAVAILABLE and where to
+/// resume, instead of holding its drain until the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_ends_its_streams_with_a_resume_position() {
+    let mut mesh = mesh(Backend::Memory).await;
+    let room = mesh.start_room().await;
+    let mut viewer = subscribe(&mut mesh.node(2), room, None).await.unwrap();
+    let sent = mesh.comment(0, room, "hello").await;
+    assert_eq!(text_of(&viewer.next_ordered().await), "hello");
+    let (server, _node) = mesh.nodes.pop().unwrap();
+    let started = Instant::now();
+    let stop = tokio::spawn(server.stop());
+    let status = loop {
+        match viewer.next().await {
+            Err(status) => break status,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without saying where to resume"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let offset: u64 = status
+        .metadata()
+        .get(RESUME_OFFSET)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(offset, sent.offset);
+    stop.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain waited for the streams: {:?}",
+        started.elapsed()
+    );
+}
