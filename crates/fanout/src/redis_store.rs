@@ -99,17 +99,17 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
 local live = {}
+local first = nil
 for _, node in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   live[node] = true
+  if first == nil or node < first then first = node end
 end
 local counts = redis.call('HGETALL', KEYS[2])
 local total = 0
-local first = ARGV[1]
 for i = 1, #counts, 2 do
   local node = counts[i]
   if live[node] then
     total = total + tonumber(counts[i + 1])
-    if node < first then first = node end
   else
     redis.call('HDEL', KEYS[2], node)
   end
