@@ -52,6 +52,9 @@ pub struct Config {
     pub client: ClientConfig,
     pub rooms: RoomsConfig,
     pub counter: CounterConfig,
+    pub fanout: FanoutConfig,
+    pub subscribe: SubscribeConfig,
+    pub publish: PublishConfig,
 }
 
 impl Default for Config {
@@ -66,6 +69,114 @@ impl Default for Config {
             client: ClientConfig::default(),
             rooms: RoomsConfig::default(),
             counter: CounterConfig::default(),
+            fanout: FanoutConfig::default(),
+            subscribe: SubscribeConfig::default(),
+            publish: PublishConfig::default(),
+        }
+    }
+}
+
+/// What subscribe nodes and dispatchers share in the hot store: the room ->
+/// nodes table, viewer counts, and each room's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FanoutConfig {
+    /// The hot-store key phase: keys are `fanout|<phase>|{room:<id>}|…`.
+    /// Subscribe nodes and dispatchers that work together use the same one.
+    pub phase: String,
+    /// Ordered events kept per room for resume (the big-key rule: a room's
+    /// history is trimmed to this length).
+    pub history_len: u32,
+    /// How long a publish idempotency key is remembered.
+    pub idempotency_ttl_secs: u64,
+    /// A room's keys expire this long after its last publish.
+    pub room_ttl_secs: u64,
+    /// ... and this long after it ended (viewers may still resume until then).
+    pub ended_ttl_secs: u64,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self {
+            phase: "release".to_owned(),
+            history_len: 1_000,
+            idempotency_ttl_secs: 600,
+            room_ttl_secs: 86_400,
+            ended_ttl_secs: 3_600,
+        }
+    }
+}
+
+/// A subscribe node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubscribeConfig {
+    /// The address dispatchers reach this node at (`http://host:port`).
+    /// Empty: `http://<listen>`; set it when listening on 0.0.0.0 or behind NAT.
+    pub node_url: String,
+    /// ongoing-query, for room lookups. Empty: this process's own address.
+    pub ongoing_query_url: String,
+    /// The dispatcher viewer counts are published through. Empty: this
+    /// process's own address.
+    pub publish_url: String,
+    /// Ordered events (comments, gifts) a stream may have waiting; a stream
+    /// further behind ends with RESOURCE_EXHAUSTED and its resume position.
+    pub queue_len: usize,
+    /// The node's registration for a room lives this long unless renewed
+    /// (renewed every `report_interval_ms`); a dead node drops out after it.
+    pub lease_ms: u64,
+    /// How often the node renews its registrations, reports its viewer
+    /// counts, and (one node per room) publishes the room's total.
+    pub report_interval_ms: u64,
+    /// How long an out-of-order event waits for the ones before it before
+    /// the node fetches them from the room's history.
+    pub gap_wait_ms: u64,
+    /// HTTP/2 streams one connection may carry (a BFF multiplexes many
+    /// viewers over one connection).
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for SubscribeConfig {
+    fn default() -> Self {
+        Self {
+            node_url: String::new(),
+            ongoing_query_url: String::new(),
+            publish_url: String::new(),
+            queue_len: 256,
+            lease_ms: 10_000,
+            report_interval_ms: 2_000,
+            gap_wait_ms: 50,
+            max_streams_per_connection: 100_000,
+        }
+    }
+}
+
+/// A dispatcher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublishConfig {
+    /// This datacenter's name; publishes forwarded to peers carry it.
+    pub datacenter: String,
+    /// Dispatchers of other datacenters (`http://host:port`); every local
+    /// publish is forwarded to each once.
+    pub peers: Vec<String>,
+    /// ongoing-query, whose Watch tells of room ends. Empty: this process's
+    /// own address.
+    pub ongoing_query_url: String,
+    /// How long a Deliver to one subscribe node may take.
+    pub deliver_timeout_ms: u64,
+    /// The longest comment, in characters.
+    pub max_comment_chars: u32,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self {
+            datacenter: "local".to_owned(),
+            peers: Vec::new(),
+            ongoing_query_url: String::new(),
+            deliver_timeout_ms: 1_000,
+            max_comment_chars: 2_000,
         }
     }
 }
@@ -314,6 +425,8 @@ impl Config {
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("publish.peers")
                 .source(Some(env.clone())),
         );
         for (key, value) in &sources.overrides {
@@ -330,6 +443,37 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: &str| Err(ConfigError::Invalid(message.to_owned()));
+        let sub = &self.subscribe;
+        if sub.queue_len == 0
+            || sub.report_interval_ms == 0
+            || sub.gap_wait_ms == 0
+            || sub.max_streams_per_connection == 0
+            || self.fanout.history_len == 0
+            || self.publish.deliver_timeout_ms == 0
+        {
+            return invalid(
+                "subscribe.queue_len, report_interval_ms, gap_wait_ms, \
+                 max_streams_per_connection, fanout.history_len and \
+                 publish.deliver_timeout_ms must be at least 1",
+            );
+        }
+        if sub.lease_ms < 2 * sub.report_interval_ms {
+            return invalid(
+                "subscribe.lease_ms must be at least twice subscribe.report_interval_ms, \
+                 or a live node's registrations expire between renewals",
+            );
+        }
+        if let Some(peer) = self
+            .publish
+            .peers
+            .iter()
+            .find(|p| !(p.starts_with("http://") || p.starts_with("https://")))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "publish.peers: {peer:?} is not an http:// or https:// URL"
+            )));
+        }
         if self.rooms.scan_interval_ms == 0 {
             return Err(ConfigError::Invalid(
                 "rooms.scan_interval_ms must be at least 1".into(),
@@ -539,6 +683,36 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn peers_come_from_a_comma_list_and_leases_outlive_renewals() {
+        let config = Config::load(&Sources {
+            env: env(&[(
+                "LIVEMESH_PUBLISH__PEERS",
+                "http://dc2:50051,https://dc3:50051",
+            )]),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(
+            config.publish.peers,
+            vec!["http://dc2:50051".to_owned(), "https://dc3:50051".to_owned()]
+        );
+        let err = Config::load(&Sources {
+            env: env(&[("LIVEMESH_PUBLISH__PEERS", "dc2:50051")]),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("publish.peers"), "{err}");
+        let err = Config::load(&Sources {
+            env: env(&[("LIVEMESH_SUBSCRIBE__LEASE_MS", "3000")]),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("lease_ms"), "{err}");
     }
 
     #[test]

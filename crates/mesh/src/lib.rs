@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod config;
+pub mod rooms;
 pub mod server;
 pub mod shutdown;
 pub mod sql;

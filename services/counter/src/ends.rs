@@ -7,82 +7,55 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use livemesh_proto::v1::{RoomChangeKind, WatchRequest};
+use livemesh_proto::v1::RoomChangeKind;
 
 use crate::Inner;
-use crate::rooms::RoomInfo;
+use livemesh_mesh::rooms::RoomInfo;
 use crate::sql::FinalLoves;
 
 /// Top lovers kept in SQL per room.
 const TOP_IN_SQL: u32 = 100;
 
-/// Follows the Watch stream for as long as the future runs, reconnecting
-/// from the last position it saw.
+/// Follows the Watch stream for as long as the future runs.
 pub async fn follow(inner: Arc<Inner>) {
-    let mut from = None;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let stream = inner
-            .watch_client
-            .clone()
-            .watch(WatchRequest { from: from.clone() })
-            .await;
-        let mut stream = match stream {
-            Ok(stream) => stream.into_inner(),
-            Err(status) => {
-                tracing::debug!(%status, "watching room changes failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        // During a snapshot: its position and the ongoing rooms it listed.
-        let mut snapshot: Option<(String, HashSet<u64>)> = None;
-        loop {
-            let change = match stream.message().await {
-                Ok(Some(message)) => match message.change {
-                    Some(change) => change,
-                    None => continue,
-                },
-                Ok(None) | Err(_) => break,
-            };
-            let token = change
-                .position
-                .as_ref()
-                .map(|p| p.token.clone())
-                .unwrap_or_default();
-            let in_snapshot = snapshot.as_ref().is_some_and(|(t, _)| *t == token)
-                && change.kind() == RoomChangeKind::Started;
-            if let (Some((_, listed)), false) = (&snapshot, in_snapshot) {
-                // The snapshot is complete: rooms we counted for that it did
-                // not list have ended while we were not watching.
-                for room in inner.touched_rooms() {
-                    if !listed.contains(&room) {
-                        end_room(&inner, room);
-                    }
+    // During a snapshot: its position and the ongoing rooms it listed.
+    let mut snapshot: Option<(String, HashSet<u64>)> = None;
+    let client = inner.watch_client.clone();
+    livemesh_mesh::rooms::follow_changes(client, |change| {
+        let token = change
+            .position
+            .as_ref()
+            .map(|p| p.token.clone())
+            .unwrap_or_default();
+        let in_snapshot = snapshot.as_ref().is_some_and(|(t, _)| *t == token)
+            && change.kind() == RoomChangeKind::Started;
+        if let (Some((_, listed)), false) = (&snapshot, in_snapshot) {
+            // The snapshot is complete: rooms we counted for that it did
+            // not list have ended while we were not watching.
+            for room in inner.touched_rooms() {
+                if !listed.contains(&room) {
+                    end_room(&inner, room);
                 }
-                snapshot = None;
             }
-            match change.kind() {
-                RoomChangeKind::Snapshot => snapshot = Some((token.clone(), HashSet::new())),
-                RoomChangeKind::Started if in_snapshot => {
-                    if let (Some((_, listed)), Some(room)) = (&mut snapshot, &change.room) {
-                        listed.insert(room.room_id);
-                    }
-                }
-                RoomChangeKind::Ended => {
-                    if let Some(room) = &change.room {
-                        inner.rooms.remember(RoomInfo::from_proto(room));
-                        end_room(&inner, room.room_id);
-                    }
-                }
-                _ => {}
-            }
-            from = change.position;
+            snapshot = None;
         }
-        tracing::debug!("room watch ended; reconnecting");
-    }
+        match change.kind() {
+            RoomChangeKind::Snapshot => snapshot = Some((token, HashSet::new())),
+            RoomChangeKind::Started if in_snapshot => {
+                if let (Some((_, listed)), Some(room)) = (&mut snapshot, &change.room) {
+                    listed.insert(room.room_id);
+                }
+            }
+            RoomChangeKind::Ended => {
+                if let Some(room) = &change.room {
+                    inner.rooms.remember(RoomInfo::from_proto(room));
+                    end_room(&inner, room.room_id);
+                }
+            }
+            _ => {}
+        }
+    })
+    .await;
 }
 
 /// Finalises `room_id` in the background, retrying until it is done.

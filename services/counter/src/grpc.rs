@@ -13,7 +13,7 @@ use crate::Inner;
 use crate::analytics::LoveLine;
 use crate::core::SendError;
 use crate::hot::HotError;
-use crate::rooms::{LookupError, RoomInfo};
+use livemesh_mesh::rooms::{LookupError, RoomInfo};
 use crate::validate::Reason;
 
 const DEFAULT_TOP: u32 = 10;

@@ -15,7 +15,6 @@ pub mod core;
 pub mod ends;
 pub mod grpc;
 pub mod hot;
-pub mod rooms;
 pub mod sql;
 pub mod validate;
 
@@ -36,7 +35,7 @@ use livemesh_proto::v1::{LoveTotal, PublishRequest, RoomEvent, room_event};
 use crate::analytics::{AnalyticsLog, Rotation};
 use crate::core::CounterCore;
 use crate::hot::{HotConfig, HotStore};
-use crate::rooms::RoomDirectory;
+use livemesh_mesh::rooms::RoomDirectory;
 use crate::sql::LovesDb;
 use crate::validate::Limits;
 
@@ -110,7 +109,7 @@ impl Inner {
             let request = PublishRequest {
                 room_id,
                 event: Some(event),
-                idempotency_key: None,
+                ..PublishRequest::default()
             };
             match self.publish_client.clone().publish(request).await {
                 Ok(_) => {

@@ -27,7 +27,8 @@ pub mod redis;
 use std::time::Duration;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisOptions, RedisStore};
+pub use self::redis::RedisStore;
+pub use livemesh_redis::RedisOptions;
 
 /// One room's increments of one aggregation tick.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,17 +108,9 @@ impl HotConfig {
     }
 }
 
-/// Why the hot store could not do what was asked.
-///
-/// One variant on purpose: every failure is "try again later" (the caller
-/// retries a flush with the same flush id). A malformed URL also reports as
-/// `Unavailable`, with a message naming the URL (password masked).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum HotError {
-    /// The store cannot be reached or failed (connection refused/reset, timeout, cluster down...).
-    #[error("hot store unavailable: {0}")]
-    Unavailable(String),
-}
+/// Why the hot store could not do what was asked: always "try again later"
+/// (the caller retries a flush with the same flush id).
+pub use livemesh_redis::RedisError as HotError;
 
 /// The largest count a flush applies for a viewer or the total: 2^53.
 /// Redis keeps ranking scores as doubles, which hold integers exactly only up
@@ -184,20 +177,12 @@ impl HotStore {
         config: HotConfig,
         options: RedisOptions,
     ) -> Result<Self, HotError> {
-        let list: Vec<&str> = urls
-            .split(',')
-            .map(str::trim)
-            .filter(|url| !url.is_empty())
-            .collect();
-        match list.as_slice() {
-            [] => Err(HotError::Unavailable("no Redis URL given".to_owned())),
-            [url] if !urls.contains(',') => Ok(HotStore::Redis(RedisStore::standalone(
-                url, config, options,
-            )?)),
-            seeds => Ok(HotStore::Cluster(RedisStore::cluster(
-                seeds, config, options,
-            )?)),
-        }
+        let store = RedisStore::connect(urls, config, options)?;
+        Ok(if store.is_cluster() {
+            HotStore::Cluster(store)
+        } else {
+            HotStore::Redis(store)
+        })
     }
 
     /// Applies every flush; each atomically and idempotently (the same flush

@@ -17,18 +17,9 @@
 //! (the Cluster client has no response timeout by default and retries with
 //! back-off for a long time).
 
-use std::future::Future;
-use std::time::Duration;
-
-use ::redis::aio::{ConnectionLike, MultiplexedConnection};
-use ::redis::cluster_async::ClusterConnection;
-use ::redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisFuture,
-    ServerErrorKind, Value,
-};
-use deadpool_redis::Runtime;
 use futures::future::join_all;
-use livemesh_mesh::sql::redact;
+use livemesh_redis::{Handle, RedisConn, RedisOptions, Script};
+use redis::Value;
 
 use super::{HotConfig, HotError, RoomFlush, clamped, keys, warn_if_clamped};
 
@@ -59,213 +50,43 @@ end
 return 1
 ";
 
-/// Pool size and time bounds of a Redis hot store.
-#[derive(Debug, Clone)]
-pub struct RedisOptions {
-    /// Connections in the pool. Each is multiplexed (many requests in
-    /// flight), so a few suffice; set explicitly because deadpool's default
-    /// depends on the CPU count (4 on a 2-core machine).
-    pub pool_size: usize,
-    /// Bound on waiting for a pooled connection and on opening one.
-    pub connect_timeout: Duration,
-    /// Bound on each command (a script call, a read).
-    pub command_timeout: Duration,
-}
-
-impl Default for RedisOptions {
-    fn default() -> Self {
-        Self {
-            pool_size: 16,
-            connect_timeout: Duration::from_secs(1),
-            command_timeout: Duration::from_secs(1),
-        }
-    }
-}
-
 /// A Redis hot store (standalone or Cluster); clones share the pool.
 #[derive(Clone)]
 pub struct RedisStore {
-    pools: Pools,
+    conn: RedisConn,
     config: HotConfig,
-    options: RedisOptions,
-    /// The URLs with passwords masked, for messages.
-    shown: std::sync::Arc<str>,
-    /// The flush script (for its SHA1).
-    script: std::sync::Arc<::redis::Script>,
-}
-
-#[derive(Clone)]
-enum Pools {
-    Standalone(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
-}
-
-/// A connection taken from the pool; it goes back when dropped. Only held,
-/// never read: the work goes through a [`Handle`] cloned from it.
-#[expect(dead_code, reason = "held to keep the pooled connection checked out")]
-enum Lease {
-    Standalone(deadpool_redis::Connection),
-    Cluster(deadpool_redis::cluster::Connection),
-}
-
-/// A clone of the leased multiplexed connection: clones send over the same
-/// socket(s), so one lease serves many concurrent commands.
-#[derive(Clone)]
-enum Handle {
-    Standalone(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Handle {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Handle::Standalone(conn) => conn.req_packed_command(cmd),
-            Handle::Cluster(conn) => conn.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Handle::Standalone(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Handle::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Handle::Standalone(conn) => conn.get_db(),
-            Handle::Cluster(conn) => conn.get_db(),
-        }
-    }
-}
-
-/// Parses `url` without connecting; the error names the URL, password masked.
-fn check_url(url: &str) -> Result<(), HotError> {
-    url.into_connection_info()
-        .map(|_| ())
-        .map_err(|e| HotError::Unavailable(format!("bad Redis URL {}: {e}", redact(url))))
+    script: Script,
 }
 
 impl RedisStore {
-    /// A store on one standalone Redis; connects lazily.
-    pub(super) fn standalone(
-        url: &str,
+    /// A store on `urls` (the project's URL rule, see [`RedisConn::connect`]); connects lazily.
+    pub(super) fn connect(
+        urls: &str,
         config: HotConfig,
         options: RedisOptions,
     ) -> Result<Self, HotError> {
-        check_url(url)?;
-        let shown = redact(url);
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.command_timeout));
-        let manager = deadpool_redis::Manager::new_with_config(url, connection)
-            .map_err(|e| HotError::Unavailable(format!("bad Redis URL {shown}: {e}")))?;
-        let pool = deadpool_redis::Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.connect_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .recycle_timeout(Some(options.command_timeout))
-            .build()
-            .map_err(|e| HotError::Unavailable(format!("Redis pool for {shown}: {e}")))?;
-        Ok(Self::new(Pools::Standalone(pool), config, options, shown))
-    }
-
-    /// A store on a Redis Cluster found through `seeds`; connects lazily.
-    pub(super) fn cluster(
-        seeds: &[&str],
-        config: HotConfig,
-        options: RedisOptions,
-    ) -> Result<Self, HotError> {
-        for seed in seeds {
-            check_url(seed)?;
-        }
-        let shown = seeds
-            .iter()
-            .map(|seed| redact(seed))
-            .collect::<Vec<_>>()
-            .join(",");
-        // deadpool-redis builds the cluster client itself and offers no way
-        // to set its timeouts: the pool's and our own per-command timeouts
-        // bound every call instead.
-        let manager = deadpool_redis::cluster::Manager::new(seeds.to_vec(), false)
-            .map_err(|e| HotError::Unavailable(format!("bad Redis Cluster URLs {shown}: {e}")))?;
-        let pool = deadpool_redis::cluster::Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(options.connect_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .recycle_timeout(Some(options.command_timeout))
-            .build()
-            .map_err(|e| HotError::Unavailable(format!("Redis Cluster pool for {shown}: {e}")))?;
-        Ok(Self::new(Pools::Cluster(pool), config, options, shown))
-    }
-
-    fn new(pools: Pools, config: HotConfig, options: RedisOptions, shown: String) -> Self {
-        Self {
-            pools,
+        Ok(Self {
+            conn: RedisConn::connect(urls, options)?,
             config: config.normalized(),
-            options,
-            shown: shown.into(),
-            script: std::sync::Arc::new(::redis::Script::new(FLUSH_SCRIPT)),
-        }
+            script: Script::new(FLUSH_SCRIPT),
+        })
+    }
+
+    /// True for a Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
     }
 
     /// The store's address(es), passwords masked.
     pub fn describe(&self) -> &str {
-        &self.shown
-    }
-
-    fn unavailable(&self, what: &str, error: impl std::fmt::Display) -> HotError {
-        HotError::Unavailable(format!("{what} on {}: {error}", self.shown))
-    }
-
-    /// Runs `fut` for at most `limit`.
-    async fn bounded<T, E: std::fmt::Display>(
-        &self,
-        what: &str,
-        limit: Duration,
-        fut: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, HotError> {
-        match tokio::time::timeout(limit, fut).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.unavailable(what, e)),
-            Err(_) => Err(self.unavailable(
-                what,
-                format_args!("no answer within {} ms", limit.as_millis()),
-            )),
-        }
-    }
-
-    /// Takes a connection from the pool (bounded by the pool's timeouts, and
-    /// by ours around them: a connection check on a hung Cluster node must
-    /// not hang us either).
-    async fn checkout(&self) -> Result<(Lease, Handle), HotError> {
-        let limit = self.options.connect_timeout + self.options.command_timeout;
-        match &self.pools {
-            Pools::Standalone(pool) => {
-                let conn = self.bounded("connect", limit, pool.get()).await?;
-                let handle = Handle::Standalone((*conn).clone());
-                Ok((Lease::Standalone(conn), handle))
-            }
-            Pools::Cluster(pool) => {
-                let conn = self.bounded("connect", limit, pool.get()).await?;
-                let handle = Handle::Cluster((*conn).clone());
-                Ok((Lease::Cluster(conn), handle))
-            }
-        }
+        self.conn.describe()
     }
 
     pub(super) async fn flush(&self, flushes: &[RoomFlush]) -> Vec<(u64, Result<(), HotError>)> {
         if flushes.is_empty() {
             return Vec::new();
         }
-        let (_lease, handle) = match self.checkout().await {
+        let lease = match self.conn.checkout().await {
             Ok(connection) => connection,
             Err(e) => {
                 return flushes
@@ -274,9 +95,9 @@ impl RedisStore {
                     .collect();
             }
         };
-        // `_lease` keeps the pooled connection checked out while its clones work.
+        // `lease` keeps the pooled connection checked out while its clones work.
         let applies = flushes.iter().map(|flush| {
-            let mut conn = handle.clone();
+            let mut conn = lease.handle();
             async move { (flush.room_id, self.apply(&mut conn, flush).await) }
         });
         join_all(applies).await
@@ -286,14 +107,13 @@ impl RedisStore {
         warn_if_clamped(flush);
         let room = flush.room_id;
         let shard = self.config.shard_of(&flush.flush_id);
-        let call = |verb: &str, script: &str| {
-            let mut cmd = ::redis::cmd(verb);
-            cmd.arg(script)
-                .arg(3)
-                .arg(keys::flush(&self.config.phase, room, &flush.flush_id))
-                .arg(keys::total(&self.config.phase, room, shard))
-                .arg(keys::lovers(&self.config.phase, room))
-                .arg(self.config.flush_id_ttl_secs)
+        let keys = [
+            keys::flush(&self.config.phase, room, &flush.flush_id),
+            keys::total(&self.config.phase, room, shard),
+            keys::lovers(&self.config.phase, room),
+        ];
+        let fill = |cmd: &mut redis::Cmd| {
+            cmd.arg(self.config.flush_id_ttl_secs)
                 .arg(clamped(flush.total_delta))
                 .arg(self.config.top_length);
             for &(viewer, loves) in &flush.viewers {
@@ -302,25 +122,11 @@ impl RedisStore {
                     cmd.arg(viewer).arg(clamped(loves));
                 }
             }
-            cmd
-        };
-        // EVALSHA, and EVAL (which also caches the script) on the node that
-        // lacks it. Not redis-rs's `Script::invoke_async`: it falls back to
-        // `SCRIPT LOAD`, which the Cluster client sends to EVERY node, so
-        // while one node is down no node could learn the script and no flush
-        // would apply, even to healthy slots.
-        let run = async {
-            let evalsha = call("EVALSHA", self.script.get_hash());
-            match evalsha.query_async::<i64>(conn).await {
-                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    call("EVAL", FLUSH_SCRIPT).query_async::<i64>(conn).await
-                }
-                other => other,
-            }
         };
         let what = format!("flush {} of room {room}", flush.flush_id);
-        let applied = self
-            .bounded(&what, self.options.command_timeout, run)
+        let applied: i64 = self
+            .conn
+            .eval(&what, conn, &self.script, &keys, fill)
             .await?;
         if applied == 0 {
             tracing::debug!(room, flush_id = %flush.flush_id, "replayed flush ignored");
@@ -328,29 +134,15 @@ impl RedisStore {
         Ok(())
     }
 
-    /// One command on a pooled connection, bounded.
-    async fn query<T: ::redis::FromRedisValue>(
-        &self,
-        what: &str,
-        cmd: &Cmd,
-    ) -> Result<T, HotError> {
-        let (_lease, mut conn) = self.checkout().await?;
-        self.bounded(
-            what,
-            self.options.command_timeout,
-            cmd.query_async(&mut conn),
-        )
-        .await
-    }
-
     pub(super) async fn total(&self, room_id: u64) -> Result<u64, HotError> {
         // All shards share the room's slot: one MGET, even on a Cluster.
         let shards: Vec<String> = (0..self.config.total_shards)
             .map(|shard| keys::total(&self.config.phase, room_id, shard))
             .collect();
-        let mut cmd = ::redis::cmd("MGET");
+        let mut cmd = redis::cmd("MGET");
         cmd.arg(&shards);
         let values: Vec<Option<u64>> = self
+            .conn
             .query(&format!("total of room {room_id}"), &cmd)
             .await?;
         Ok(values.into_iter().flatten().fold(0u64, u64::saturating_add))
@@ -361,32 +153,32 @@ impl RedisStore {
             // ZREVRANGE 0 -1 would be the whole ranking.
             return Ok(Vec::new());
         }
-        let mut cmd = ::redis::cmd("ZREVRANGE");
+        let mut cmd = redis::cmd("ZREVRANGE");
         cmd.arg(keys::lovers(&self.config.phase, room_id))
             .arg(0)
             .arg(i64::from(limit) - 1)
             .arg("WITHSCORES");
         let what = format!("ranking of room {room_id}");
-        let reply: Value = self.query(&what, &cmd).await?;
-        scored(reply).map_err(|e| self.unavailable(&what, e))
+        let reply: Value = self.conn.query(&what, &cmd).await?;
+        scored(reply).map_err(|e| self.conn.unavailable(&what, e))
     }
 
     pub(super) async fn delete_room(&self, room_id: u64) -> Result<(), HotError> {
         // One DEL (one slot); flush markers stay until they expire.
-        let mut cmd = ::redis::cmd("DEL");
+        let mut cmd = redis::cmd("DEL");
         for shard in 0..self.config.total_shards {
             cmd.arg(keys::total(&self.config.phase, room_id, shard));
         }
         cmd.arg(keys::lovers(&self.config.phase, room_id));
         let _deleted: i64 = self
+            .conn
             .query(&format!("delete of room {room_id}"), &cmd)
             .await?;
         Ok(())
     }
 
     pub(super) async fn ping(&self) -> Result<(), HotError> {
-        let _pong: String = self.query("ping", &::redis::cmd("PING")).await?;
-        Ok(())
+        self.conn.ping().await
     }
 }
 
@@ -412,9 +204,9 @@ fn scored(reply: Value) -> Result<Vec<(u64, u64)>, String> {
                 None => return Err("a ranking member has no score".to_owned()),
             },
         };
-        let viewer: u64 = ::redis::from_redis_value(member)
+        let viewer: u64 = redis::from_redis_value(member)
             .map_err(|e| format!("a ranking member is not a viewer id: {e}"))?;
-        let score: f64 = ::redis::from_redis_value(score)
+        let score: f64 = redis::from_redis_value(score)
             .map_err(|e| format!("a ranking score is not a number: {e}"))?;
         // Scores are sums of clamped counts, integers kept exactly below
         // 2^53; the cast saturates anything else instead of wrapping.
@@ -442,15 +234,5 @@ mod tests {
         assert_eq!(scored(resp3), Ok(vec![(7, 12), (3, 1)]));
         assert!(scored(Value::Array(vec![bulk("7")])).is_err());
         assert!(scored(Value::Nil).is_err());
-    }
-
-    #[test]
-    fn malformed_urls_are_config_errors() {
-        let err = check_url("http://user:secret@host:1").err();
-        let Some(HotError::Unavailable(message)) = err else {
-            panic!("expected a configuration error, got {err:?}");
-        };
-        assert!(!message.contains("secret"), "{message}");
-        assert!(check_url("redis://127.0.0.1:6379").is_ok());
     }
 }

@@ -1,4 +1,4 @@
-//! What the counter knows of rooms: asked of ongoing-query (through the
+//! What a service knows of rooms: asked of ongoing-query (through the
 //! mesh's client stack) and kept for a moment, and told of ends by the
 //! Watch stream at once.
 
@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use livemesh_mesh::MeshChannel;
+use crate::MeshChannel;
 use livemesh_proto::time::ms_from_timestamp;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::{GetRoomRequest, Room, RoomStatus};
@@ -17,7 +17,7 @@ const ONGOING_TTL: Duration = Duration::from_secs(1);
 /// Ended rooms remembered (they never start again).
 const ENDED_KEPT: usize = 100_000;
 
-/// A room as the counter needs it.
+/// A room as the other services need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomInfo {
     pub room_id: u64,
@@ -100,5 +100,37 @@ impl RoomDirectory {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Follows ongoing-query's Watch stream for as long as the future runs,
+/// handing each change to `on_change` and reconnecting (with back-off) from
+/// the last position seen, so no change is missed or seen twice across a
+/// reconnect unless the server answers with a snapshot.
+pub async fn follow_changes(
+    client: OngoingQueryServiceClient<MeshChannel>,
+    mut on_change: impl FnMut(&livemesh_proto::v1::RoomChange),
+) {
+    let mut from = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let request = livemesh_proto::v1::WatchRequest { from: from.clone() };
+        let mut stream = match client.clone().watch(request).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                tracing::debug!(%status, "watching room changes failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        while let Ok(Some(message)) = stream.message().await {
+            if let Some(change) = message.change {
+                on_change(&change);
+                from = change.position;
+            }
+        }
+        tracing::debug!("room watch ended; reconnecting");
     }
 }

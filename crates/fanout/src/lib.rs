@@ -1,0 +1,249 @@
+//! The fan-out store: what subscribe nodes and dispatchers share.
+//!
+//! Per room (all keys hash-tagged `{room:<id>}`, so one Cluster slot holds a
+//! room and every multi-key step is one atomic script):
+//!
+//! - **nodes**: the subscribe nodes holding viewers of the room, each with a
+//!   lease (an expiry time) that the node renews; a dead node drops out when
+//!   its lease ends. Alongside, each node's viewer count for the room.
+//! - **history**: the room's ordered events (comments, gifts, room ended),
+//!   each with its offset, trimmed to `history_len` entries (seed part II's
+//!   big-key rule). Offsets count from 1 within an **epoch**; a room whose
+//!   history was lost (Redis restarted empty, keys expired) gets a new epoch.
+//! - **latest**: the newest latest-value event of each kind (love total,
+//!   viewer count); these are not in the history.
+//! - **ended**: set by the room-ended event; nothing is appended after it.
+//! - idempotency keys of publishes, each remembering the position it got.
+//!
+//! Events are stored without their room id and position (the payload is a
+//! `RoomEvent` with those fields zero); readers put them back.
+//!
+//! Two backends share one meaning: [`FanoutStore::Memory`] (the embedded
+//! default: one process's dispatchers and nodes share it) and
+//! [`FanoutStore::Redis`] (standalone or Cluster).
+
+mod memory;
+mod redis_store;
+
+use std::sync::Arc;
+
+pub use livemesh_redis::{RedisError as StoreError, RedisOptions};
+
+pub use self::memory::MemoryFanout;
+pub use self::redis_store::RedisFanout;
+
+/// How the store keeps rooms.
+#[derive(Debug, Clone)]
+pub struct FanoutSettings {
+    /// Keys are `fanout|<phase>|{room:<id>}|…`.
+    pub phase: String,
+    pub history_len: u32,
+    pub idempotency_ttl_secs: u64,
+    pub room_ttl_secs: u64,
+    pub ended_ttl_secs: u64,
+}
+
+impl From<&livemesh_mesh::config::FanoutConfig> for FanoutSettings {
+    fn from(c: &livemesh_mesh::config::FanoutConfig) -> Self {
+        Self {
+            phase: c.phase.clone(),
+            history_len: c.history_len.max(1),
+            idempotency_ttl_secs: c.idempotency_ttl_secs.max(1),
+            room_ttl_secs: c.room_ttl_secs.max(1),
+            ended_ttl_secs: c.ended_ttl_secs.max(1),
+        }
+    }
+}
+
+impl Default for FanoutSettings {
+    fn default() -> Self {
+        Self::from(&livemesh_mesh::config::FanoutConfig::default())
+    }
+}
+
+/// Where an event goes: the ordered history, or one latest-value slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Slot {
+    Ordered,
+    /// A latest-value kind, named for the store (`love_total`, `viewer_count`).
+    Latest(&'static str),
+}
+
+/// One publish for [`FanoutStore::append`].
+#[derive(Debug, Clone)]
+pub struct Append<'a> {
+    pub room_id: u64,
+    /// The encoded event without room id and position.
+    pub payload: &'a [u8],
+    pub slot: Slot,
+    pub idempotency_key: Option<&'a str>,
+    /// This event ends the room (room ended).
+    pub ends_room: bool,
+    pub now_ms: i64,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored at this position; `nodes` hold viewers of the room now.
+    New {
+        epoch: u64,
+        offset: u64,
+        nodes: Vec<String>,
+    },
+    /// The idempotency key was seen: the first publish's position.
+    Duplicate { epoch: u64, offset: u64 },
+    /// The room has ended; nothing was stored. Its last position.
+    Ended { epoch: u64, offset: u64 },
+}
+
+/// A room as a node finds it when it joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub epoch: u64,
+    /// The last offset of the history (0: none yet).
+    pub offset: u64,
+    pub ended: bool,
+    /// (offset at the time, payload) of the newest event of each latest-value kind.
+    pub latest: Vec<(u64, Vec<u8>)>,
+}
+
+/// Part of a room's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    pub epoch: u64,
+    /// (offset, payload), ascending.
+    pub entries: Vec<(u64, Vec<u8>)>,
+}
+
+/// What a node learns when it renews its registration for a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    /// Viewers of the room over every live node.
+    pub viewers: u64,
+    /// This node is the room's reporter (the smallest live node id): it
+    /// publishes the room's viewer count.
+    pub reporter: bool,
+    pub epoch: u64,
+    /// The history's last offset.
+    pub offset: u64,
+}
+
+/// The fan-out store. Clones share it.
+#[derive(Clone)]
+pub enum FanoutStore {
+    Memory(Arc<MemoryFanout>),
+    Redis(RedisFanout),
+}
+
+impl std::fmt::Debug for FanoutStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FanoutStore::Memory(_) => f.write_str("FanoutStore::Memory"),
+            FanoutStore::Redis(store) => write!(f, "FanoutStore::Redis({})", store.describe()),
+        }
+    }
+}
+
+impl FanoutStore {
+    /// The in-process store (share the returned value between the
+    /// dispatchers and nodes of one process).
+    pub fn memory(settings: FanoutSettings) -> Self {
+        FanoutStore::Memory(Arc::new(MemoryFanout::new(settings)))
+    }
+
+    /// Redis at `urls` (one URL: standalone; comma-separated: Cluster seeds).
+    pub fn redis(urls: &str, settings: FanoutSettings) -> Result<Self, StoreError> {
+        Ok(FanoutStore::Redis(RedisFanout::connect(
+            urls,
+            settings,
+            RedisOptions::default(),
+        )?))
+    }
+
+    /// Appends an event: assigns its position (ordered: the next offset;
+    /// latest-value: the history's last offset), stores it, and returns the
+    /// room's live nodes, all in one atomic step. An idempotency key seen
+    /// before returns the first position and stores nothing.
+    pub async fn append(&self, append: &Append<'_>) -> Result<Appended, StoreError> {
+        match self {
+            FanoutStore::Memory(store) => Ok(store.append(append)),
+            FanoutStore::Redis(store) => store.append(append).await,
+        }
+    }
+
+    /// Registers `node` for the room until `now_ms + lease_ms` with its
+    /// viewer count, and returns the room's head (creating its epoch if the
+    /// room has none yet, so that later appends continue it).
+    pub async fn join(
+        &self,
+        room_id: u64,
+        node: &str,
+        viewers: u64,
+        lease_ms: u64,
+        now_ms: i64,
+    ) -> Result<Head, StoreError> {
+        match self {
+            FanoutStore::Memory(store) => Ok(store.join(room_id, node, viewers, lease_ms, now_ms)),
+            FanoutStore::Redis(store) => {
+                store
+                    .join(room_id, node, viewers, lease_ms, now_ms)
+                    .await
+            }
+        }
+    }
+
+    /// Renews `node`'s registration for each `(room, viewers)`; one result
+    /// per room, in order.
+    pub async fn renew(
+        &self,
+        node: &str,
+        rooms: &[(u64, u64)],
+        lease_ms: u64,
+        now_ms: i64,
+    ) -> Vec<Result<Renewed, StoreError>> {
+        match self {
+            FanoutStore::Memory(store) => rooms
+                .iter()
+                .map(|&(room, viewers)| Ok(store.renew(room, node, viewers, lease_ms, now_ms)))
+                .collect(),
+            FanoutStore::Redis(store) => store.renew(node, rooms, lease_ms, now_ms).await,
+        }
+    }
+
+    /// Removes `node`'s registration for the room.
+    pub async fn leave(&self, room_id: u64, node: &str) -> Result<(), StoreError> {
+        match self {
+            FanoutStore::Memory(store) => {
+                store.leave(room_id, node);
+                Ok(())
+            }
+            FanoutStore::Redis(store) => store.leave(room_id, node).await,
+        }
+    }
+
+    /// The ordered events with `after < offset <= upto` that the history
+    /// still holds, and the room's current epoch.
+    pub async fn history(&self, room_id: u64, after: u64, upto: u64) -> Result<History, StoreError> {
+        match self {
+            FanoutStore::Memory(store) => Ok(store.history(room_id, after, upto)),
+            FanoutStore::Redis(store) => store.history(room_id, after, upto).await,
+        }
+    }
+
+    /// The room's live nodes.
+    pub async fn nodes(&self, room_id: u64, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        match self {
+            FanoutStore::Memory(store) => Ok(store.nodes(room_id, now_ms)),
+            FanoutStore::Redis(store) => store.nodes(room_id, now_ms).await,
+        }
+    }
+
+    /// Checks that the store answers; always `Ok` in memory.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            FanoutStore::Memory(_) => Ok(()),
+            FanoutStore::Redis(store) => store.ping().await,
+        }
+    }
+}
