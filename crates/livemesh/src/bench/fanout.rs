@@ -130,9 +130,10 @@ pub enum Only {
     Nats,
 }
 
-/// Where the node takes its per-connection stream limit from; its default.
-const MAX_STREAMS_ENV: &str = "LIVEMESH_SERVER__MAX_CONCURRENT_STREAMS";
-const MAX_STREAMS_DEFAULT: u64 = 10_000;
+/// Where the node takes its per-connection stream limit from
+/// (`subscribe.max_streams_per_connection`), and its default.
+const MAX_STREAMS_ENV: &str = "LIVEMESH_SUBSCRIBE__MAX_STREAMS_PER_CONNECTION";
+const MAX_STREAMS_DEFAULT: u64 = 100_000;
 /// Subscribe calls waiting for their `started` message at once.
 const OPEN_CONCURRENCY: usize = 512;
 /// Latency histogram: 0.1 ms buckets up to 10 s, then one overflow bucket.
@@ -175,6 +176,58 @@ struct Window {
     p99_ms: f64,
     /// Deliveries still missing when the drain gave up.
     undelivered: i64,
+    /// CPU time per delivery during the window, in microseconds: of the
+    /// server (the node; nats-server when its pid is known) and of this
+    /// process, which decodes every delivery.
+    server_cpu_us: f64,
+    client_cpu_us: f64,
+}
+
+/// CPU seconds a process has used so far (user + system).
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".into(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // /proc reports in USER_HZ, 100 on Linux.
+    Some(ticks as f64 / 100.0)
+}
+
+/// CPU use of the server and of this process over a window.
+struct CpuMeter {
+    server_pid: Option<u32>,
+    server: Option<f64>,
+    client: Option<f64>,
+}
+
+impl CpuMeter {
+    fn start(server_pid: Option<u32>) -> Self {
+        Self {
+            server_pid,
+            server: server_pid.and_then(|pid| cpu_seconds(Some(pid))),
+            client: cpu_seconds(None),
+        }
+    }
+
+    /// Microseconds of CPU per delivery: (server, client); NaN when unknown.
+    fn per_delivery(&self, delivered: u64) -> (f64, f64) {
+        let per = |before: Option<f64>, now: Option<f64>| match (before, now) {
+            (Some(b), Some(n)) if delivered > 0 => (n - b) * 1e6 / delivered as f64,
+            _ => f64::NAN,
+        };
+        (
+            per(
+                self.server,
+                self.server_pid.and_then(|p| cpu_seconds(Some(p))),
+            ),
+            per(self.client, cpu_seconds(None)),
+        )
+    }
 }
 
 /// One side in one layout.
@@ -229,14 +282,18 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     ];
     let window = Duration::from_secs(args.duration) / (layouts.len() * sides * 2) as u32;
     let mut payload = estimated_event_len();
+    let compared = match (livemesh, nats_url.is_some()) {
+        (true, true) => "livemesh (one node) vs NATS",
+        (true, false) => "livemesh only (one node)",
+        _ => "NATS only",
+    };
     println!(
-        "bench fanout: {} streams over {} HTTP/2 connections (livemesh, one node) vs {} NATS \
-         subscriptions over {} connections; {} windows of {:.2} s; saturation keeps {} fan-out(s) \
-         in flight from {} publishers; paced rate {}",
+        "bench fanout, {compared}: {} streams over {} connections; {} rooms in the many-rooms \
+         layout; {} windows of {:.2} s; saturation keeps {} fan-out(s) in flight from {} \
+         publishers; paced rate {}",
         args.streams,
         args.connections,
-        args.streams,
-        args.connections,
+        rooms,
         layouts.len() * sides * 2,
         window.as_secs_f64(),
         args.in_flight,
@@ -515,6 +572,7 @@ fn drain_limit(streams: u64) -> Duration {
 /// The ready check, the saturation window and the paced window.
 async fn measure_windows(
     args: &FanoutArgs,
+    server_pid: Option<u32>,
     target: Arc<Target>,
     rec: &Arc<Recorder>,
     counts: &Arc<Vec<i64>>,
@@ -538,14 +596,15 @@ async fn measure_windows(
     }
 
     let limit = (args.in_flight * args.streams) as i64;
-    let saturated = saturate(args, &target, rec, counts, window, limit).await?;
+    let saturated = saturate(args, server_pid, &target, rec, counts, window, limit).await?;
     let rate = rate.unwrap_or((saturated.events_per_s / 2.0).max(1.0));
-    let paced = paced(args, &target, rec, counts, window, rate).await?;
+    let paced = paced(args, server_pid, &target, rec, counts, window, rate).await?;
     Ok((saturated, paced, rate))
 }
 
 async fn saturate(
     args: &FanoutArgs,
+    server_pid: Option<u32>,
     target: &Arc<Target>,
     rec: &Arc<Recorder>,
     counts: &Arc<Vec<i64>>,
@@ -557,6 +616,7 @@ async fn saturate(
     let started = Instant::now();
     let stop = started + window;
     let delivered_before = rec.delivered.load(Ordering::Acquire);
+    let cpu = CpuMeter::start(server_pid);
     let events = Arc::new(AtomicU64::new(0));
     let next_room = Arc::new(AtomicUsize::new(0));
     let mut publishers = JoinSet::new();
@@ -578,6 +638,7 @@ async fn saturate(
     tokio::time::sleep_until(tokio::time::Instant::from_std(stop)).await;
     let delivered = rec.delivered.load(Ordering::Acquire) - delivered_before;
     let elapsed = started.elapsed().as_secs_f64();
+    let (server_cpu_us, client_cpu_us) = cpu.per_delivery(delivered);
     let published = events.load(Ordering::Acquire);
     while let Some(joined) = publishers.join_next().await {
         joined??;
@@ -590,11 +651,14 @@ async fn saturate(
         p50_ms: rec.quantile_ms(0.50),
         p99_ms: rec.quantile_ms(0.99),
         undelivered,
+        server_cpu_us,
+        client_cpu_us,
     })
 }
 
 async fn paced(
     args: &FanoutArgs,
+    server_pid: Option<u32>,
     target: &Arc<Target>,
     rec: &Arc<Recorder>,
     counts: &Arc<Vec<i64>>,
@@ -605,6 +669,7 @@ async fn paced(
     let started = Instant::now();
     let stop = started + window;
     let delivered_before = rec.delivered.load(Ordering::Acquire);
+    let cpu = CpuMeter::start(server_pid);
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut calls = JoinSet::new();
@@ -626,6 +691,7 @@ async fn paced(
     }
     let delivered = rec.delivered.load(Ordering::Acquire) - delivered_before;
     let elapsed = started.elapsed().as_secs_f64();
+    let (server_cpu_us, client_cpu_us) = cpu.per_delivery(delivered);
     while let Some(joined) = calls.join_next().await {
         joined??;
     }
@@ -636,6 +702,8 @@ async fn paced(
         p50_ms: rec.quantile_ms(0.50),
         p99_ms: rec.quantile_ms(0.99),
         undelivered,
+        server_cpu_us,
+        client_cpu_us,
     })
 }
 
@@ -997,8 +1065,16 @@ async fn run_livemesh(
         client: PublishServiceClient::new(control.clone()),
         rooms: room_ids,
     });
-    let (saturated, paced, rate) =
-        measure_windows(args, target, &rec, &layout.counts, window, args.rate).await?;
+    let (saturated, paced, rate) = measure_windows(
+        args,
+        Some(node.pid),
+        target,
+        &rec,
+        &layout.counts,
+        window,
+        args.rate,
+    )
+    .await?;
     let seen = rec.event_len.load(Ordering::Relaxed);
     if seen > 0 {
         *payload = seen;
@@ -1046,6 +1122,11 @@ async fn nats_connect(url: &str, slow: &Arc<AtomicU64>) -> anyhow::Result<async_
         .connect(url)
         .await
         .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+/// nats-server's pid, when `scripts/bench fanout` started it.
+fn nats_pid() -> Option<u32> {
+    std::env::var("LIVEMESH_TEST_NATS_PID").ok()?.parse().ok()
 }
 
 async fn run_nats(
@@ -1102,7 +1183,7 @@ async fn run_nats(
         payload,
     });
     let (saturated, paced, rate) =
-        measure_windows(args, target, &rec, &layout.counts, window, rate).await?;
+        measure_windows(args, nats_pid(), target, &rec, &layout.counts, window, rate).await?;
     running.store(false, Ordering::Relaxed);
     receivers.shutdown().await;
     let slow = slow.load(Ordering::Relaxed);
@@ -1161,6 +1242,19 @@ fn print_and_save(
                 m.paced.p99_ms,
                 m.bytes_per_idle_stream
                     .map_or("-".into(), |b| format!("{b:.0}")),
+            );
+        }
+    }
+
+    println!(
+        "  CPU per delivery while saturating (µs): the server's, and this process's (decoding)"
+    );
+    for (layout, lm, nats) in results {
+        for (side, m) in [("livemesh", lm), ("NATS", nats)] {
+            let Some(m) = m else { continue };
+            println!(
+                "  {:<14} {:<9} server {:>6.2}  bench client {:>6.2}",
+                layout.label, side, m.saturated.server_cpu_us, m.saturated.client_cpu_us
             );
         }
     }
@@ -1227,6 +1321,8 @@ fn print_and_save(
             put("latency_p50_ms", m.paced.p50_ms);
             put("latency_p99_ms", m.paced.p99_ms);
             put("open_s", m.open_s);
+            put("server_cpu_us_per_delivery", m.saturated.server_cpu_us);
+            put("client_cpu_us_per_delivery", m.saturated.client_cpu_us);
             if let Some(b) = m.bytes_per_idle_stream {
                 put("bytes_per_idle_stream", b);
             }
