@@ -32,6 +32,10 @@ pub use livemesh_redis::{RedisError as StoreError, RedisOptions};
 pub use self::memory::MemoryFanout;
 pub use self::redis_store::RedisFanout;
 
+/// The idempotency key of a room's room-ended event: whoever publishes it
+/// (a dispatcher following Watch, a node catching up), it is published once.
+pub const ROOM_ENDED_KEY: &str = "room-ended";
+
 /// How the store keeps rooms.
 #[derive(Debug, Clone)]
 pub struct FanoutSettings {
@@ -133,7 +137,7 @@ pub struct Renewed {
 #[derive(Clone)]
 pub enum FanoutStore {
     Memory(Arc<MemoryFanout>),
-    Redis(RedisFanout),
+    Redis(Arc<RedisFanout>),
 }
 
 impl std::fmt::Debug for FanoutStore {
@@ -145,7 +149,23 @@ impl std::fmt::Debug for FanoutStore {
     }
 }
 
+/// The store `config` names: Redis at `redis_url` (standalone or Cluster),
+/// else a new in-process store (which only reaches the dispatchers and
+/// nodes of this process).
+pub fn connect(config: &livemesh_mesh::Config) -> Result<FanoutStore, StoreError> {
+    let settings = FanoutSettings::from(&config.fanout);
+    match &config.redis_url {
+        Some(urls) if !urls.trim().is_empty() => FanoutStore::redis(urls, settings),
+        _ => Ok(FanoutStore::memory(settings)),
+    }
+}
+
 impl FanoutStore {
+    /// True for the in-process store.
+    pub fn is_memory(&self) -> bool {
+        matches!(self, FanoutStore::Memory(_))
+    }
+
     /// The in-process store (share the returned value between the
     /// dispatchers and nodes of one process).
     pub fn memory(settings: FanoutSettings) -> Self {
@@ -154,11 +174,11 @@ impl FanoutStore {
 
     /// Redis at `urls` (one URL: standalone; comma-separated: Cluster seeds).
     pub fn redis(urls: &str, settings: FanoutSettings) -> Result<Self, StoreError> {
-        Ok(FanoutStore::Redis(RedisFanout::connect(
+        Ok(FanoutStore::Redis(Arc::new(RedisFanout::connect(
             urls,
             settings,
             RedisOptions::default(),
-        )?))
+        )?)))
     }
 
     /// Appends an event: assigns its position (ordered: the next offset;
@@ -185,11 +205,7 @@ impl FanoutStore {
     ) -> Result<Head, StoreError> {
         match self {
             FanoutStore::Memory(store) => Ok(store.join(room_id, node, viewers, lease_ms, now_ms)),
-            FanoutStore::Redis(store) => {
-                store
-                    .join(room_id, node, viewers, lease_ms, now_ms)
-                    .await
-            }
+            FanoutStore::Redis(store) => store.join(room_id, node, viewers, lease_ms, now_ms).await,
         }
     }
 
@@ -224,7 +240,12 @@ impl FanoutStore {
 
     /// The ordered events with `after < offset <= upto` that the history
     /// still holds, and the room's current epoch.
-    pub async fn history(&self, room_id: u64, after: u64, upto: u64) -> Result<History, StoreError> {
+    pub async fn history(
+        &self,
+        room_id: u64,
+        after: u64,
+        upto: u64,
+    ) -> Result<History, StoreError> {
         match self {
             FanoutStore::Memory(store) => Ok(store.history(room_id, after, upto)),
             FanoutStore::Redis(store) => store.history(room_id, after, upto).await,

@@ -113,7 +113,8 @@ impl MemoryFanout {
                 room.seq
             }
             Slot::Latest(kind) => {
-                room.latest.insert(kind, (room.seq, append.payload.to_vec()));
+                room.latest
+                    .insert(kind, (room.seq, append.payload.to_vec()));
                 room.seq
             }
         };

@@ -177,7 +177,11 @@ impl RedisFanout {
                 .arg(append.now_ms)
                 .arg(self.settings.history_len)
                 .arg(slot)
-                .arg(if append.idempotency_key.is_some() { "1" } else { "0" })
+                .arg(if append.idempotency_key.is_some() {
+                    "1"
+                } else {
+                    "0"
+                })
                 .arg(self.settings.idempotency_ttl_secs)
                 .arg(if append.ends_room { "1" } else { "0" })
                 .arg(self.settings.room_ttl_secs)
@@ -382,14 +386,17 @@ impl RedisFanout {
 
     /// Splits `<offset>:<payload>`.
     fn split(&self, what: &str, member: Vec<u8>) -> Result<(u64, Vec<u8>), StoreError> {
-        let colon = member
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or_else(|| self.conn.unavailable(what, "a history entry without offset"))?;
+        let colon = member.iter().position(|&b| b == b':').ok_or_else(|| {
+            self.conn
+                .unavailable(what, "a history entry without offset")
+        })?;
         let offset = std::str::from_utf8(&member[..colon])
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| self.conn.unavailable(what, "a history entry with a bad offset"))?;
+            .ok_or_else(|| {
+                self.conn
+                    .unavailable(what, "a history entry with a bad offset")
+            })?;
         Ok((offset, member[colon + 1..].to_vec()))
     }
 }

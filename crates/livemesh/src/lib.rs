@@ -34,10 +34,13 @@ impl Mesh {
                 config.data_dir.display()
             )
         })?;
+        // One in-process fan-out store (unless Redis is configured) shared
+        // by the node and the dispatcher of this process.
+        let fanout = livemesh_fanout::connect(config)?;
         Ok(Self {
             ongoing_query: OngoingQuery::from_config(config).await?,
-            subscribe: SubscribeNode,
-            publish: Dispatcher,
+            subscribe: SubscribeNode::from_config(config, fanout.clone())?,
+            publish: Dispatcher::from_config(config, fanout)?,
             counter: Counter::from_config(config).await?,
             gift_settler: GiftSettler,
         })

@@ -697,7 +697,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             config.publish.peers,
-            vec!["http://dc2:50051".to_owned(), "https://dc3:50051".to_owned()]
+            vec![
+                "http://dc2:50051".to_owned(),
+                "https://dc3:50051".to_owned()
+            ]
         );
         let err = Config::load(&Sources {
             env: env(&[("LIVEMESH_PUBLISH__PEERS", "dc2:50051")]),

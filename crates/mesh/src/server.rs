@@ -28,6 +28,7 @@ pub struct ServerBuilder {
     background: Vec<(&'static str, BoxFuture<'static, ()>)>,
     hooks: Vec<BoxFuture<'static, ()>>,
     stopping: crate::Shutdown,
+    max_concurrent_streams: Option<u32>,
 }
 
 impl ServerBuilder {
@@ -39,6 +40,13 @@ impl ServerBuilder {
     /// end on it, or the drain would wait for them until its timeout.
     pub fn stopping(&self) -> crate::Shutdown {
         self.stopping.clone()
+    }
+
+    /// HTTP/2 streams one connection may carry (the largest any service
+    /// of the set asks for; unset: the transport's default).
+    pub fn max_concurrent_streams(&mut self, streams: u32) -> &mut Self {
+        self.max_concurrent_streams = Some(self.max_concurrent_streams.unwrap_or(0).max(streams));
+        self
     }
 
     /// Work to finish when shutdown begins, before background tasks are
@@ -158,6 +166,7 @@ impl ServerBuilder {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(self.max_concurrent_streams)
             .add_routes(self.routes.routes())
             .add_service(health_service)
             .add_service(reflection_v1)

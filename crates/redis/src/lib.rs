@@ -222,9 +222,8 @@ impl RedisConn {
         // deadpool-redis builds the cluster client itself and offers no way
         // to set its timeouts: the pool's and our own per-command timeouts
         // bound every call instead.
-        let manager = deadpool_redis::cluster::Manager::new(seeds.to_vec(), false).map_err(|e| {
-            RedisError::Unavailable(format!("bad Redis Cluster URLs {shown}: {e}"))
-        })?;
+        let manager = deadpool_redis::cluster::Manager::new(seeds.to_vec(), false)
+            .map_err(|e| RedisError::Unavailable(format!("bad Redis Cluster URLs {shown}: {e}")))?;
         let pool = deadpool_redis::cluster::Pool::builder(manager)
             .max_size(options.pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -232,9 +231,7 @@ impl RedisConn {
             .create_timeout(Some(options.connect_timeout))
             .recycle_timeout(Some(options.command_timeout))
             .build()
-            .map_err(|e| {
-                RedisError::Unavailable(format!("Redis Cluster pool for {shown}: {e}"))
-            })?;
+            .map_err(|e| RedisError::Unavailable(format!("Redis Cluster pool for {shown}: {e}")))?;
         Ok(Self {
             pools: Pools::Cluster(pool),
             options,

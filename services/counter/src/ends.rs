@@ -10,8 +10,8 @@ use std::time::Duration;
 use livemesh_proto::v1::RoomChangeKind;
 
 use crate::Inner;
-use livemesh_mesh::rooms::RoomInfo;
 use crate::sql::FinalLoves;
+use livemesh_mesh::rooms::RoomInfo;
 
 /// Top lovers kept in SQL per room.
 const TOP_IN_SQL: u32 = 100;

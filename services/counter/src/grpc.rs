@@ -13,8 +13,8 @@ use crate::Inner;
 use crate::analytics::LoveLine;
 use crate::core::SendError;
 use crate::hot::HotError;
-use livemesh_mesh::rooms::{LookupError, RoomInfo};
 use crate::validate::Reason;
+use livemesh_mesh::rooms::{LookupError, RoomInfo};
 
 const DEFAULT_TOP: u32 = 10;
 const MAX_TOP: u32 = 100;

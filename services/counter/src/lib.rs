@@ -35,9 +35,9 @@ use livemesh_proto::v1::{LoveTotal, PublishRequest, RoomEvent, room_event};
 use crate::analytics::{AnalyticsLog, Rotation};
 use crate::core::CounterCore;
 use crate::hot::{HotConfig, HotStore};
-use livemesh_mesh::rooms::RoomDirectory;
 use crate::sql::LovesDb;
 use crate::validate::Limits;
+use livemesh_mesh::rooms::RoomDirectory;
 
 /// Shared state of the counter service.
 #[derive(Debug)]

@@ -1,35 +1,105 @@
-//! `publish`: the dispatcher.
+//! `publish`: the dispatcher, after seed `linkedin-million-likes-per-second`.
 //!
-//! The fan-out issue builds history, node lookup and delivery; until then
-//! the dispatcher serves health and reflection and answers `Publish` with
-//! `UNIMPLEMENTED` naming that work.
+//! `Publish(room, event)` gives the event its position (epoch, offset),
+//! appends ordered events to the room's bounded history (latest-value
+//! events replace the room's newest of their kind), looks up the subscribe
+//! nodes that hold viewers of the room, all in one atomic step of the
+//! fan-out store, then calls `Deliver` on exactly those nodes, each once,
+//! concurrently. A dispatcher with peers (other datacenters) forwards each
+//! local publish to each of them once, marked so that it goes no further.
+//! Room ends come from ongoing-query's Watch: the dispatcher publishes the
+//! room-ended event, once whoever else also does.
 
+pub mod dispatch;
+pub mod grpc;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use livemesh_fanout::FanoutStore;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
-use livemesh_mesh::{ShutdownSignal, not_yet_implemented};
-use livemesh_proto::v1::publish_service_server::{PublishService, PublishServiceServer};
-use livemesh_proto::v1::{PublishRequest, PublishResponse};
-use tonic::{Request, Response, Status};
+use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
+use livemesh_proto::v1::RoomChangeKind;
+use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_proto::v1::publish_service_server::PublishServiceServer;
+
+pub use crate::dispatch::{DispatcherInner, DispatcherSettings};
 
 /// One dispatcher.
-#[derive(Debug, Clone, Default)]
-pub struct Dispatcher;
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    inner: Arc<DispatcherInner>,
+    watch: OngoingQueryServiceClient<livemesh_mesh::MeshChannel>,
+}
 
-#[tonic::async_trait]
-impl PublishService for Dispatcher {
-    async fn publish(
-        &self,
-        _request: Request<PublishRequest>,
-    ) -> Result<Response<PublishResponse>, Status> {
-        Err(not_yet_implemented(
-            "PublishService.Publish",
-            "the subscribe + publish fan-out work (issue 5)",
-        ))
+impl Dispatcher {
+    /// A dispatcher on `store` (share one in-process store with the nodes
+    /// of the same process), following ongoing-query's Watch as `config`
+    /// says (by default this process's own address).
+    pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
+        let c = &config.publish;
+        let stack = ClientStack::new(&config.client);
+        let watch_url = if c.ongoing_query_url.is_empty() {
+            format!("http://{}", config.listen)
+        } else {
+            c.ongoing_query_url.clone()
+        };
+        let watch = OngoingQueryServiceClient::new(
+            stack
+                .channel(&watch_url)
+                .context("publish.ongoing_query_url")?,
+        );
+        let settings = DispatcherSettings {
+            datacenter: c.datacenter.clone(),
+            peers: c.peers.clone(),
+            deliver_timeout: Duration::from_millis(c.deliver_timeout_ms),
+            max_comment_chars: c.max_comment_chars as usize,
+        };
+        let inner = DispatcherInner::new(settings, store, stack).context("publish.peers")?;
+        Ok(Self {
+            inner: Arc::new(inner),
+            watch,
+        })
+    }
+
+    pub fn inner(&self) -> &Arc<DispatcherInner> {
+        &self.inner
     }
 }
 
 impl ServiceSet for Dispatcher {
     fn register(&self, server: &mut ServerBuilder) {
-        server.add_service(PublishServiceServer::new(self.clone()));
+        server.add_service(PublishServiceServer::new(grpc::PublishApi::new(
+            self.inner.clone(),
+        )));
+        let inner = self.inner.clone();
+        let watch = self.watch.clone();
+        server.add_background("room ends", async move {
+            livemesh_mesh::rooms::follow_changes(watch, |change| {
+                if change.kind() != RoomChangeKind::Ended {
+                    return;
+                }
+                let Some(room) = change.room else {
+                    return;
+                };
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    let mut backoff = Duration::from_millis(100);
+                    for _ in 0..8 {
+                        match inner.end_room(room.room_id, room.ended_at).await {
+                            Ok(_) | Err(dispatch::PublishError::Ended { .. }) => return,
+                            Err(err) => {
+                                tracing::warn!(room_id = room.room_id, %err, "publishing room-ended failed; retrying");
+                                tokio::time::sleep(backoff).await;
+                                backoff *= 2;
+                            }
+                        }
+                    }
+                });
+            })
+            .await;
+        });
     }
 }
 

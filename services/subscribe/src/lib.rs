@@ -1,44 +1,105 @@
-//! `subscribe`: viewers' server-streaming subscriptions.
+//! `subscribe`: viewers' server-streaming subscriptions, after seed
+//! `linkedin-million-likes-per-second`.
 //!
-//! The fan-out issue builds the in-memory room table, resume and conflation;
-//! until then the node serves health and reflection and answers its RPCs
-//! with `UNIMPLEMENTED` naming that work.
+//! Each node keeps an in-memory table room -> local streams ([`table`]).
+//! The first local viewer of a room registers the node's interest in the
+//! hot store (room -> nodes, with a lease the node renews); the last one
+//! leaving removes it, and a node that dies drops out when its lease ends.
+//! Dispatchers call `Deliver` on exactly the nodes registered for a room;
+//! the node hands each event to its local streams, ordered events in offset
+//! order through a bounded queue per stream, latest-value events conflated
+//! ([`stream`]). `Subscribe` with `resume` replays what the viewer missed
+//! from the room's history, then goes live, with no gap and no duplicate at
+//! the seam.
 
-use futures::stream::BoxStream;
+pub mod grpc;
+pub mod stream;
+pub mod table;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use livemesh_fanout::FanoutStore;
+use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
-use livemesh_mesh::{ShutdownSignal, not_yet_implemented};
-use livemesh_proto::v1::subscribe_service_server::{SubscribeService, SubscribeServiceServer};
-use livemesh_proto::v1::{DeliverRequest, DeliverResponse, SubscribeRequest, SubscribeResponse};
-use tonic::{Request, Response, Status};
+use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
+use livemesh_proto::v1::subscribe_service_server::SubscribeServiceServer;
 
-const OWNER: &str = "the subscribe + publish fan-out work (issue 5)";
+pub use crate::table::{NodeInner, NodeSettings};
 
 /// One subscribe node.
-#[derive(Debug, Clone, Default)]
-pub struct SubscribeNode;
+#[derive(Debug, Clone)]
+pub struct SubscribeNode {
+    inner: Arc<NodeInner>,
+    max_streams_per_connection: u32,
+}
 
-#[tonic::async_trait]
-impl SubscribeService for SubscribeNode {
-    type SubscribeStream = BoxStream<'static, Result<SubscribeResponse, Status>>;
-
-    async fn subscribe(
-        &self,
-        _request: Request<SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(not_yet_implemented("SubscribeService.Subscribe", OWNER))
+impl SubscribeNode {
+    /// A node on `store` (share one in-process store with the dispatchers
+    /// of the same process), calling ongoing-query and the dispatcher as
+    /// `config` says (by default this process's own address).
+    pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
+        let c = &config.subscribe;
+        let own = format!("http://{}", config.listen);
+        let or_own = |url: &str| {
+            if url.is_empty() {
+                own.clone()
+            } else {
+                url.to_owned()
+            }
+        };
+        let stack = ClientStack::new(&config.client);
+        let rooms = RoomDirectory::new(
+            stack
+                .channel(&or_own(&c.ongoing_query_url))
+                .context("subscribe.ongoing_query_url")?,
+        );
+        let publish = PublishServiceClient::new(
+            stack
+                .channel(&or_own(&c.publish_url))
+                .context("subscribe.publish_url")?,
+        );
+        let settings = NodeSettings {
+            node_id: or_own(&c.node_url),
+            queue_len: c.queue_len,
+            lease: Duration::from_millis(c.lease_ms),
+            report_interval: Duration::from_millis(c.report_interval_ms),
+            gap_wait: Duration::from_millis(c.gap_wait_ms),
+        };
+        Ok(Self {
+            inner: Arc::new(NodeInner::new(settings, store, rooms, publish)),
+            max_streams_per_connection: c.max_streams_per_connection,
+        })
     }
 
-    async fn deliver(
-        &self,
-        _request: Request<DeliverRequest>,
-    ) -> Result<Response<DeliverResponse>, Status> {
-        Err(not_yet_implemented("SubscribeService.Deliver", OWNER))
+    pub fn inner(&self) -> &Arc<NodeInner> {
+        &self.inner
     }
 }
 
 impl ServiceSet for SubscribeNode {
     fn register(&self, server: &mut ServerBuilder) {
-        server.add_service(SubscribeServiceServer::new(self.clone()));
+        server.max_concurrent_streams(self.max_streams_per_connection);
+        server.add_service(SubscribeServiceServer::new(grpc::SubscribeApi::new(
+            self.inner.clone(),
+        )));
+        let inner = self.inner.clone();
+        server.add_background("room registrations and viewer counts", async move {
+            let mut interval = tokio::time::interval(inner.settings.report_interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                inner.renew_once().await;
+            }
+        });
+        let inner = self.inner.clone();
+        let stopping = server.stopping();
+        server.add_background("viewer streams end at shutdown", async move {
+            stopping.signal().await;
+            inner.shut_down().await;
+        });
     }
 }
 

@@ -1,0 +1,382 @@
+//! The dispatcher's work: position, store, fan out to the nodes holding
+//! viewers, forward to the other datacenters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use livemesh_fanout::{Append, Appended, FanoutStore, ROOM_ENDED_KEY, Slot};
+use livemesh_mesh::{ClientStack, MeshChannel};
+use livemesh_proto::time::timestamp_from_ms;
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
+use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
+use livemesh_proto::v1::{
+    DeliverRequest, PublishRequest, PublishResponse, RoomEnded, RoomEvent, StreamPosition,
+    room_event,
+};
+use prost::Message as _;
+
+/// How a dispatcher runs.
+#[derive(Debug, Clone)]
+pub struct DispatcherSettings {
+    pub datacenter: String,
+    pub peers: Vec<String>,
+    pub deliver_timeout: Duration,
+    pub max_comment_chars: usize,
+}
+
+/// Counters of what the dispatcher did.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    pub published: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// Deliver calls answered.
+    pub deliveries: AtomicU64,
+    /// Deliver calls that failed or timed out (the node fetches the event
+    /// from the history when it notices the gap).
+    pub deliver_failures: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub forward_failures: AtomicU64,
+}
+
+/// Why a publish was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "room {room_id} has ended (its last event is at offset {offset}); nothing more can be published to it"
+    )]
+    Ended { room_id: u64, offset: u64 },
+    #[error(transparent)]
+    Store(#[from] livemesh_fanout::StoreError),
+}
+
+/// The dispatcher's shared state.
+pub struct DispatcherInner {
+    pub settings: DispatcherSettings,
+    pub store: FanoutStore,
+    pub stats: DispatchStats,
+    stack: ClientStack,
+    nodes: Mutex<HashMap<String, SubscribeServiceClient<MeshChannel>>>,
+    peers: Vec<(String, PublishServiceClient<MeshChannel>)>,
+    /// Makes forwarded publishes' idempotency keys unique to this process.
+    instance: u64,
+    forward_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for DispatcherInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherInner")
+            .field("datacenter", &self.settings.datacenter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where an event of this kind is kept.
+fn slot_of(kind: &room_event::Kind) -> Slot {
+    match kind {
+        room_event::Kind::LoveTotal(_) => Slot::Latest("love_total"),
+        room_event::Kind::ViewerCount(_) => Slot::Latest("viewer_count"),
+        _ => Slot::Ordered,
+    }
+}
+
+const MAX_KEY_BYTES: usize = 200;
+
+impl DispatcherInner {
+    pub fn new(
+        settings: DispatcherSettings,
+        store: FanoutStore,
+        stack: ClientStack,
+    ) -> anyhow::Result<Self> {
+        let peers = settings
+            .peers
+            .iter()
+            .map(|url| Ok((url.clone(), PublishServiceClient::new(stack.channel(url)?))))
+            .collect::<anyhow::Result<_>>()?;
+        let instance = u64::from(std::process::id()) << 32
+            ^ u64::try_from(livemesh_mesh::now_ms()).unwrap_or(0);
+        Ok(Self {
+            settings,
+            store,
+            stats: DispatchStats::default(),
+            stack,
+            nodes: Mutex::new(HashMap::new()),
+            peers,
+            instance,
+            forward_seq: AtomicU64::new(0),
+        })
+    }
+
+    fn validate(&self, request: &PublishRequest) -> Result<room_event::Kind, PublishError> {
+        let invalid = |m: String| Err(PublishError::Invalid(m));
+        if request.room_id == 0 {
+            return invalid("room_id is required".into());
+        }
+        let Some(event) = &request.event else {
+            return invalid("event is required".into());
+        };
+        if event.room_id != 0 && event.room_id != request.room_id {
+            return invalid(format!(
+                "event.room_id {} differs from room_id {}; leave it unset",
+                event.room_id, request.room_id
+            ));
+        }
+        if request
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_BYTES)
+        {
+            return invalid(format!(
+                "idempotency_key must be 1 to {MAX_KEY_BYTES} bytes, or unset"
+            ));
+        }
+        let Some(kind) = &event.kind else {
+            return invalid(
+                "event.kind is required: love_total, comment, gift, viewer_count or room_ended"
+                    .into(),
+            );
+        };
+        match kind {
+            room_event::Kind::Comment(comment) => {
+                let chars = comment.text.chars().count();
+                if chars == 0 {
+                    return invalid("comment.text is empty".into());
+                }
+                if chars > self.settings.max_comment_chars {
+                    return invalid(format!(
+                        "comment.text has {chars} characters; at most {} are allowed",
+                        self.settings.max_comment_chars
+                    ));
+                }
+            }
+            room_event::Kind::Gift(gift) if gift.amount <= 0 => {
+                return invalid(format!("gift.amount must be positive, not {}", gift.amount));
+            }
+            _ => {}
+        }
+        Ok(kind.clone())
+    }
+
+    /// Publishes one event (see `PublishService.Publish` in the proto for
+    /// what OK guarantees).
+    pub async fn publish(
+        self: &Arc<Self>,
+        request: PublishRequest,
+    ) -> Result<PublishResponse, PublishError> {
+        let mut kind = self.validate(&request)?;
+        let now = livemesh_mesh::now_ms();
+        if let room_event::Kind::RoomEnded(RoomEnded {
+            ended_at: ended_at @ None,
+        }) = &mut kind
+        {
+            *ended_at = Some(timestamp_from_ms(now));
+        }
+        let room_id = request.room_id;
+        let server_time = request
+            .event
+            .as_ref()
+            .and_then(|e| e.server_time)
+            .filter(|_| request.forwarded_from.is_some())
+            .unwrap_or_else(|| timestamp_from_ms(now));
+        let stored = RoomEvent {
+            server_time: Some(server_time),
+            kind: Some(kind.clone()),
+            ..RoomEvent::default()
+        };
+        let payload = stored.encode_to_vec();
+        let appended = self
+            .store
+            .append(&Append {
+                room_id,
+                payload: &payload,
+                slot: slot_of(&kind),
+                idempotency_key: request.idempotency_key.as_deref(),
+                ends_room: matches!(kind, room_event::Kind::RoomEnded(_)),
+                now_ms: now,
+            })
+            .await?;
+        let (epoch, offset, nodes) = match appended {
+            Appended::New {
+                epoch,
+                offset,
+                nodes,
+            } => (epoch, offset, nodes),
+            Appended::Duplicate { epoch, offset } => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Ok(response(epoch, offset, 0));
+            }
+            Appended::Ended { offset, .. } => {
+                return Err(PublishError::Ended { room_id, offset });
+            }
+        };
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        let event = RoomEvent {
+            room_id,
+            epoch,
+            offset,
+            ..stored
+        };
+        let handed = self.deliver(&event, &nodes).await;
+        if request.forwarded_from.is_none() && !self.peers.is_empty() {
+            self.forward(&event, request.idempotency_key);
+        }
+        Ok(response(epoch, offset, handed))
+    }
+
+    /// Calls `Deliver` on each node once, concurrently; returns how many answered.
+    async fn deliver(&self, event: &RoomEvent, nodes: &[String]) -> u64 {
+        let calls = nodes.iter().map(|node| {
+            let client = self.node_client(node);
+            let request = DeliverRequest {
+                room_id: event.room_id,
+                events: vec![event.clone()],
+            };
+            async move {
+                let Some(mut client) = client else {
+                    return false;
+                };
+                let call = client.deliver(request);
+                match tokio::time::timeout(self.settings.deliver_timeout, call).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(status)) => {
+                        tracing::debug!(node, %status, "Deliver failed");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::debug!(node, "Deliver timed out");
+                        false
+                    }
+                }
+            }
+        });
+        let answered = join_all(calls).await;
+        let ok = answered.iter().filter(|ok| **ok).count() as u64;
+        let failed = answered.len() as u64 - ok;
+        self.stats.deliveries.fetch_add(ok, Ordering::Relaxed);
+        if failed > 0 {
+            self.stats
+                .deliver_failures
+                .fetch_add(failed, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    fn node_client(&self, node: &str) -> Option<SubscribeServiceClient<MeshChannel>> {
+        let mut nodes = self
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = nodes.get(node) {
+            return Some(client.clone());
+        }
+        match self.stack.channel(node) {
+            Ok(channel) => {
+                let client = SubscribeServiceClient::new(channel);
+                nodes.insert(node.to_owned(), client.clone());
+                Some(client)
+            }
+            Err(err) => {
+                tracing::warn!(node, %err, "a registered node's address is not usable");
+                None
+            }
+        }
+    }
+
+    /// Forwards a local publish to every peer datacenter, in the
+    /// background, retrying with the same idempotency key so that each peer
+    /// takes it once.
+    fn forward(self: &Arc<Self>, event: &RoomEvent, idempotency_key: Option<String>) {
+        let key = idempotency_key.unwrap_or_else(|| {
+            let seq = self.forward_seq.fetch_add(1, Ordering::Relaxed);
+            format!("fwd|{}|{:x}|{seq}", self.settings.datacenter, self.instance)
+        });
+        for (url, client) in &self.peers {
+            let request = PublishRequest {
+                room_id: event.room_id,
+                event: Some(RoomEvent {
+                    server_time: event.server_time,
+                    kind: event.kind.clone(),
+                    ..RoomEvent::default()
+                }),
+                idempotency_key: Some(key.clone()),
+                forwarded_from: Some(self.settings.datacenter.clone()),
+            };
+            let mut client = client.clone();
+            let url = url.clone();
+            let this = self.clone();
+            tokio::spawn(async move {
+                let forwarded = this.forward_one(&mut client, &url, request).await;
+                let counter = if forwarded {
+                    &this.stats.forwarded
+                } else {
+                    &this.stats.forward_failures
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    }
+
+    async fn forward_one(
+        &self,
+        client: &mut PublishServiceClient<MeshChannel>,
+        url: &str,
+        request: PublishRequest,
+    ) -> bool {
+        {
+            {
+                let mut backoff = Duration::from_millis(50);
+                for attempt in 1..=6 {
+                    match client.publish(request.clone()).await {
+                        Ok(_) => return true,
+                        // The peer refused the event itself: retrying cannot help.
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+                            ) =>
+                        {
+                            tracing::debug!(%url, %status, "peer refused a forwarded publish");
+                            return false;
+                        }
+                        Err(status) => {
+                            tracing::debug!(%url, %status, attempt, "forwarding failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff *= 2;
+                        }
+                    }
+                }
+                tracing::warn!(%url, "forwarding a publish to a peer datacenter failed for good");
+                false
+            }
+        }
+    }
+
+    /// Publishes the room-ended event (once, whoever asks).
+    pub async fn end_room(
+        self: &Arc<Self>,
+        room_id: u64,
+        ended_at: Option<prost_types::Timestamp>,
+    ) -> Result<PublishResponse, PublishError> {
+        self.publish(PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(room_event::Kind::RoomEnded(RoomEnded { ended_at })),
+                ..RoomEvent::default()
+            }),
+            idempotency_key: Some(ROOM_ENDED_KEY.to_owned()),
+            forwarded_from: None,
+        })
+        .await
+    }
+}
+
+fn response(epoch: u64, offset: u64, nodes: u64) -> PublishResponse {
+    PublishResponse {
+        position: Some(StreamPosition { epoch, offset }),
+        nodes,
+    }
+}

@@ -1,0 +1,224 @@
+//! The gRPC face of a subscribe node; errors become statuses here only.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use livemesh_mesh::rooms::LookupError;
+use livemesh_proto::v1::subscribe_service_server::SubscribeService;
+use livemesh_proto::v1::{
+    DeliverRequest, DeliverResponse, StreamPosition, StreamStarted, SubscribeRequest,
+    SubscribeResponse, subscribe_response,
+};
+use tonic::{Request, Response, Status};
+
+use crate::stream::{Shared, ViewerStream};
+use crate::table::{JoinError, NodeInner, decode};
+
+/// Why a subscription was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("{0}")]
+    Invalid(&'static str),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error(
+        "room {0} has ended; subscribe to an ongoing room, or pass `resume` to replay what you missed before its end"
+    )]
+    Ended(u64),
+    #[error("{0}")]
+    Store(#[from] livemesh_fanout::StoreError),
+}
+
+impl From<SubscribeError> for Status {
+    fn from(err: SubscribeError) -> Self {
+        match &err {
+            SubscribeError::Invalid(_) => Status::invalid_argument(err.to_string()),
+            SubscribeError::Lookup(LookupError::NotFound(_)) => Status::not_found(err.to_string()),
+            SubscribeError::Lookup(LookupError::Unavailable(_)) | SubscribeError::Store(_) => {
+                tracing::warn!(%err, "subscribe failed");
+                Status::unavailable(
+                    "the room's event stream is unavailable right now; retry shortly",
+                )
+            }
+            SubscribeError::Ended(_) => Status::failed_precondition(err.to_string()),
+        }
+    }
+}
+
+/// The SubscribeService implementation.
+#[derive(Debug, Clone)]
+pub struct SubscribeApi {
+    node: Arc<NodeInner>,
+}
+
+impl SubscribeApi {
+    pub fn new(node: Arc<NodeInner>) -> Self {
+        Self { node }
+    }
+
+    async fn open(&self, request: SubscribeRequest) -> Result<ViewerStream, SubscribeError> {
+        if request.room_id == 0 {
+            return Err(SubscribeError::Invalid("room_id is required"));
+        }
+        if request.viewer_id == 0 {
+            return Err(SubscribeError::Invalid("viewer_id is required"));
+        }
+        let resume = request.resume.map(|p| (p.epoch, p.offset));
+        if resume.is_some_and(|(epoch, _)| epoch == 0) {
+            return Err(SubscribeError::Invalid(
+                "resume.epoch must be the epoch of an event you received (it is never 0)",
+            ));
+        }
+        let room_id = request.room_id;
+        let info = self.node.rooms.get(room_id).await?;
+        if info.ended {
+            return match resume {
+                Some(resume) => self.replay_only(room_id, resume).await,
+                None => Err(SubscribeError::Ended(room_id)),
+            };
+        }
+        let joined = match self.node.join(room_id, resume.unwrap_or((0, 0))).await {
+            Ok(joined) => joined,
+            Err(JoinError::Store(err)) => return Err(err.into()),
+            Err(JoinError::Ended) => {
+                return match resume {
+                    Some(resume) => self.replay_only(room_id, resume).await,
+                    None => Err(SubscribeError::Ended(room_id)),
+                };
+            }
+        };
+        let registration = (self.node.clone(), joined.room.clone(), joined.stream_id);
+        // From here the stream is registered; dropping `stream` on an error
+        // below unregisters it.
+        let mut stream = ViewerStream::new(
+            VecDeque::new(),
+            joined.shared.clone(),
+            (joined.epoch, joined.released),
+            Some(registration),
+        );
+        let prefix = match resume {
+            None => start(joined.epoch, joined.released, None, Vec::new()),
+            Some(resume) => {
+                let replay = self
+                    .replay(room_id, joined.epoch, resume, joined.released)
+                    .await?;
+                start(joined.epoch, joined.released, Some(resume), replay)
+            }
+        };
+        stream.set_prefix(prefix);
+        Ok(stream)
+    }
+
+    /// The events after `resume` up to `upto` that the history holds.
+    async fn replay(
+        &self,
+        room_id: u64,
+        epoch: u64,
+        resume: (u64, u64),
+        upto: u64,
+    ) -> Result<Vec<livemesh_proto::v1::RoomEvent>, SubscribeError> {
+        let after = if resume.0 == epoch { resume.1 } else { 0 };
+        if after >= upto {
+            return Ok(Vec::new());
+        }
+        let history = self.node.store.history(room_id, after, upto).await?;
+        if history.epoch != epoch {
+            // The history restarted while we read it; the live stream
+            // carries the new epoch's events.
+            return Ok(Vec::new());
+        }
+        Ok(history
+            .entries
+            .iter()
+            .filter_map(|(offset, payload)| decode(room_id, epoch, *offset, payload))
+            .collect())
+    }
+
+    /// A resumed stream of a room that has ended: what the history holds
+    /// after `resume` (the room-ended event last), then the end.
+    async fn replay_only(
+        &self,
+        room_id: u64,
+        resume: (u64, u64),
+    ) -> Result<ViewerStream, SubscribeError> {
+        let history = self.node.store.history(room_id, 0, u64::MAX).await?;
+        if history.epoch == 0 {
+            return Err(SubscribeError::Ended(room_id));
+        }
+        let upto = history.entries.last().map_or(0, |(offset, _)| *offset);
+        let replay = self.replay(room_id, history.epoch, resume, upto).await?;
+        let shared = Arc::new(Shared::default());
+        shared.finish();
+        let prefix = start(history.epoch, upto, Some(resume), replay);
+        let mut stream = ViewerStream::new(VecDeque::new(), shared, (history.epoch, upto), None);
+        stream.set_prefix(prefix);
+        Ok(stream)
+    }
+}
+
+/// The start message and the replayed events.
+fn start(
+    epoch: u64,
+    released: u64,
+    resume: Option<(u64, u64)>,
+    replay: Vec<livemesh_proto::v1::RoomEvent>,
+) -> VecDeque<SubscribeResponse> {
+    let (recovered, epoch_changed) = match resume {
+        None => (false, false),
+        Some((resume_epoch, _)) if resume_epoch != epoch => (false, true),
+        Some((_, after)) => {
+            // Complete when the replay is exactly after+1 ..= released.
+            let wanted = released.saturating_sub(after);
+            let first_ok = replay.first().is_none_or(|e| e.offset == after + 1);
+            (first_ok && replay.len() as u64 == wanted, false)
+        }
+    };
+    let position = match resume {
+        Some((resume_epoch, after)) if resume_epoch == epoch => released.max(after),
+        _ => released,
+    };
+    let mut prefix = VecDeque::with_capacity(replay.len() + 1);
+    prefix.push_back(SubscribeResponse {
+        message: Some(subscribe_response::Message::Started(StreamStarted {
+            position: Some(StreamPosition {
+                epoch,
+                offset: position,
+            }),
+            recovered,
+            epoch_changed,
+            replayed: replay.len() as u64,
+        })),
+    });
+    prefix.extend(replay.into_iter().map(|event| SubscribeResponse {
+        message: Some(subscribe_response::Message::Event(event)),
+    }));
+    prefix
+}
+
+#[tonic::async_trait]
+impl SubscribeService for SubscribeApi {
+    type SubscribeStream = BoxStream<'static, Result<SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let stream = self.open(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        let request = request.into_inner();
+        if request.room_id == 0 || request.events.iter().any(|e| e.room_id != request.room_id) {
+            return Err(Status::invalid_argument(
+                "room_id is required and every event must carry it",
+            ));
+        }
+        let streams = self.node.deliver(request.room_id, request.events);
+        Ok(Response::new(DeliverResponse { streams }))
+    }
+}

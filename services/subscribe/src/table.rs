@@ -1,0 +1,633 @@
+//! The node's in-memory room table: room -> local streams, and per room the
+//! sequencer that hands ordered events to the streams in offset order.
+//!
+//! **Invariant:** a room's ordered events reach each of its local streams in
+//! offset order, each once. Dispatchers may deliver out of order (two
+//! publishes racing) or not at all (a failed Deliver); an event that arrives
+//! ahead of a missing one waits up to `gap_wait`, then the node fetches the
+//! missing ones from the room's history. The renewal loop also compares the
+//! history's head with what the node has released, so a lost last event is
+//! fetched too.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use livemesh_fanout::{FanoutStore, Head, ROOM_ENDED_KEY, StoreError};
+use livemesh_mesh::MeshChannel;
+use livemesh_mesh::rooms::RoomDirectory;
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
+use livemesh_proto::v1::{PublishRequest, RoomEnded, RoomEvent, ViewerCount, room_event};
+use prost::Message as _;
+
+use crate::stream::{Shared, is_latest};
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// How dispatchers reach this node (`http://host:port`); also its name
+    /// in the hot store.
+    pub node_id: String,
+    pub queue_len: usize,
+    pub lease: Duration,
+    pub report_interval: Duration,
+    pub gap_wait: Duration,
+}
+
+/// Counters of what the node did.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Ordered events handed to streams (one per stream).
+    pub ordered_delivered: AtomicU64,
+    /// Streams ended for falling behind.
+    pub overflows: AtomicU64,
+    /// Missing events fetched from the history.
+    pub gap_filled: AtomicU64,
+    /// Events the history no longer held when fetched (trimmed or lost).
+    pub gap_skipped: AtomicU64,
+    /// Viewer counts published.
+    pub counts_published: AtomicU64,
+}
+
+/// The node's shared state.
+pub struct NodeInner {
+    pub settings: NodeSettings,
+    pub store: FanoutStore,
+    pub rooms: RoomDirectory,
+    pub publish: PublishServiceClient<MeshChannel>,
+    pub stats: NodeStats,
+    table: Mutex<HashMap<u64, Arc<Room>>>,
+    next_stream: AtomicU64,
+}
+
+impl std::fmt::Debug for NodeInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeInner")
+            .field("node_id", &self.settings.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One room on this node.
+#[derive(Debug)]
+pub struct Room {
+    pub id: u64,
+    joined: tokio::sync::OnceCell<()>,
+    state: Mutex<RoomState>,
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    /// 0 until the node has joined the room in the hot store.
+    epoch: u64,
+    /// The last offset handed to the streams.
+    released: u64,
+    /// Ordered events ahead of `released + 1`.
+    pending: BTreeMap<u64, Arc<RoomEvent>>,
+    /// The history's head as last seen by a renewal.
+    known_head: u64,
+    /// Events delivered before the join finished.
+    early: Vec<Arc<RoomEvent>>,
+    streams: HashMap<u64, Arc<Shared>>,
+    love_total: Option<Arc<RoomEvent>>,
+    viewer_count: Option<Arc<RoomEvent>>,
+    gap_fill_running: bool,
+    last_reported: Option<u64>,
+    ended: bool,
+    /// Taken out of the table: a subscriber holding this room starts over.
+    removed: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections leave the maps whole; a poisoned lock holds valid data.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A stream as it joined its room.
+pub struct Joined {
+    pub room: Arc<Room>,
+    pub stream_id: u64,
+    pub shared: Arc<Shared>,
+    pub epoch: u64,
+    /// The last offset released when the stream joined: replay ends here.
+    pub released: u64,
+}
+
+/// Why a stream could not join.
+#[derive(Debug)]
+pub enum JoinError {
+    Ended,
+    Store(StoreError),
+}
+
+impl RoomState {
+    /// Adds an ordered event; returns the events now releasable, in order.
+    fn sequence(&mut self, event: Arc<RoomEvent>) -> Vec<Arc<RoomEvent>> {
+        if self.epoch == 0 {
+            self.early.push(event);
+            return Vec::new();
+        }
+        if event.epoch < self.epoch {
+            return Vec::new(); // from a history that no longer exists
+        }
+        if event.epoch > self.epoch {
+            // The history restarted: offsets count from 1 again.
+            self.epoch = event.epoch;
+            self.released = 0;
+            self.known_head = 0;
+            self.pending.clear();
+        }
+        if event.offset > self.released {
+            self.pending.insert(event.offset, event);
+        }
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Arc<RoomEvent>> {
+        let mut ready = Vec::new();
+        while let Some(event) = self.pending.remove(&(self.released + 1)) {
+            self.released += 1;
+            ready.push(event);
+        }
+        ready
+    }
+
+    /// The range a gap fill should fetch, if any: (after, upto].
+    fn gap(&self) -> Option<(u64, u64)> {
+        if self.epoch == 0 || self.ended {
+            return None;
+        }
+        let upto = match self.pending.keys().next() {
+            Some(first) => first - 1,
+            None => self.known_head,
+        };
+        (upto > self.released).then_some((self.released, upto))
+    }
+
+    fn set_latest(&mut self, event: &Arc<RoomEvent>) -> bool {
+        let slot = match event.kind {
+            Some(room_event::Kind::LoveTotal(_)) => &mut self.love_total,
+            _ => &mut self.viewer_count,
+        };
+        // Publishes may race: keep the newest by the dispatcher's clock.
+        let newer = slot
+            .as_ref()
+            .is_none_or(|held| time_of(held) <= time_of(event));
+        if newer {
+            *slot = Some(event.clone());
+        }
+        newer
+    }
+}
+
+fn time_of(event: &RoomEvent) -> (i64, i32) {
+    event
+        .server_time
+        .as_ref()
+        .map_or((0, 0), |t| (t.seconds, t.nanos))
+}
+
+/// Decodes a stored payload and puts back its room and position.
+pub fn decode(room_id: u64, epoch: u64, offset: u64, payload: &[u8]) -> Option<RoomEvent> {
+    let mut event = RoomEvent::decode(payload).ok()?;
+    event.room_id = room_id;
+    event.epoch = epoch;
+    event.offset = offset;
+    Some(event)
+}
+
+impl NodeInner {
+    pub fn new(
+        settings: NodeSettings,
+        store: FanoutStore,
+        rooms: RoomDirectory,
+        publish: PublishServiceClient<MeshChannel>,
+    ) -> Self {
+        Self {
+            settings,
+            store,
+            rooms,
+            publish,
+            stats: NodeStats::default(),
+            table: Mutex::new(HashMap::new()),
+            next_stream: AtomicU64::new(1),
+        }
+    }
+
+    /// Local streams per room.
+    pub fn stream_counts(&self) -> Vec<(u64, u64)> {
+        let rooms: Vec<Arc<Room>> = lock(&self.table).values().cloned().collect();
+        rooms
+            .iter()
+            .map(|room| (room.id, lock(&room.state).streams.len() as u64))
+            .collect()
+    }
+
+    /// Adds a stream to the room, joining the room in the hot store first
+    /// if this node has no viewer of it yet.
+    pub async fn join(
+        self: &Arc<Self>,
+        room_id: u64,
+        skip: (u64, u64),
+    ) -> Result<Joined, JoinError> {
+        loop {
+            let room = lock(&self.table)
+                .entry(room_id)
+                .or_insert_with(|| {
+                    Arc::new(Room {
+                        id: room_id,
+                        joined: tokio::sync::OnceCell::new(),
+                        state: Mutex::new(RoomState::default()),
+                    })
+                })
+                .clone();
+            let joined = room
+                .joined
+                .get_or_try_init(|| async {
+                    let head = self
+                        .store
+                        .join(
+                            room_id,
+                            &self.settings.node_id,
+                            1,
+                            duration_ms(self.settings.lease),
+                            livemesh_mesh::now_ms(),
+                        )
+                        .await?;
+                    self.start_room(&room, head);
+                    Ok::<(), StoreError>(())
+                })
+                .await;
+            if let Err(err) = joined {
+                self.remove_if_empty(&room);
+                return Err(JoinError::Store(err));
+            }
+            let mut state = lock(&room.state);
+            if state.removed {
+                continue; // emptied and removed meanwhile: join afresh
+            }
+            if state.ended {
+                return Err(JoinError::Ended);
+            }
+            let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+            // Live events from here on; those up to `released` are replayed,
+            // and a client ahead of this node (it resumed from a position
+            // another node had sent) gets nothing twice.
+            let resume_offset = if skip.0 == state.epoch { skip.1 } else { 0 };
+            let shared = Arc::new(Shared::new((
+                state.epoch,
+                state.released.max(resume_offset),
+            )));
+            for event in [&state.love_total, &state.viewer_count]
+                .into_iter()
+                .flatten()
+            {
+                shared.push_latest(event);
+            }
+            state.streams.insert(stream_id, shared.clone());
+            let (epoch, released) = (state.epoch, state.released);
+            drop(state);
+            return Ok(Joined {
+                room,
+                stream_id,
+                shared,
+                epoch,
+                released,
+            });
+        }
+    }
+
+    /// The room's state after the hot-store join: its head, latest values,
+    /// and whatever was delivered while joining.
+    fn start_room(self: &Arc<Self>, room: &Arc<Room>, head: Head) {
+        let mut state = lock(&room.state);
+        state.epoch = head.epoch;
+        state.released = head.offset;
+        state.ended = head.ended;
+        for (offset, payload) in &head.latest {
+            if let Some(event) = decode(room.id, head.epoch, *offset, payload) {
+                state.set_latest(&Arc::new(event));
+            }
+        }
+        let early = std::mem::take(&mut state.early);
+        drop(state);
+        for event in early {
+            self.deliver_one(room, event);
+        }
+    }
+
+    /// Removes a stream; the last one out takes the room off the table and
+    /// out of the hot store.
+    pub fn remove_stream(self: &Arc<Self>, room: &Arc<Room>, stream_id: u64) {
+        lock(&room.state).streams.remove(&stream_id);
+        self.remove_if_empty(room);
+    }
+
+    fn remove_if_empty(self: &Arc<Self>, room: &Arc<Room>) {
+        let mut table = lock(&self.table);
+        let mut state = lock(&room.state);
+        if !state.streams.is_empty() || state.removed {
+            return;
+        }
+        state.removed = true;
+        let joined = room.joined.initialized();
+        drop(state);
+        if table
+            .get(&room.id)
+            .is_some_and(|held| Arc::ptr_eq(held, room))
+        {
+            table.remove(&room.id);
+        }
+        drop(table);
+        if joined {
+            let node = self.clone();
+            let room_id = room.id;
+            tokio::spawn(async move {
+                if let Err(err) = node.store.leave(room_id, &node.settings.node_id).await {
+                    // The lease ends it anyway.
+                    tracing::debug!(room_id, %err, "leaving the room in the hot store failed");
+                }
+            });
+        }
+    }
+
+    /// Hands delivered events to the room's streams; returns how many
+    /// streams the room has here (0: no viewers on this node).
+    pub fn deliver(self: &Arc<Self>, room_id: u64, events: Vec<RoomEvent>) -> u64 {
+        let Some(room) = lock(&self.table).get(&room_id).cloned() else {
+            return 0;
+        };
+        for event in events {
+            self.deliver_one(&room, Arc::new(event));
+        }
+        lock(&room.state).streams.len() as u64
+    }
+
+    fn deliver_one(self: &Arc<Self>, room: &Arc<Room>, event: Arc<RoomEvent>) {
+        let mut state = lock(&room.state);
+        if state.removed || state.ended {
+            return;
+        }
+        if is_latest(&event) {
+            if state.epoch == 0 {
+                state.early.push(event);
+            } else if state.set_latest(&event) {
+                for stream in state.streams.values() {
+                    stream.push_latest(&event);
+                }
+            }
+            return;
+        }
+        let ready = state.sequence(event);
+        self.release(room, &mut state, ready);
+        if state.gap().is_some() && !state.gap_fill_running {
+            state.gap_fill_running = true;
+            tokio::spawn(self.clone().fill_gaps(room.clone()));
+        }
+    }
+
+    /// Hands released ordered events to every stream of the room.
+    fn release(
+        self: &Arc<Self>,
+        room: &Arc<Room>,
+        state: &mut RoomState,
+        ready: Vec<Arc<RoomEvent>>,
+    ) {
+        let capacity = self.settings.queue_len;
+        for event in ready {
+            let mut overflows = 0;
+            for stream in state.streams.values() {
+                if !stream.push_ordered(&event, capacity) {
+                    overflows += 1;
+                }
+            }
+            self.stats
+                .ordered_delivered
+                .fetch_add(state.streams.len() as u64, Ordering::Relaxed);
+            if overflows > 0 {
+                self.stats.overflows.fetch_add(overflows, Ordering::Relaxed);
+            }
+            if matches!(event.kind, Some(room_event::Kind::RoomEnded(_))) {
+                state.ended = true;
+                state.pending.clear();
+                for stream in state.streams.values() {
+                    stream.finish();
+                }
+                let node = self.clone();
+                let room = room.clone();
+                // Outside this lock: the table lock comes first.
+                tokio::spawn(async move { node.forget_ended(&room) });
+                return;
+            }
+        }
+    }
+
+    /// An ended room leaves the table (its streams are finishing) and the hot store.
+    fn forget_ended(self: &Arc<Self>, room: &Arc<Room>) {
+        let mut table = lock(&self.table);
+        let mut state = lock(&room.state);
+        if state.removed {
+            return;
+        }
+        state.removed = true;
+        drop(state);
+        if table
+            .get(&room.id)
+            .is_some_and(|held| Arc::ptr_eq(held, room))
+        {
+            table.remove(&room.id);
+        }
+        drop(table);
+        let node = self.clone();
+        let room_id = room.id;
+        tokio::spawn(async move {
+            let _ = node.store.leave(room_id, &node.settings.node_id).await;
+        });
+    }
+
+    /// Fetches missing ordered events from the history until the room has
+    /// no gap. Gives up on events the history no longer holds (counted).
+    async fn fill_gaps(self: Arc<Self>, room: Arc<Room>) {
+        let mut failures = 0u32;
+        loop {
+            tokio::time::sleep(self.settings.gap_wait).await;
+            let (epoch, (after, upto)) = {
+                let mut state = lock(&room.state);
+                match state.gap() {
+                    Some(gap) if !state.removed => (state.epoch, gap),
+                    _ => {
+                        state.gap_fill_running = false;
+                        return;
+                    }
+                }
+            };
+            let history = match self.store.history(room.id, after, upto).await {
+                Ok(history) => history,
+                Err(err) => {
+                    failures += 1;
+                    tracing::debug!(room = room.id, %err, "fetching missing events failed");
+                    if failures < 20 {
+                        continue;
+                    }
+                    // The store stays down: stop holding the room's events.
+                    livemesh_fanout::History {
+                        epoch,
+                        entries: Vec::new(),
+                    }
+                }
+            };
+            failures = 0;
+            let mut state = lock(&room.state);
+            if state.epoch != epoch || history.epoch != epoch {
+                continue; // a new epoch: its own events drive it
+            }
+            let mut ready = Vec::new();
+            for (offset, payload) in history.entries {
+                if let Some(event) = decode(room.id, epoch, offset, &payload) {
+                    self.stats.gap_filled.fetch_add(1, Ordering::Relaxed);
+                    ready.extend(state.sequence(Arc::new(event)));
+                }
+            }
+            if state.released < upto {
+                // The history no longer holds them: skip ahead rather than
+                // hold the room's later events forever.
+                let skipped = upto - state.released;
+                self.stats.gap_skipped.fetch_add(skipped, Ordering::Relaxed);
+                tracing::warn!(
+                    room = room.id,
+                    after = state.released,
+                    upto,
+                    "events missing from the room's history were skipped"
+                );
+                state.released = upto;
+                ready.extend(state.drain());
+            }
+            self.release(&room, &mut state, ready);
+        }
+    }
+
+    /// One renewal round: renews this node's registrations with its viewer
+    /// counts, notices events it never got, and (as a room's reporter)
+    /// publishes the room's viewer count when it changed.
+    pub async fn renew_once(self: &Arc<Self>) {
+        let counts: Vec<(u64, u64)> = self
+            .stream_counts()
+            .into_iter()
+            .filter(|(_, streams)| *streams > 0)
+            .collect();
+        if counts.is_empty() {
+            return;
+        }
+        let now = livemesh_mesh::now_ms();
+        let results = self
+            .store
+            .renew(
+                &self.settings.node_id,
+                &counts,
+                duration_ms(self.settings.lease),
+                now,
+            )
+            .await;
+        for (&(room_id, _), result) in counts.iter().zip(results) {
+            let renewed = match result {
+                Ok(renewed) => renewed,
+                Err(err) => {
+                    tracing::warn!(room_id, %err, "renewing the node's registration failed");
+                    continue;
+                }
+            };
+            let Some(room) = lock(&self.table).get(&room_id).cloned() else {
+                continue;
+            };
+            let report = {
+                let mut state = lock(&room.state);
+                if state.epoch == renewed.epoch && renewed.offset > state.known_head {
+                    state.known_head = renewed.offset;
+                    if state.gap().is_some() && !state.gap_fill_running {
+                        state.gap_fill_running = true;
+                        tokio::spawn(self.clone().fill_gaps(room.clone()));
+                    }
+                }
+                let changed = state.last_reported != Some(renewed.viewers);
+                if renewed.reporter && changed && !state.ended {
+                    state.last_reported = Some(renewed.viewers);
+                    true
+                } else {
+                    false
+                }
+            };
+            if renewed.reporter {
+                self.check_ended(room_id).await;
+            }
+            if report {
+                self.publish_count(room_id, renewed.viewers).await;
+            }
+        }
+    }
+
+    async fn publish_count(&self, room_id: u64, count: u64) {
+        let request = PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(room_event::Kind::ViewerCount(ViewerCount { count })),
+                ..RoomEvent::default()
+            }),
+            ..PublishRequest::default()
+        };
+        match self.publish.clone().publish(request).await {
+            Ok(_) => {
+                self.stats.counts_published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(status) => {
+                tracing::debug!(room_id, %status, "publishing the viewer count failed");
+            }
+        }
+    }
+
+    /// The dispatchers end rooms when ongoing-query's Watch says so; a room
+    /// that ended while they were not watching is caught here: the
+    /// reporter asks for the room-ended event (idempotent).
+    async fn check_ended(&self, room_id: u64) {
+        let Ok(info) = self.rooms.get(room_id).await else {
+            return;
+        };
+        if !info.ended {
+            return;
+        }
+        let request = PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(room_event::Kind::RoomEnded(RoomEnded { ended_at: None })),
+                ..RoomEvent::default()
+            }),
+            idempotency_key: Some(ROOM_ENDED_KEY.to_owned()),
+            forwarded_from: None,
+        };
+        if let Err(status) = self.publish.clone().publish(request).await {
+            tracing::debug!(room_id, %status, "asking for the room-ended event failed");
+        }
+    }
+
+    /// Ends every stream (the node is stopping) and leaves the hot store.
+    pub async fn shut_down(&self) {
+        let rooms: Vec<Arc<Room>> = lock(&self.table).drain().map(|(_, room)| room).collect();
+        for room in &rooms {
+            let mut state = lock(&room.state);
+            state.removed = true;
+            for stream in state.streams.values() {
+                stream.shut_down();
+            }
+        }
+        let leaves = rooms
+            .iter()
+            .map(|room| self.store.leave(room.id, &self.settings.node_id));
+        futures::future::join_all(leaves).await;
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
