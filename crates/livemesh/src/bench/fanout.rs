@@ -1148,15 +1148,22 @@ async fn run_nats(
     let mut receivers = JoinSet::new();
     let opened_at = Instant::now();
     let running = Arc::new(AtomicBool::new(true));
+    // Subscriptions that have seen a message (a probe, at the latest).
+    let ready = Arc::new(AtomicU64::new(0));
     for i in 0..args.streams as usize {
         let client = &clients[i % clients.len()];
         let mut subscriber = client
             .subscribe(subjects[i % subjects.len()].clone())
             .await
             .context("NATS subscribe")?;
-        let (rec, running) = (rec.clone(), running.clone());
+        let (rec, running, ready) = (rec.clone(), running.clone(), ready.clone());
         receivers.spawn(async move {
+            let mut seen = false;
             while let Some(message) = subscriber.next().await {
+                if !seen {
+                    seen = true;
+                    ready.fetch_add(1, Ordering::Release);
+                }
                 if let Some(sent) = parse_sent(&message.payload) {
                     rec.received(sent);
                 }
@@ -1166,9 +1173,29 @@ async fn run_nats(
             }
         });
     }
-    // A flush returns once the server has processed every SUB before it.
+    // A subscription is open once the server routes to it; async-nats's
+    // flush only writes the buffer out (no PING/PONG round trip), so probes
+    // (not counted: no send time in them) go to every room until every
+    // subscription has seen one.
     for client in &clients {
         client.flush().await.context("NATS flush")?;
+    }
+    let deadline = Instant::now() + open_limit(args.streams);
+    while ready.load(Ordering::Acquire) < args.streams {
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {} NATS subscriptions got a probe within {:.0} s",
+            ready.load(Ordering::Acquire),
+            args.streams,
+            open_limit(args.streams).as_secs_f64()
+        );
+        for subject in &subjects {
+            publisher
+                .publish(subject.clone(), "probe".into())
+                .await
+                .context("NATS publish")?;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let open_s = opened_at.elapsed().as_secs_f64();
     println!(
