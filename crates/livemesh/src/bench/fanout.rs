@@ -50,6 +50,12 @@
 //! shared histogram of 0.1 ms buckets up to 10 s; a receive loop costs a few
 //! atomic increments per event, so 100,000 of them stay cheap.
 //!
+//! Where the time goes, per delivery in each saturation window: CPU
+//! seconds of the server (the node; nats-server when `scripts/bench`
+//! exported its pid) and of this process from `/proc/PID/stat`, and the
+//! server's write syscalls from `/proc/PID/io` (how many deliveries share
+//! one write).
+//!
 //! `--duration` is split evenly over the measurement windows (saturation
 //! and paced, per layout and side); starting nodes and rooms, opening
 //! streams, waiting for a stable RSS and draining come on top and are
@@ -181,6 +187,9 @@ struct Window {
     /// process, which decodes every delivery.
     server_cpu_us: f64,
     client_cpu_us: f64,
+    /// The server's write syscalls per 1,000 deliveries (`syscw` of
+    /// `/proc/PID/io`): how well it batches frames into writes.
+    server_writes_per_k: f64,
 }
 
 /// CPU seconds a process has used so far (user + system).
@@ -198,11 +207,24 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-/// CPU use of the server and of this process over a window.
+/// Write syscalls a process has made so far.
+fn write_syscalls(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("syscw:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CPU use of the server and of this process, and the server's write
+/// syscalls, over a window.
 struct CpuMeter {
     server_pid: Option<u32>,
     server: Option<f64>,
     client: Option<f64>,
+    writes: Option<u64>,
 }
 
 impl CpuMeter {
@@ -211,6 +233,17 @@ impl CpuMeter {
             server_pid,
             server: server_pid.and_then(|pid| cpu_seconds(Some(pid))),
             client: cpu_seconds(None),
+            writes: server_pid.and_then(write_syscalls),
+        }
+    }
+
+    /// The server's write syscalls per 1,000 deliveries; NaN when unknown.
+    fn writes_per_k(&self, delivered: u64) -> f64 {
+        match (self.writes, self.server_pid.and_then(write_syscalls)) {
+            (Some(before), Some(now)) if delivered > 0 => {
+                (now - before) as f64 * 1e3 / delivered as f64
+            }
+            _ => f64::NAN,
         }
     }
 
@@ -639,6 +672,7 @@ async fn saturate(
     let delivered = rec.delivered.load(Ordering::Acquire) - delivered_before;
     let elapsed = started.elapsed().as_secs_f64();
     let (server_cpu_us, client_cpu_us) = cpu.per_delivery(delivered);
+    let server_writes_per_k = cpu.writes_per_k(delivered);
     let published = events.load(Ordering::Acquire);
     while let Some(joined) = publishers.join_next().await {
         joined??;
@@ -653,6 +687,7 @@ async fn saturate(
         undelivered,
         server_cpu_us,
         client_cpu_us,
+        server_writes_per_k,
     })
 }
 
@@ -692,6 +727,7 @@ async fn paced(
     let delivered = rec.delivered.load(Ordering::Acquire) - delivered_before;
     let elapsed = started.elapsed().as_secs_f64();
     let (server_cpu_us, client_cpu_us) = cpu.per_delivery(delivered);
+    let server_writes_per_k = cpu.writes_per_k(delivered);
     while let Some(joined) = calls.join_next().await {
         joined??;
     }
@@ -704,6 +740,7 @@ async fn paced(
         undelivered,
         server_cpu_us,
         client_cpu_us,
+        server_writes_per_k,
     })
 }
 
@@ -1274,14 +1311,19 @@ fn print_and_save(
     }
 
     println!(
-        "  CPU per delivery while saturating (µs): the server's, and this process's (decoding)"
+        "  while saturating, per delivery: CPU µs of the server and of this process \
+         (decoding); the server's write syscalls per 1,000"
     );
     for (layout, lm, nats) in results {
         for (side, m) in [("livemesh", lm), ("NATS", nats)] {
             let Some(m) = m else { continue };
             println!(
-                "  {:<14} {:<9} server {:>6.2}  bench client {:>6.2}",
-                layout.label, side, m.saturated.server_cpu_us, m.saturated.client_cpu_us
+                "  {:<14} {:<9} server {:>6.2}  bench client {:>6.2}  writes {:>7.1}",
+                layout.label,
+                side,
+                m.saturated.server_cpu_us,
+                m.saturated.client_cpu_us,
+                m.saturated.server_writes_per_k
             );
         }
     }
@@ -1350,6 +1392,10 @@ fn print_and_save(
             put("open_s", m.open_s);
             put("server_cpu_us_per_delivery", m.saturated.server_cpu_us);
             put("client_cpu_us_per_delivery", m.saturated.client_cpu_us);
+            put(
+                "server_writes_per_1k_deliveries",
+                m.saturated.server_writes_per_k,
+            );
             if let Some(b) = m.bytes_per_idle_stream {
                 put("bytes_per_idle_stream", b);
             }
