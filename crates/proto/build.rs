@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Small per-call buffers: see src/codec.rs.
+        .codec_path("crate::codec::LeanCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

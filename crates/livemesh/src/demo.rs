@@ -4,26 +4,38 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use livemesh_mesh::config::TelemetryConfig;
+use livemesh_mesh::config::{SubscribeConfig, TelemetryConfig};
 use livemesh_mesh::server::LocalServer;
 use livemesh_mesh::{ClientStack, Config, MeshChannel};
 use livemesh_proto::time::ms_from_timestamp;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::subscribe_response::Message;
+use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    EndRoomRequest, GetBalanceRequest, GetLovesRequest, GetRoomRequest, ListOngoingRequest,
-    PartitionRequest, Room, RoomChange, RoomChangeKind, SendLovesRequest, StartRoomRequest,
-    TopLoversRequest, WatchRequest, WatchResponse,
+    Comment, EndRoomRequest, GetBalanceRequest, GetLovesRequest, GetRoomRequest, GiftSent,
+    ListOngoingRequest, PartitionRequest, PublishRequest, Room, RoomChange, RoomChangeKind,
+    RoomEvent, SendLovesRequest, StartRoomRequest, StreamPosition, StreamStarted, SubscribeRequest,
+    SubscribeResponse, TopLoversRequest, WatchRequest, WatchResponse, room_event,
 };
+use tokio::sync::{mpsc, oneshot};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::Mesh;
+
+/// How often the demo's subscribe node reports viewer counts.
+const REPORT_INTERVAL_MS: u64 = 250;
+
+/// The longest the script waits for viewers to see something.
+const VIEWER_WAIT: Duration = Duration::from_secs(3);
 
 /// Runs the demo; SQLite files go to `data_dir`, or a temporary directory.
 pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -39,6 +51,12 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config {
         data_dir: data_dir.clone(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        // Viewer counts every quarter second rather than every two, so the
+        // demo's viewers see them change within its few seconds.
+        subscribe: SubscribeConfig {
+            report_interval_ms: REPORT_INTERVAL_MS,
+            ..SubscribeConfig::default()
+        },
         ..Config::default()
     };
     let server = LocalServer::bind_then(config.listen, |addr| {
@@ -172,8 +190,145 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
     )
     .await?;
 
-    step("viewers tap hearts in the second room (CounterService.SendLoves)");
     let room_id = rooms[1].room_id;
+    step("viewers open the second room's live stream (SubscribeService.Subscribe)");
+    let mut audience = Audience::new(channel.clone(), room_id);
+    expect_error(
+        "subscribe to the ended first room",
+        audience.client.subscribe(SubscribeRequest {
+            room_id: rooms[0].room_id,
+            viewer_id: 7,
+            resume: None,
+        }),
+        tonic::Code::FailedPrecondition,
+    )
+    .await?;
+    println!(
+        "  viewers 7, 8 and 9 subscribe to room {room_id}; 7 prints all it sees, 8 and 9 \
+         only how their stream starts and ends"
+    );
+    let v7 = audience.open(7, None, Prints::Everything).await?;
+    let v8 = audience.open(8, None, Prints::StartAndEnd).await?;
+    let v9 = audience.open(9, None, Prints::StartAndEnd).await?;
+    audience
+        .until("every stream starts", |all| {
+            all.iter().all(|v| v.started.is_some())
+        })
+        .await?;
+    println!("  the node reports the room's viewer count every {REPORT_INTERVAL_MS} ms:");
+    audience
+        .until("viewer 7 sees 3 viewers", |all| {
+            all[v7].viewer_count == Some(3)
+        })
+        .await?;
+
+    step("viewers comment, a gift arrives (PublishService.Publish)");
+    let mut publish = PublishServiceClient::new(channel.clone());
+    let mut published = Vec::new();
+    let hello = comment(
+        &mut publish,
+        &mut audience,
+        501,
+        "hello from Lisbon!",
+        "c-501-1",
+    )
+    .await?;
+    published.push(hello.offset);
+    let (again, nodes) = publish_event(
+        &mut publish,
+        room_id,
+        room_event::Kind::Comment(Comment {
+            viewer_id: 501,
+            text: "hello from Lisbon!".into(),
+        }),
+        "c-501-1",
+    )
+    .await?;
+    println!(
+        "  501's app retries that publish (same idempotency key): offset {} again, handed to {nodes} nodes",
+        again.offset
+    );
+    ensure!(
+        again == hello && nodes == 0,
+        "a retried publish answered {again:?} (to {nodes} nodes), the first {hello:?}"
+    );
+    let wow = comment(&mut publish, &mut audience, 502, "that jump!", "c-502-1").await?;
+    published.push(wow.offset);
+    println!("  viewer 503's gift 12 (500) is committed; the gift-settler publishes it");
+    let gift = publish_seen(
+        &mut publish,
+        &mut audience,
+        room_event::Kind::Gift(GiftSent {
+            viewer_id: 503,
+            gift_id: 12,
+            amount: 500,
+            transfer_id: "t-503-1".into(),
+        }),
+        "gift-t-503-1",
+    )
+    .await?;
+    published.push(gift.offset);
+    for viewer in &audience.viewers {
+        ensure!(
+            viewer.ordered == published,
+            "viewer {} saw ordered events at offsets {:?}, published {published:?}",
+            viewer.viewer_id,
+            viewer.ordered
+        );
+    }
+    println!(
+        "  viewers 7, 8 and 9 each saw offsets {published:?} once, in order: the retry was not shown again"
+    );
+
+    step("viewer 9's connection drops; it resumes where it left off");
+    let last = audience.drop_connection(v9).await?;
+    println!(
+        "  viewer 9's stream is gone; its last event was at offset {} (epoch {})",
+        last.offset, last.epoch
+    );
+    audience
+        .until("viewer 7 sees 2 viewers", |all| {
+            all[v7].viewer_count == Some(2)
+        })
+        .await?;
+    for (viewer_id, text, key) in [
+        (502, "where did viewer 9 go?", "c-502-2"),
+        (501, "replay that please", "c-501-2"),
+    ] {
+        let position = comment(&mut publish, &mut audience, viewer_id, text, key).await?;
+        published.push(position.offset);
+    }
+    let missed = published[published.len() - 2..].to_vec();
+    ensure!(
+        audience.viewers[v7].ordered == published && audience.viewers[v8].ordered == published,
+        "viewers 7 and 8 saw {:?} and {:?}, published {published:?}",
+        audience.viewers[v7].ordered,
+        audience.viewers[v8].ordered
+    );
+    println!(
+        "  viewer 9 subscribes again with resume = {{epoch: {}, offset: {}}}:",
+        last.epoch, last.offset
+    );
+    let v9 = audience.open(9, Some(last), Prints::Everything).await?;
+    audience
+        .until("the resumed stream replays what it missed", |all| {
+            all[v9].ordered == missed
+        })
+        .await?;
+    let started = audience.viewers[v9].started.unwrap_or_default();
+    ensure!(
+        started.recovered
+            && !started.epoch_changed
+            && started.replayed == missed.len() as u64
+            && started.position.map(|p| p.offset) == missed.last().copied(),
+        "the resumed stream started with {started:?}; it missed offsets {missed:?}"
+    );
+    println!(
+        "  StreamStarted said recovered: true and {} replayed: nothing lost, nothing twice",
+        started.replayed
+    );
+
+    step("viewers tap hearts in the second room (CounterService.SendLoves)");
     let mut expected = 0;
     for (viewer_id, taps) in [(501_u64, 30_u64), (502, 12), (503, 20)] {
         // Taps 50 ms apart: as fast as a human taps, buffered by the app.
@@ -223,6 +378,14 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
     );
     let total = await_loves(&mut counter, room_id, expected).await?;
     println!("  GetLoves: {total} loves in room {room_id}");
+    audience
+        .until("every viewer sees the love total and 3 viewers", |all| {
+            live(all).all(|v| v.love_total == Some(total) && v.viewer_count == Some(3))
+        })
+        .await?;
+    println!(
+        "  every viewer's stream shows {total} loves (the counter publishes totals) and 3 viewers"
+    );
     let top = counter
         .top_lovers(TopLoversRequest { room_id, limit: 3 })
         .await?
@@ -237,7 +400,7 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
         );
     }
 
-    step("gifts and live fan-out are not in this build yet");
+    step("the gift ledger is not in this build yet");
     expect_error(
         "read a balance",
         GiftsServiceClient::new(channel.clone()).get_balance(GetBalanceRequest { user_id: 501 }),
@@ -256,6 +419,50 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
     }
     let left = list_ongoing(&mut query, 2).await?;
     ensure!(left.is_empty(), "rooms still listed: {left:?}");
+
+    step("the viewers saw their room end, and their streams closed");
+    audience.closed().await?;
+    for viewer in &audience.viewers {
+        println!("  {}", viewer.summary());
+    }
+    for viewer in &audience.viewers {
+        ensure!(
+            viewer.problems.is_empty(),
+            "viewer {}'s stream broke the contract: {:?}",
+            viewer.viewer_id,
+            viewer.problems
+        );
+    }
+    for viewer in live(&audience.viewers) {
+        ensure!(
+            viewer.closed == Some(Ok(())),
+            "viewer {}'s stream ended {:?}",
+            viewer.viewer_id,
+            viewer.closed
+        );
+        let ended = viewer
+            .room_ended
+            .with_context(|| format!("viewer {} never saw the room end", viewer.viewer_id))?;
+        ensure!(
+            viewer.ordered.last() == Some(&ended),
+            "viewer {} saw events after the room ended: {:?}",
+            viewer.viewer_id,
+            viewer.ordered
+        );
+    }
+    let mut after_end = published.clone();
+    after_end.push(audience.viewers[v7].room_ended.unwrap_or_default());
+    let mut resumed = missed.clone();
+    resumed.push(audience.viewers[v7].room_ended.unwrap_or_default());
+    for (index, expected) in [(v7, &after_end), (v8, &after_end), (v9, &resumed)] {
+        let viewer = &audience.viewers[index];
+        ensure!(
+            &viewer.ordered == expected,
+            "viewer {} saw offsets {:?}, expected {expected:?}",
+            viewer.viewer_id,
+            viewer.ordered
+        );
+    }
 
     step("meanwhile the watcher saw every start and end, in order");
     let mut seen = Vec::new();
@@ -277,9 +484,432 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which of its events a viewer's task prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prints {
+    Everything,
+    StartAndEnd,
+}
+
+/// What a viewer's task received, reported to the script as it happens.
+#[derive(Debug)]
+enum Seen {
+    Message(SubscribeResponse),
+    /// The stream ended: cleanly, or with a status.
+    Closed(Result<(), tonic::Status>),
+}
+
+/// One viewer stream as the script knows it: what its task reported.
+#[derive(Debug, Default)]
+struct Viewer {
+    viewer_id: u64,
+    resumed_from: Option<u64>,
+    started: Option<StreamStarted>,
+    /// Offsets of the ordered events (comments, gifts, room ended), as received.
+    ordered: Vec<u64>,
+    comments: u32,
+    gifts: u32,
+    love_totals: u32,
+    love_total: Option<u64>,
+    viewer_counts: u32,
+    viewer_count: Option<u64>,
+    /// The offset of the room-ended event.
+    room_ended: Option<u64>,
+    /// The position of the last message received: where to resume.
+    last: Option<StreamPosition>,
+    /// How the stream ended: OK, or the status's code and message.
+    closed: Option<Result<(), String>>,
+    /// The script dropped the stream, as a lost connection would.
+    dropped: bool,
+    /// Whatever broke the stream contract (an event before `started`, ...).
+    problems: Vec<String>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Viewer {
+    fn apply(&mut self, seen: Seen) {
+        let message = match seen {
+            Seen::Message(SubscribeResponse { message }) => message,
+            Seen::Closed(result) => {
+                self.closed =
+                    Some(result.map_err(|s| format!("{:?} \"{}\"", s.code(), s.message())));
+                return;
+            }
+        };
+        let event = match message {
+            Some(Message::Started(started)) => {
+                if self.started.is_some() {
+                    self.problems.push("a second StreamStarted".into());
+                }
+                self.last = started.position;
+                self.started = Some(started);
+                return;
+            }
+            Some(Message::Event(event)) => event,
+            None => {
+                self.problems
+                    .push("a message with neither started nor event".into());
+                return;
+            }
+        };
+        if self.started.is_none() {
+            self.problems.push(format!(
+                "event at offset {} before StreamStarted",
+                event.offset
+            ));
+        }
+        if self.room_ended.is_some() {
+            self.problems.push(format!(
+                "event at offset {} after the room ended",
+                event.offset
+            ));
+        }
+        self.last = Some(StreamPosition {
+            epoch: event.epoch,
+            offset: event.offset,
+        });
+        match event.kind {
+            Some(room_event::Kind::LoveTotal(love)) => {
+                self.love_totals += 1;
+                self.love_total = Some(love.total);
+                return;
+            }
+            Some(room_event::Kind::ViewerCount(count)) => {
+                self.viewer_counts += 1;
+                self.viewer_count = Some(count.count);
+                return;
+            }
+            Some(room_event::Kind::Comment(_)) => self.comments += 1,
+            Some(room_event::Kind::Gift(_)) => self.gifts += 1,
+            Some(room_event::Kind::RoomEnded(_)) => self.room_ended = Some(event.offset),
+            None => {
+                self.problems
+                    .push(format!("event at offset {} without a kind", event.offset));
+                return;
+            }
+        }
+        if let Some(previous) = self.ordered.last().filter(|&&p| p >= event.offset) {
+            self.problems
+                .push(format!("offset {} after offset {previous}", event.offset));
+        }
+        self.ordered.push(event.offset);
+    }
+
+    fn summary(&self) -> String {
+        let mut text = format!("viewer {}", self.viewer_id);
+        if let Some(offset) = self.resumed_from {
+            text.push_str(&format!(" (resumed after {offset})"));
+        }
+        let last = |value: Option<u64>| value.map_or(String::new(), |v| format!(" (last {v})"));
+        text.push_str(&format!(
+            ": {}, {}, {}{}, {}{}",
+            count(self.comments, "comment"),
+            count(self.gifts, "gift"),
+            count(self.love_totals, "love total"),
+            last(self.love_total),
+            count(self.viewer_counts, "viewer count"),
+            last(self.viewer_count),
+        ));
+        if let Some(offset) = self.room_ended {
+            text.push_str(&format!(", room ended at {offset}"));
+        }
+        let end = match (&self.closed, self.dropped) {
+            (_, true) => format!(
+                "connection dropped after offset {}",
+                self.last.as_ref().map_or(0, |p| p.offset)
+            ),
+            (Some(Ok(())), _) => "stream closed".into(),
+            (Some(Err(status)), _) => format!("stream failed: {status}"),
+            (None, false) => "stream still open".into(),
+        };
+        format!("{text}; {end}")
+    }
+}
+
+/// `1 comment`, `2 comments`.
+fn count(n: u32, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// Streams that the script has not dropped.
+fn live(all: &[Viewer]) -> impl Iterator<Item = &Viewer> {
+    all.iter().filter(|v| !v.dropped)
+}
+
+/// The viewers of one room: one task per stream, reporting to the script.
+struct Audience {
+    client: SubscribeServiceClient<MeshChannel>,
+    room_id: u64,
+    sender: mpsc::UnboundedSender<(usize, Seen)>,
+    reports: mpsc::UnboundedReceiver<(usize, Seen)>,
+    viewers: Vec<Viewer>,
+}
+
+impl Audience {
+    fn new(channel: MeshChannel, room_id: u64) -> Self {
+        let (sender, reports) = mpsc::unbounded_channel();
+        Self {
+            client: SubscribeServiceClient::new(channel),
+            room_id,
+            sender,
+            reports,
+            viewers: Vec::new(),
+        }
+    }
+
+    /// Subscribes `viewer_id` and starts the task that follows its stream;
+    /// returns the stream's index in `viewers`.
+    async fn open(
+        &mut self,
+        viewer_id: u64,
+        resume: Option<StreamPosition>,
+        prints: Prints,
+    ) -> anyhow::Result<usize> {
+        let resumed_from = resume.as_ref().map(|p| p.offset);
+        let stream = self
+            .client
+            .subscribe(SubscribeRequest {
+                room_id: self.room_id,
+                viewer_id,
+                resume,
+            })
+            .await
+            .with_context(|| format!("viewer {viewer_id} subscribing to room {}", self.room_id))?
+            .into_inner();
+        let index = self.viewers.len();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(follow(
+            (index, viewer_id),
+            prints,
+            stream,
+            stopped,
+            self.sender.clone(),
+        ));
+        self.viewers.push(Viewer {
+            viewer_id,
+            resumed_from,
+            stop: Some(stop),
+            task: Some(task),
+            ..Viewer::default()
+        });
+        Ok(index)
+    }
+
+    /// Takes in the viewers' reports until `done` holds (within `VIEWER_WAIT`).
+    async fn until(&mut self, what: &str, done: impl Fn(&[Viewer]) -> bool) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + VIEWER_WAIT;
+        while !done(&self.viewers) {
+            match tokio::time::timeout_at(deadline, self.reports.recv()).await {
+                Ok(Some((index, seen))) => self.viewers[index].apply(seen),
+                Ok(None) => bail!("{what}: the viewer reports ended"),
+                Err(_) => {
+                    let so_far: Vec<String> = self.viewers.iter().map(Viewer::summary).collect();
+                    bail!("{what}: not within {VIEWER_WAIT:?}; so far {so_far:?}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a stream as a lost connection would; returns the position of
+    /// the last message it received.
+    async fn drop_connection(&mut self, index: usize) -> anyhow::Result<StreamPosition> {
+        let viewer = &mut self.viewers[index];
+        if let Some(stop) = viewer.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = viewer.task.take().context("the stream has no task")?;
+        tokio::time::timeout(VIEWER_WAIT, task)
+            .await
+            .context("the viewer task did not stop")??;
+        // Everything it received was reported before it stopped.
+        while let Ok((index, seen)) = self.reports.try_recv() {
+            self.viewers[index].apply(seen);
+        }
+        let viewer = &mut self.viewers[index];
+        viewer.dropped = true;
+        viewer.last.context("the dropped stream received nothing")
+    }
+
+    /// Waits until every stream that was not dropped has ended, and for
+    /// their tasks.
+    async fn closed(&mut self) -> anyhow::Result<()> {
+        self.until("every viewer stream ends", |all| {
+            live(all).all(|v| v.closed.is_some())
+        })
+        .await?;
+        for viewer in &mut self.viewers {
+            if let Some(task) = viewer.task.take() {
+                tokio::time::timeout(VIEWER_WAIT, task)
+                    .await
+                    .context("a viewer task did not finish")??;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One viewer's task: reads its stream, prints what it sees, reports it,
+/// until the stream ends or the script drops it.
+async fn follow(
+    (index, viewer_id): (usize, u64),
+    prints: Prints,
+    mut stream: tonic::Streaming<SubscribeResponse>,
+    mut stop: oneshot::Receiver<()>,
+    reports: mpsc::UnboundedSender<(usize, Seen)>,
+) {
+    loop {
+        let seen = tokio::select! {
+            // Sent, or the script is gone: drop the stream.
+            _ = &mut stop => return,
+            message = stream.message() => match message {
+                Ok(Some(message)) => Seen::Message(message),
+                Ok(None) => Seen::Closed(Ok(())),
+                Err(status) => Seen::Closed(Err(status)),
+            },
+        };
+        let edge = match &seen {
+            Seen::Closed(_) => true,
+            Seen::Message(SubscribeResponse { message }) => match message {
+                Some(Message::Started(_)) => true,
+                Some(Message::Event(event)) => {
+                    matches!(event.kind, Some(room_event::Kind::RoomEnded(_)))
+                }
+                None => true,
+            },
+        };
+        if prints == Prints::Everything || edge {
+            println!("  viewer {viewer_id} sees: {}", describe_seen(&seen));
+        }
+        let closed = matches!(seen, Seen::Closed(_));
+        if reports.send((index, seen)).is_err() || closed {
+            return;
+        }
+    }
+}
+
+fn describe_seen(seen: &Seen) -> String {
+    let message = match seen {
+        Seen::Closed(Ok(())) => return "end of stream (OK)".into(),
+        Seen::Closed(Err(status)) => {
+            return format!(
+                "the stream fails: {:?} \"{}\"",
+                status.code(),
+                status.message()
+            );
+        }
+        Seen::Message(SubscribeResponse { message }) => message,
+    };
+    let event = match message {
+        Some(Message::Started(started)) => {
+            let (epoch, offset) = started
+                .position
+                .as_ref()
+                .map_or((0, 0), |p| (p.epoch, p.offset));
+            let mut text = format!("stream started at offset {offset} (epoch {epoch})");
+            if started.recovered || started.epoch_changed || started.replayed > 0 {
+                text.push_str(&format!(
+                    ", recovered: {}, epoch_changed: {}, {} replayed",
+                    started.recovered, started.epoch_changed, started.replayed
+                ));
+            }
+            return text;
+        }
+        Some(Message::Event(event)) => event,
+        None => return "an empty message".into(),
+    };
+    describe_event(event)
+}
+
+fn describe_event(event: &RoomEvent) -> String {
+    let offset = event.offset;
+    match &event.kind {
+        Some(room_event::Kind::Comment(c)) => {
+            format!(
+                "comment from {} {:?} (offset {offset})",
+                c.viewer_id, c.text
+            )
+        }
+        Some(room_event::Kind::Gift(g)) => format!(
+            "gift {} from {}, amount {} (transfer {}, offset {offset})",
+            g.gift_id, g.viewer_id, g.amount, g.transfer_id
+        ),
+        Some(room_event::Kind::LoveTotal(love)) => format!("love total {}", love.total),
+        Some(room_event::Kind::ViewerCount(count)) => format!("viewers {}", count.count),
+        Some(room_event::Kind::RoomEnded(_)) => format!("room ended (offset {offset})"),
+        None => format!("an event without a kind (offset {offset})"),
+    }
+}
+
+/// Publishes one event; returns its position and how many nodes it was handed to.
+async fn publish_event(
+    publish: &mut PublishServiceClient<MeshChannel>,
+    room_id: u64,
+    kind: room_event::Kind,
+    idempotency_key: &str,
+) -> anyhow::Result<(StreamPosition, u64)> {
+    let reply = publish
+        .publish(PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(kind),
+                ..RoomEvent::default()
+            }),
+            idempotency_key: Some(idempotency_key.to_owned()),
+            forwarded_from: None,
+        })
+        .await?
+        .into_inner();
+    let position = reply.position.context("Publish returned no position")?;
+    Ok((position, reply.nodes))
+}
+
+/// Publishes an ordered event, waits until every live viewer has it, and
+/// says where it went.
+async fn publish_seen(
+    publish: &mut PublishServiceClient<MeshChannel>,
+    audience: &mut Audience,
+    kind: room_event::Kind,
+    idempotency_key: &str,
+) -> anyhow::Result<StreamPosition> {
+    let (position, nodes) = publish_event(publish, audience.room_id, kind, idempotency_key).await?;
+    audience
+        .until(
+            &format!("every viewer sees offset {}", position.offset),
+            |all| live(all).all(|v| v.ordered.contains(&position.offset)),
+        )
+        .await?;
+    println!(
+        "  published at offset {}, handed to {nodes} node; every viewer stream has it",
+        position.offset
+    );
+    Ok(position)
+}
+
+/// A viewer's comment, published and seen.
+async fn comment(
+    publish: &mut PublishServiceClient<MeshChannel>,
+    audience: &mut Audience,
+    viewer_id: u64,
+    text: &str,
+    idempotency_key: &str,
+) -> anyhow::Result<StreamPosition> {
+    println!("  viewer {viewer_id} comments {text:?}");
+    let kind = room_event::Kind::Comment(Comment {
+        viewer_id,
+        text: text.to_owned(),
+    });
+    publish_seen(publish, audience, kind, idempotency_key).await
+}
+
 /// The next change on a watch stream, within two seconds.
 async fn next_change(stream: &mut tonic::Streaming<WatchResponse>) -> anyhow::Result<RoomChange> {
-    tokio::time::timeout(std::time::Duration::from_secs(2), stream.message())
+    tokio::time::timeout(Duration::from_secs(2), stream.message())
         .await
         .context("no room change within 2 s")??
         .and_then(|m| m.change)
@@ -307,7 +937,7 @@ async fn await_loves(
     room_id: u64,
     expected: u64,
 ) -> anyhow::Result<u64> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let total = counter
             .get_loves(GetLovesRequest { room_id })
@@ -321,7 +951,7 @@ async fn await_loves(
             );
             return Ok(total);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -3,6 +3,8 @@
 //! This is the only crate that holds generated code; every service and the
 //! all-in-one binary depend on it.
 
+pub mod codec;
+
 /// Package `livemesh.v1`.
 pub mod v1 {
     #![allow(missing_docs, unused_qualifications, clippy::all, clippy::pedantic)]

@@ -94,12 +94,10 @@ impl ServiceSet for SubscribeNode {
                 inner.renew_once().await;
             }
         });
+        // Viewer streams end (UNAVAILABLE, with their resume position) when
+        // shutdown begins, or the drain would wait for them until its timeout.
         let inner = self.inner.clone();
-        let stopping = server.stopping();
-        server.add_background("viewer streams end at shutdown", async move {
-            stopping.signal().await;
-            inner.shut_down().await;
-        });
+        server.add_shutdown_hook(async move { inner.shut_down().await });
     }
 }
 

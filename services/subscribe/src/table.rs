@@ -38,6 +38,8 @@ pub struct NodeSettings {
 /// Counters of what the node did.
 #[derive(Debug, Default)]
 pub struct NodeStats {
+    /// Deliver calls received (for any room).
+    pub deliver_calls: AtomicU64,
     /// Ordered events handed to streams (one per stream).
     pub ordered_delivered: AtomicU64,
     /// Streams ended for falling behind.
@@ -357,6 +359,7 @@ impl NodeInner {
     /// Hands delivered events to the room's streams; returns how many
     /// streams the room has here (0: no viewers on this node).
     pub fn deliver(self: &Arc<Self>, room_id: u64, events: Vec<RoomEvent>) -> u64 {
+        self.stats.deliver_calls.fetch_add(1, Ordering::Relaxed);
         let Some(room) = lock(&self.table).get(&room_id).cloned() else {
             return 0;
         };
@@ -544,6 +547,14 @@ impl NodeInner {
             };
             let report = {
                 let mut state = lock(&room.state);
+                if renewed.epoch > state.epoch && state.epoch != 0 && !state.ended {
+                    // The room's history restarted (the hot store lost it)
+                    // and this node has seen no event of the new epoch yet.
+                    state.epoch = renewed.epoch;
+                    state.released = 0;
+                    state.known_head = 0;
+                    state.pending.clear();
+                }
                 if state.epoch == renewed.epoch && renewed.offset > state.known_head {
                     state.known_head = renewed.offset;
                     if state.gap().is_some() && !state.gap_fill_running {

@@ -1,0 +1,985 @@
+//! Fan-out end to end: 3 subscribe nodes and 2 dispatchers, each its own
+//! server on a loopback port, rooms from a real ongoing-query server, for
+//! each fan-out store: in process, the harness's Redis, its Redis Cluster.
+
+// Helpers outside #[test] functions unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use livemesh_fanout::{FanoutSettings, FanoutStore};
+use livemesh_mesh::{Config, MeshChannel};
+use livemesh_ongoing_query::OngoingQuery;
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
+use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
+use livemesh_proto::v1::{
+    Comment, EndRoomRequest, GiftSent, LoveTotal, PublishRequest, RoomEvent, StartRoomRequest,
+    StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse, room_event,
+    subscribe_response,
+};
+use livemesh_publish::Dispatcher;
+use livemesh_subscribe::SubscribeNode;
+use livemesh_subscribe::stream::{RESUME_EPOCH, RESUME_OFFSET};
+use livemesh_testkit::TestServer;
+use tonic::Streaming;
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+macro_rules! fanout_suite {
+    ($($case:ident),* $(,)?) => {
+        mod memory { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Backend::Memory).await })* }
+        mod redis { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Backend::Redis).await })* }
+        mod cluster { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Backend::Cluster).await })* }
+    };
+}
+
+fanout_suite!(
+    only_nodes_with_viewers_get_deliver,
+    a_killed_stream_resumes_with_every_ordered_event_once_in_order,
+    resumes_under_concurrent_publishing_have_no_gap_and_no_duplicate,
+    a_slow_consumer_gets_the_latest_love_total_not_a_backlog,
+    an_overflowing_stream_ends_with_its_resume_position,
+    viewer_counts_add_up_across_nodes,
+    room_end_closes_the_streams_and_the_registrations,
+    cross_datacenter_forwarding_delivers_once,
+    bad_requests_get_precise_codes,
+    a_dead_nodes_registration_expires,
+);
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn store(backend: Backend, phase: &str) -> FanoutStore {
+    let settings = FanoutSettings {
+        phase: phase.to_owned(),
+        ..FanoutSettings::default()
+    };
+    match backend {
+        Backend::Memory => FanoutStore::memory(settings),
+        Backend::Redis => FanoutStore::redis(&livemesh_testkit::redis_url(), settings).unwrap(),
+        Backend::Cluster => {
+            FanoutStore::redis(&livemesh_testkit::redis_cluster_urls().join(","), settings).unwrap()
+        }
+    }
+}
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    rooms: TestServer,
+    store: FanoutStore,
+    phase: String,
+    nodes: Vec<(TestServer, SubscribeNode)>,
+    dispatchers: Vec<(TestServer, Dispatcher)>,
+    admin: RoomAdminServiceClient<MeshChannel>,
+}
+
+/// The settings every test mesh uses: fast reports, small queues.
+fn base_config(dir: &std::path::Path, rooms: &TestServer) -> Config {
+    let mut config = Config {
+        data_dir: dir.to_owned(),
+        ..Config::default()
+    };
+    config.subscribe.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.subscribe.report_interval_ms = 100;
+    config.subscribe.lease_ms = 1_000;
+    config.subscribe.gap_wait_ms = 20;
+    config.subscribe.queue_len = 32;
+    config
+}
+
+async fn start_rooms(dir: &std::path::Path) -> TestServer {
+    let config = Config {
+        data_dir: dir.to_owned(),
+        ..Config::default()
+    };
+    TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await
+}
+
+async fn start_dispatcher(config: &Config, store: &FanoutStore) -> (TestServer, Dispatcher) {
+    let mut handle = None;
+    let server = TestServer::start_with(|addr| {
+        let mut config = config.clone();
+        config.listen = addr;
+        let dispatcher = Dispatcher::from_config(&config, store.clone());
+        handle = dispatcher.as_ref().ok().cloned();
+        async move { dispatcher }
+    })
+    .await;
+    (server, handle.unwrap())
+}
+
+async fn start_node(
+    config: &Config,
+    store: &FanoutStore,
+    dispatcher: &TestServer,
+) -> (TestServer, SubscribeNode) {
+    let mut handle = None;
+    let server = TestServer::start_with(|addr| {
+        let mut config = config.clone();
+        config.listen = addr;
+        config.subscribe.publish_url = format!("http://{}", dispatcher.addr);
+        let node = SubscribeNode::from_config(&config, store.clone());
+        handle = node.as_ref().ok().cloned();
+        async move { node }
+    })
+    .await;
+    (server, handle.unwrap())
+}
+
+async fn mesh(backend: Backend) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let rooms = start_rooms(dir.path()).await;
+    let config = base_config(dir.path(), &rooms);
+    // Every test's rooms start at id 1: a key phase of its own keeps them
+    // apart on the shared Redis.
+    let phase = livemesh_testkit::unique_name("fan");
+    let store = store(backend, &phase);
+    let mut dispatchers = Vec::new();
+    for _ in 0..2 {
+        dispatchers.push(start_dispatcher(&config, &store).await);
+    }
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(start_node(&config, &store, &dispatchers[i % 2].0).await);
+    }
+    Mesh {
+        admin: RoomAdminServiceClient::new(rooms.channel()),
+        _dir: dir,
+        rooms,
+        store,
+        phase,
+        nodes,
+        dispatchers,
+    }
+}
+
+impl Mesh {
+    async fn start_room(&mut self) -> u64 {
+        start_room(&mut self.admin).await
+    }
+
+    fn node(&self, i: usize) -> SubscribeServiceClient<MeshChannel> {
+        SubscribeServiceClient::new(self.nodes[i].0.channel())
+    }
+
+    fn dispatcher(&self, i: usize) -> PublishServiceClient<MeshChannel> {
+        PublishServiceClient::new(self.dispatchers[i].0.channel())
+    }
+
+    async fn comment(&self, via: usize, room_id: u64, text: &str) -> StreamPosition {
+        publish(&mut self.dispatcher(via), room_id, comment(text), None)
+            .await
+            .unwrap()
+    }
+}
+
+async fn start_room(admin: &mut RoomAdminServiceClient<MeshChannel>) -> u64 {
+    admin
+        .start_room(StartRoomRequest { anchor_id: 1 })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap()
+        .room_id
+}
+
+fn comment(text: &str) -> room_event::Kind {
+    room_event::Kind::Comment(Comment {
+        viewer_id: 9,
+        text: text.to_owned(),
+    })
+}
+
+async fn publish(
+    client: &mut PublishServiceClient<MeshChannel>,
+    room_id: u64,
+    kind: room_event::Kind,
+    key: Option<&str>,
+) -> Result<StreamPosition, tonic::Status> {
+    let reply = client
+        .publish(PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(kind),
+                ..RoomEvent::default()
+            }),
+            idempotency_key: key.map(str::to_owned),
+            forwarded_from: None,
+        })
+        .await?;
+    Ok(reply.into_inner().position.unwrap())
+}
+
+/// A viewer's open stream and its start message.
+struct Viewer {
+    stream: Streaming<SubscribeResponse>,
+    started: StreamStarted,
+}
+
+async fn subscribe(
+    client: &mut SubscribeServiceClient<MeshChannel>,
+    room_id: u64,
+    resume: Option<StreamPosition>,
+) -> Result<Viewer, tonic::Status> {
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            room_id,
+            viewer_id: 7,
+            resume,
+        })
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("the start message in time")?
+        .expect("a start message");
+    let Some(subscribe_response::Message::Started(started)) = first.message else {
+        panic!("the first message must be `started`, got {first:?}");
+    };
+    Ok(Viewer { stream, started })
+}
+
+impl Viewer {
+    /// The next event; panics if none arrives in time.
+    async fn next(&mut self) -> Result<Option<RoomEvent>, tonic::Status> {
+        let message = tokio::time::timeout(WAIT, self.stream.message())
+            .await
+            .expect("an event in time")?;
+        Ok(message.map(|m| match m.message {
+            Some(subscribe_response::Message::Event(event)) => event,
+            other => panic!("expected an event, got {other:?}"),
+        }))
+    }
+
+    /// The next ordered event (skipping love totals and viewer counts).
+    async fn next_ordered(&mut self) -> RoomEvent {
+        loop {
+            let event = self.next().await.unwrap().expect("the stream went on");
+            if !matches!(
+                event.kind,
+                Some(room_event::Kind::LoveTotal(_) | room_event::Kind::ViewerCount(_))
+            ) {
+                return event;
+            }
+        }
+    }
+
+    /// Reads until `until` holds for an event; returns that event.
+    async fn until(&mut self, until: impl Fn(&RoomEvent) -> bool) -> RoomEvent {
+        loop {
+            let event = self.next().await.unwrap().expect("the stream went on");
+            if until(&event) {
+                return event;
+            }
+        }
+    }
+}
+
+fn text_of(event: &RoomEvent) -> &str {
+    match &event.kind {
+        Some(room_event::Kind::Comment(c)) => &c.text,
+        other => panic!("expected a comment, got {other:?}"),
+    }
+}
+
+async fn only_nodes_with_viewers_get_deliver(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room_a = mesh.start_room().await;
+    let room_b = mesh.start_room().await;
+    let mut on_a = subscribe(&mut mesh.node(0), room_a, None).await.unwrap();
+    let mut on_b1 = subscribe(&mut mesh.node(1), room_b, None).await.unwrap();
+    let mut on_b2 = subscribe(&mut mesh.node(2), room_b, None).await.unwrap();
+    let calls = |mesh: &Mesh, i: usize| {
+        mesh.nodes[i]
+            .1
+            .inner()
+            .stats
+            .deliver_calls
+            .load(Ordering::Relaxed)
+    };
+    let before: Vec<u64> = (0..3).map(|i| calls(&mesh, i)).collect();
+
+    let reply = mesh
+        .dispatcher(0)
+        .publish(PublishRequest {
+            room_id: room_a,
+            event: Some(RoomEvent {
+                kind: Some(comment("for a")),
+                ..RoomEvent::default()
+            }),
+            ..PublishRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.nodes, 1, "room a has viewers on one node");
+    assert_eq!(text_of(&on_a.next_ordered().await), "for a");
+    assert_eq!(
+        calls(&mesh, 0),
+        before[0] + 1,
+        "node 0 holds room a's viewer"
+    );
+    assert_eq!(calls(&mesh, 1), before[1], "node 1 has no viewer of room a");
+    assert_eq!(calls(&mesh, 2), before[2], "node 2 has no viewer of room a");
+
+    let position = mesh.comment(1, room_b, "for b").await;
+    assert_eq!(position.offset, 1, "room b's history is its own");
+    assert_eq!(text_of(&on_b1.next_ordered().await), "for b");
+    assert_eq!(text_of(&on_b2.next_ordered().await), "for b");
+    assert_eq!(
+        calls(&mesh, 0),
+        before[0] + 1,
+        "node 0 has no viewer of room b"
+    );
+    assert_eq!(calls(&mesh, 1), before[1] + 1);
+    assert_eq!(calls(&mesh, 2), before[2] + 1);
+}
+
+async fn a_killed_stream_resumes_with_every_ordered_event_once_in_order(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut viewer = subscribe(&mut mesh.node(0), room, None).await.unwrap();
+    for i in 1..=3 {
+        mesh.comment(i % 2, room, &format!("c{i}")).await;
+    }
+    let mut last = None;
+    for i in 1..=3 {
+        let event = viewer.next_ordered().await;
+        assert_eq!(text_of(&event), format!("c{i}"));
+        last = Some(StreamPosition {
+            epoch: event.epoch,
+            offset: event.offset,
+        });
+    }
+    drop(viewer); // the connection dies mid-room
+    for i in 4..=8 {
+        mesh.comment(i % 2, room, &format!("c{i}")).await;
+    }
+    // Resume on another node.
+    let mut viewer = subscribe(&mut mesh.node(1), room, last).await.unwrap();
+    assert!(viewer.started.recovered, "{:?}", viewer.started);
+    assert!(!viewer.started.epoch_changed);
+    assert_eq!(viewer.started.replayed, 5);
+    mesh.comment(0, room, "c9").await;
+    for i in 4..=9 {
+        let event = viewer.next_ordered().await;
+        assert_eq!(text_of(&event), format!("c{i}"), "in order, once");
+        assert_eq!(event.offset, i);
+    }
+    // A gift is ordered too, and nothing else is pending.
+    publish(
+        &mut mesh.dispatcher(1),
+        room,
+        room_event::Kind::Gift(GiftSent {
+            viewer_id: 3,
+            gift_id: 1,
+            amount: 50,
+            transfer_id: "t-1".into(),
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    let gift = viewer.next_ordered().await;
+    assert!(
+        matches!(gift.kind, Some(room_event::Kind::Gift(_))),
+        "{gift:?}"
+    );
+    assert_eq!(gift.offset, 10);
+}
+
+async fn resumes_under_concurrent_publishing_have_no_gap_and_no_duplicate(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    const PUBLISHERS: u64 = 4;
+    const EACH: u64 = 50;
+    let total = PUBLISHERS * EACH;
+    let mut viewer = subscribe(&mut mesh.node(0), room, None).await.unwrap();
+    let mut publishers = tokio::task::JoinSet::new();
+    for p in 0..PUBLISHERS {
+        let mut client = mesh.dispatcher(usize::try_from(p % 2).unwrap());
+        publishers.spawn(async move {
+            for i in 0..EACH {
+                publish(&mut client, room, comment(&format!("p{p}-{i}")), None)
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    // Read, dropping the stream every 17 events and resuming on the next node.
+    let mut seen = Vec::new();
+    let mut node = 0;
+    while (seen.len() as u64) < total {
+        let event = viewer.next_ordered().await;
+        seen.push(event.offset);
+        if seen.len() % 17 == 0 {
+            node = (node + 1) % 3;
+            let resume = StreamPosition {
+                epoch: event.epoch,
+                offset: event.offset,
+            };
+            viewer = subscribe(&mut mesh.node(node), room, Some(resume))
+                .await
+                .unwrap();
+            assert!(viewer.started.recovered, "{:?}", viewer.started);
+        }
+    }
+    while let Some(done) = publishers.join_next().await {
+        done.unwrap();
+    }
+    let expected: Vec<u64> = (1..=total).collect();
+    assert_eq!(seen, expected, "every event once, in offset order");
+}
+
+/// A client whose HTTP/2 windows are tiny, so that a stream it does not
+/// read backs up on the server after a few messages.
+async fn slow_client(server: &TestServer) -> SubscribeServiceClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(256))
+        .initial_connection_window_size(Some(256))
+        .connect()
+        .await
+        .unwrap();
+    SubscribeServiceClient::new(channel)
+}
+
+async fn a_slow_consumer_gets_the_latest_love_total_not_a_backlog(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut client = slow_client(&mesh.nodes[0].0).await;
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            room_id: room,
+            viewer_id: 7,
+            resume: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Not reading: every total below is published while the viewer stalls.
+    let mut dispatcher = mesh.dispatcher(0);
+    for total in 1..=500 {
+        let kind = room_event::Kind::LoveTotal(LoveTotal { total });
+        publish(&mut dispatcher, room, kind, None).await.unwrap();
+    }
+    // A marker after the totals: once it arrives, everything before it has.
+    mesh.comment(0, room, "marker").await;
+    let mut totals = Vec::new();
+    loop {
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match message.message {
+            Some(subscribe_response::Message::Event(event)) => match event.kind {
+                Some(room_event::Kind::LoveTotal(t)) => totals.push(t.total),
+                Some(room_event::Kind::Comment(_)) => break,
+                _ => {}
+            },
+            _ => continue,
+        }
+    }
+    // The marker is ordered and goes first when both wait; the newest total
+    // may still follow it.
+    if totals.last() != Some(&500) {
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(subscribe_response::Message::Event(event)) = message.message
+            && let Some(room_event::Kind::LoveTotal(t)) = event.kind
+        {
+            totals.push(t.total);
+        }
+    }
+    assert_eq!(
+        totals.last(),
+        Some(&500),
+        "the newest total arrives: {totals:?}"
+    );
+    assert!(
+        totals.len() < 50,
+        "a stalled viewer gets a few totals, not the backlog of 500: {} arrived",
+        totals.len()
+    );
+    assert!(totals.windows(2).all(|w| w[0] < w[1]), "{totals:?}");
+}
+
+async fn an_overflowing_stream_ends_with_its_resume_position(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut client = slow_client(&mesh.nodes[0].0).await;
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            room_id: room,
+            viewer_id: 7,
+            resume: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let total = 200; // the test queue holds 32
+    for i in 1..=total {
+        mesh.comment(0, room, &format!("c{i}")).await;
+    }
+    let mut seen = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(WAIT, stream.message()).await.unwrap() {
+            Ok(Some(message)) => {
+                if let Some(subscribe_response::Message::Event(event)) = message.message {
+                    seen.push(event.offset);
+                }
+            }
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("resume"), "{}", status.message());
+    let read = |key: &str| -> u64 {
+        status
+            .metadata()
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} in the trailers"))
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let resume = StreamPosition {
+        epoch: read(RESUME_EPOCH),
+        offset: read(RESUME_OFFSET),
+    };
+    assert_eq!(resume.offset, seen.last().copied().unwrap_or(0));
+    assert!(
+        (seen.len() as u64) < total,
+        "the stream overflowed before the end"
+    );
+    let mut viewer = subscribe(&mut mesh.node(1), room, Some(resume))
+        .await
+        .unwrap();
+    assert!(viewer.started.recovered);
+    while (seen.len() as u64) < total {
+        seen.push(viewer.next_ordered().await.offset);
+    }
+    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+    assert!(
+        mesh.nodes[0]
+            .1
+            .inner()
+            .stats
+            .overflows
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+}
+
+async fn viewer_counts_add_up_across_nodes(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut viewers = Vec::new();
+    for (node, streams) in [(0, 2), (1, 3), (2, 1)] {
+        for _ in 0..streams {
+            viewers.push(subscribe(&mut mesh.node(node), room, None).await.unwrap());
+        }
+    }
+    let is_six =
+        |e: &RoomEvent| matches!(e.kind, Some(room_event::Kind::ViewerCount(c)) if c.count == 6);
+    // Every viewer, on every node, sees the room's total.
+    for viewer in &mut viewers {
+        viewer.until(is_six).await;
+    }
+    // One leaves: the total follows.
+    viewers.pop();
+    let is_five =
+        |e: &RoomEvent| matches!(e.kind, Some(room_event::Kind::ViewerCount(c)) if c.count == 5);
+    viewers[0].until(is_five).await;
+}
+
+async fn room_end_closes_the_streams_and_the_registrations(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut v0 = subscribe(&mut mesh.node(0), room, None).await.unwrap();
+    let mut v2 = subscribe(&mut mesh.node(2), room, None).await.unwrap();
+    let last = mesh.comment(0, room, "before the end").await;
+    assert_eq!(
+        mesh.store
+            .nodes(room, livemesh_mesh::now_ms())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    for viewer in [&mut v0, &mut v2] {
+        assert_eq!(text_of(&viewer.next_ordered().await), "before the end");
+        let end = viewer.next_ordered().await;
+        assert!(
+            matches!(end.kind, Some(room_event::Kind::RoomEnded(_))),
+            "{end:?}"
+        );
+        assert_eq!(end.offset, last.offset + 1);
+        // The stream then ends cleanly (OK, no more events).
+        loop {
+            match viewer.next().await {
+                Ok(None) => break,
+                Ok(Some(e)) if !matches!(e.kind, Some(room_event::Kind::RoomEnded(_))) => {
+                    assert!(
+                        matches!(
+                            e.kind,
+                            Some(room_event::Kind::ViewerCount(_) | room_event::Kind::LoveTotal(_))
+                        ),
+                        "only latest values may trail the end: {e:?}"
+                    );
+                }
+                other => panic!("expected the stream to end, got {other:?}"),
+            }
+        }
+    }
+    // The nodes' registrations go away.
+    let deadline = Instant::now() + WAIT;
+    while !mesh
+        .store
+        .nodes(room, livemesh_mesh::now_ms())
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "registrations outlived the room");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing more is published, and a new viewer is told why.
+    let err = publish(&mut mesh.dispatcher(1), room, comment("late"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err = subscribe(&mut mesh.node(1), room, None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    // A viewer who lost its stream before the end still gets the rest.
+    let mut late = subscribe(&mut mesh.node(1), room, Some(last))
+        .await
+        .unwrap();
+    let end = late.next_ordered().await;
+    assert!(matches!(end.kind, Some(room_event::Kind::RoomEnded(_))));
+    assert!(late.next().await.unwrap().is_none());
+}
+
+async fn cross_datacenter_forwarding_delivers_once(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    // One rooms service serves both datacenters here (room ids are global).
+    let rooms = start_rooms(dir.path()).await;
+    let config = base_config(dir.path(), &rooms);
+    let stores = [
+        store(backend, &livemesh_testkit::unique_name("dc1")),
+        store(backend, &livemesh_testkit::unique_name("dc2")),
+    ];
+    // Bind both dispatchers first: each names the other as its peer.
+    let listeners = [
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+    ];
+    let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    drop(listeners);
+    let mut dispatchers = Vec::new();
+    let mut servers = Vec::new();
+    for dc in 0..2 {
+        let mut config = config.clone();
+        config.listen = addrs[dc];
+        config.publish.datacenter = format!("dc{}", dc + 1);
+        config.publish.peers = vec![format!("http://{}", addrs[1 - dc])];
+        let dispatcher = Dispatcher::from_config(&config, stores[dc].clone()).unwrap();
+        let server = livemesh_mesh::server::LocalServer::start(dispatcher.clone(), addrs[dc])
+            .await
+            .unwrap();
+        dispatchers.push(dispatcher);
+        servers.push(server);
+    }
+    let mut nodes = Vec::new();
+    for dc in 0..2 {
+        let mut handle = None;
+        let server = TestServer::start_with(|addr| {
+            let mut config = config.clone();
+            config.listen = addr;
+            config.subscribe.publish_url = format!("http://{}", addrs[dc]);
+            let node = SubscribeNode::from_config(&config, stores[dc].clone());
+            handle = node.as_ref().ok().cloned();
+            async move { node }
+        })
+        .await;
+        nodes.push(server);
+    }
+    let mut admin = RoomAdminServiceClient::new(rooms.channel());
+    let room = start_room(&mut admin).await;
+    let mut viewers = Vec::new();
+    for node in &nodes {
+        let mut client = SubscribeServiceClient::new(node.channel());
+        viewers.push(subscribe(&mut client, room, None).await.unwrap());
+    }
+    let stack = livemesh_mesh::ClientStack::new(&config.client);
+    let mut clients: Vec<_> = addrs
+        .iter()
+        .map(|a| PublishServiceClient::new(stack.channel(&format!("http://{a}")).unwrap()))
+        .collect();
+    for i in 0..10 {
+        for (dc, client) in clients.iter_mut().enumerate() {
+            publish(client, room, comment(&format!("dc{dc}-{i}")), None)
+                .await
+                .unwrap();
+        }
+    }
+    // A retried publish (same key) is forwarded once too.
+    for _ in 0..2 {
+        publish(&mut clients[0], room, comment("keyed"), Some("k-1"))
+            .await
+            .unwrap();
+    }
+    for (dc, client) in clients.iter_mut().enumerate() {
+        publish(client, room, comment(&format!("end-{dc}")), None)
+            .await
+            .unwrap();
+    }
+    for viewer in &mut viewers {
+        let mut texts = Vec::new();
+        let mut ends = 0;
+        while ends < 2 {
+            let event = viewer.next_ordered().await;
+            let text = text_of(&event).to_owned();
+            if text.starts_with("end-") {
+                ends += 1;
+            }
+            texts.push(text);
+        }
+        let unique: HashSet<&String> = texts.iter().collect();
+        assert_eq!(unique.len(), texts.len(), "no duplicates: {texts:?}");
+        assert_eq!(
+            texts.len(),
+            23,
+            "20 comments, the keyed one, 2 markers: {texts:?}"
+        );
+    }
+    // Each dispatcher forwarded its own 12 publishes (11 for dc2) and none
+    // of the other's: no loops.
+    let forwarded = |d: &Dispatcher| d.inner().stats.forwarded.load(Ordering::Relaxed);
+    let deadline = Instant::now() + WAIT;
+    while forwarded(&dispatchers[0]) < 12 || forwarded(&dispatchers[1]) < 11 {
+        assert!(Instant::now() < deadline, "forwarding did not finish");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(forwarded(&dispatchers[0]), 12);
+    assert_eq!(forwarded(&dispatchers[1]), 11);
+    for server in servers {
+        server.stop().await.unwrap();
+    }
+}
+
+async fn bad_requests_get_precise_codes(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut node = mesh.node(0);
+    let code = |r: Result<Viewer, tonic::Status>| r.err().unwrap().code();
+    assert_eq!(
+        code(subscribe(&mut node, 0, None).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(subscribe(&mut node, room + 1_000, None).await),
+        tonic::Code::NotFound
+    );
+    let zero_epoch = Some(StreamPosition {
+        epoch: 0,
+        offset: 3,
+    });
+    assert_eq!(
+        code(subscribe(&mut node, room, zero_epoch).await),
+        tonic::Code::InvalidArgument
+    );
+    let mut dispatcher = mesh.dispatcher(0);
+    let cases: Vec<(Option<room_event::Kind>, &str)> = vec![
+        (None, "kind"),
+        (Some(comment("")), "empty"),
+        (Some(comment(&"x".repeat(2_001))), "2001 characters"),
+        (
+            Some(room_event::Kind::Gift(GiftSent {
+                amount: 0,
+                ..GiftSent::default()
+            })),
+            "amount",
+        ),
+    ];
+    for (kind, needle) in cases {
+        let err = dispatcher
+            .publish(PublishRequest {
+                room_id: room,
+                event: Some(RoomEvent {
+                    kind,
+                    ..RoomEvent::default()
+                }),
+                ..PublishRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(needle), "{}", err.message());
+    }
+    let err = publish(&mut dispatcher, 0, comment("x"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // Nothing was stored by the refused publishes.
+    let first = mesh.comment(0, room, "first").await;
+    assert_eq!(first.offset, 1);
+    // Same key again: the first position, nothing new.
+    let a = publish(&mut dispatcher, room, comment("k"), Some("key"))
+        .await
+        .unwrap();
+    let b = publish(&mut dispatcher, room, comment("k"), Some("key"))
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+    assert_eq!(mesh.comment(1, room, "next").await.offset, a.offset + 1);
+}
+
+async fn a_dead_nodes_registration_expires(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let _viewer = subscribe(&mut mesh.node(0), room, None).await.unwrap();
+    // A node that registered and died: nothing listens at its address.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let now = livemesh_mesh::now_ms();
+    mesh.store.join(room, &dead, 4, 300, now).await.unwrap();
+    let nodes = mesh.store.nodes(room, now).await.unwrap();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    let reply = mesh
+        .dispatcher(0)
+        .publish(PublishRequest {
+            room_id: room,
+            event: Some(RoomEvent {
+                kind: Some(comment("while the dead node is listed")),
+                ..RoomEvent::default()
+            }),
+            ..PublishRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.nodes, 1, "only the live node answered");
+    // Its lease ends: it is no longer listed.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let nodes = mesh
+            .store
+            .nodes(room, livemesh_mesh::now_ms())
+            .await
+            .unwrap();
+        if nodes == vec![mesh.nodes[0].1.inner().settings.node_id.clone()] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead node stayed listed: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = &mesh.rooms;
+}
+
+/// Redis loses a room's keys (a restart without persistence, an eviction):
+/// the next publish starts a new epoch, live viewers get its events, and a
+/// resume from the old epoch is told that its history is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_history_starts_a_new_epoch_and_resume_says_so() {
+    let mut mesh = mesh(Backend::Redis).await;
+    let room = mesh.start_room().await;
+    let mut viewer = subscribe(&mut mesh.node(0), room, None).await.unwrap();
+    let first = mesh.comment(0, room, "before").await;
+    assert_eq!(text_of(&viewer.next_ordered().await), "before");
+
+    let redis = ::redis::Client::open(livemesh_testkit::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("fanout|{}|{{room:{room}}}|*", mesh.phase);
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the room has keys under {pattern}");
+    let _: () = ::redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let second = mesh.comment(1, room, "after").await;
+    assert_ne!(second.epoch, first.epoch, "a new epoch");
+    assert_eq!(second.offset, 1, "offsets start over");
+    // The node re-registers on its next renewal, notices the new epoch and
+    // fetches what it missed.
+    let event = viewer.next_ordered().await;
+    assert_eq!(text_of(&event), "after");
+    assert_eq!((event.epoch, event.offset), (second.epoch, 1));
+
+    let resumed = subscribe(&mut mesh.node(1), room, Some(first))
+        .await
+        .unwrap();
+    assert!(resumed.started.epoch_changed, "{:?}", resumed.started);
+    assert!(!resumed.started.recovered);
+    assert_eq!(resumed.started.replayed, 1, "what the new epoch holds");
+}
+
+/// A stopping node ends its streams at once with UNAVAILABLE and where to
+/// resume, instead of holding its drain until the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_ends_its_streams_with_a_resume_position() {
+    let mut mesh = mesh(Backend::Memory).await;
+    let room = mesh.start_room().await;
+    let mut viewer = subscribe(&mut mesh.node(2), room, None).await.unwrap();
+    let sent = mesh.comment(0, room, "hello").await;
+    assert_eq!(text_of(&viewer.next_ordered().await), "hello");
+    let (server, _node) = mesh.nodes.pop().unwrap();
+    let started = Instant::now();
+    let stop = tokio::spawn(server.stop());
+    let status = loop {
+        match viewer.next().await {
+            Err(status) => break status,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without saying where to resume"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let offset: u64 = status
+        .metadata()
+        .get(RESUME_OFFSET)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(offset, sent.offset);
+    stop.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain waited for the streams: {:?}",
+        started.elapsed()
+    );
+}
