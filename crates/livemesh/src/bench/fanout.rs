@@ -337,6 +337,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
             }),
     );
 
+    let load_before = load_average();
     let mut results = Vec::new();
     for layout in &layouts {
         let lm = if livemesh {
@@ -353,7 +354,8 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         results.push((layout, lm, nats));
     }
 
-    print_and_save(&args, rooms, payload, window, &results)
+    let load = (load_before, load_average());
+    print_and_save(&args, rooms, payload, window, load, &results)
 }
 
 // ---------------------------------------------------------------------------
@@ -488,6 +490,14 @@ impl Recorder {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
+}
+
+/// The machine's 1-minute load average (NaN if unknown).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn now_ns() -> u64 {
@@ -709,9 +719,12 @@ async fn paced(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut calls = JoinSet::new();
     let mut sent = 0_u64;
-    while Instant::now() < stop {
+    let scheduled = (window.as_secs_f64() * rate).ceil().max(1.0) as u64;
+    while Instant::now() < stop && sent < scheduled {
         ticker.tick().await;
-        let due = (started.elapsed().as_secs_f64() * rate) as u64 + 1;
+        // Event k is due at k / rate; none scheduled past the window (a
+        // tick can come late when this process is busy receiving).
+        let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(scheduled);
         while sent < due {
             let room = sent as usize % counts.len();
             let fanout = counts[room];
@@ -724,6 +737,7 @@ async fn paced(
             joined??;
         }
     }
+    tokio::time::sleep_until(tokio::time::Instant::from_std(stop)).await;
     let delivered = rec.delivered.load(Ordering::Acquire) - delivered_before;
     let elapsed = started.elapsed().as_secs_f64();
     let (server_cpu_us, client_cpu_us) = cpu.per_delivery(delivered);
@@ -1275,8 +1289,16 @@ fn print_and_save(
     rooms: u64,
     payload: usize,
     window: Duration,
+    load: (f64, f64),
     results: &[(&Layout, Option<Measured>, Option<Measured>)],
 ) -> anyhow::Result<()> {
+    println!(
+        "  machine load average (1 min) before {:.1}, after {:.1}, on {} cores: other work \
+         shares them with the servers and this process",
+        load.0,
+        load.1,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
     println!(
         "  {:<14} {:<9} {:>8} {:>12} {:>8} {:>8} {:>10} {:>8} {:>8} {:>10}",
         "layout",
@@ -1338,6 +1360,8 @@ fn print_and_save(
     put("payload_bytes".into(), payload as f64);
     put("window_s".into(), window.as_secs_f64());
     put("in_flight_fanouts".into(), args.in_flight as f64);
+    put("load_average_before".into(), load.0);
+    put("load_average_after".into(), load.1);
     for (prefix, side) in [("", 0), ("nats_", 1)] {
         let measured: Vec<Measured> = results
             .iter()
