@@ -335,10 +335,10 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         window.as_secs_f64(),
         args.in_flight,
         args.publishers,
-        args.rate
-            .map_or("half of livemesh's saturated event rate".into(), |r| {
-                format!("{r} events/s")
-            }),
+        args.rate.map_or(
+            "half the saturated rate (livemesh's when measured)".into(),
+            |r| { format!("{r} events/s") }
+        ),
     );
 
     let load_before = load_average();
