@@ -3,6 +3,7 @@
 //! machine). Every bench takes `--json FILE` and writes
 //! `{"bench": NAME, "figures": {KEY: number, ...}}`.
 
+mod fanout;
 mod loves;
 mod rooms;
 
@@ -29,12 +30,20 @@ pub enum BenchCommand {
     /// Redis at the same concurrency; and how soon a reader on the other
     /// node sees a love counted.
     Loves(loves::LovesArgs),
+    /// Fan-out: events delivered per second to many concurrent Subscribe
+    /// streams (one hot room, then many rooms) on one subscribe node, a
+    /// `livemesh up` child process, against the same fan-out through NATS
+    /// core pub/sub (the private nats-server of `scripts/bench fanout`);
+    /// publish-to-receive latency at a paced rate, and the node's memory per
+    /// idle stream.
+    Fanout(fanout::FanoutArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Rooms(args) => rooms::run(args).await,
         BenchCommand::Loves(args) => loves::run(args).await,
+        BenchCommand::Fanout(args) => fanout::run(args).await,
     }
 }
 
