@@ -163,8 +163,11 @@ impl ServerBuilder {
         // reply written in several frames waits for the peer's delayed ACK
         // (~40 ms). The builder's `tcp_nodelay` does not reach sockets from
         // our own listener; `TcpIncoming` sets it per connection.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // Writes are coalesced per connection (see `coalesce`).
+        let incoming = futures::StreamExt::map(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            |accepted| accepted.map(crate::coalesce::Coalesce::new),
+        );
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)
             .add_routes(self.routes.routes())
