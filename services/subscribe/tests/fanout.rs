@@ -52,6 +52,7 @@ fanout_suite!(
     cross_datacenter_forwarding_delivers_once,
     bad_requests_get_precise_codes,
     a_dead_nodes_registration_expires,
+    the_last_viewer_leaving_takes_the_node_out_of_the_room,
 );
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -982,4 +983,65 @@ async fn a_stopping_node_ends_its_streams_with_a_resume_position() {
         "the drain waited for the streams: {:?}",
         started.elapsed()
     );
+}
+
+async fn the_last_viewer_leaving_takes_the_node_out_of_the_room(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let first = subscribe(&mut mesh.node(1), room, None).await.unwrap();
+    let second = subscribe(&mut mesh.node(1), room, None).await.unwrap();
+    let node_id = mesh.nodes[1].1.inner().settings.node_id.clone();
+    let listed = |nodes: Vec<String>| nodes.contains(&node_id);
+    assert!(listed(
+        mesh.store
+            .nodes(room, livemesh_mesh::now_ms())
+            .await
+            .unwrap()
+    ));
+    drop(first);
+    // Once the node has seen the cancellation, one viewer is left there and
+    // the node stays registered.
+    let node = mesh.nodes[1].1.inner().clone();
+    let deadline = Instant::now() + WAIT;
+    while node.stream_counts() != vec![(room, 1)] {
+        assert!(Instant::now() < deadline, "{:?}", node.stream_counts());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(listed(
+        mesh.store
+            .nodes(room, livemesh_mesh::now_ms())
+            .await
+            .unwrap()
+    ));
+    let still = subscribe(&mut mesh.node(0), room, None).await.unwrap();
+    drop(second);
+    let deadline = Instant::now() + WAIT;
+    while listed(
+        mesh.store
+            .nodes(room, livemesh_mesh::now_ms())
+            .await
+            .unwrap(),
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "the node stayed registered after its last viewer left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Well before its lease (1 s in these tests) could have ended it.
+    let reply = mesh
+        .dispatcher(1)
+        .publish(PublishRequest {
+            room_id: room,
+            event: Some(RoomEvent {
+                kind: Some(comment("after")),
+                ..RoomEvent::default()
+            }),
+            ..PublishRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.nodes, 1, "only node 0 still holds a viewer");
+    drop(still);
 }
