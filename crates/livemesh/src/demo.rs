@@ -16,13 +16,15 @@ use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
 use livemesh_proto::v1::subscribe_response::Message;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, EndRoomRequest, GetBalanceRequest, GetLovesRequest, GetRoomRequest, GiftSent,
-    ListOngoingRequest, PartitionRequest, PublishRequest, Room, RoomChange, RoomChangeKind,
-    RoomEvent, SendLovesRequest, StartRoomRequest, StreamPosition, StreamStarted, SubscribeRequest,
-    SubscribeResponse, TopLoversRequest, WatchRequest, WatchResponse, room_event,
+    Comment, DepositRequest, EndRoomRequest, GetBalanceRequest, GetLovesRequest, GetRoomRequest,
+    GiftSent, ListOngoingRequest, PartitionRequest, PublishRequest, Room, RoomChange,
+    RoomChangeKind, RoomEvent, SendGiftRequest, SendLovesRequest, SettleRoomRequest,
+    StartRoomRequest, StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse,
+    TopLoversRequest, WatchRequest, WatchResponse, room_event,
 };
 use tokio::sync::{mpsc, oneshot};
 use tonic_health::pb::HealthCheckRequest;
@@ -400,10 +402,64 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
         );
     }
 
-    step("the gift ledger is not in this build yet");
+    step("a viewer tops up and sends a paid gift (GiftsService), in the third room");
+    let mut gifts = GiftsServiceClient::new(channel.clone());
+    let gift_room = rooms[2].room_id;
+    let deposit = gifts
+        .deposit(DepositRequest {
+            idempotency_key: "top-up-501-1".into(),
+            user_id: 501,
+            amount: 1_000,
+        })
+        .await?
+        .into_inner();
+    println!(
+        "  viewer 501 tops up 1000: balance {} (transfer {})",
+        deposit.balance, deposit.transfer_id
+    );
+    for attempt in ["sends", "retries (same idempotency key)"] {
+        let gift = gifts
+            .send_gift(SendGiftRequest {
+                idempotency_key: "gift-501-1".into(),
+                viewer_id: 501,
+                room_id: gift_room,
+                gift_id: 7,
+                amount: 300,
+            })
+            .await?
+            .into_inner();
+        println!(
+            "  viewer 501 {attempt} gift 7 (300) in room {gift_room}: balance {} (transfer {})",
+            gift.balance, gift.transfer_id
+        );
+        ensure!(
+            gift.balance == 700,
+            "the gift was debited once: {}",
+            gift.balance
+        );
+    }
     expect_error(
-        "read a balance",
-        GiftsServiceClient::new(channel.clone()).get_balance(GetBalanceRequest { user_id: 501 }),
+        "a 5000 gift with a 700 balance",
+        gifts.send_gift(SendGiftRequest {
+            idempotency_key: "gift-501-2".into(),
+            viewer_id: 501,
+            room_id: gift_room,
+            gift_id: 9,
+            amount: 5_000,
+        }),
+        tonic::Code::FailedPrecondition,
+    )
+    .await?;
+    let balance = gifts
+        .get_balance(GetBalanceRequest { user_id: 501 })
+        .await?
+        .into_inner()
+        .balance;
+    println!("  GetBalance: viewer 501 has {balance}");
+    expect_error(
+        "settle a room (the Settler is not in this build yet)",
+        SettlementServiceClient::new(channel.clone())
+            .settle_room(SettleRoomRequest { room_id: gift_room }),
         tonic::Code::Unimplemented,
     )
     .await?;

@@ -42,7 +42,7 @@ impl Mesh {
             subscribe: SubscribeNode::from_config(config, fanout.clone())?,
             publish: Dispatcher::from_config(config, fanout)?,
             counter: Counter::from_config(config).await?,
-            gift_settler: GiftSettler,
+            gift_settler: GiftSettler::from_config(config).await?,
         })
     }
 }

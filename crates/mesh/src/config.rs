@@ -55,6 +55,7 @@ pub struct Config {
     pub fanout: FanoutConfig,
     pub subscribe: SubscribeConfig,
     pub publish: PublishConfig,
+    pub gifts: GiftsConfig,
 }
 
 impl Default for Config {
@@ -72,6 +73,41 @@ impl Default for Config {
             fanout: FanoutConfig::default(),
             subscribe: SubscribeConfig::default(),
             publish: PublishConfig::default(),
+            gifts: GiftsConfig::default(),
+        }
+    }
+}
+
+/// Paid gifts and their settlement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GiftsConfig {
+    /// The balance shards' databases, in shard order (a user's shard is a
+    /// stable function of the user id and this list's length, so the list
+    /// never changes length once money is in it). Empty: `shards` SQLite
+    /// files `gifts-shard-<n>.db` under the data dir.
+    pub shard_urls: Vec<String>,
+    /// How many SQLite shards the embedded default uses.
+    pub shards: u32,
+    /// A room's virtual account is split over this many rows per shard, so
+    /// that concurrent gifts to a hot room do not queue on one row.
+    pub room_subaccounts: u32,
+    /// ongoing-query, for room lookups and the Watch of starts and ends.
+    /// Empty: this process's own address.
+    pub ongoing_query_url: String,
+    /// The dispatcher committed gifts are published through. Empty: this
+    /// process's own address.
+    pub publish_url: String,
+}
+
+impl Default for GiftsConfig {
+    fn default() -> Self {
+        Self {
+            shard_urls: Vec::new(),
+            shards: 4,
+            room_subaccounts: 8,
+            ongoing_query_url: String::new(),
+            publish_url: String::new(),
         }
     }
 }
@@ -427,6 +463,7 @@ impl Config {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("publish.peers")
+                .with_list_parse_key("gifts.shard_urls")
                 .source(Some(env.clone())),
         );
         for (key, value) in &sources.overrides {
@@ -451,11 +488,14 @@ impl Config {
             || sub.max_streams_per_connection == 0
             || self.fanout.history_len == 0
             || self.publish.deliver_timeout_ms == 0
+            || self.gifts.shards == 0
+            || self.gifts.room_subaccounts == 0
         {
             return invalid(
                 "subscribe.queue_len, report_interval_ms, gap_wait_ms, \
                  max_streams_per_connection, fanout.history_len and \
-                 publish.deliver_timeout_ms must be at least 1",
+                 publish.deliver_timeout_ms, gifts.shards and gifts.room_subaccounts must be at \
+                 least 1",
             );
         }
         if sub.lease_ms < 2 * sub.report_interval_ms {

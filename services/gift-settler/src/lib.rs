@@ -1,91 +1,193 @@
-//! `gift-settler`: gifts, balances and settlement.
+//! `gift-settler`: paid gifts through per-room virtual accounts in sharded
+//! balance databases, after seed `scalable-live-interactive-service-part2`
+//! ("Account Transporting").
 //!
-//! The gift-settler issue builds the sharded ledger; until then the service
-//! serves health and reflection and answers its RPCs with `UNIMPLEMENTED`
-//! naming that work.
+//! A user's balance lives in one shard ([`shard_of`]). When a room starts
+//! (ongoing-query's Watch), its virtual account is opened in every shard,
+//! split over `room_subaccounts` rows so a hot room's gifts do not queue on
+//! one row. `SendGift` is ONE local transaction in the viewer's shard:
+//! debit the viewer, credit one of the room's sub-accounts there, append
+//! both ledger entries ([`ledger`]). When the room ends, each shard stops
+//! taking its gifts.
+//!
+//! This build takes deposits and gifts; moving the virtual accounts to the
+//! streamer (the Settler), reconciliation and the ledger export arrive with
+//! the rest of issue 6 and answer `UNIMPLEMENTED` until then.
 
-use futures::stream::BoxStream;
+pub mod grpc;
+pub mod ledger;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use livemesh_mesh::rooms::{RoomDirectory, RoomInfo};
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
-use livemesh_mesh::{ShutdownSignal, not_yet_implemented};
-use livemesh_proto::v1::gifts_service_server::{GiftsService, GiftsServiceServer};
-use livemesh_proto::v1::settlement_service_server::{SettlementService, SettlementServiceServer};
-use livemesh_proto::v1::{
-    DepositRequest, DepositResponse, ExportLedgerRequest, ExportLedgerResponse, GetBalanceRequest,
-    GetBalanceResponse, GetSettlementRequest, GetSettlementResponse, ReconcileRequest,
-    ReconcileResponse, SendGiftRequest, SendGiftResponse, SettleRoomRequest, SettleRoomResponse,
-};
-use tonic::{Request, Response, Status};
+use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
+use livemesh_proto::v1::RoomChangeKind;
+use livemesh_proto::v1::gifts_service_server::GiftsServiceServer;
+use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
+use livemesh_proto::v1::settlement_service_server::SettlementServiceServer;
 
-const OWNER: &str = "the gift-settler work (issue 6)";
+use crate::ledger::Shard;
 
-/// The gift and settlement service.
-#[derive(Debug, Clone, Default)]
-pub struct GiftSettler;
+/// The shard holding `user_id`'s balance among `shards`: a stable hash
+/// (splitmix64) of the id, so consecutive ids spread evenly.
+pub fn shard_of(user_id: u64, shards: usize) -> usize {
+    let mut z = user_id.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    // The remainder is below `shards`, a usize.
+    usize::try_from(z % shards.max(1) as u64).unwrap_or(0)
+}
 
-#[tonic::async_trait]
-impl GiftsService for GiftSettler {
-    async fn deposit(
-        &self,
-        _request: Request<DepositRequest>,
-    ) -> Result<Response<DepositResponse>, Status> {
-        Err(not_yet_implemented("GiftsService.Deposit", OWNER))
+/// The gift-settler's shared state.
+#[derive(Debug)]
+pub struct Inner {
+    pub shards: Vec<Shard>,
+    pub subaccounts: u32,
+    pub rooms: RoomDirectory,
+    publish: PublishServiceClient<MeshChannel>,
+    watch: OngoingQueryServiceClient<MeshChannel>,
+}
+
+impl Inner {
+    /// The shard of a user.
+    pub fn shard(&self, user_id: u64) -> &Shard {
+        &self.shards[shard_of(user_id, self.shards.len())]
     }
 
-    async fn send_gift(
-        &self,
-        _request: Request<SendGiftRequest>,
-    ) -> Result<Response<SendGiftResponse>, Status> {
-        Err(not_yet_implemented("GiftsService.SendGift", OWNER))
+    /// Opens the room's virtual accounts in every shard.
+    pub async fn open_room(&self, room_id: u64) -> Result<(), sqlx::Error> {
+        let now = livemesh_mesh::now_ms();
+        for shard in &self.shards {
+            shard.open_room(room_id, self.subaccounts, now).await?;
+        }
+        Ok(())
     }
 
-    async fn get_balance(
-        &self,
-        _request: Request<GetBalanceRequest>,
-    ) -> Result<Response<GetBalanceResponse>, Status> {
-        Err(not_yet_implemented("GiftsService.GetBalance", OWNER))
+    /// Stops the room taking gifts in every shard.
+    pub async fn end_room(&self, room_id: u64) -> Result<(), sqlx::Error> {
+        let now = livemesh_mesh::now_ms();
+        for shard in &self.shards {
+            shard.end_room(room_id, now).await?;
+        }
+        Ok(())
     }
 }
 
-#[tonic::async_trait]
-impl SettlementService for GiftSettler {
-    type ExportLedgerStream = BoxStream<'static, Result<ExportLedgerResponse, Status>>;
+/// The gift-settler service.
+#[derive(Debug, Clone)]
+pub struct GiftSettler {
+    inner: Arc<Inner>,
+}
 
-    async fn settle_room(
-        &self,
-        _request: Request<SettleRoomRequest>,
-    ) -> Result<Response<SettleRoomResponse>, Status> {
-        Err(not_yet_implemented("SettlementService.SettleRoom", OWNER))
+impl GiftSettler {
+    /// Opens the balance shards (`gifts.shard_urls`, else SQLite files
+    /// under the data dir) and points the clients at ongoing-query and the
+    /// dispatcher (by default this process's own address).
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let g = &config.gifts;
+        let urls: Vec<String> = if g.shard_urls.is_empty() {
+            (0..g.shards)
+                .map(|n| config.sqlite_url(&format!("gifts-shard-{n}.db")))
+                .collect()
+        } else {
+            g.shard_urls.clone()
+        };
+        let mut shards = Vec::with_capacity(urls.len());
+        for (index, url) in urls.iter().enumerate() {
+            let index = u32::try_from(index).context("too many shards")?;
+            shards.push(
+                Shard::open(index, url)
+                    .await
+                    .with_context(|| format!("opening balance shard {index}"))?,
+            );
+        }
+        let own = format!("http://{}", config.listen);
+        let or_own = |url: &str| {
+            if url.is_empty() {
+                own.clone()
+            } else {
+                url.to_owned()
+            }
+        };
+        let stack = ClientStack::new(&config.client);
+        let ongoing = stack
+            .channel(&or_own(&g.ongoing_query_url))
+            .context("gifts.ongoing_query_url")?;
+        let publish = stack
+            .channel(&or_own(&g.publish_url))
+            .context("gifts.publish_url")?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shards,
+                subaccounts: g.room_subaccounts,
+                rooms: RoomDirectory::new(ongoing.clone()),
+                publish: PublishServiceClient::new(publish),
+                watch: OngoingQueryServiceClient::new(ongoing),
+            }),
+        })
     }
 
-    async fn get_settlement(
-        &self,
-        _request: Request<GetSettlementRequest>,
-    ) -> Result<Response<GetSettlementResponse>, Status> {
-        Err(not_yet_implemented(
-            "SettlementService.GetSettlement",
-            OWNER,
-        ))
+    pub fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
+}
 
-    async fn reconcile(
-        &self,
-        _request: Request<ReconcileRequest>,
-    ) -> Result<Response<ReconcileResponse>, Status> {
-        Err(not_yet_implemented("SettlementService.Reconcile", OWNER))
-    }
-
-    async fn export_ledger(
-        &self,
-        _request: Request<ExportLedgerRequest>,
-    ) -> Result<Response<Self::ExportLedgerStream>, Status> {
-        Err(not_yet_implemented("SettlementService.ExportLedger", OWNER))
+/// Retries `step` with back-off until it succeeds (room opens and ends
+/// must happen; each is idempotent).
+async fn until_done<F, Fut>(what: &str, room_id: u64, step: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), sqlx::Error>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    while let Err(err) = step().await {
+        tracing::warn!(room_id, %err, "{what} failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
 impl ServiceSet for GiftSettler {
     fn register(&self, server: &mut ServerBuilder) {
-        server.add_service(GiftsServiceServer::new(self.clone()));
-        server.add_service(SettlementServiceServer::new(self.clone()));
+        let api = grpc::GiftsApi::new(self.inner.clone());
+        server.add_service(GiftsServiceServer::new(api.clone()));
+        server.add_service(SettlementServiceServer::new(api));
+        let inner = self.inner.clone();
+        let watch = self.inner.watch.clone();
+        server.add_background("room starts and ends", async move {
+            livemesh_mesh::rooms::follow_changes(watch, |change| {
+                let Some(room) = change.room else { return };
+                let kind = change.kind();
+                if kind == RoomChangeKind::Ended {
+                    // Gifts are refused from here on, before the shards know.
+                    inner.rooms.remember(RoomInfo::from_proto(&room));
+                }
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    match kind {
+                        RoomChangeKind::Started => {
+                            until_done("opening the room's virtual accounts", room.room_id, || {
+                                inner.open_room(room.room_id)
+                            })
+                            .await;
+                        }
+                        RoomChangeKind::Ended => {
+                            until_done("ending the room's gifts", room.room_id, || {
+                                inner.end_room(room.room_id)
+                            })
+                            .await;
+                        }
+                        _ => {}
+                    }
+                });
+            })
+            .await;
+        });
     }
 }
 
@@ -96,4 +198,22 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServeError> {
     livemesh_mesh::server::serve_set(settler, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_spread_evenly_and_stably_over_shards() {
+        let mut counts = [0u32; 4];
+        for user in 1..=40_000u64 {
+            counts[shard_of(user, 4)] += 1;
+        }
+        for count in counts {
+            assert!((9_000..=11_000).contains(&count), "{counts:?}");
+        }
+        assert_eq!(shard_of(42, 4), shard_of(42, 4));
+        assert_eq!(shard_of(42, 1), 0);
+    }
 }

@@ -14,8 +14,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    livemesh_mesh::run_service_main("gift-settler", &args.common, |_config| async {
-        Ok(livemesh_gift_settler::GiftSettler)
+    livemesh_mesh::run_service_main("gift-settler", &args.common, |config| async move {
+        livemesh_gift_settler::GiftSettler::from_config(&config).await
     })
     .await
 }

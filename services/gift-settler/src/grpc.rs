@@ -1,0 +1,307 @@
+//! The gRPC face of the gift-settler; errors become statuses here only.
+
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use livemesh_mesh::not_yet_implemented;
+use livemesh_mesh::rooms::LookupError;
+use livemesh_proto::v1::gifts_service_server::GiftsService;
+use livemesh_proto::v1::settlement_service_server::SettlementService;
+use livemesh_proto::v1::{
+    DepositRequest, DepositResponse, ExportLedgerRequest, ExportLedgerResponse, GetBalanceRequest,
+    GetBalanceResponse, GetSettlementRequest, GetSettlementResponse, GiftSent, PublishRequest,
+    ReconcileRequest, ReconcileResponse, RoomEvent, SendGiftRequest, SendGiftResponse,
+    SettleRoomRequest, SettleRoomResponse, room_event,
+};
+use tonic::{Request, Response, Status};
+
+use crate::Inner;
+use crate::ledger::{EXTERNAL, LedgerError, Transfer, room_account, user_account};
+
+const SETTLEMENT: &str = "the settlement part of the gift-settler work (issue 6)";
+const MAX_KEY_BYTES: usize = 128;
+/// Tries of one transfer against concurrent conflicts (deadlocks, a racing
+/// request with the same key) before answering UNAVAILABLE.
+const TRIES: usize = 5;
+
+/// Why a gift or deposit was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GiftError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("balance database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<GiftError> for Status {
+    fn from(err: GiftError) -> Self {
+        match &err {
+            GiftError::Invalid(_) => Status::invalid_argument(err.to_string()),
+            GiftError::Lookup(LookupError::NotFound(_)) => Status::not_found(err.to_string()),
+            GiftError::Ledger(LedgerError::Insufficient { .. } | LedgerError::RoomEnded(_)) => {
+                Status::failed_precondition(err.to_string())
+            }
+            GiftError::Ledger(LedgerError::KeyReused { .. }) => {
+                Status::already_exists(err.to_string())
+            }
+            GiftError::Lookup(LookupError::Unavailable(_))
+            | GiftError::Ledger(
+                LedgerError::Conflict | LedgerError::RoomNotOpen(_) | LedgerError::Db(_),
+            )
+            | GiftError::Db(_) => {
+                tracing::warn!(%err, "gift or deposit failed");
+                Status::unavailable(
+                    "the balance store is unavailable right now; retry with the same idempotency_key",
+                )
+            }
+        }
+    }
+}
+
+/// GiftsService and SettlementService.
+#[derive(Debug, Clone)]
+pub struct GiftsApi {
+    inner: Arc<Inner>,
+}
+
+impl GiftsApi {
+    pub fn new(inner: Arc<Inner>) -> Self {
+        Self { inner }
+    }
+}
+
+fn check_key(key: &str) -> Result<(), GiftError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(GiftError::Invalid(format!(
+            "idempotency_key must be 1 to {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn check_amount(amount: i64) -> Result<(), GiftError> {
+    if amount <= 0 {
+        return Err(GiftError::Invalid(format!(
+            "amount must be positive (in the smallest currency unit), not {amount}"
+        )));
+    }
+    Ok(())
+}
+
+/// The sub-account of a room a transfer credits: a stable hash (FNV-1a) of
+/// its id, so a retry credits the same row and gifts spread over the rows.
+fn subaccount(transfer_id: &str, subaccounts: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in transfer_id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    u32::try_from(hash % u64::from(subaccounts.max(1))).unwrap_or(0)
+}
+
+impl GiftsApi {
+    /// Applies `transfer` in the user's shard, retrying conflicts, opening
+    /// the room there first if it is not yet.
+    async fn apply(
+        &self,
+        user_id: u64,
+        transfer: &Transfer,
+    ) -> Result<crate::ledger::Applied, GiftError> {
+        let shard = self.inner.shard(user_id);
+        let mut last = LedgerError::Conflict;
+        for _ in 0..TRIES {
+            match shard.apply(transfer).await {
+                Ok(applied) => return Ok(applied),
+                Err(LedgerError::RoomNotOpen(room_id)) => {
+                    // The Watch has not opened it here yet; the room was
+                    // checked ongoing just before.
+                    shard
+                        .open_room(room_id, self.inner.subaccounts, livemesh_mesh::now_ms())
+                        .await?;
+                    last = LedgerError::RoomNotOpen(room_id);
+                }
+                Err(LedgerError::Conflict) => last = LedgerError::Conflict,
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Err(last.into())
+    }
+
+    async fn send_gift_inner(&self, r: SendGiftRequest) -> Result<SendGiftResponse, GiftError> {
+        check_key(&r.idempotency_key)?;
+        check_amount(r.amount)?;
+        if r.viewer_id == 0 || r.room_id == 0 {
+            return Err(GiftError::Invalid(
+                "viewer_id and room_id are required".into(),
+            ));
+        }
+        let room = self.inner.rooms.get(r.room_id).await?;
+        if room.ended {
+            return Err(LedgerError::RoomEnded(r.room_id).into());
+        }
+        let transfer_id = format!("gift:{}:{}", r.viewer_id, r.idempotency_key);
+        let sub = subaccount(&transfer_id, self.inner.subaccounts);
+        let viewer = user_account(r.viewer_id);
+        let transfer = Transfer {
+            kind: "gift",
+            debit: viewer.clone(),
+            credit: room_account(r.room_id, sub),
+            amount: r.amount,
+            request: format!(
+                "gift viewer={} room={} gift={} amount={}",
+                r.viewer_id, r.room_id, r.gift_id, r.amount
+            ),
+            room_id: Some(r.room_id),
+            report: viewer,
+            debit_may_go_negative: false,
+            now_ms: livemesh_mesh::now_ms(),
+            transfer_id,
+        };
+        let applied = self.apply(r.viewer_id, &transfer).await?;
+        if !applied.replayed {
+            self.publish_gift(&r, &applied.transfer_id);
+        }
+        Ok(SendGiftResponse {
+            transfer_id: applied.transfer_id,
+            balance: applied.balance,
+        })
+    }
+
+    /// Tells the room's viewers, in the background: a failure to publish
+    /// never undoes a committed gift.
+    fn publish_gift(&self, r: &SendGiftRequest, transfer_id: &str) {
+        let request = PublishRequest {
+            room_id: r.room_id,
+            event: Some(RoomEvent {
+                kind: Some(room_event::Kind::Gift(GiftSent {
+                    viewer_id: r.viewer_id,
+                    gift_id: r.gift_id,
+                    amount: r.amount,
+                    transfer_id: transfer_id.to_owned(),
+                })),
+                ..RoomEvent::default()
+            }),
+            idempotency_key: Some(transfer_id.to_owned()),
+            forwarded_from: None,
+        };
+        let mut publish = self.inner.publish.clone();
+        tokio::spawn(async move {
+            if let Err(status) = publish.publish(request).await {
+                tracing::debug!(%status, "publishing a gift event failed");
+            }
+        });
+    }
+
+    async fn deposit_inner(&self, r: DepositRequest) -> Result<DepositResponse, GiftError> {
+        check_key(&r.idempotency_key)?;
+        check_amount(r.amount)?;
+        if r.user_id == 0 {
+            return Err(GiftError::Invalid("user_id is required".into()));
+        }
+        let user = user_account(r.user_id);
+        let transfer = Transfer {
+            transfer_id: format!("deposit:{}:{}", r.user_id, r.idempotency_key),
+            kind: "deposit",
+            debit: EXTERNAL.to_owned(),
+            credit: user.clone(),
+            amount: r.amount,
+            request: format!("deposit user={} amount={}", r.user_id, r.amount),
+            room_id: None,
+            report: user,
+            debit_may_go_negative: true,
+            now_ms: livemesh_mesh::now_ms(),
+        };
+        let applied = self.apply(r.user_id, &transfer).await?;
+        Ok(DepositResponse {
+            transfer_id: applied.transfer_id,
+            balance: applied.balance,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl GiftsService for GiftsApi {
+    async fn deposit(
+        &self,
+        request: Request<DepositRequest>,
+    ) -> Result<Response<DepositResponse>, Status> {
+        Ok(Response::new(
+            self.deposit_inner(request.into_inner()).await?,
+        ))
+    }
+
+    async fn send_gift(
+        &self,
+        request: Request<SendGiftRequest>,
+    ) -> Result<Response<SendGiftResponse>, Status> {
+        Ok(Response::new(
+            self.send_gift_inner(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<GetBalanceRequest>,
+    ) -> Result<Response<GetBalanceResponse>, Status> {
+        let user_id = request.into_inner().user_id;
+        if user_id == 0 {
+            return Err(GiftError::Invalid("user_id is required".into()).into());
+        }
+        let balance = self
+            .inner
+            .shard(user_id)
+            .balance(&user_account(user_id))
+            .await
+            .map_err(GiftError::from)?;
+        Ok(Response::new(GetBalanceResponse { user_id, balance }))
+    }
+}
+
+#[tonic::async_trait]
+impl SettlementService for GiftsApi {
+    type ExportLedgerStream = BoxStream<'static, Result<ExportLedgerResponse, Status>>;
+
+    async fn settle_room(
+        &self,
+        _request: Request<SettleRoomRequest>,
+    ) -> Result<Response<SettleRoomResponse>, Status> {
+        Err(not_yet_implemented(
+            "SettlementService.SettleRoom",
+            SETTLEMENT,
+        ))
+    }
+
+    async fn get_settlement(
+        &self,
+        _request: Request<GetSettlementRequest>,
+    ) -> Result<Response<GetSettlementResponse>, Status> {
+        Err(not_yet_implemented(
+            "SettlementService.GetSettlement",
+            SETTLEMENT,
+        ))
+    }
+
+    async fn reconcile(
+        &self,
+        _request: Request<ReconcileRequest>,
+    ) -> Result<Response<ReconcileResponse>, Status> {
+        Err(not_yet_implemented(
+            "SettlementService.Reconcile",
+            SETTLEMENT,
+        ))
+    }
+
+    async fn export_ledger(
+        &self,
+        _request: Request<ExportLedgerRequest>,
+    ) -> Result<Response<Self::ExportLedgerStream>, Status> {
+        Err(not_yet_implemented(
+            "SettlementService.ExportLedger",
+            SETTLEMENT,
+        ))
+    }
+}

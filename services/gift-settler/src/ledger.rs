@@ -1,0 +1,376 @@
+//! One balance shard's ledger: accounts, transfers and their entries.
+//!
+//! **Invariant:** every transfer debits one account and credits another by
+//! the same positive amount, and its two entries are appended in the
+//! transaction that changes the two balances; so the sum of all balances of
+//! a shard never changes, and the sum of a shard's entries per account is
+//! that account's balance.
+//!
+//! **Invariant:** no balance goes negative except the external funding
+//! account's (money entering from payment top-ups): the debit is a
+//! conditional update inside the transaction, and a CHECK constraint backs it.
+//!
+//! **Invariant:** a transfer id is applied at most once (its row is the
+//! primary key); asking again with the same content returns the first
+//! result, with other content is refused.
+
+use livemesh_mesh::on_db;
+use livemesh_mesh::sql::{Db, Migrations, SqlError};
+
+pub const MIGRATIONS: Migrations = Migrations {
+    table: "_livemesh_gifts_migrations",
+    sqlite: &[(
+        1,
+        "ledger",
+        include_str!("../migrations/sqlite/0001_ledger.sql"),
+    )],
+    mysql: &[(
+        1,
+        "ledger",
+        include_str!("../migrations/mysql/0001_ledger.sql"),
+    )],
+};
+
+/// Where payment top-ups come from; the one account that may go negative.
+pub const EXTERNAL: &str = "external:funding";
+
+pub fn user_account(user_id: u64) -> String {
+    format!("user:{user_id}")
+}
+
+pub fn room_account(room_id: u64, sub: u32) -> String {
+    format!("room:{room_id}:{sub}")
+}
+
+/// One movement to apply.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    pub transfer_id: String,
+    pub kind: &'static str,
+    pub debit: String,
+    pub credit: String,
+    pub amount: i64,
+    /// The request's content (for idempotency-key reuse checks).
+    pub request: String,
+    /// Gifts: the room whose virtual account is credited; it must be open.
+    pub room_id: Option<u64>,
+    /// Whose balance the result reports (the viewer's, the depositor's).
+    pub report: String,
+    /// The debit may take the balance below zero (the external account).
+    pub debit_may_go_negative: bool,
+    pub now_ms: i64,
+}
+
+/// What an applied (or replayed) transfer reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub transfer_id: String,
+    pub balance: i64,
+    /// True when the transfer had been applied before (same key, same content).
+    pub replayed: bool,
+}
+
+/// Why a transfer was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("insufficient funds: the balance is {balance}, the transfer needs {amount}")]
+    Insufficient { balance: i64, amount: i64 },
+    #[error("this idempotency key was already used for a different request ({first})")]
+    KeyReused { first: String },
+    #[error("room {0} has ended; gifts are no longer accepted")]
+    RoomEnded(u64),
+    /// The room's virtual accounts are not open in this shard yet.
+    #[error("room {0} is not open in this shard")]
+    RoomNotOpen(u64),
+    /// A concurrent transaction won (same transfer id, a deadlock): try again.
+    #[error("a concurrent transaction conflicted; try again")]
+    Conflict,
+    #[error("balance database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// Transient database conflicts that a retry resolves.
+fn is_conflict(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation()
+                // MySQL: deadlock, lock wait timeout; SQLite: busy.
+                || matches!(db.code().as_deref(), Some("40001" | "1213" | "1205" | "5" | "517"))
+                || db.message().contains("Deadlock")
+                || db.message().contains("database is locked")
+        }
+        _ => false,
+    }
+}
+
+fn classify(err: sqlx::Error) -> LedgerError {
+    if is_conflict(&err) {
+        LedgerError::Conflict
+    } else {
+        LedgerError::Db(err)
+    }
+}
+
+/// One balance shard.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub index: u32,
+    db: Db,
+}
+
+impl Shard {
+    pub async fn open(index: u32, url: &str) -> Result<Self, SqlError> {
+        Ok(Self {
+            index,
+            db: Db::open(url, &MIGRATIONS).await?,
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Applies `t` in one transaction, or replays its first result.
+    pub async fn apply(&self, t: &Transfer) -> Result<Applied, LedgerError> {
+        let mysql = self.db.is_mysql();
+        // A plain insert: two transactions creating one account race, and
+        // the loser's duplicate-key error retries the whole transfer.
+        let insert_account =
+            "INSERT INTO accounts (account, balance, may_go_negative) VALUES (?, ?, ?)";
+        // Gifts hold a shared lock on the room's row: ending the room (an
+        // exclusive lock) waits for the gifts in flight, and no gift lands
+        // after it. SQLite's writer lock orders them the same way.
+        let room_status = if mysql {
+            "SELECT status FROM room_accounts WHERE room_id = ? LOCK IN SHARE MODE"
+        } else {
+            "SELECT status FROM room_accounts WHERE room_id = ?"
+        };
+        let debit = if t.debit_may_go_negative {
+            "UPDATE accounts SET balance = balance - ? WHERE account = ? AND ? > 0"
+        } else {
+            "UPDATE accounts SET balance = balance - ? WHERE account = ? AND balance >= ?"
+        };
+        on_db!(&self.db, pool => {
+            let mut tx = if mysql {
+                pool.begin().await.map_err(classify)?
+            } else {
+                // Take the write lock up front: a deferred transaction that
+                // reads then writes can fail with a stale snapshot.
+                pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?
+            };
+            let first: Option<(String, i64)> = sqlx::query_as(
+                "SELECT request, balance_after FROM transfers WHERE transfer_id = ?",
+            )
+            .bind(&t.transfer_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if let Some((request, balance)) = first {
+                return if request == t.request {
+                    Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: true })
+                } else {
+                    Err(LedgerError::KeyReused { first: request })
+                };
+            }
+            if let Some(room_id) = t.room_id {
+                let status: Option<(String,)> = sqlx::query_as(room_status)
+                    .bind(sql_id(room_id))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                match status {
+                    None => return Err(LedgerError::RoomNotOpen(room_id)),
+                    Some((status,)) if status != "open" => return Err(LedgerError::RoomEnded(room_id)),
+                    Some(_) => {}
+                }
+            }
+            // Update first, create only a missing account: an INSERT IGNORE
+            // of an existing row takes a shared lock on MySQL, and two
+            // transactions upgrading theirs on one hot row deadlock.
+            let debited = sqlx::query(debit)
+                .bind(t.amount)
+                .bind(&t.debit)
+                .bind(t.amount)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            if debited != 1 {
+                let held: Option<(i64,)> = sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
+                    .bind(&t.debit)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                match held {
+                    None if t.debit_may_go_negative => {
+                        sqlx::query(insert_account)
+                            .bind(&t.debit)
+                            .bind(-t.amount)
+                            .bind(1_i32)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(classify)?;
+                    }
+                    held => {
+                        let balance = held.map_or(0, |(b,)| b);
+                        return Err(LedgerError::Insufficient { balance, amount: t.amount });
+                    }
+                }
+            }
+            let credited = sqlx::query("UPDATE accounts SET balance = balance + ? WHERE account = ?")
+                .bind(t.amount)
+                .bind(&t.credit)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            if credited != 1 {
+                sqlx::query(insert_account)
+                    .bind(&t.credit)
+                    .bind(t.amount)
+                    .bind(0_i32)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+            let (balance,): (i64,) = sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
+                .bind(&t.report)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+            sqlx::query(
+                "INSERT INTO transfers (transfer_id, kind, debit_account, credit_account, amount, \
+                 request, balance_after, room_id, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&t.transfer_id)
+            .bind(t.kind)
+            .bind(&t.debit)
+            .bind(&t.credit)
+            .bind(t.amount)
+            .bind(&t.request)
+            .bind(balance)
+            .bind(t.room_id.map(sql_id))
+            .bind(t.now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            for (account, amount) in [(&t.debit, -t.amount), (&t.credit, t.amount)] {
+                sqlx::query(
+                    "INSERT INTO entries (transfer_id, account, amount, kind, created_at_ms) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&t.transfer_id)
+                .bind(account)
+                .bind(amount)
+                .bind(t.kind)
+                .bind(t.now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: false })
+        })
+    }
+
+    /// The account's balance (0 for an account never used).
+    pub async fn balance(&self, account: &str) -> Result<i64, sqlx::Error> {
+        let row: Option<(i64,)> = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
+                .bind(account)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map_or(0, |(b,)| b))
+    }
+
+    /// Opens the room's virtual sub-accounts here (idempotent).
+    pub async fn open_room(
+        &self,
+        room_id: u64,
+        subaccounts: u32,
+        now_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        let mysql = self.db.is_mysql();
+        let insert_room = if mysql {
+            "INSERT IGNORE INTO room_accounts (room_id, status, opened_at_ms) VALUES (?, 'open', ?)"
+        } else {
+            "INSERT INTO room_accounts (room_id, status, opened_at_ms) VALUES (?, 'open', ?) \
+             ON CONFLICT (room_id) DO NOTHING"
+        };
+        let insert_account = if mysql {
+            "INSERT IGNORE INTO accounts (account, balance, may_go_negative) VALUES (?, 0, 0)"
+        } else {
+            "INSERT INTO accounts (account, balance, may_go_negative) VALUES (?, 0, 0) \
+             ON CONFLICT (account) DO NOTHING"
+        };
+        on_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            for sub in 0..subaccounts.max(1) {
+                sqlx::query(insert_account)
+                    .bind(room_account(room_id, sub))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(insert_room)
+                .bind(sql_id(room_id))
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Stops the room taking gifts here (waits for gifts in flight).
+    /// Records the end even for a room never opened here.
+    pub async fn end_room(&self, room_id: u64, now_ms: i64) -> Result<(), sqlx::Error> {
+        let upsert = if self.db.is_mysql() {
+            "INSERT INTO room_accounts (room_id, status, opened_at_ms, ended_at_ms) \
+             VALUES (?, 'ended', ?, ?) \
+             ON DUPLICATE KEY UPDATE ended_at_ms = IF(status = 'open', VALUES(ended_at_ms), ended_at_ms), \
+             status = IF(status = 'open', 'ended', status)"
+        } else {
+            "INSERT INTO room_accounts (room_id, status, opened_at_ms, ended_at_ms) \
+             VALUES (?, 'ended', ?, ?) \
+             ON CONFLICT (room_id) DO UPDATE SET \
+             ended_at_ms = CASE WHEN status = 'open' THEN excluded.ended_at_ms ELSE ended_at_ms END, \
+             status = CASE WHEN status = 'open' THEN 'ended' ELSE status END"
+        };
+        on_db!(&self.db, pool => {
+            sqlx::query(upsert)
+                .bind(sql_id(room_id))
+                .bind(now_ms)
+                .bind(now_ms)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// The room's status here (`open`, `ended`), if it was ever opened or ended here.
+    pub async fn room_status(&self, room_id: u64) -> Result<Option<String>, sqlx::Error> {
+        let row: Option<(String,)> = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT status FROM room_accounts WHERE room_id = ?")
+                .bind(sql_id(room_id))
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map(|(s,)| s))
+    }
+
+    /// The sum of every balance in the shard (zero: money is conserved).
+    pub async fn total(&self) -> Result<i64, sqlx::Error> {
+        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT CAST(SUM(balance) AS SIGNED) FROM accounts")
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(sum.unwrap_or(0))
+    }
+}
+
+/// Ids are u64 in the contract and BIGINT (signed) in SQL; ids stay below 2^63.
+pub fn sql_id(id: u64) -> i64 {
+    i64::try_from(id).unwrap_or(i64::MAX)
+}

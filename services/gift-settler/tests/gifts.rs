@@ -1,0 +1,336 @@
+//! Deposits and gifts end to end through gRPC, on 4 balance shards of each
+//! SQL backend (SQLite files; databases on the harness's MariaDB). Rooms
+//! come from a real ongoing-query server.
+
+// Helpers outside #[test] functions unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use livemesh_gift_settler::GiftSettler;
+use livemesh_gift_settler::ledger::{room_account, user_account};
+use livemesh_mesh::{Config, MeshChannel};
+use livemesh_ongoing_query::OngoingQuery;
+use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
+use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::{
+    DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest, StartRoomRequest,
+};
+use livemesh_testkit::{SqlBackend, TestServer};
+
+livemesh_testkit::sql_backend_suite!(
+    a_gift_moves_money_from_the_viewer_to_the_room_in_the_viewers_shard,
+    the_same_key_twice_is_one_gift_and_other_content_is_refused,
+    insufficient_funds_change_nothing_and_say_the_balance,
+    unknown_and_ended_rooms_and_bad_amounts_get_precise_codes,
+    concurrent_viewers_gifting_and_depositing_conserve_money,
+);
+
+const SHARDS: usize = 4;
+const SUBACCOUNTS: u32 = 8;
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    _rooms: TestServer,
+    _gifts_server: TestServer,
+    settler: GiftSettler,
+    admin: RoomAdminServiceClient<MeshChannel>,
+    gifts: GiftsServiceClient<MeshChannel>,
+}
+
+async fn mesh(backend: &SqlBackend) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let rooms_config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    for shard in 0..SHARDS {
+        config
+            .gifts
+            .shard_urls
+            .push(backend.database_url(&format!("shard{shard}")).await);
+    }
+    config.gifts.room_subaccounts = SUBACCOUNTS;
+    config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
+    // No dispatcher here: publishing gift events fails, which never undoes a gift.
+    config.gifts.publish_url = format!("http://{}", rooms.addr);
+    let settler = GiftSettler::from_config(&config).await.unwrap();
+    let gifts_server = TestServer::start(settler.clone()).await;
+    Mesh {
+        admin: RoomAdminServiceClient::new(rooms.channel()),
+        gifts: GiftsServiceClient::new(gifts_server.channel()),
+        _dir: dir,
+        _rooms: rooms,
+        _gifts_server: gifts_server,
+        settler,
+    }
+}
+
+impl Mesh {
+    async fn start_room(&mut self) -> u64 {
+        self.admin
+            .start_room(StartRoomRequest { anchor_id: 5 })
+            .await
+            .unwrap()
+            .into_inner()
+            .room
+            .unwrap()
+            .room_id
+    }
+
+    async fn deposit(
+        &mut self,
+        key: &str,
+        user_id: u64,
+        amount: i64,
+    ) -> Result<i64, tonic::Status> {
+        Ok(self
+            .gifts
+            .deposit(DepositRequest {
+                idempotency_key: key.to_owned(),
+                user_id,
+                amount,
+            })
+            .await?
+            .into_inner()
+            .balance)
+    }
+
+    async fn gift(
+        &mut self,
+        key: &str,
+        viewer_id: u64,
+        room_id: u64,
+        amount: i64,
+    ) -> Result<(String, i64), tonic::Status> {
+        let reply = self
+            .gifts
+            .send_gift(SendGiftRequest {
+                idempotency_key: key.to_owned(),
+                viewer_id,
+                room_id,
+                gift_id: 1,
+                amount,
+            })
+            .await?
+            .into_inner();
+        Ok((reply.transfer_id, reply.balance))
+    }
+
+    async fn balance(&mut self, user_id: u64) -> i64 {
+        self.gifts
+            .get_balance(GetBalanceRequest { user_id })
+            .await
+            .unwrap()
+            .into_inner()
+            .balance
+    }
+
+    /// The room's virtual balance over every shard and sub-account.
+    async fn room_total(&self, room_id: u64) -> i64 {
+        let mut total = 0;
+        for shard in &self.settler.inner().shards {
+            for sub in 0..SUBACCOUNTS {
+                total += shard.balance(&room_account(room_id, sub)).await.unwrap();
+            }
+        }
+        total
+    }
+
+    /// Every shard's balances sum to zero: money is only moved, the external
+    /// funding account going negative by what entered.
+    async fn assert_conserved(&self) {
+        for shard in &self.settler.inner().shards {
+            assert_eq!(shard.total().await.unwrap(), 0, "shard {}", shard.index);
+        }
+    }
+}
+
+async fn a_gift_moves_money_from_the_viewer_to_the_room_in_the_viewers_shard(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    assert_eq!(mesh.deposit("top-up-1", 11, 1_000).await.unwrap(), 1_000);
+    let (transfer, balance) = mesh.gift("g-1", 11, room, 300).await.unwrap();
+    assert_eq!(balance, 700);
+    assert!(transfer.contains("g-1"), "{transfer}");
+    assert_eq!(mesh.balance(11).await, 700);
+    assert_eq!(mesh.room_total(room).await, 300);
+    // Both movements are in the viewer's own shard.
+    let viewer_shard = mesh.settler.inner().shard(11);
+    assert_eq!(viewer_shard.balance(&user_account(11)).await.unwrap(), 700);
+    let mut in_viewers_shard = 0;
+    for sub in 0..SUBACCOUNTS {
+        in_viewers_shard += viewer_shard
+            .balance(&room_account(room, sub))
+            .await
+            .unwrap();
+    }
+    assert_eq!(in_viewers_shard, 300);
+    mesh.assert_conserved().await;
+}
+
+async fn the_same_key_twice_is_one_gift_and_other_content_is_refused(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    mesh.deposit("d", 12, 500).await.unwrap();
+    assert_eq!(
+        mesh.deposit("d", 12, 500).await.unwrap(),
+        500,
+        "a deposit retried credits once"
+    );
+    let first = mesh.gift("same", 12, room, 100).await.unwrap();
+    let again = mesh.gift("same", 12, room, 100).await.unwrap();
+    assert_eq!(first, again, "the same result, no second debit");
+    assert_eq!(mesh.balance(12).await, 400);
+    let err = mesh.gift("same", 12, room, 250).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("idempotency key"),
+        "{}",
+        err.message()
+    );
+    let err = mesh.deposit("d", 12, 999).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert_eq!(mesh.balance(12).await, 400);
+    assert_eq!(mesh.room_total(room).await, 100);
+    mesh.assert_conserved().await;
+}
+
+async fn insufficient_funds_change_nothing_and_say_the_balance(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    mesh.deposit("d", 13, 50).await.unwrap();
+    let err = mesh.gift("big", 13, room, 51).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("50"),
+        "the balance is named: {}",
+        err.message()
+    );
+    assert_eq!(mesh.balance(13).await, 50);
+    assert_eq!(mesh.room_total(room).await, 0);
+    // The refused key was not used up: the same key with an affordable amount works.
+    assert_eq!(mesh.gift("big", 13, room, 50).await.unwrap().1, 0);
+    let err = mesh.gift("more", 14, room, 1).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "a user never funded: {err:?}"
+    );
+    mesh.assert_conserved().await;
+}
+
+async fn unknown_and_ended_rooms_and_bad_amounts_get_precise_codes(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    mesh.deposit("d", 15, 100).await.unwrap();
+    let code = |r: Result<(String, i64), tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(mesh.gift("a", 15, room + 999, 1).await),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        code(mesh.gift("b", 15, room, 0).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(mesh.gift("c", 15, room, -5).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(mesh.gift("", 15, room, 5).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        mesh.deposit("e", 15, 0).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    mesh.gift("before-end", 15, room, 10).await.unwrap();
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    // Gifts are refused once the settler has seen the end (Watch): every
+    // shard then marks the room ended.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for shard in &mesh.settler.inner().shards {
+        while shard.room_status(room).await.unwrap().as_deref() != Some("ended") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shard {} never saw the end",
+                shard.index
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    let err = mesh.gift("after-end", 15, room, 10).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("ended"), "{}", err.message());
+    assert_eq!(mesh.balance(15).await, 90);
+    mesh.assert_conserved().await;
+}
+
+async fn concurrent_viewers_gifting_and_depositing_conserve_money(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    const VIEWERS: u64 = 16;
+    const GIFTS: u64 = 12;
+    let mut tasks = tokio::task::JoinSet::new();
+    for viewer in 1..=VIEWERS {
+        let mut gifts = mesh.gifts.clone();
+        tasks.spawn(async move {
+            let mut deposited = 0;
+            let mut gifted = 0;
+            for i in 0..GIFTS {
+                // Deposits race the same viewer's gifts; some gifts are refused.
+                if i % 3 == 0 {
+                    let amount = i64::try_from(10 + viewer).unwrap();
+                    gifts
+                        .deposit(DepositRequest {
+                            idempotency_key: format!("d{i}"),
+                            user_id: viewer,
+                            amount,
+                        })
+                        .await
+                        .unwrap();
+                    deposited += amount;
+                }
+                let amount = i64::try_from(1 + (viewer + i) % 7).unwrap();
+                let reply = gifts
+                    .send_gift(SendGiftRequest {
+                        idempotency_key: format!("g{i}"),
+                        viewer_id: viewer,
+                        room_id: room,
+                        gift_id: 3,
+                        amount,
+                    })
+                    .await;
+                match reply {
+                    Ok(_) => gifted += amount,
+                    Err(status) => assert_eq!(
+                        status.code(),
+                        tonic::Code::FailedPrecondition,
+                        "only insufficient funds may refuse: {status:?}"
+                    ),
+                }
+            }
+            (viewer, deposited, gifted)
+        });
+    }
+    let mut all_gifted = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (viewer, deposited, gifted) = done.unwrap();
+        assert_eq!(
+            mesh.balance(viewer).await,
+            deposited - gifted,
+            "viewer {viewer}"
+        );
+        all_gifted += gifted;
+    }
+    assert!(all_gifted > 0);
+    assert_eq!(mesh.room_total(room).await, all_gifted);
+    mesh.assert_conserved().await;
+}
