@@ -92,6 +92,9 @@ pub struct GiftsConfig {
     /// A room's virtual account is split over this many rows per shard, so
     /// that concurrent gifts to a hot room do not queue on one row.
     pub room_subaccounts: u32,
+    /// The platform's cut of a room's gifts at settlement, in basis points
+    /// (3000 = 30%); the streamer gets the rest.
+    pub platform_cut_bps: u32,
     /// ongoing-query, for room lookups and the Watch of starts and ends.
     /// Empty: this process's own address.
     pub ongoing_query_url: String,
@@ -106,6 +109,7 @@ impl Default for GiftsConfig {
             shard_urls: Vec::new(),
             shards: 4,
             room_subaccounts: 8,
+            platform_cut_bps: 3_000,
             ongoing_query_url: String::new(),
             publish_url: String::new(),
         }
@@ -493,10 +497,13 @@ impl Config {
         {
             return invalid(
                 "subscribe.queue_len, report_interval_ms, gap_wait_ms, \
-                 max_streams_per_connection, fanout.history_len and \
+                 max_streams_per_connection, fanout.history_len, \
                  publish.deliver_timeout_ms, gifts.shards and gifts.room_subaccounts must be at \
                  least 1",
             );
+        }
+        if self.gifts.platform_cut_bps > 10_000 {
+            return invalid("gifts.platform_cut_bps is at most 10000 (100%)");
         }
         if sub.lease_ms < 2 * sub.report_interval_ms {
             return invalid(

@@ -21,6 +21,8 @@ const ENDED_KEPT: usize = 100_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomInfo {
     pub room_id: u64,
+    /// The streamer.
+    pub anchor_id: u64,
     pub started_at_ms: i64,
     pub ended: bool,
 }
@@ -29,6 +31,7 @@ impl RoomInfo {
     pub fn from_proto(room: &Room) -> Self {
         Self {
             room_id: room.room_id,
+            anchor_id: room.anchor_id,
             started_at_ms: room.started_at.as_ref().map_or(0, ms_from_timestamp),
             ended: room.status() == RoomStatus::Ended,
         }

@@ -3,22 +3,23 @@
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
-use livemesh_mesh::not_yet_implemented;
 use livemesh_mesh::rooms::LookupError;
+use livemesh_proto::time::{ms_from_timestamp, timestamp_from_ms};
 use livemesh_proto::v1::gifts_service_server::GiftsService;
 use livemesh_proto::v1::settlement_service_server::SettlementService;
 use livemesh_proto::v1::{
     DepositRequest, DepositResponse, ExportLedgerRequest, ExportLedgerResponse, GetBalanceRequest,
-    GetBalanceResponse, GetSettlementRequest, GetSettlementResponse, GiftSent, PublishRequest,
-    ReconcileRequest, ReconcileResponse, RoomEvent, SendGiftRequest, SendGiftResponse,
-    SettleRoomRequest, SettleRoomResponse, room_event,
+    GetBalanceResponse, GetSettlementRequest, GetSettlementResponse, GiftSent, LedgerEntry,
+    PublishRequest, ReconcileRequest, ReconcileResponse, RoomEvent, SendGiftRequest,
+    SendGiftResponse, SettleRoomRequest, SettleRoomResponse, Settlement, SettlementState,
+    ShardStatement, room_event,
 };
 use tonic::{Request, Response, Status};
 
 use crate::Inner;
-use crate::ledger::{EXTERNAL, LedgerError, Transfer, room_account, user_account};
-
-const SETTLEMENT: &str = "the settlement part of the gift-settler work (issue 6)";
+use crate::ledger::{
+    EXTERNAL, EntryRow, LedgerError, SettlementRow, Transfer, room_account, user_account,
+};
 const MAX_KEY_BYTES: usize = 128;
 /// Tries of one transfer against concurrent conflicts (deadlocks, a racing
 /// request with the same key) before answering UNAVAILABLE.
@@ -267,41 +268,220 @@ impl SettlementService for GiftsApi {
 
     async fn settle_room(
         &self,
-        _request: Request<SettleRoomRequest>,
+        request: Request<SettleRoomRequest>,
     ) -> Result<Response<SettleRoomResponse>, Status> {
-        Err(not_yet_implemented(
-            "SettlementService.SettleRoom",
-            SETTLEMENT,
-        ))
+        let room_id = request.into_inner().room_id;
+        let info = self.ended_room(room_id).await?;
+        let row = self
+            .inner
+            .settle(room_id, info.anchor_id, &|_| false)
+            .await
+            .map_err(|err| {
+                tracing::warn!(room_id, %err, "settlement failed");
+                Status::unavailable(format!(
+                    "settling room {room_id} did not finish ({err}); it resumes by itself, or call SettleRoom again"
+                ))
+            })?;
+        Ok(Response::new(SettleRoomResponse {
+            settlement: Some(settlement(&row)),
+        }))
     }
 
     async fn get_settlement(
         &self,
-        _request: Request<GetSettlementRequest>,
+        request: Request<GetSettlementRequest>,
     ) -> Result<Response<GetSettlementResponse>, Status> {
-        Err(not_yet_implemented(
-            "SettlementService.GetSettlement",
-            SETTLEMENT,
-        ))
+        let room_id = request.into_inner().room_id;
+        let info = self.room(room_id).await?;
+        let row = self.inner.shards[0]
+            .settlement(room_id)
+            .await
+            .map_err(GiftError::from)?
+            .unwrap_or(SettlementRow {
+                room_id,
+                streamer_id: info.anchor_id,
+                state: "pending".into(),
+                gross: 0,
+                platform_cut: 0,
+                streamer_credit: 0,
+                settled_at_ms: None,
+            });
+        Ok(Response::new(GetSettlementResponse {
+            settlement: Some(settlement(&row)),
+        }))
     }
 
     async fn reconcile(
         &self,
-        _request: Request<ReconcileRequest>,
+        request: Request<ReconcileRequest>,
     ) -> Result<Response<ReconcileResponse>, Status> {
-        Err(not_yet_implemented(
-            "SettlementService.Reconcile",
-            SETTLEMENT,
+        let room_id = request.into_inner().room_id;
+        let info = self.room(room_id).await?;
+        Ok(Response::new(
+            self.statement(room_id, info.anchor_id)
+                .await
+                .map_err(GiftError::from)?,
         ))
     }
 
     async fn export_ledger(
         &self,
-        _request: Request<ExportLedgerRequest>,
+        request: Request<ExportLedgerRequest>,
     ) -> Result<Response<Self::ExportLedgerStream>, Status> {
-        Err(not_yet_implemented(
-            "SettlementService.ExportLedger",
-            SETTLEMENT,
-        ))
+        let request = request.into_inner();
+        let from = request.from.as_ref().map_or(0, ms_from_timestamp);
+        let to = request.to.as_ref().map_or(i64::MAX, ms_from_timestamp);
+        if from > to {
+            return Err(GiftError::Invalid("`from` is after `to`".into()).into());
+        }
+        let shards = self.inner.shards.clone();
+        let stream = async_stream_entries(shards, from, to);
+        Ok(Response::new(stream))
+    }
+}
+
+/// Streams every shard's entries in `[from, to)`, shard by shard, in pages.
+fn async_stream_entries(
+    shards: Vec<crate::ledger::Shard>,
+    from: i64,
+    to: i64,
+) -> BoxStream<'static, Result<ExportLedgerResponse, Status>> {
+    const PAGE: i64 = 1_000;
+    let state = (
+        shards.into_iter(),
+        None::<crate::ledger::Shard>,
+        0i64,
+        Vec::<EntryRow>::new(),
+    );
+    Box::pin(futures::stream::unfold(
+        state,
+        move |(mut rest, mut current, mut after, mut page)| async move {
+            loop {
+                if let Some(entry) = page.pop() {
+                    let shard = current.as_ref().map_or(0, |s| s.index);
+                    let item = ExportLedgerResponse {
+                        entry: Some(LedgerEntry {
+                            transfer_id: entry.transfer_id,
+                            shard,
+                            account: entry.account,
+                            amount: entry.amount,
+                            created_at: Some(timestamp_from_ms(entry.created_at_ms)),
+                            kind: entry.kind,
+                        }),
+                    };
+                    return Some((Ok(item), (rest, current, after, page)));
+                }
+                if current.is_none() {
+                    current = Some(rest.next()?);
+                    after = 0;
+                }
+                let shard = current.as_ref()?;
+                match shard.entries(from, to, after, PAGE).await {
+                    Ok(rows) if rows.is_empty() => current = None,
+                    Ok(mut rows) => {
+                        after = rows.last().map_or(after, |r| r.entry_id);
+                        rows.reverse(); // popped from the back, in order
+                        page = rows;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "exporting the ledger failed");
+                        let status =
+                            Status::unavailable("a balance shard did not answer; export again");
+                        return Some((Err(status), (Vec::new().into_iter(), None, 0, Vec::new())));
+                    }
+                }
+            }
+        },
+    ))
+}
+
+fn settlement(row: &SettlementRow) -> Settlement {
+    let state = match row.state.as_str() {
+        "settled" => SettlementState::Settled,
+        "in_progress" => SettlementState::InProgress,
+        _ => SettlementState::Pending,
+    };
+    Settlement {
+        room_id: row.room_id,
+        streamer_id: row.streamer_id,
+        state: state.into(),
+        gross: row.gross,
+        platform_cut: row.platform_cut,
+        streamer_credit: row.streamer_credit,
+        settled_at: row.settled_at_ms.map(timestamp_from_ms),
+    }
+}
+
+impl GiftsApi {
+    async fn room(&self, room_id: u64) -> Result<livemesh_mesh::rooms::RoomInfo, GiftError> {
+        if room_id == 0 {
+            return Err(GiftError::Invalid("room_id is required".into()));
+        }
+        Ok(self.inner.rooms.get(room_id).await?)
+    }
+
+    async fn ended_room(&self, room_id: u64) -> Result<livemesh_mesh::rooms::RoomInfo, Status> {
+        let info = self.room(room_id).await?;
+        if !info.ended {
+            return Err(Status::failed_precondition(format!(
+                "room {room_id} is ongoing; it is settled when it ends"
+            )));
+        }
+        Ok(info)
+    }
+
+    /// The finance statement of a room, per shard.
+    async fn statement(
+        &self,
+        room_id: u64,
+        anchor_id: u64,
+    ) -> Result<ReconcileResponse, sqlx::Error> {
+        let settled = self.inner.shards[0]
+            .settlement(room_id)
+            .await?
+            .is_some_and(|row| row.state == "settled");
+        let streamer_id = self.inner.shards[0]
+            .settlement(room_id)
+            .await?
+            .map_or(anchor_id, |row| row.streamer_id);
+        let payer = self.inner.shard(streamer_id);
+        let mut shards = Vec::new();
+        for shard in &self.inner.shards {
+            let s = shard.index;
+            let gifts_debited = shard.room_transfers(room_id, "gift").await?;
+            let virtual_credited = shard.room_credits(room_id).await?;
+            let swept = shard.room_transfers(room_id, "settle-out").await?;
+            let platform_cut = payer.transfer_amount(&format!("cut:{room_id}:{s}")).await?;
+            let streamer_credit = payer
+                .transfer_amount(&format!("settle-in:{room_id}:{s}"))
+                .await?;
+            let virtual_balance = shard.room_balance(room_id).await?;
+            shards.push(ShardStatement {
+                shard: s,
+                gifts_debited,
+                virtual_credited,
+                settled: swept,
+                platform_cut,
+                streamer_credit,
+                gift_difference: gifts_debited - virtual_credited,
+                // Credited to the room but neither still in its virtual
+                // account nor paid to the streamer and the platform.
+                settlement_difference: virtual_credited
+                    - virtual_balance
+                    - platform_cut
+                    - streamer_credit,
+                virtual_balance,
+            });
+        }
+        let balanced = shards.iter().all(|s| {
+            s.gift_difference == 0
+                && s.settlement_difference == 0
+                && (!settled || s.virtual_balance == 0)
+        });
+        Ok(ReconcileResponse {
+            room_id,
+            shards,
+            balanced,
+        })
     }
 }

@@ -10,12 +10,14 @@
 //! both ledger entries ([`ledger`]). When the room ends, each shard stops
 //! taking its gifts.
 //!
-//! This build takes deposits and gifts; moving the virtual accounts to the
-//! streamer (the Settler), reconciliation and the ledger export arrive with
-//! the rest of issue 6 and answer `UNIMPLEMENTED` until then.
+//! When the room ends, the Settler ([`settle`]) moves every shard's virtual
+//! account to the streamer, minus the platform's cut, exactly once; finance
+//! reads the result (`GetSettlement`), a per-shard statement whose
+//! differences must be zero (`Reconcile`), and the ledger (`ExportLedger`).
 
 pub mod grpc;
 pub mod ledger;
+pub mod settle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +50,8 @@ pub fn shard_of(user_id: u64, shards: usize) -> usize {
 pub struct Inner {
     pub shards: Vec<Shard>,
     pub subaccounts: u32,
+    /// The platform's cut of a room's gifts, in basis points.
+    pub platform_cut_bps: u32,
     pub rooms: RoomDirectory,
     publish: PublishServiceClient<MeshChannel>,
     watch: OngoingQueryServiceClient<MeshChannel>,
@@ -125,6 +129,7 @@ impl GiftSettler {
             inner: Arc::new(Inner {
                 shards,
                 subaccounts: g.room_subaccounts,
+                platform_cut_bps: g.platform_cut_bps,
                 rooms: RoomDirectory::new(ongoing.clone()),
                 publish: PublishServiceClient::new(publish),
                 watch: OngoingQueryServiceClient::new(ongoing),
@@ -152,8 +157,49 @@ where
     }
 }
 
+/// Settles the room, retrying until it is done (each step is idempotent).
+async fn settle_until_done(inner: &Inner, room_id: u64, streamer_id: u64) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match inner.settle(room_id, streamer_id, &|_| false).await {
+            Ok(row) => {
+                tracing::info!(
+                    room_id,
+                    gross = row.gross,
+                    platform_cut = row.platform_cut,
+                    streamer_credit = row.streamer_credit,
+                    "room settled"
+                );
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(room_id, %err, "settling the room failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 impl ServiceSet for GiftSettler {
     fn register(&self, server: &mut ServerBuilder) {
+        // A settler that stopped mid-settlement finishes what it started.
+        let inner = self.inner.clone();
+        server.add_background("unfinished settlements", async move {
+            let rooms = loop {
+                match inner.shards[0].unfinished_settlements().await {
+                    Ok(rooms) => break rooms,
+                    Err(err) => {
+                        tracing::warn!(%err, "reading unfinished settlements failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            for room_id in rooms {
+                // The recorded streamer is the one paid (see `settle`).
+                settle_until_done(&inner, room_id, 0).await;
+            }
+        });
         let api = grpc::GiftsApi::new(self.inner.clone());
         server.add_service(GiftsServiceServer::new(api.clone()));
         server.add_service(SettlementServiceServer::new(api));
@@ -181,6 +227,7 @@ impl ServiceSet for GiftSettler {
                                 inner.end_room(room.room_id)
                             })
                             .await;
+                            settle_until_done(&inner, room.room_id, room.anchor_id).await;
                         }
                         _ => {}
                     }

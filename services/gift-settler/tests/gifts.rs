@@ -6,13 +6,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use livemesh_gift_settler::GiftSettler;
-use livemesh_gift_settler::ledger::{room_account, user_account};
+use livemesh_gift_settler::ledger::{PLATFORM, room_account, user_account};
+use livemesh_gift_settler::settle::{Step, cut_of};
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
 use livemesh_proto::v1::{
     DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest, StartRoomRequest,
+};
+use livemesh_proto::v1::{
+    ExportLedgerRequest, GetSettlementRequest, ReconcileRequest, SettlementState,
 };
 use livemesh_testkit::{SqlBackend, TestServer};
 
@@ -22,6 +27,8 @@ livemesh_testkit::sql_backend_suite!(
     insufficient_funds_change_nothing_and_say_the_balance,
     unknown_and_ended_rooms_and_bad_amounts_get_precise_codes,
     concurrent_viewers_gifting_and_depositing_conserve_money,
+    settlement_pays_exactly_once_with_a_crash_before_and_after_each_step,
+    a_room_end_settles_by_itself_and_reconciles_to_zero,
 );
 
 const SHARDS: usize = 4;
@@ -140,12 +147,15 @@ impl Mesh {
         total
     }
 
-    /// Every shard's balances sum to zero: money is only moved, the external
-    /// funding account going negative by what entered.
+    /// All balances over all shards sum to zero: money is only moved, the
+    /// external funding account going negative by what entered (and the
+    /// clearing account of settlements summing to zero across shards).
     async fn assert_conserved(&self) {
+        let mut total = 0;
         for shard in &self.settler.inner().shards {
-            assert_eq!(shard.total().await.unwrap(), 0, "shard {}", shard.index);
+            total += shard.total().await.unwrap();
         }
+        assert_eq!(total, 0, "money was created or lost");
     }
 }
 
@@ -332,5 +342,194 @@ async fn concurrent_viewers_gifting_and_depositing_conserve_money(backend: SqlBa
     }
     assert!(all_gifted > 0);
     assert_eq!(mesh.room_total(room).await, all_gifted);
+    mesh.assert_conserved().await;
+}
+
+/// Funds a few viewers (spread over the shards) and has each gift in `room`;
+/// returns the room's gross.
+async fn gifts_in(mesh: &mut Mesh, room: u64, tag: &str) -> i64 {
+    let mut gross = 0;
+    for viewer in 100..108u64 {
+        mesh.deposit(&format!("{tag}-d{viewer}"), viewer, 1_000)
+            .await
+            .unwrap();
+        for g in 0..3 {
+            let amount = i64::try_from(viewer % 10 + 3 * g + 1).unwrap();
+            mesh.gift(&format!("{tag}-g{viewer}-{g}"), viewer, room, amount)
+                .await
+                .unwrap();
+            gross += amount;
+        }
+    }
+    gross
+}
+
+/// What the streamer and the platform should get from a room's shards.
+async fn expected_cut(mesh: &Mesh, room: u64) -> (i64, i64) {
+    let mut cut = 0;
+    let mut gross = 0;
+    for shard in &mesh.settler.inner().shards {
+        let v = shard.room_balance(room).await.unwrap();
+        cut += cut_of(v, 3_000);
+        gross += v;
+    }
+    (gross, cut)
+}
+
+async fn settlement_pays_exactly_once_with_a_crash_before_and_after_each_step(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let shards = u32::try_from(SHARDS).unwrap();
+    let mut steps = vec![Step::Begin];
+    for s in 0..shards {
+        steps.extend([Step::EndShard(s), Step::SweepShard(s), Step::PayShard(s)]);
+    }
+    steps.push(Step::Finish);
+    let inner = mesh.settler.inner().clone();
+    // The streamer is a user like any other: its shard is where it is paid.
+    let streamer = 5;
+    for (i, &crash_at) in steps.iter().enumerate() {
+        let room = mesh.start_room().await;
+        let gross = gifts_in(&mut mesh, room, &format!("r{i}")).await;
+        let (virtual_total, cut) = expected_cut(&mesh, room).await;
+        assert_eq!(virtual_total, gross);
+        let before = mesh.balance(streamer).await;
+        // The platform's account is credited in the streamer's shard.
+        let platform_shard = inner.shard(streamer);
+        let platform_before = platform_shard.balance(PLATFORM).await.unwrap();
+        // A crash before this step (= after the one before it)...
+        let err = inner.settle(room, streamer, &|step| step == crash_at).await;
+        assert!(err.is_err(), "crash injected before {crash_at:?}");
+        // ... and, when there is a later step, one more crash after it.
+        if let Some(&later) = steps.get(i + 2) {
+            assert!(
+                inner
+                    .settle(room, streamer, &|step| step == later)
+                    .await
+                    .is_err()
+            );
+        }
+        // The retry finishes, and a further one changes nothing.
+        let row = inner.settle(room, streamer, &|_| false).await.unwrap();
+        let again = inner.settle(room, streamer, &|_| false).await.unwrap();
+        assert_eq!(row, again);
+        assert_eq!(row.state, "settled");
+        assert_eq!(row.gross, gross, "crash before {crash_at:?}");
+        assert_eq!(row.platform_cut, cut);
+        assert_eq!(row.streamer_credit, gross - cut);
+        assert_eq!(
+            mesh.balance(streamer).await,
+            before + gross - cut,
+            "paid once"
+        );
+        assert_eq!(
+            platform_shard.balance(PLATFORM).await.unwrap(),
+            platform_before + cut
+        );
+        assert_eq!(
+            mesh.room_total(room).await,
+            0,
+            "every virtual account emptied"
+        );
+        let err = mesh
+            .gift(&format!("late-{i}"), 100, room, 1)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    }
+    mesh.assert_conserved().await;
+}
+
+async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    let gross = gifts_in(&mut mesh, room, "auto").await;
+    let (_, cut) = expected_cut(&mesh, room).await;
+    let mut settlement = SettlementServiceClient::new(mesh._gifts_server.channel());
+    let err = settlement
+        .settle_room(livemesh_proto::v1::SettleRoomRequest { room_id: room })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "ongoing: {err:?}"
+    );
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    // The Watch's end starts the Settler; await its result.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let row = loop {
+        let row = settlement
+            .get_settlement(GetSettlementRequest { room_id: room })
+            .await
+            .unwrap()
+            .into_inner()
+            .settlement
+            .unwrap();
+        if row.state() == SettlementState::Settled {
+            break row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never settled: {row:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (row.gross, row.platform_cut, row.streamer_credit),
+        (gross, cut, gross - cut)
+    );
+    assert_eq!(row.streamer_id, 5);
+    // SettleRoom by hand on a settled room returns the same, pays nothing more.
+    let again = settlement
+        .settle_room(livemesh_proto::v1::SettleRoomRequest { room_id: room })
+        .await
+        .unwrap()
+        .into_inner()
+        .settlement
+        .unwrap();
+    assert_eq!(again, row);
+    let statement = settlement
+        .reconcile(ReconcileRequest { room_id: room })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(statement.balanced, "{statement:?}");
+    assert_eq!(statement.shards.len(), SHARDS);
+    let gifted: i64 = statement.shards.iter().map(|s| s.gifts_debited).sum();
+    assert_eq!(gifted, gross);
+    for shard in &statement.shards {
+        assert_eq!(shard.gift_difference, 0);
+        assert_eq!(shard.settlement_difference, 0);
+        assert_eq!(shard.virtual_balance, 0);
+        assert_eq!(shard.settled, shard.platform_cut + shard.streamer_credit);
+    }
+    // The export: every transfer's entries sum to zero, and the gifts are there.
+    let mut export = settlement
+        .export_ledger(ExportLedgerRequest {
+            from: None,
+            to: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut per_transfer = std::collections::HashMap::<String, i64>::new();
+    let mut entries = 0;
+    while let Some(item) = export.message().await.unwrap() {
+        let entry = item.entry.unwrap();
+        *per_transfer.entry(entry.transfer_id).or_default() += entry.amount;
+        entries += 1;
+    }
+    assert!(
+        entries >= 2 * 8 * 4,
+        "deposits and gifts: {entries} entries"
+    );
+    assert!(
+        per_transfer.values().all(|&sum| sum == 0),
+        "{per_transfer:?}"
+    );
+    assert!(per_transfer.keys().any(|t| t.starts_with("settle-in:")));
     mesh.assert_conserved().await;
 }
