@@ -95,6 +95,11 @@ pub struct GiftsConfig {
     /// The platform's cut of a room's gifts at settlement, in basis points
     /// (3000 = 30%); the streamer gets the rest.
     pub platform_cut_bps: u32,
+    /// Group commit: deposits and gifts to one shard that arrive together
+    /// are applied in one transaction of up to this many.
+    pub max_batch: usize,
+    /// Batch workers (transactions in flight) per shard.
+    pub batch_workers: usize,
     /// ongoing-query, for room lookups and the Watch of starts and ends.
     /// Empty: this process's own address.
     pub ongoing_query_url: String,
@@ -110,6 +115,8 @@ impl Default for GiftsConfig {
             shards: 4,
             room_subaccounts: 8,
             platform_cut_bps: 3_000,
+            max_batch: 128,
+            batch_workers: 4,
             ongoing_query_url: String::new(),
             publish_url: String::new(),
         }
@@ -494,12 +501,14 @@ impl Config {
             || self.publish.deliver_timeout_ms == 0
             || self.gifts.shards == 0
             || self.gifts.room_subaccounts == 0
+            || self.gifts.max_batch == 0
+            || self.gifts.batch_workers == 0
         {
             return invalid(
                 "subscribe.queue_len, report_interval_ms, gap_wait_ms, \
                  max_streams_per_connection, fanout.history_len, \
-                 publish.deliver_timeout_ms, gifts.shards and gifts.room_subaccounts must be at \
-                 least 1",
+                 publish.deliver_timeout_ms, gifts.shards, gifts.room_subaccounts, \
+                 gifts.max_batch and gifts.batch_workers must be at least 1",
             );
         }
         if self.gifts.platform_cut_bps > 10_000 {

@@ -115,7 +115,7 @@ impl GiftsApi {
         let shard = self.inner.shard(user_id);
         let mut last = LedgerError::Conflict;
         for _ in 0..TRIES {
-            match shard.apply(transfer).await {
+            match self.inner.apply(user_id, transfer.clone()).await {
                 Ok(applied) => return Ok(applied),
                 Err(LedgerError::RoomNotOpen(room_id)) => {
                     // The Watch has not opened it here yet; the room was

@@ -146,6 +146,18 @@ impl Shard {
 
     /// Applies `t` in one transaction, or replays its first result.
     pub async fn apply(&self, t: &Transfer) -> Result<Applied, LedgerError> {
+        let mut results = self.apply_batch(std::slice::from_ref(t)).await?;
+        results.pop().unwrap_or(Err(LedgerError::Conflict))
+    }
+
+    /// Applies transfers in ONE transaction (group commit: one commit, one
+    /// log flush for all), each in its own savepoint: a transfer refused
+    /// for its own reason (funds, key reuse, room) is rolled back alone and
+    /// reported in its place; a database failure fails the whole batch.
+    pub async fn apply_batch(
+        &self,
+        batch: &[Transfer],
+    ) -> Result<Vec<Result<Applied, LedgerError>>, LedgerError> {
         let mysql = self.db.is_mysql();
         // A plain insert: two transactions creating one account race, and
         // the loser's duplicate-key error retries the whole transfer.
@@ -159,11 +171,6 @@ impl Shard {
         } else {
             "SELECT status FROM room_accounts WHERE room_id = ?"
         };
-        let debit = if t.debit_may_go_negative {
-            "UPDATE accounts SET balance = balance - ? WHERE account = ? AND ? > 0"
-        } else {
-            "UPDATE accounts SET balance = balance - ? WHERE account = ? AND balance >= ?"
-        };
         on_db!(&self.db, pool => {
             let mut tx = if mysql {
                 pool.begin().await.map_err(classify)?
@@ -172,118 +179,152 @@ impl Shard {
                 // reads then writes can fail with a stale snapshot.
                 pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?
             };
-            let first: Option<(String, i64)> = sqlx::query_as(
-                "SELECT request, balance_after FROM transfers WHERE transfer_id = ?",
-            )
-            .bind(&t.transfer_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-            if let Some((request, balance)) = first {
-                return if request == t.request {
-                    Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: true })
+            let mut results = Vec::with_capacity(batch.len());
+            for t in batch {
+                let debit = if t.debit_may_go_negative {
+                    "UPDATE accounts SET balance = balance - ? WHERE account = ? AND ? > 0"
                 } else {
-                    Err(LedgerError::KeyReused { first: request })
+                    "UPDATE accounts SET balance = balance - ? WHERE account = ? AND balance >= ?"
                 };
-            }
-            if let Some(room_id) = t.room_id {
-                let status: Option<(String,)> = sqlx::query_as(room_status)
-                    .bind(sql_id(room_id))
+                sqlx::query("SAVEPOINT one_transfer")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                let result: Result<Applied, LedgerError> = async {
+                    let first: Option<(String, i64)> = sqlx::query_as(
+                        "SELECT request, balance_after FROM transfers WHERE transfer_id = ?",
+                    )
+                    .bind(&t.transfer_id)
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(classify)?;
-                match status {
-                    None => return Err(LedgerError::RoomNotOpen(room_id)),
-                    Some((status,)) if status != "open" => return Err(LedgerError::RoomEnded(room_id)),
-                    Some(_) => {}
-                }
-            }
-            // Update first, create only a missing account: an INSERT IGNORE
-            // of an existing row takes a shared lock on MySQL, and two
-            // transactions upgrading theirs on one hot row deadlock.
-            let debited = sqlx::query(debit)
-                .bind(t.amount)
-                .bind(&t.debit)
-                .bind(t.amount)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-            if debited != 1 {
-                let held: Option<(i64,)> = sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
-                    .bind(&t.debit)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                match held {
-                    None if t.debit_may_go_negative => {
-                        sqlx::query(insert_account)
+                    if let Some((request, balance)) = first {
+                        return if request == t.request {
+                            Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: true })
+                        } else {
+                            Err(LedgerError::KeyReused { first: request })
+                        };
+                    }
+                    if let Some(room_id) = t.room_id {
+                        let status: Option<(String,)> = sqlx::query_as(room_status)
+                            .bind(sql_id(room_id))
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(classify)?;
+                        match status {
+                            None => return Err(LedgerError::RoomNotOpen(room_id)),
+                            Some((status,)) if status != "open" => return Err(LedgerError::RoomEnded(room_id)),
+                            Some(_) => {}
+                        }
+                    }
+                    // Update first, create only a missing account: an INSERT IGNORE
+                    // of an existing row takes a shared lock on MySQL, and two
+                    // transactions upgrading theirs on one hot row deadlock.
+                    let debited = sqlx::query(debit)
+                        .bind(t.amount)
+                        .bind(&t.debit)
+                        .bind(t.amount)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?
+                        .rows_affected();
+                    if debited != 1 {
+                        let held: Option<(i64,)> = sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
                             .bind(&t.debit)
-                            .bind(-t.amount)
-                            .bind(1_i32)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(classify)?;
+                        match held {
+                            None if t.debit_may_go_negative => {
+                                sqlx::query(insert_account)
+                                    .bind(&t.debit)
+                                    .bind(-t.amount)
+                                    .bind(1_i32)
+                                    .execute(&mut *tx)
+                                    .await
+                                    .map_err(classify)?;
+                            }
+                            held => {
+                                let balance = held.map_or(0, |(b,)| b);
+                                return Err(LedgerError::Insufficient { balance, amount: t.amount });
+                            }
+                        }
+                    }
+                    let credited = sqlx::query("UPDATE accounts SET balance = balance + ? WHERE account = ?")
+                        .bind(t.amount)
+                        .bind(&t.credit)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?
+                        .rows_affected();
+                    if credited != 1 {
+                        sqlx::query(insert_account)
+                            .bind(&t.credit)
+                            .bind(t.amount)
+                            .bind(0_i32)
                             .execute(&mut *tx)
                             .await
                             .map_err(classify)?;
                     }
-                    held => {
-                        let balance = held.map_or(0, |(b,)| b);
-                        return Err(LedgerError::Insufficient { balance, amount: t.amount });
-                    }
-                }
-            }
-            let credited = sqlx::query("UPDATE accounts SET balance = balance + ? WHERE account = ?")
-                .bind(t.amount)
-                .bind(&t.credit)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-            if credited != 1 {
-                sqlx::query(insert_account)
+                    let (balance,): (i64,) = sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
+                        .bind(&t.report)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    sqlx::query(
+                        "INSERT INTO transfers (transfer_id, kind, debit_account, credit_account, amount, \
+                         request, balance_after, room_id, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&t.transfer_id)
+                    .bind(t.kind)
+                    .bind(&t.debit)
                     .bind(&t.credit)
                     .bind(t.amount)
-                    .bind(0_i32)
+                    .bind(&t.request)
+                    .bind(balance)
+                    .bind(t.room_id.map(sql_id))
+                    .bind(t.now_ms)
                     .execute(&mut *tx)
                     .await
                     .map_err(classify)?;
-            }
-            let (balance,): (i64,) = sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
-                .bind(&t.report)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
-            sqlx::query(
-                "INSERT INTO transfers (transfer_id, kind, debit_account, credit_account, amount, \
-                 request, balance_after, room_id, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&t.transfer_id)
-            .bind(t.kind)
-            .bind(&t.debit)
-            .bind(&t.credit)
-            .bind(t.amount)
-            .bind(&t.request)
-            .bind(balance)
-            .bind(t.room_id.map(sql_id))
-            .bind(t.now_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-            for (account, amount) in [(&t.debit, -t.amount), (&t.credit, t.amount)] {
-                sqlx::query(
-                    "INSERT INTO entries (transfer_id, account, amount, kind, created_at_ms) \
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(&t.transfer_id)
-                .bind(account)
-                .bind(amount)
-                .bind(t.kind)
-                .bind(t.now_ms)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
+                    for (account, amount) in [(&t.debit, -t.amount), (&t.credit, t.amount)] {
+                        sqlx::query(
+                            "INSERT INTO entries (transfer_id, account, amount, kind, created_at_ms) \
+                             VALUES (?, ?, ?, ?, ?)",
+                        )
+                        .bind(&t.transfer_id)
+                        .bind(account)
+                        .bind(amount)
+                        .bind(t.kind)
+                        .bind(t.now_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    }
+                    Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: false })
+                }
+                .await;
+                let undo = match &result {
+                    Ok(_) => false,
+                    Err(
+                        LedgerError::Insufficient { .. }
+                        | LedgerError::KeyReused { .. }
+                        | LedgerError::RoomEnded(_)
+                        | LedgerError::RoomNotOpen(_),
+                    ) => true,
+                    // The database failed: nothing of the batch stays.
+                    Err(_) => return Err(result.err().unwrap_or(LedgerError::Conflict)),
+                };
+                let end = if undo {
+                    "ROLLBACK TO SAVEPOINT one_transfer"
+                } else {
+                    "RELEASE SAVEPOINT one_transfer"
+                };
+                sqlx::query(end).execute(&mut *tx).await.map_err(classify)?;
+                results.push(result);
             }
             tx.commit().await.map_err(classify)?;
-            Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: false })
+            Ok(results)
         })
     }
 

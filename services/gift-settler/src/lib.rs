@@ -15,6 +15,7 @@
 //! reads the result (`GetSettlement`), a per-shard statement whose
 //! differences must be zero (`Reconcile`), and the ledger (`ExportLedger`).
 
+pub mod batch;
 pub mod grpc;
 pub mod ledger;
 pub mod settle;
@@ -49,6 +50,8 @@ pub fn shard_of(user_id: u64, shards: usize) -> usize {
 #[derive(Debug)]
 pub struct Inner {
     pub shards: Vec<Shard>,
+    /// Group commit of deposits and gifts, per shard.
+    pub batcher: batch::Batcher,
     pub subaccounts: u32,
     /// The platform's cut of a room's gifts, in basis points.
     pub platform_cut_bps: u32,
@@ -61,6 +64,17 @@ impl Inner {
     /// The shard of a user.
     pub fn shard(&self, user_id: u64) -> &Shard {
         &self.shards[shard_of(user_id, self.shards.len())]
+    }
+
+    /// Applies a deposit or gift in `user_id`'s shard, in the next batch.
+    pub async fn apply(
+        &self,
+        user_id: u64,
+        transfer: ledger::Transfer,
+    ) -> Result<ledger::Applied, ledger::LedgerError> {
+        self.batcher
+            .apply(shard_of(user_id, self.shards.len()), transfer)
+            .await
     }
 
     /// Opens the room's virtual accounts in every shard.
@@ -127,6 +141,7 @@ impl GiftSettler {
             .context("gifts.publish_url")?;
         Ok(Self {
             inner: Arc::new(Inner {
+                batcher: batch::Batcher::start(&shards, g.batch_workers, g.max_batch),
                 shards,
                 subaccounts: g.room_subaccounts,
                 platform_cut_bps: g.platform_cut_bps,

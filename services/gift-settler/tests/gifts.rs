@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use livemesh_gift_settler::GiftSettler;
-use livemesh_gift_settler::ledger::{PLATFORM, room_account, user_account};
+use livemesh_gift_settler::ledger::{LedgerError, PLATFORM, Transfer, room_account, user_account};
 use livemesh_gift_settler::settle::{Step, cut_of};
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;
@@ -29,6 +29,7 @@ livemesh_testkit::sql_backend_suite!(
     concurrent_viewers_gifting_and_depositing_conserve_money,
     settlement_pays_exactly_once_with_a_crash_before_and_after_each_step,
     a_room_end_settles_by_itself_and_reconciles_to_zero,
+    a_refused_transfer_in_a_group_commit_is_rolled_back_alone,
 );
 
 const SHARDS: usize = 4;
@@ -531,5 +532,52 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
         "{per_transfer:?}"
     );
     assert!(per_transfer.keys().any(|t| t.starts_with("settle-in:")));
+    mesh.assert_conserved().await;
+}
+
+async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    let viewer = 21;
+    mesh.deposit("d", viewer, 100).await.unwrap();
+    // Open the room in the viewer's shard (a gift does it on first use).
+    mesh.gift("open", viewer, room, 1).await.unwrap();
+    let shard = mesh.settler.inner().shard(viewer).clone();
+    let gift = |key: &str, amount: i64| Transfer {
+        transfer_id: format!("gift:{viewer}:{key}"),
+        kind: "gift",
+        debit: user_account(viewer),
+        credit: room_account(room, 0),
+        amount,
+        request: format!("batch {key} {amount}"),
+        room_id: Some(room),
+        report: user_account(viewer),
+        debit_may_go_negative: false,
+        now_ms: livemesh_mesh::now_ms(),
+    };
+    let batch = [
+        gift("a", 30),
+        gift("too-much", 500),
+        gift("a", 30), // the same transfer again in the same batch: applied once
+        gift("b", 60),
+        gift("c", 20), // 99 - 30 - 60 = 9 left: refused
+    ];
+    let results = shard.apply_batch(&batch).await.unwrap();
+    assert!(matches!(results[0], Ok(ref a) if !a.replayed && a.balance == 69));
+    assert!(matches!(
+        results[1],
+        Err(LedgerError::Insufficient {
+            balance: 69,
+            amount: 500
+        })
+    ));
+    assert!(matches!(results[2], Ok(ref a) if a.replayed && a.balance == 69));
+    assert!(matches!(results[3], Ok(ref a) if a.balance == 9));
+    assert!(matches!(
+        results[4],
+        Err(LedgerError::Insufficient { balance: 9, .. })
+    ));
+    assert_eq!(mesh.balance(viewer).await, 9);
+    assert_eq!(mesh.room_total(room).await, 1 + 30 + 60);
     mesh.assert_conserved().await;
 }

@@ -1,0 +1,91 @@
+//! Group commit: transfers to one shard that arrive together are applied
+//! in one transaction ([`Shard::apply_batch`]), so a hot room's gifts share
+//! one commit (one log flush) instead of paying one each.
+//!
+//! Each shard has `workers` queues; a transfer goes to the queue of its
+//! credited account's hash, so two batches in flight at once never credit
+//! the same room sub-account (they would queue on its row lock). A worker
+//! takes whatever is waiting, up to `max_batch`, applies it, answers every
+//! caller, and goes on; under no load a batch is one transfer.
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ledger::{Applied, LedgerError, Shard, Transfer};
+
+type Reply = oneshot::Sender<Result<Applied, LedgerError>>;
+
+/// The queues of every shard.
+#[derive(Debug)]
+pub struct Batcher {
+    /// `queues[shard][worker]`.
+    queues: Vec<Vec<mpsc::Sender<(Transfer, Reply)>>>,
+}
+
+/// How many transfers wait per queue before callers wait for room.
+const QUEUE: usize = 4_096;
+
+impl Batcher {
+    /// Starts `workers` batch workers per shard (tokio tasks that end when
+    /// the batcher is dropped).
+    pub fn start(shards: &[Shard], workers: usize, max_batch: usize) -> Self {
+        let queues = shards
+            .iter()
+            .map(|shard| {
+                (0..workers.max(1))
+                    .map(|_| {
+                        let (tx, rx) = mpsc::channel(QUEUE);
+                        tokio::spawn(work(shard.clone(), rx, max_batch.max(1)));
+                        tx
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { queues }
+    }
+
+    /// Applies `transfer` in shard `shard` as part of the next batch.
+    pub async fn apply(&self, shard: usize, transfer: Transfer) -> Result<Applied, LedgerError> {
+        let queues = &self.queues[shard];
+        let worker = fnv(&transfer.credit) % queues.len();
+        let (reply, answer) = oneshot::channel();
+        if queues[worker].send((transfer, reply)).await.is_err() {
+            return Err(LedgerError::Conflict); // the worker is gone (shutting down)
+        }
+        answer.await.unwrap_or(Err(LedgerError::Conflict))
+    }
+}
+
+async fn work(shard: Shard, mut queue: mpsc::Receiver<(Transfer, Reply)>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while queue.recv_many(&mut batch, max_batch).await > 0 {
+        // Every batch takes its debit rows' locks in one order, so two
+        // batches in flight never wait on each other in a cycle. The sort
+        // is stable: one account's transfers keep their order.
+        batch.sort_by(|(a, _), (b, _)| a.debit.cmp(&b.debit));
+        let (transfers, replies): (Vec<Transfer>, Vec<Reply>) = batch.drain(..).unzip();
+        match shard.apply_batch(&transfers).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(err) => {
+                // Nothing of the batch was applied: every caller retries.
+                tracing::debug!(shard = shard.index, %err, "a gift batch failed");
+                for reply in replies {
+                    let _ = reply.send(Err(LedgerError::Conflict));
+                }
+            }
+        }
+    }
+}
+
+fn fnv(text: &str) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Only the remainder is used; truncation keeps the spread.
+    hash as usize
+}
