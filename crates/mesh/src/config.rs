@@ -205,7 +205,9 @@ pub struct PublishConfig {
     /// This datacenter's name; publishes forwarded to peers carry it.
     pub datacenter: String,
     /// Dispatchers of other datacenters (`http://host:port`); every local
-    /// publish is forwarded to each once.
+    /// publish of an ordered event (comment, gift, room
+    /// ended) is forwarded to each once; love totals and viewer counts are
+    /// each datacenter's own and stay local.
     pub peers: Vec<String>,
     /// ongoing-query, whose Watch tells of room ends. Empty: this process's
     /// own address.

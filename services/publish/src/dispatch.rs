@@ -221,7 +221,14 @@ impl DispatcherInner {
             ..stored
         };
         let handed = self.deliver(&event, &nodes).await;
-        if request.forwarded_from.is_none() && !self.peers.is_empty() {
+        // Ordered events (comments, gifts, room ended) go to every
+        // datacenter's viewers. Latest values (love totals, viewer counts)
+        // are each datacenter's own aggregates: a peer's value would
+        // overwrite the local one, so they stay local.
+        if request.forwarded_from.is_none()
+            && !self.peers.is_empty()
+            && slot_of(&kind) == Slot::Ordered
+        {
             self.forward(&event, request.idempotency_key);
         }
         Ok(response(epoch, offset, handed))

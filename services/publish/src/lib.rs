@@ -6,7 +6,8 @@
 //! nodes that hold viewers of the room, all in one atomic step of the
 //! fan-out store, then calls `Deliver` on exactly those nodes, each once,
 //! concurrently. A dispatcher with peers (other datacenters) forwards each
-//! local publish to each of them once, marked so that it goes no further.
+//! local ordered event (comment, gift, room ended) to each of them once,
+//! marked so that it goes no further; latest values stay local.
 //! Room ends come from ongoing-query's Watch: the dispatcher publishes the
 //! room-ended event, once whoever else also does.
 

@@ -752,6 +752,15 @@ async fn cross_datacenter_forwarding_delivers_once(backend: Backend) {
             .await
             .unwrap();
     }
+    // A love total is this datacenter's own aggregate: it stays local.
+    publish(
+        &mut clients[0],
+        room,
+        room_event::Kind::LoveTotal(LoveTotal { total: 7 }),
+        None,
+    )
+    .await
+    .unwrap();
     for (dc, client) in clients.iter_mut().enumerate() {
         publish(client, room, comment(&format!("end-{dc}")), None)
             .await
@@ -776,8 +785,8 @@ async fn cross_datacenter_forwarding_delivers_once(backend: Backend) {
             "20 comments, the keyed one, 2 markers: {texts:?}"
         );
     }
-    // Each dispatcher forwarded its own 12 publishes (11 for dc2) and none
-    // of the other's: no loops.
+    // Each dispatcher forwarded its own 12 ordered publishes (11 for dc2),
+    // none of the other's (no loops), and no love total or viewer count.
     let forwarded = |d: &Dispatcher| d.inner().stats.forwarded.load(Ordering::Relaxed);
     let deadline = Instant::now() + WAIT;
     while forwarded(&dispatchers[0]) < 12 || forwarded(&dispatchers[1]) < 11 {
