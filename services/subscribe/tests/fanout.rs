@@ -299,6 +299,13 @@ async fn only_nodes_with_viewers_get_deliver(backend: Backend) {
     let mut on_a = subscribe(&mut mesh.node(0), room_a, None).await.unwrap();
     let mut on_b1 = subscribe(&mut mesh.node(1), room_b, None).await.unwrap();
     let mut on_b2 = subscribe(&mut mesh.node(2), room_b, None).await.unwrap();
+    // Once every viewer has its room's viewer count, no count changes and
+    // no viewer-count event is published: the Deliver calls counted below
+    // are the comments' alone.
+    let count_is = |n: u64| move |e: &RoomEvent| matches!(e.kind, Some(room_event::Kind::ViewerCount(c)) if c.count == n);
+    on_a.until(count_is(1)).await;
+    on_b1.until(count_is(2)).await;
+    on_b2.until(count_is(2)).await;
     let calls = |mesh: &Mesh, i: usize| {
         mesh.nodes[i]
             .1
