@@ -21,8 +21,9 @@ use livemesh_proto::v1::subscribe_response::Message;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
     Comment, DepositRequest, EndRoomRequest, GetBalanceRequest, GetLovesRequest, GetRoomRequest,
-    GiftSent, ListOngoingRequest, PartitionRequest, PublishRequest, Room, RoomChange,
-    RoomChangeKind, RoomEvent, SendGiftRequest, SendLovesRequest, SettleRoomRequest,
+    GetSettlementRequest, GiftSent, ListOngoingRequest, PartitionRequest, PublishRequest,
+    ReconcileRequest, Room, RoomChange, RoomChangeKind, RoomEvent, SendGiftRequest,
+    SendLovesRequest, SettleRoomRequest, Settlement, SettlementState, ShardStatement,
     StartRoomRequest, StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse,
     TopLoversRequest, WatchRequest, WatchResponse, room_event,
 };
@@ -38,6 +39,11 @@ const REPORT_INTERVAL_MS: u64 = 250;
 
 /// The longest the script waits for viewers to see something.
 const VIEWER_WAIT: Duration = Duration::from_secs(3);
+
+/// The longest the script waits for a room's settlement after its end, and
+/// how often it asks meanwhile.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+const SETTLE_POLL: Duration = Duration::from_millis(20);
 
 /// Runs the demo; SQLite files go to `data_dir`, or a temporary directory.
 pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -75,7 +81,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         data_dir.display()
     );
     let channel = ClientStack::new(&config.client).channel(&server.uri())?;
-    let result = script(channel).await;
+    let result = script(channel, config.gifts.platform_cut_bps).await;
     server.stop().await?;
     match &result {
         Ok(()) => println!("\ndemo complete: every step got the answer it expected."),
@@ -84,7 +90,7 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     result
 }
 
-async fn script(channel: MeshChannel) -> anyhow::Result<()> {
+async fn script(channel: MeshChannel, platform_cut_bps: u32) -> anyhow::Result<()> {
     let mut health = HealthClient::new(channel.clone());
     let mut admin = RoomAdminServiceClient::new(channel.clone());
     let mut query = OngoingQueryServiceClient::new(channel.clone());
@@ -402,47 +408,74 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
         );
     }
 
-    step("a viewer tops up and sends a paid gift (GiftsService), in the third room");
-    let mut gifts = GiftsServiceClient::new(channel.clone());
     let gift_room = rooms[2].room_id;
-    let deposit = gifts
-        .deposit(DepositRequest {
-            idempotency_key: "top-up-501-1".into(),
-            user_id: 501,
-            amount: 1_000,
-        })
-        .await?
-        .into_inner();
-    println!(
-        "  viewer 501 tops up 1000: balance {} (transfer {})",
-        deposit.balance, deposit.transfer_id
-    );
-    for attempt in ["sends", "retries (same idempotency key)"] {
-        let gift = gifts
-            .send_gift(SendGiftRequest {
-                idempotency_key: "gift-501-1".into(),
-                viewer_id: 501,
-                room_id: gift_room,
-                gift_id: 7,
-                amount: 300,
+    let streamer = rooms[2].anchor_id;
+    step(&format!(
+        "viewers top up and send paid gifts in the third room (GiftsService), room {gift_room}"
+    ));
+    let mut gifts = GiftsServiceClient::new(channel.clone());
+    for (user_id, amount) in [(501_u64, 1_000_i64), (502, 2_500), (505, 600)] {
+        let deposit = gifts
+            .deposit(DepositRequest {
+                idempotency_key: format!("top-up-{user_id}-1"),
+                user_id,
+                amount,
             })
             .await?
             .into_inner();
         println!(
-            "  viewer 501 {attempt} gift 7 (300) in room {gift_room}: balance {} (transfer {})",
-            gift.balance, gift.transfer_id
+            "  viewer {user_id} tops up {amount}: balance {} (transfer {})",
+            deposit.balance, deposit.transfer_id
         );
         ensure!(
-            gift.balance == 700,
-            "the gift was debited once: {}",
-            gift.balance
+            deposit.balance == amount,
+            "viewer {user_id}'s first top-up left a balance of {}",
+            deposit.balance
         );
     }
+    // (viewer, idempotency key, gift, amount, the viewer's balance after it)
+    let sent: [(u64, &str, u64, i64, i64); 5] = [
+        (501, "gift-501-1", 7, 300, 700),
+        (502, "gift-502-1", 12, 1_500, 1_000),
+        (505, "gift-505-1", 3, 250, 350),
+        (501, "gift-501-2", 9, 200, 500),
+        (502, "gift-502-2", 7, 300, 700),
+    ];
+    for (index, &(viewer_id, key, gift_id, amount, after)) in sent.iter().enumerate() {
+        // The first gift is sent twice: the app retries it with the same key.
+        let attempts: &[&str] = if index == 0 {
+            &["sends", "retries (same idempotency key)"]
+        } else {
+            &["sends"]
+        };
+        for attempt in attempts {
+            let gift = gifts
+                .send_gift(SendGiftRequest {
+                    idempotency_key: key.into(),
+                    viewer_id,
+                    room_id: gift_room,
+                    gift_id,
+                    amount,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "  viewer {viewer_id} {attempt} gift {gift_id} ({amount}): balance {} (transfer {})",
+                gift.balance, gift.transfer_id
+            );
+            ensure!(
+                gift.balance == after,
+                "viewer {viewer_id}'s balance is {} after gift {key}, expected {after}",
+                gift.balance
+            );
+        }
+    }
+    let gross: i64 = sent.iter().map(|gift| gift.3).sum();
     expect_error(
-        "a 5000 gift with a 700 balance",
+        "viewer 505 sends a 5000 gift with a 350 balance",
         gifts.send_gift(SendGiftRequest {
-            idempotency_key: "gift-501-2".into(),
-            viewer_id: 501,
+            idempotency_key: "gift-505-2".into(),
+            viewer_id: 505,
             room_id: gift_room,
             gift_id: 9,
             amount: 5_000,
@@ -450,17 +483,29 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
         tonic::Code::FailedPrecondition,
     )
     .await?;
-    let balance = gifts
-        .get_balance(GetBalanceRequest { user_id: 501 })
-        .await?
-        .into_inner()
-        .balance;
-    println!("  GetBalance: viewer 501 has {balance}");
+    for (user_id, expected) in [(501, 500), (502, 700), (505, 350), (streamer, 0)] {
+        let balance = gifts
+            .get_balance(GetBalanceRequest { user_id })
+            .await?
+            .into_inner()
+            .balance;
+        let who = if user_id == streamer {
+            format!("the streamer, anchor {user_id}, has {balance} until the room is settled")
+        } else {
+            format!("viewer {user_id} has {balance}")
+        };
+        println!("  GetBalance: {who}");
+        ensure!(
+            balance == expected,
+            "user {user_id}'s balance is {balance}, expected {expected}"
+        );
+    }
+    println!("  the room's virtual account holds {gross} in gifts");
+    let mut settlement = SettlementServiceClient::new(channel.clone());
     expect_error(
-        "settle a room (the Settler is not in this build yet)",
-        SettlementServiceClient::new(channel.clone())
-            .settle_room(SettleRoomRequest { room_id: gift_room }),
-        tonic::Code::Unimplemented,
+        "settle the room while it is live",
+        settlement.settle_room(SettleRoomRequest { room_id: gift_room }),
+        tonic::Code::FailedPrecondition,
     )
     .await?;
 
@@ -537,7 +582,187 @@ async fn script(channel: MeshChannel) -> anyhow::Result<()> {
         (RoomChangeKind::Ended, ids[2]),
     ];
     ensure!(seen == expected, "the watcher saw {seen:?}");
+
+    settlement_statement(
+        &mut settlement,
+        &mut gifts,
+        gift_room,
+        gross,
+        platform_cut_bps,
+    )
+    .await
+}
+
+/// Waits until the Settler (started by the room's end, seen on its Watch)
+/// has settled `room_id`, then prints the room's statement, the streamer's
+/// balance and the per-shard reconciliation; fails unless it balances.
+async fn settlement_statement(
+    settlement: &mut SettlementServiceClient<MeshChannel>,
+    gifts: &mut GiftsServiceClient<MeshChannel>,
+    room_id: u64,
+    gross: i64,
+    platform_cut_bps: u32,
+) -> anyhow::Result<()> {
+    step(&format!(
+        "the Settler pays room {room_id}'s gifts to its streamer (SettlementService)"
+    ));
+    let waiting = std::time::Instant::now();
+    let mut polls = 0;
+    let settled = loop {
+        polls += 1;
+        let current = settlement
+            .get_settlement(GetSettlementRequest { room_id })
+            .await?
+            .into_inner()
+            .settlement
+            .context("GetSettlement returned no settlement")?;
+        if current.state() == SettlementState::Settled {
+            break current;
+        }
+        if waiting.elapsed() > SETTLE_WAIT {
+            bail!(
+                "room {room_id} ended but its settlement is still {} after {SETTLE_WAIT:?}",
+                state_name(&current)
+            );
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    };
+    println!(
+        "  GetSettlement: {} (asked {polls} times, every {SETTLE_POLL:?})",
+        state_name(&settled)
+    );
+    let streamer = settled.streamer_id;
+    let settled_at = settled
+        .settled_at
+        .as_ref()
+        .map_or("-".into(), |ts| clock(ms_from_timestamp(ts)));
+    println!(
+        "\n  settlement statement of room {room_id} (streamer {streamer}), settled at {settled_at}"
+    );
+    let balance = gifts
+        .get_balance(GetBalanceRequest { user_id: streamer })
+        .await?
+        .into_inner()
+        .balance;
+    let lines = [
+        ("gross".to_owned(), settled.gross, String::new()),
+        (
+            format!("platform cut, {}", percent(platform_cut_bps)),
+            -settled.platform_cut,
+            format!("gifts.platform_cut_bps = {platform_cut_bps}"),
+        ),
+        (
+            "streamer credit".to_owned(),
+            settled.streamer_credit,
+            String::new(),
+        ),
+        (
+            format!("streamer {streamer}'s balance"),
+            balance,
+            "GetBalance".to_owned(),
+        ),
+    ];
+    for (label, amount, note) in lines {
+        let line = format!("    {label:<26}{amount:>8}   {note}");
+        println!("{}", line.trim_end());
+    }
+    ensure!(
+        settled.gross == gross,
+        "the settlement's gross is {}, the room's gifts were {gross}",
+        settled.gross
+    );
+    ensure!(
+        settled.platform_cut + settled.streamer_credit == gross,
+        "cut {} + streamer credit {} != gross {gross}",
+        settled.platform_cut,
+        settled.streamer_credit
+    );
+    ensure!(
+        balance == settled.streamer_credit,
+        "the streamer's balance is {balance}, the settlement credited {}",
+        settled.streamer_credit
+    );
+
+    let statement = settlement
+        .reconcile(ReconcileRequest { room_id })
+        .await?
+        .into_inner();
+    println!("\n  Reconcile(room {room_id}): every difference and virtual balance must be 0");
+    println!(
+        "    shard  gifts debited  virtual credited  settled  platform cut  streamer credit  \
+         differences  virtual balance"
+    );
+    let row = |shard: &str, s: &ShardStatement| {
+        println!(
+            "    {shard:>5}  {:>13}  {:>16}  {:>7}  {:>12}  {:>15}  {:>11}  {:>15}",
+            s.gifts_debited,
+            s.virtual_credited,
+            s.settled,
+            s.platform_cut,
+            s.streamer_credit,
+            format!("{} / {}", s.gift_difference, s.settlement_difference),
+            s.virtual_balance
+        );
+    };
+    let mut total = ShardStatement::default();
+    for shard in &statement.shards {
+        row(&shard.shard.to_string(), shard);
+        total.gifts_debited += shard.gifts_debited;
+        total.virtual_credited += shard.virtual_credited;
+        total.settled += shard.settled;
+        total.platform_cut += shard.platform_cut;
+        total.streamer_credit += shard.streamer_credit;
+        total.gift_difference += shard.gift_difference;
+        total.settlement_difference += shard.settlement_difference;
+        total.virtual_balance += shard.virtual_balance;
+    }
+    row("total", &total);
+    println!(
+        "    (differences: gifts debited - virtual credited / virtual credited - virtual balance \
+         - platform cut - streamer credit)"
+    );
+    println!("  balanced: {}", statement.balanced);
+    if !statement.balanced {
+        bail!("room {room_id}'s ledger does not balance: {statement:?}");
+    }
+    for shard in &statement.shards {
+        ensure!(
+            shard.platform_cut == shard.settled * i64::from(platform_cut_bps) / 10_000
+                && shard.platform_cut + shard.streamer_credit == shard.settled,
+            "shard {} paid a cut of {} and {} to the streamer out of {} at {platform_cut_bps} bps",
+            shard.shard,
+            shard.platform_cut,
+            shard.streamer_credit,
+            shard.settled
+        );
+    }
+    ensure!(
+        (
+            total.gifts_debited,
+            total.platform_cut,
+            total.streamer_credit
+        ) == (settled.gross, settled.platform_cut, settled.streamer_credit),
+        "the shards' totals {total:?} disagree with the settlement {settled:?}"
+    );
     Ok(())
+}
+
+/// `SETTLED`, `IN_PROGRESS`, ...
+fn state_name(settlement: &Settlement) -> &'static str {
+    settlement
+        .state()
+        .as_str_name()
+        .trim_start_matches("SETTLEMENT_STATE_")
+}
+
+/// `30%`, `12.5%` of basis points.
+fn percent(bps: u32) -> String {
+    if bps.is_multiple_of(100) {
+        format!("{}%", bps / 100)
+    } else {
+        let fraction = format!("{:02}", bps % 100);
+        format!("{}.{}%", bps / 100, fraction.trim_end_matches('0'))
+    }
 }
 
 /// Which of its events a viewer's task prints.

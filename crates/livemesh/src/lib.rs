@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod ledger_csv;
 
 use livemesh_counter::Counter;
 use livemesh_gift_settler::GiftSettler;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use livemesh::{Mesh, bench, demo};
+use livemesh::{Mesh, bench, demo, ledger_csv};
 use livemesh_mesh::CommonArgs;
 
 /// livemesh: the interaction backend of a live-streaming platform (loves,
@@ -37,6 +37,44 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Write the gift ledger as CSV (SettlementService.ExportLedger).
+    ///
+    /// One row per ledger entry of every balance shard of the server at
+    /// --addr, shard by shard, in the order they were written. Each transfer
+    /// has two entries with its transfer_id: the debit (negative amount) and
+    /// the credit (positive), so the amounts of a complete export sum to 0.
+    ///
+    /// Columns: transfer_id,shard,account,amount,kind,created_at. amount is
+    /// in the smallest currency unit; kind says what moved the money
+    /// (deposit, gift; settle-out and settle-in when a room is settled);
+    /// created_at is RFC 3339 in UTC with milliseconds
+    /// (2026-11-22T10:00:00.250Z). RFC 4180: the first line is the header,
+    /// lines end in CRLF, and a field holding a comma, a double quote or a
+    /// line break is quoted with its quotes doubled.
+    ///
+    /// TIME is RFC 3339 with a time zone (2026-11-22T10:00:00Z,
+    /// 2026-11-22T11:00:00.250+01:00) or milliseconds since the Unix epoch
+    /// (1795341600000; not seconds).
+    #[command(after_help = "Examples:\n  \
+        livemesh ledger-export > ledger.csv\n  \
+        livemesh ledger-export --addr http://10.0.0.5:50055 \\\n      \
+        --from 2026-11-01T00:00:00Z --to 2026-12-01T00:00:00Z --out november.csv")]
+    LedgerExport {
+        /// The server with the SettlementService: `livemesh up` or
+        /// livemesh-gift-settler (`http://` is assumed without a scheme).
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// Only entries created at or after TIME [default: from the first]
+        #[arg(long, value_name = "TIME", value_parser = ledger_csv::parse_time)]
+        from: Option<i64>,
+        /// Only entries created before TIME [default: up to now]
+        #[arg(long, value_name = "TIME", value_parser = ledger_csv::parse_time)]
+        to: Option<i64>,
+        /// Write the CSV to FILE instead of stdout; FILE is replaced only
+        /// once the whole export is written.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Run a benchmark; each prints ratios against a peer measured in the
     /// same run. Use `scripts/bench NAME` to run it against the private
     /// MariaDB/Redis servers.
@@ -56,6 +94,12 @@ async fn main() -> ExitCode {
             .await
         }
         Command::Demo { data_dir } => report(demo::run(data_dir).await),
+        Command::LedgerExport {
+            addr,
+            from,
+            to,
+            out,
+        } => report(ledger_csv::run(&addr, from, to, out.as_deref()).await),
         Command::Bench { bench } => report(bench::run(bench).await),
     }
 }

@@ -9,11 +9,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use livemesh::Mesh;
+use livemesh::ledger_csv;
 use livemesh_mesh::config::ClientConfig;
 use livemesh_mesh::{ClientStack, Config, MeshChannel};
+use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
-use livemesh_proto::v1::{GetRoomRequest, RoomStatus, StartRoomRequest};
+use livemesh_proto::v1::{DepositRequest, GetRoomRequest, RoomStatus, StartRoomRequest};
 use livemesh_testkit::TestServer;
 use tokio_stream::StreamExt as _;
 use tonic_health::pb::HealthCheckRequest;
@@ -116,6 +118,133 @@ async fn the_demo_completes() {
     livemesh::demo::run(Some(dir.path().to_owned()))
         .await
         .expect("demo");
+}
+
+/// Runs the `livemesh` binary off the test's runtime thread, which serves
+/// the mesh the binary talks to.
+async fn livemesh_cli(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_livemesh"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn ledger_export_writes_the_ledger_as_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = mesh(dir.path()).await;
+    let addr = format!("http://{}", server.addr);
+    let before = livemesh_mesh::now_ms();
+    // A key with a comma and quotes: the transfer id needs CSV quoting.
+    let deposit = GiftsServiceClient::new(server.channel())
+        .deposit(DepositRequest {
+            idempotency_key: "top-up \"a\",1".into(),
+            user_id: 77,
+            amount: 1_234,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let after = livemesh_mesh::now_ms();
+    assert_eq!(deposit.transfer_id, "deposit:77:top-up \"a\",1");
+
+    let all = livemesh_cli(&["ledger-export", "--addr", &addr]).await;
+    let stderr = String::from_utf8_lossy(&all.stderr);
+    assert!(all.status.success(), "{stderr}");
+    assert!(stderr.contains("2 entries"), "{stderr}");
+    let csv = String::from_utf8(all.stdout).unwrap();
+    let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
+    assert_eq!(lines[0], "transfer_id,shard,account,amount,kind,created_at");
+    let shard = livemesh_gift_settler::shard_of(77, 4);
+    let prefix = format!("\"deposit:77:top-up \"\"a\"\",1\",{shard},");
+    let mut entries = Vec::new();
+    for line in &lines[1..] {
+        let rest = line
+            .strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("{line}"));
+        let fields: Vec<&str> = rest.split(',').collect();
+        let [account, amount, kind, created_at] = fields[..] else {
+            panic!("{line}");
+        };
+        assert_eq!(kind, "deposit", "{line}");
+        let created = ledger_csv::parse_time(created_at).unwrap();
+        assert!((before..=after).contains(&created), "{line}");
+        assert!(
+            created_at.ends_with('Z') && created_at.len() == 24,
+            "{line}"
+        );
+        entries.push((account.to_owned(), amount.parse::<i64>().unwrap()));
+    }
+    entries.sort();
+    assert_eq!(
+        entries,
+        [
+            ("external:funding".to_owned(), -1_234),
+            ("user:77".to_owned(), 1_234)
+        ]
+    );
+
+    // Nothing before the deposit; all of it from then on, into a file.
+    let none = livemesh_cli(&[
+        "ledger-export",
+        "--addr",
+        &addr,
+        "--to",
+        &before.to_string(),
+    ])
+    .await;
+    assert!(none.status.success());
+    assert_eq!(
+        none.stdout,
+        b"transfer_id,shard,account,amount,kind,created_at\r\n"
+    );
+    let file = dir.path().join("ledger.csv");
+    let since = ledger_csv::rfc3339_ms(before);
+    let out = livemesh_cli(&[
+        "ledger-export",
+        "--addr",
+        &addr,
+        "--from",
+        &since,
+        "--out",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), csv);
+
+    // Bad times: a usage error (exit 2) that says what a TIME is.
+    let bad = livemesh_cli(&["ledger-export", "--addr", &addr, "--from", "yesterday"]).await;
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--from") && stderr.contains("RFC 3339"),
+        "{stderr}"
+    );
+    let reversed = livemesh_cli(&[
+        "ledger-export",
+        "--addr",
+        &addr,
+        "--from",
+        "2026-11-22T10:00:00Z",
+        "--to",
+        "1000",
+    ])
+    .await;
+    assert_eq!(reversed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&reversed.stderr);
+    assert!(stderr.contains("is after --to"), "{stderr}");
+    server.stop().await;
 }
 
 /// `livemesh up` as its own process.
