@@ -46,7 +46,7 @@ enum Command {
     ///
     /// Columns: transfer_id,shard,account,amount,kind,created_at. amount is
     /// in the smallest currency unit; kind says what moved the money
-    /// (deposit, gift; settle-out and settle-in when a room is settled);
+    /// (deposit, gift; settle-out, cut and settle-in when a room is settled);
     /// created_at is RFC 3339 in UTC with milliseconds
     /// (2026-11-22T10:00:00.250Z). RFC 4180: the first line is the header,
     /// lines end in CRLF, and a field holding a comma, a double quote or a

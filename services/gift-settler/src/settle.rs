@@ -105,19 +105,21 @@ impl Inner {
             check(Step::PayShard(s))?;
             let cut = cut_of(swept, self.platform_cut_bps);
             let credit = swept - cut;
-            let pay =
-                |transfer_id: String, credit_account: String, amount: i64, what: &str| Transfer {
-                    request: format!("{what} room={room_id} shard={s} amount={amount}"),
-                    transfer_id,
-                    kind: "settle-in",
-                    debit: CLEARING.to_owned(),
-                    report: credit_account.clone(),
-                    credit: credit_account,
-                    amount,
-                    room_id: None,
-                    debit_may_go_negative: true,
-                    now_ms: now(),
-                };
+            let pay = |transfer_id: String,
+                       credit_account: String,
+                       amount: i64,
+                       kind: &'static str| Transfer {
+                request: format!("{kind} room={room_id} shard={s} amount={amount}"),
+                transfer_id,
+                kind,
+                debit: CLEARING.to_owned(),
+                report: credit_account.clone(),
+                credit: credit_account,
+                amount,
+                room_id: None,
+                debit_may_go_negative: true,
+                now_ms: now(),
+            };
             if cut > 0 {
                 payer
                     .apply(&pay(
