@@ -30,6 +30,7 @@ livemesh_testkit::sql_backend_suite!(
     settlement_pays_exactly_once_with_a_crash_before_and_after_each_step,
     a_room_end_settles_by_itself_and_reconciles_to_zero,
     a_refused_transfer_in_a_group_commit_is_rolled_back_alone,
+    random_concurrent_deposits_and_gifts_conserve_money,
 );
 
 const SHARDS: usize = 4;
@@ -580,4 +581,129 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
     assert_eq!(mesh.balance(viewer).await, 9);
     assert_eq!(mesh.room_total(room).await, 1 + 30 + 60);
     mesh.assert_conserved().await;
+}
+
+/// One operation of the property test.
+#[derive(Debug, Clone)]
+enum Op {
+    Deposit { user: u64, key: u8, amount: i64 },
+    Gift { viewer: u64, key: u8, amount: i64 },
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (1..6u64, 0..4u8, 1..80i64).prop_map(|(user, key, amount)| Op::Deposit {
+            user,
+            key,
+            amount
+        }),
+        (1..6u64, 0..6u8, 1..60i64).prop_map(|(viewer, key, amount)| Op::Gift {
+            viewer,
+            key,
+            amount
+        }),
+    ]
+}
+
+/// Random batches of deposits and gifts (keys reused on purpose, with the
+/// same or other content) run all at once; whatever the interleaving,
+/// every balance is what the accepted transfers say, and money is conserved.
+async fn random_concurrent_deposits_and_gifts_conserve_money(backend: SqlBackend) {
+    use proptest::strategy::{Strategy, ValueTree};
+    use std::collections::HashMap;
+    let mut mesh = mesh(&backend).await;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let ops = proptest::collection::vec(op(), 1..60);
+    for case in 0..6u64 {
+        let room = mesh.start_room().await;
+        let batch = ops.new_tree(&mut runner).unwrap().current();
+        // Users are fresh per case.
+        let user = |u: u64| 10_000 * (case + 1) + u;
+        let calls = batch.iter().cloned().map(|op| {
+            let mut gifts = mesh.gifts.clone();
+            async move {
+                match op {
+                    Op::Deposit {
+                        user: u,
+                        key,
+                        amount,
+                    } => {
+                        let reply = gifts
+                            .deposit(DepositRequest {
+                                idempotency_key: format!("k{key}"),
+                                user_id: user(u),
+                                amount,
+                            })
+                            .await;
+                        (
+                            user(u),
+                            reply.map(|r| r.into_inner().transfer_id),
+                            amount,
+                            false,
+                        )
+                    }
+                    Op::Gift {
+                        viewer,
+                        key,
+                        amount,
+                    } => {
+                        let reply = gifts
+                            .send_gift(SendGiftRequest {
+                                idempotency_key: format!("k{key}"),
+                                viewer_id: user(viewer),
+                                room_id: room,
+                                gift_id: 1,
+                                amount,
+                            })
+                            .await;
+                        (
+                            user(viewer),
+                            reply.map(|r| r.into_inner().transfer_id),
+                            amount,
+                            true,
+                        )
+                    }
+                }
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        // Each accepted transfer id counts once, with the amount it was accepted for.
+        let mut accepted: HashMap<String, (u64, i64, bool)> = HashMap::new();
+        for (who, result, amount, is_gift) in results {
+            match result {
+                Ok(transfer_id) => {
+                    let first = accepted
+                        .entry(transfer_id)
+                        .or_insert((who, amount, is_gift));
+                    assert_eq!(first.1, amount, "a key answered OK for other content");
+                }
+                Err(status) => assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists
+                    ),
+                    "case {case}: unexpected {status:?}"
+                ),
+            }
+        }
+        let mut expected: HashMap<u64, i64> = HashMap::new();
+        let mut gifted = 0;
+        for (who, amount, is_gift) in accepted.values() {
+            let sign = if *is_gift { -1 } else { 1 };
+            *expected.entry(*who).or_default() += sign * amount;
+            if *is_gift {
+                gifted += amount;
+            }
+        }
+        for (who, balance) in &expected {
+            assert_eq!(
+                mesh.balance(*who).await,
+                *balance,
+                "case {case}, user {who}: {batch:?}"
+            );
+        }
+        assert_eq!(mesh.room_total(room).await, gifted, "case {case}");
+        mesh.assert_conserved().await;
+    }
 }
