@@ -4,6 +4,7 @@
 //! `{"bench": NAME, "figures": {KEY: number, ...}}`.
 
 mod fanout;
+mod gifts;
 mod loves;
 mod rooms;
 
@@ -37,6 +38,13 @@ pub enum BenchCommand {
     /// publish-to-receive latency at a paced rate, and the node's memory per
     /// idle stream.
     Fanout(fanout::FanoutArgs),
+    /// Gifts: many viewers gifting one hot room through the gift-settler's
+    /// gRPC API on MariaDB balance shards (the harness's under
+    /// `scripts/bench`), against the naive gift (one transaction on one
+    /// database debiting the viewer and crediting the streamer's balance
+    /// row) at the same concurrency; then the settlement time after the
+    /// room's end and its reconciliation, which must sum to zero.
+    Gifts(gifts::GiftsArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -44,6 +52,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Rooms(args) => rooms::run(args).await,
         BenchCommand::Loves(args) => loves::run(args).await,
         BenchCommand::Fanout(args) => fanout::run(args).await,
+        BenchCommand::Gifts(args) => gifts::run(args).await,
     }
 }
 

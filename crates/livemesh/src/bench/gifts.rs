@@ -1,0 +1,678 @@
+//! `bench gifts`: many viewers gifting one hot room through the
+//! gift-settler's gRPC API on MariaDB balance shards, against the naive gift
+//! (one transaction on one database that debits the viewer and credits the
+//! streamer's single balance row) at the same concurrency and pool size;
+//! then how long the room's settlement takes after its end, and whether it
+//! reconciles to zero.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use futures::StreamExt as _;
+use livemesh_gift_settler::GiftSettler;
+use livemesh_mesh::server::LocalServer;
+use livemesh_mesh::{ClientStack, Config};
+use livemesh_ongoing_query::OngoingQuery;
+use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
+use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
+use livemesh_proto::v1::{
+    DepositRequest, EndRoomRequest, GetSettlementRequest, ReconcileRequest, SendGiftRequest,
+    SettlementState, StartRoomRequest,
+};
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+
+use super::{Side, measure, write_json};
+
+/// Options of `bench gifts`.
+#[derive(Debug, clap::Args)]
+pub struct GiftsArgs {
+    /// Write the figures as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Seconds the two measuring windows take together (half each).
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Concurrent gift senders on each side.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Viewers who gift (each topped up first).
+    #[arg(long, default_value_t = 4_096)]
+    pub viewers: u64,
+    /// Balance shards of the gift-settler (one database each).
+    #[arg(long, default_value_t = 4)]
+    pub shards: usize,
+    /// The MariaDB server, without a database path. Default:
+    /// LIVEMESH_TEST_MYSQL_URL (set by scripts/bench).
+    #[arg(long, value_name = "URL")]
+    pub mysql_url: Option<String>,
+    /// Make every commit durable for the run, on both sides
+    /// (`innodb_flush_log_at_trx_commit=1`, `sync_binlog=1`, set globally
+    /// and restored afterwards): what a production server runs with; the
+    /// harness's server flushes once a second.
+    #[arg(long)]
+    pub durable: bool,
+}
+
+/// The streamer (the room's anchor); never one of the viewers `1..=viewers`.
+const STREAMER: u64 = 1 << 40;
+/// Each viewer's top-up: far more than a window can spend.
+const DEPOSIT: i64 = 1_000_000_000;
+/// Gift prices in the smallest unit, picked per gift.
+const PRICES: [i64; 6] = [1, 5, 10, 52, 99, 520];
+/// Connections of the naive side's pool: as many as each balance shard's
+/// pool in the service (`livemesh_mesh::sql::Db`).
+const NAIVE_POOL: u32 = 16;
+/// Server counters read before and after each window.
+const STATUS: &[&str] = &[
+    "Questions",
+    "Innodb_row_lock_waits",
+    "Innodb_row_lock_time",
+    "Innodb_data_fsyncs",
+    "Innodb_os_log_fsyncs",
+    "Binlog_commits",
+    "Binlog_group_commits",
+];
+
+pub async fn run(args: GiftsArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.concurrency > 0 && args.viewers > 0 && args.shards > 0 && args.duration >= 2,
+        "--concurrency, --viewers and --shards must be positive and --duration at least 2"
+    );
+    let base = match args.mysql_url.clone() {
+        Some(url) => url,
+        None => std::env::var("LIVEMESH_TEST_MYSQL_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .context(
+                "bench gifts needs MariaDB: run it as `scripts/bench gifts` (it starts a private \
+                 server and sets LIVEMESH_TEST_MYSQL_URL), or pass --mysql-url",
+            )?,
+    };
+    let base = base.trim_end_matches('/').to_owned();
+    let unique = format!(
+        "{}_{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default()
+    );
+    let admin_db = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(&base)
+        .await
+        .with_context(|| format!("connecting to {}", livemesh_mesh::sql::redact(&base)))?;
+    let (flush, sync_binlog): (i64, i64) = sqlx::query_as(
+        "SELECT CAST(@@innodb_flush_log_at_trx_commit AS SIGNED), CAST(@@sync_binlog AS SIGNED)",
+    )
+    .fetch_one(&admin_db)
+    .await?;
+    if args.durable {
+        sqlx::query("SET GLOBAL innodb_flush_log_at_trx_commit = 1, sync_binlog = 1")
+            .execute(&admin_db)
+            .await
+            .context("--durable needs the right to SET GLOBAL")?;
+    }
+    let result = bench(&args, &base, &unique, &admin_db).await;
+    if args.durable {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET GLOBAL innodb_flush_log_at_trx_commit = {flush}, sync_binlog = {sync_binlog}"
+        )))
+        .execute(&admin_db)
+        .await?;
+    }
+    result
+}
+
+async fn bench(
+    args: &GiftsArgs,
+    base: &str,
+    unique: &str,
+    admin_db: &MySqlPool,
+) -> anyhow::Result<()> {
+    let mariadb_pid = std::env::var("LIVEMESH_TEST_MYSQL_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok());
+
+    // ongoing-query on SQLite (the rooms), the gift-settler on MariaDB shards.
+    let dir = tempfile::tempdir()?;
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let rooms_config = Config {
+        data_dir: dir.path().join("rooms"),
+        ..Config::default()
+    };
+    let rooms_server =
+        LocalServer::start(OngoingQuery::from_config(&rooms_config).await?, any).await?;
+    let shard_dbs: Vec<String> = (0..args.shards)
+        .map(|n| format!("bench_gifts_{n}_{unique}"))
+        .collect();
+    let mut config = Config {
+        data_dir: dir.path().join("gifts"),
+        ..Config::default()
+    };
+    config.gifts.shard_urls = shard_dbs.iter().map(|db| format!("{base}/{db}")).collect();
+    config.gifts.ongoing_query_url = rooms_server.uri();
+    // No dispatcher: publishing gift events fails, which never undoes a gift.
+    config.gifts.publish_url = rooms_server.uri();
+    let subaccounts = config.gifts.room_subaccounts;
+    let gifts_server = LocalServer::start(GiftSettler::from_config(&config).await?, any).await?;
+    let stack = ClientStack::new(&config.client);
+    let mut admin = RoomAdminServiceClient::new(stack.channel(&rooms_server.uri())?);
+    let gifts = GiftsServiceClient::new(stack.channel(&gifts_server.uri())?);
+    let mut settlement = SettlementServiceClient::new(stack.channel(&gifts_server.uri())?);
+    let room_id = admin
+        .start_room(StartRoomRequest {
+            anchor_id: STREAMER,
+        })
+        .await?
+        .into_inner()
+        .room
+        .context("StartRoom returned no room")?
+        .room_id;
+
+    let (version, flush, sync_binlog, log_bin): (String, i64, i64, i64) = sqlx::query_as(
+        "SELECT @@version, CAST(@@innodb_flush_log_at_trx_commit AS SIGNED), \
+         CAST(@@sync_binlog AS SIGNED), CAST(@@log_bin AS SIGNED)",
+    )
+    .fetch_one(admin_db)
+    .await?;
+    let window = Duration::from_secs(args.duration) / 2;
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "bench gifts on MariaDB {version} (binlog {}, innodb_flush_log_at_trx_commit={flush}, \
+         sync_binlog={sync_binlog}), {cpus} CPUs for everything",
+        if log_bin == 1 { "on" } else { "off" }
+    );
+    println!(
+        "  one hot room, {} viewers, {} senders, {:.1} s per side; livemesh: {} shards x {subaccounts} \
+         sub-accounts; naive: one database, {NAIVE_POOL} connections",
+        args.viewers,
+        args.concurrency,
+        window.as_secs_f64(),
+        args.shards
+    );
+
+    // Top every viewer up through the API (not measured).
+    let topped = Instant::now();
+    let mut deposits = futures::stream::iter(1..=args.viewers)
+        .map(|viewer| {
+            let mut client = gifts.clone();
+            async move {
+                client
+                    .deposit(DepositRequest {
+                        idempotency_key: format!("bench-topup-{viewer}"),
+                        user_id: viewer,
+                        amount: DEPOSIT,
+                    })
+                    .await
+                    .with_context(|| format!("Deposit for viewer {viewer}"))
+            }
+        })
+        .buffer_unordered(args.concurrency);
+    while let Some(done) = deposits.next().await {
+        done?;
+    }
+    drop(deposits);
+    println!(
+        "  {} deposits in {:.1} s",
+        args.viewers,
+        topped.elapsed().as_secs_f64()
+    );
+
+    // (a) livemesh: SendGift through gRPC.
+    let next_key = Arc::new(AtomicU64::new(0));
+    let gifted = Arc::new(AtomicI64::new(0));
+    let before = Usage::take(admin_db, mariadb_pid).await?;
+    let service = measure(args.concurrency, window, {
+        let (next_key, gifted, viewers) = (next_key.clone(), gifted.clone(), args.viewers);
+        move |n| {
+            let mut client = gifts.clone();
+            let key = next_key.fetch_add(1, Ordering::Relaxed);
+            let gifted = gifted.clone();
+            let (viewer, amount) = pick(n, viewers);
+            async move {
+                client
+                    .send_gift(SendGiftRequest {
+                        idempotency_key: format!("bench-gift-{key}"),
+                        viewer_id: viewer,
+                        room_id,
+                        gift_id: amount.unsigned_abs(),
+                        amount,
+                    })
+                    .await
+                    .with_context(|| format!("SendGift from viewer {viewer}"))?;
+                gifted.fetch_add(amount, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    })
+    .await?;
+    let service_gifts = next_key.load(Ordering::Relaxed);
+    let service_use = Usage::take(admin_db, mariadb_pid).await?.since(&before);
+
+    // (b) The naive gift on one database.
+    let naive_db = format!("bench_gifts_naive_{unique}");
+    let naive = naive_setup(admin_db, base, &naive_db, args.viewers).await?;
+    let naive_count = Arc::new(AtomicU64::new(0));
+    let naive_gifted = Arc::new(AtomicI64::new(0));
+    let before = Usage::take(admin_db, mariadb_pid).await?;
+    let baseline = measure(args.concurrency, window, {
+        let (count, gifted, pool, viewers) = (
+            naive_count.clone(),
+            naive_gifted.clone(),
+            naive.clone(),
+            args.viewers,
+        );
+        move |n| {
+            let key = count.fetch_add(1, Ordering::Relaxed);
+            let (pool, gifted) = (pool.clone(), gifted.clone());
+            let (viewer, amount) = pick(n, viewers);
+            async move {
+                naive_gift(&pool, key, viewer, amount).await?;
+                gifted.fetch_add(amount, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    })
+    .await?;
+    let naive_gifts = naive_count.load(Ordering::Relaxed);
+    let naive_use = Usage::take(admin_db, mariadb_pid).await?.since(&before);
+    naive_check(&naive, args.viewers, naive_gifted.load(Ordering::Relaxed)).await?;
+
+    // (c) End the room; the Settler runs on the Watch's end event.
+    let ended = Instant::now();
+    admin.end_room(EndRoomRequest { room_id }).await?;
+    let settled = loop {
+        let s = settlement
+            .get_settlement(GetSettlementRequest { room_id })
+            .await?
+            .into_inner()
+            .settlement
+            .context("GetSettlement returned no settlement")?;
+        if s.state() == SettlementState::Settled {
+            break s;
+        }
+        ensure!(
+            ended.elapsed() < Duration::from_secs(60),
+            "room {room_id} not settled 60 s after its end (state {:?})",
+            s.state()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let settle_ms = ended.elapsed().as_secs_f64() * 1e3;
+    let statement = settlement
+        .reconcile(ReconcileRequest { room_id })
+        .await?
+        .into_inner();
+
+    gifts_server.stop().await?;
+    rooms_server.stop().await?;
+    naive.close().await;
+
+    // Figures.
+    let ratio = service.per_sec / baseline.per_sec;
+    println!(
+        "\n  {:<44} {:>9} {:>8} {:>8} {:>10} {:>11} {:>12} {:>12} {:>10}",
+        "one hot room",
+        "gifts/s",
+        "p50 ms",
+        "p99 ms",
+        "stmts/gift",
+        "lock waits",
+        "lock wait ms",
+        "fsyncs/1k",
+        "CPU us/gift"
+    );
+    for (name, side, gifts, usage) in [
+        (
+            "livemesh: SendGift over gRPC",
+            &service,
+            service_gifts,
+            &service_use,
+        ),
+        (
+            "naive: one txn, one database",
+            &baseline,
+            naive_gifts,
+            &naive_use,
+        ),
+    ] {
+        print_side(name, side, gifts, usage);
+    }
+    println!(
+        "  (lock waits and fsyncs: server totals in the window; CPU: mariadbd + this process, \
+         which runs every livemesh server and client)"
+    );
+    println!("  ratio livemesh / naive: {ratio:.2}x");
+
+    println!(
+        "\n  settled {settle_ms:.1} ms after EndRoom: gross {}, platform cut {}, streamer credit {}",
+        settled.gross, settled.platform_cut, settled.streamer_credit
+    );
+    println!(
+        "  {:>5} {:>13} {:>16} {:>13} {:>12} {:>15} {:>8} {:>10} {:>8}",
+        "shard",
+        "gifts_debited",
+        "virtual_credited",
+        "settled",
+        "platform_cut",
+        "streamer_credit",
+        "gift_d",
+        "settle_d",
+        "virtual"
+    );
+    let mut difference = 0_i64;
+    for s in &statement.shards {
+        println!(
+            "  {:>5} {:>13} {:>16} {:>13} {:>12} {:>15} {:>8} {:>10} {:>8}",
+            s.shard,
+            s.gifts_debited,
+            s.virtual_credited,
+            s.settled,
+            s.platform_cut,
+            s.streamer_credit,
+            s.gift_difference,
+            s.settlement_difference,
+            s.virtual_balance
+        );
+        difference +=
+            s.gift_difference.abs() + s.settlement_difference.abs() + s.virtual_balance.abs();
+    }
+    let gifted = gifted.load(Ordering::Relaxed);
+    println!(
+        "  reconcile: balanced = {}, sum of |differences| and virtual balances = {difference}; \
+         gifted through SendGift {gifted}, settled gross {}",
+        statement.balanced, settled.gross
+    );
+
+    let figures = BTreeMap::from([
+        ("gifts_per_s", service.per_sec),
+        ("baseline_gifts_per_s", baseline.per_sec),
+        ("ratio_vs_baseline", ratio),
+        ("gift_p99_ms", service.p99_ms),
+        ("baseline_p99_ms", baseline.p99_ms),
+        ("gift_p50_ms", service.p50_ms),
+        ("baseline_p50_ms", baseline.p50_ms),
+        ("settle_ms", settle_ms),
+        ("reconcile_difference", difference as f64),
+        ("gifts", service_gifts as f64),
+        ("baseline_gifts", naive_gifts as f64),
+        (
+            "statements_per_gift",
+            service_use.per(STATUS[0], service_gifts),
+        ),
+        (
+            "baseline_statements_per_gift",
+            naive_use.per(STATUS[0], naive_gifts),
+        ),
+        ("concurrency", args.concurrency as f64),
+        ("shards", args.shards as f64),
+    ]);
+    if let Some(path) = &args.json {
+        write_json(path, "gifts", &figures)?;
+    }
+    if difference != 0 || !statement.balanced {
+        bail!("room {room_id} does not reconcile: the differences sum to {difference}");
+    }
+    if settled.gross != gifted {
+        bail!(
+            "room {room_id} settled a gross of {} but the bench gifted {gifted}",
+            settled.gross
+        );
+    }
+    for db in shard_dbs.iter().chain([&naive_db]) {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE `{db}`")))
+            .execute(admin_db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The viewer and the price of gift `n`.
+fn pick(n: u64, viewers: u64) -> (u64, i64) {
+    let viewer = 1 + n % viewers;
+    let price = PRICES[((n / viewers) % PRICES.len() as u64) as usize];
+    (viewer, price)
+}
+
+/// Creates the naive side's database: every viewer's balance and the
+/// streamer's in one table, and a ledger of gifts; tops the viewers up.
+async fn naive_setup(
+    admin: &MySqlPool,
+    base: &str,
+    name: &str,
+    viewers: u64,
+) -> anyhow::Result<MySqlPool> {
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
+        .execute(admin)
+        .await?;
+    // As the service's shard pools are configured.
+    let pool = MySqlPoolOptions::new()
+        .max_connections(NAIVE_POOL)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&format!("{base}/{name}"))
+        .await?;
+    sqlx::query(
+        "CREATE TABLE balances (user_id BIGINT NOT NULL PRIMARY KEY, \
+         balance BIGINT NOT NULL, CONSTRAINT balance_not_negative CHECK (balance >= 0)) \
+         ENGINE = InnoDB",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "CREATE TABLE gifts (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+         idempotency_key VARCHAR(128) NOT NULL UNIQUE, viewer_id BIGINT NOT NULL, \
+         streamer_id BIGINT NOT NULL, amount BIGINT NOT NULL, created_at_ms BIGINT NOT NULL) \
+         ENGINE = InnoDB",
+    )
+    .execute(&pool)
+    .await?;
+    let users: Vec<(u64, i64)> = (1..=viewers)
+        .map(|v| (v, DEPOSIT))
+        .chain([(STREAMER, 0)])
+        .collect();
+    for chunk in users.chunks(1_000) {
+        let values: Vec<String> = chunk.iter().map(|(u, b)| format!("({u}, {b})")).collect();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO balances (user_id, balance) VALUES {}",
+            values.join(", ")
+        )))
+        .execute(&pool)
+        .await?;
+    }
+    Ok(pool)
+}
+
+/// The naive gift: one transaction that debits the viewer (never below
+/// zero), credits the streamer's balance row and records the gift.
+async fn naive_gift(pool: &MySqlPool, key: u64, viewer: u64, amount: i64) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let debited =
+        sqlx::query("UPDATE balances SET balance = balance - ? WHERE user_id = ? AND balance >= ?")
+            .bind(amount)
+            .bind(viewer)
+            .bind(amount)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    ensure!(debited == 1, "viewer {viewer} cannot pay {amount}");
+    sqlx::query("UPDATE balances SET balance = balance + ? WHERE user_id = ?")
+        .bind(amount)
+        .bind(STREAMER)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO gifts (idempotency_key, viewer_id, streamer_id, amount, created_at_ms) \
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(format!("bench-gift-{key}"))
+    .bind(viewer)
+    .bind(STREAMER)
+    .bind(amount)
+    .bind(livemesh_mesh::now_ms())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The naive side conserved money and credited the streamer every gift.
+async fn naive_check(pool: &MySqlPool, viewers: u64, gifted: i64) -> anyhow::Result<()> {
+    let (total, streamer, ledger): (i64, i64, i64) = sqlx::query_as(
+        "SELECT CAST(SUM(balance) AS SIGNED), \
+         CAST(SUM(IF(user_id = ?, balance, 0)) AS SIGNED), \
+         (SELECT CAST(COALESCE(SUM(amount), 0) AS SIGNED) FROM gifts) FROM balances",
+    )
+    .bind(STREAMER)
+    .fetch_one(pool)
+    .await?;
+    let expected = i64::try_from(viewers)? * DEPOSIT;
+    ensure!(
+        total == expected && streamer == gifted && ledger == gifted,
+        "the naive side lost money: total {total} (expected {expected}), streamer {streamer} \
+         and ledger {ledger} (expected {gifted})"
+    );
+    Ok(())
+}
+
+/// Server counters and CPU time at one moment, or their change over a window.
+#[derive(Debug)]
+struct Usage {
+    status: BTreeMap<String, f64>,
+    mariadb_cpu_s: Option<f64>,
+    own_cpu_s: Option<f64>,
+    /// The whole machine's (busy, all) CPU ticks.
+    host_ticks: Option<(f64, f64)>,
+}
+
+impl Usage {
+    async fn take(admin: &MySqlPool, mariadb_pid: Option<u32>) -> anyhow::Result<Self> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SHOW GLOBAL STATUS")
+            .fetch_all(admin)
+            .await?;
+        let status = rows
+            .into_iter()
+            .filter(|(name, _)| STATUS.iter().any(|s| s.eq_ignore_ascii_case(name)))
+            .filter_map(|(name, value)| Some((name, value.parse().ok()?)))
+            .collect();
+        Ok(Self {
+            status,
+            mariadb_cpu_s: mariadb_pid.and_then(|pid| cpu_seconds(Some(pid))),
+            own_cpu_s: cpu_seconds(None),
+            host_ticks: host_ticks(),
+        })
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        let status = self
+            .status
+            .iter()
+            .map(|(k, v)| (k.clone(), v - earlier.status.get(k).copied().unwrap_or(0.0)))
+            .collect();
+        let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        Self {
+            status,
+            mariadb_cpu_s: diff(self.mariadb_cpu_s, earlier.mariadb_cpu_s),
+            own_cpu_s: diff(self.own_cpu_s, earlier.own_cpu_s),
+            host_ticks: self
+                .host_ticks
+                .zip(earlier.host_ticks)
+                .map(|((busy, all), (b0, a0))| (busy - b0, all - a0)),
+        }
+    }
+
+    /// How busy the machine's CPUs were over a window, in percent.
+    fn host_busy_pct(&self) -> Option<f64> {
+        let (busy, all) = self.host_ticks?;
+        (all > 0.0).then(|| busy * 100.0 / all)
+    }
+
+    /// A counter's change per gift.
+    fn per(&self, name: &str, gifts: u64) -> f64 {
+        self.status.get(name).copied().unwrap_or(0.0) / gifts.max(1) as f64
+    }
+}
+
+fn print_side(name: &str, side: &Side, gifts: u64, usage: &Usage) {
+    let cpu = match (usage.mariadb_cpu_s, usage.own_cpu_s) {
+        (Some(db), Some(own)) => format!(
+            "{:.0}+{:.0}",
+            db * 1e6 / gifts.max(1) as f64,
+            own * 1e6 / gifts.max(1) as f64
+        ),
+        _ => "-".into(),
+    };
+    println!(
+        "  {name:<44} {:>9.0} {:>8.2} {:>8.2} {:>10.1} {:>11.0} {:>12.0} {:>12.1} {:>10}",
+        side.per_sec,
+        side.p50_ms,
+        side.p99_ms,
+        usage.per("Questions", gifts),
+        usage
+            .status
+            .get("Innodb_row_lock_waits")
+            .copied()
+            .unwrap_or(0.0),
+        usage
+            .status
+            .get("Innodb_row_lock_time")
+            .copied()
+            .unwrap_or(0.0),
+        usage.per("Innodb_data_fsyncs", gifts) * 1e3,
+        cpu
+    );
+    let commits = usage.status.get("Binlog_commits").copied().unwrap_or(0.0);
+    let groups = usage
+        .status
+        .get("Binlog_group_commits")
+        .copied()
+        .unwrap_or(0.0);
+    println!(
+        "  {:<44} {:.2} gifts per commit, {commits:.0} binlog commits in {groups:.0} groups, \
+         {:.1} log fsyncs per 1k gifts, machine CPU {} busy",
+        "",
+        gifts as f64 / commits.max(1.0),
+        usage.per("Innodb_os_log_fsyncs", gifts) * 1e3,
+        usage
+            .host_busy_pct()
+            .map_or_else(|| "-".to_owned(), |p| format!("{p:.0}%"))
+    );
+}
+
+/// The machine's busy and total CPU ticks so far (`/proc/stat`).
+fn host_ticks() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let all: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((all - idle, all))
+}
+
+/// CPU seconds a process has used so far (user + system); this process
+/// when `pid` is `None`.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".into(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // After the command name: utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ, 100 on Linux.
+    Some(ticks as f64 / 100.0)
+}
