@@ -3,8 +3,10 @@
 //! one commit (one log flush) instead of paying one each.
 //!
 //! Each shard has `workers` queues; a transfer goes to the queue of its
-//! credited account's hash, so two batches in flight at once never credit
-//! the same room sub-account (they would queue on its row lock). A worker
+//! user's lane (a hash of the user), and a gift credits the room
+//! sub-account of that lane, so two batches in flight at once touch neither
+//! the same user's row nor the same sub-account (they would queue on the
+//! row locks). A worker
 //! takes whatever is waiting, up to `max_batch`, applies it, answers every
 //! caller, and goes on; under no load a batch is one transfer.
 
@@ -43,10 +45,17 @@ impl Batcher {
         Self { queues }
     }
 
-    /// Applies `transfer` in shard `shard` as part of the next batch.
-    pub async fn apply(&self, shard: usize, transfer: Transfer) -> Result<Applied, LedgerError> {
+    /// Applies `transfer` in shard `shard` as part of the next batch of
+    /// the worker of `lane`.
+    pub async fn apply(
+        &self,
+        shard: usize,
+        lane: u64,
+        transfer: Transfer,
+    ) -> Result<Applied, LedgerError> {
         let queues = &self.queues[shard];
-        let worker = fnv(&transfer.credit) % queues.len();
+        // The remainder is below the number of workers, a usize.
+        let worker = usize::try_from(lane % queues.len() as u64).unwrap_or(0);
         let (reply, answer) = oneshot::channel();
         if queues[worker].send((transfer, reply)).await.is_err() {
             return Err(LedgerError::Conflict); // the worker is gone (shutting down)
@@ -80,12 +89,14 @@ async fn work(shard: Shard, mut queue: mpsc::Receiver<(Transfer, Reply)>, max_ba
     }
 }
 
-fn fnv(text: &str) -> usize {
+/// A user's lane: a stable hash (FNV-1a) of the user id. Deposits and gifts
+/// of one user take the same batch worker, and a gift credits the room
+/// sub-account `lane % subaccounts`.
+pub fn lane(user_id: u64) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
+    for byte in user_id.to_le_bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    // Only the remainder is used; truncation keeps the spread.
-    hash as usize
+    hash
 }

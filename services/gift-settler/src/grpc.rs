@@ -93,15 +93,10 @@ fn check_amount(amount: i64) -> Result<(), GiftError> {
     Ok(())
 }
 
-/// The sub-account of a room a transfer credits: a stable hash (FNV-1a) of
-/// its id, so a retry credits the same row and gifts spread over the rows.
-fn subaccount(transfer_id: &str, subaccounts: u32) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in transfer_id.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    u32::try_from(hash % u64::from(subaccounts.max(1))).unwrap_or(0)
+/// The sub-account of a room a viewer's gifts credit: the viewer's lane
+/// (see `batch`), so concurrent batches never queue on one sub-account.
+fn subaccount(viewer_id: u64, subaccounts: u32) -> u32 {
+    u32::try_from(crate::batch::lane(viewer_id) % u64::from(subaccounts.max(1))).unwrap_or(0)
 }
 
 impl GiftsApi {
@@ -145,7 +140,7 @@ impl GiftsApi {
             return Err(LedgerError::RoomEnded(r.room_id).into());
         }
         let transfer_id = format!("gift:{}:{}", r.viewer_id, r.idempotency_key);
-        let sub = subaccount(&transfer_id, self.inner.subaccounts);
+        let sub = subaccount(r.viewer_id, self.inner.subaccounts);
         let viewer = user_account(r.viewer_id);
         let transfer = Transfer {
             kind: "gift",

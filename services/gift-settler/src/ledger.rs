@@ -151,26 +151,40 @@ impl Shard {
     }
 
     /// Applies transfers in ONE transaction (group commit: one commit, one
-    /// log flush for all), each in its own savepoint: a transfer refused
-    /// for its own reason (funds, key reuse, room) is rolled back alone and
-    /// reported in its place; a database failure fails the whole batch.
+    /// log flush for all) with a few set-based statements whatever the
+    /// batch's size: the batch's transfer ids, rooms and accounts are read
+    /// (accounts locked, in key order), every transfer is decided in order
+    /// in memory, then the new balances, transfers and entries are written
+    /// in one multi-row statement each. A transfer refused for its own
+    /// reason (funds, key reuse, room) is left out and reported in its
+    /// place; a database failure fails the whole batch.
     pub async fn apply_batch(
         &self,
         batch: &[Transfer],
     ) -> Result<Vec<Result<Applied, LedgerError>>, LedgerError> {
+        use std::collections::{BTreeMap, BTreeSet, HashMap};
         let mysql = self.db.is_mysql();
-        // A plain insert: two transactions creating one account race, and
-        // the loser's duplicate-key error retries the whole transfer.
-        let insert_account =
-            "INSERT INTO accounts (account, balance, may_go_negative) VALUES (?, ?, ?)";
-        // Gifts hold a shared lock on the room's row: ending the room (an
-        // exclusive lock) waits for the gifts in flight, and no gift lands
-        // after it. SQLite's writer lock orders them the same way.
-        let room_status = if mysql {
-            "SELECT status FROM room_accounts WHERE room_id = ? LOCK IN SHARE MODE"
-        } else {
-            "SELECT status FROM room_accounts WHERE room_id = ?"
-        };
+        let placeholders = |n: usize| vec!["?"; n].join(", ");
+        let ids: BTreeSet<&str> = batch.iter().map(|t| t.transfer_id.as_str()).collect();
+        let rooms: BTreeSet<i64> = batch.iter().filter_map(|t| t.room_id.map(sql_id)).collect();
+        let accounts: BTreeSet<&str> = batch
+            .iter()
+            .flat_map(|t| [t.debit.as_str(), t.credit.as_str(), t.report.as_str()])
+            .collect();
+        let lock = if mysql { " FOR UPDATE" } else { "" };
+        let share = if mysql { " LOCK IN SHARE MODE" } else { "" };
+        let seen_sql = format!(
+            "SELECT transfer_id, request, balance_after FROM transfers WHERE transfer_id IN ({})",
+            placeholders(ids.len())
+        );
+        let rooms_sql = format!(
+            "SELECT room_id, status FROM room_accounts WHERE room_id IN ({}){share}",
+            placeholders(rooms.len().max(1))
+        );
+        let accounts_sql = format!(
+            "SELECT account, balance, may_go_negative FROM accounts WHERE account IN ({}) ORDER BY account{lock}",
+            placeholders(accounts.len())
+        );
         on_db!(&self.db, pool => {
             let mut tx = if mysql {
                 pool.begin().await.map_err(classify)?
@@ -179,149 +193,130 @@ impl Shard {
                 // reads then writes can fail with a stale snapshot.
                 pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?
             };
-            let mut results = Vec::with_capacity(batch.len());
-            for t in batch {
-                let debit = if t.debit_may_go_negative {
-                    "UPDATE accounts SET balance = balance - ? WHERE account = ? AND ? > 0"
-                } else {
-                    "UPDATE accounts SET balance = balance - ? WHERE account = ? AND balance >= ?"
-                };
-                sqlx::query("SAVEPOINT one_transfer")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                let result: Result<Applied, LedgerError> = async {
-                    let first: Option<(String, i64)> = sqlx::query_as(
-                        "SELECT request, balance_after FROM transfers WHERE transfer_id = ?",
-                    )
-                    .bind(&t.transfer_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                    if let Some((request, balance)) = first {
-                        return if request == t.request {
-                            Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: true })
-                        } else {
-                            Err(LedgerError::KeyReused { first: request })
-                        };
-                    }
-                    if let Some(room_id) = t.room_id {
-                        let status: Option<(String,)> = sqlx::query_as(room_status)
-                            .bind(sql_id(room_id))
-                            .fetch_optional(&mut *tx)
-                            .await
-                            .map_err(classify)?;
-                        match status {
-                            None => return Err(LedgerError::RoomNotOpen(room_id)),
-                            Some((status,)) if status != "open" => return Err(LedgerError::RoomEnded(room_id)),
-                            Some(_) => {}
-                        }
-                    }
-                    // Update first, create only a missing account: an INSERT IGNORE
-                    // of an existing row takes a shared lock on MySQL, and two
-                    // transactions upgrading theirs on one hot row deadlock.
-                    let debited = sqlx::query(debit)
-                        .bind(t.amount)
-                        .bind(&t.debit)
-                        .bind(t.amount)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?
-                        .rows_affected();
-                    if debited != 1 {
-                        let held: Option<(i64,)> = sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
-                            .bind(&t.debit)
-                            .fetch_optional(&mut *tx)
-                            .await
-                            .map_err(classify)?;
-                        match held {
-                            None if t.debit_may_go_negative => {
-                                sqlx::query(insert_account)
-                                    .bind(&t.debit)
-                                    .bind(-t.amount)
-                                    .bind(1_i32)
-                                    .execute(&mut *tx)
-                                    .await
-                                    .map_err(classify)?;
-                            }
-                            held => {
-                                let balance = held.map_or(0, |(b,)| b);
-                                return Err(LedgerError::Insufficient { balance, amount: t.amount });
-                            }
-                        }
-                    }
-                    let credited = sqlx::query("UPDATE accounts SET balance = balance + ? WHERE account = ?")
-                        .bind(t.amount)
-                        .bind(&t.credit)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?
-                        .rows_affected();
-                    if credited != 1 {
-                        sqlx::query(insert_account)
-                            .bind(&t.credit)
-                            .bind(t.amount)
-                            .bind(0_i32)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(classify)?;
-                    }
-                    let (balance,): (i64,) = sqlx::query_as("SELECT balance FROM accounts WHERE account = ?")
-                        .bind(&t.report)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(classify)?;
-                    sqlx::query(
-                        "INSERT INTO transfers (transfer_id, kind, debit_account, credit_account, amount, \
-                         request, balance_after, room_id, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&t.transfer_id)
-                    .bind(t.kind)
-                    .bind(&t.debit)
-                    .bind(&t.credit)
-                    .bind(t.amount)
-                    .bind(&t.request)
-                    .bind(balance)
-                    .bind(t.room_id.map(sql_id))
-                    .bind(t.now_ms)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                    for (account, amount) in [(&t.debit, -t.amount), (&t.credit, t.amount)] {
-                        sqlx::query(
-                            "INSERT INTO entries (transfer_id, account, amount, kind, created_at_ms) \
-                             VALUES (?, ?, ?, ?, ?)",
-                        )
-                        .bind(&t.transfer_id)
-                        .bind(account)
-                        .bind(amount)
-                        .bind(t.kind)
-                        .bind(t.now_ms)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?;
-                    }
-                    Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: false })
+            let mut query = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(seen_sql));
+            for id in &ids {
+                query = query.bind(*id);
+            }
+            let mut seen: HashMap<String, (String, i64)> = query
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?
+                .into_iter()
+                .map(|(id, request, balance)| (id, (request, balance)))
+                .collect();
+            let mut status: HashMap<i64, String> = HashMap::new();
+            if !rooms.is_empty() {
+                let mut query = sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(rooms_sql));
+                for room in &rooms {
+                    query = query.bind(*room);
                 }
-                .await;
-                let undo = match &result {
-                    Ok(_) => false,
-                    Err(
-                        LedgerError::Insufficient { .. }
-                        | LedgerError::KeyReused { .. }
-                        | LedgerError::RoomEnded(_)
-                        | LedgerError::RoomNotOpen(_),
-                    ) => true,
-                    // The database failed: nothing of the batch stays.
-                    Err(_) => return Err(result.err().unwrap_or(LedgerError::Conflict)),
-                };
-                let end = if undo {
-                    "ROLLBACK TO SAVEPOINT one_transfer"
-                } else {
-                    "RELEASE SAVEPOINT one_transfer"
-                };
-                sqlx::query(end).execute(&mut *tx).await.map_err(classify)?;
-                results.push(result);
+                status = query.fetch_all(&mut *tx).await.map_err(classify)?.into_iter().collect();
+            }
+            let mut query = sqlx::query_as::<_, (String, i64, i32)>(sqlx::AssertSqlSafe(accounts_sql));
+            for account in &accounts {
+                query = query.bind(*account);
+            }
+            // account -> (balance, may go negative, changed)
+            let mut held: BTreeMap<String, (i64, bool, bool)> = query
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?
+                .into_iter()
+                .map(|(account, balance, negative)| (account, (balance, negative != 0, false)))
+                .collect();
+            let mut results = Vec::with_capacity(batch.len());
+            let mut applied: Vec<(&Transfer, i64)> = Vec::new();
+            for t in batch {
+                if let Some((request, balance)) = seen.get(&t.transfer_id) {
+                    results.push(if *request == t.request {
+                        Ok(Applied { transfer_id: t.transfer_id.clone(), balance: *balance, replayed: true })
+                    } else {
+                        Err(LedgerError::KeyReused { first: request.clone() })
+                    });
+                    continue;
+                }
+                if let Some(room_id) = t.room_id {
+                    match status.get(&sql_id(room_id)).map(String::as_str) {
+                        None => {
+                            results.push(Err(LedgerError::RoomNotOpen(room_id)));
+                            continue;
+                        }
+                        Some("open") => {}
+                        Some(_) => {
+                            results.push(Err(LedgerError::RoomEnded(room_id)));
+                            continue;
+                        }
+                    }
+                }
+                let debit = held
+                    .entry(t.debit.clone())
+                    .or_insert((0, t.debit_may_go_negative, false));
+                if !debit.1 && debit.0 < t.amount {
+                    results.push(Err(LedgerError::Insufficient { balance: debit.0, amount: t.amount }));
+                    continue;
+                }
+                debit.0 -= t.amount;
+                debit.2 = true;
+                let credit = held.entry(t.credit.clone()).or_insert((0, false, false));
+                credit.0 += t.amount;
+                credit.2 = true;
+                let balance = held.get(&t.report).map_or(0, |h| h.0);
+                seen.insert(t.transfer_id.clone(), (t.request.clone(), balance));
+                applied.push((t, balance));
+                results.push(Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: false }));
+            }
+            if !applied.is_empty() {
+                let changed: Vec<(&String, &(i64, bool, bool))> =
+                    held.iter().filter(|(_, h)| h.2).collect();
+                let upsert = format!(
+                    "INSERT INTO accounts (account, balance, may_go_negative) VALUES {} {}",
+                    vec!["(?, ?, ?)"; changed.len()].join(", "),
+                    if mysql {
+                        "ON DUPLICATE KEY UPDATE balance = VALUES(balance)"
+                    } else {
+                        "ON CONFLICT (account) DO UPDATE SET balance = excluded.balance"
+                    }
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(upsert));
+                for (account, (balance, negative, _)) in &changed {
+                    query = query.bind(*account).bind(*balance).bind(i32::from(*negative));
+                }
+                query.execute(&mut *tx).await.map_err(classify)?;
+                let transfers = format!(
+                    "INSERT INTO transfers (transfer_id, kind, debit_account, credit_account, amount, \
+                     request, balance_after, room_id, created_at_ms) VALUES {}",
+                    vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; applied.len()].join(", ")
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(transfers));
+                for (t, balance) in &applied {
+                    query = query
+                        .bind(&t.transfer_id)
+                        .bind(t.kind)
+                        .bind(&t.debit)
+                        .bind(&t.credit)
+                        .bind(t.amount)
+                        .bind(&t.request)
+                        .bind(*balance)
+                        .bind(t.room_id.map(sql_id))
+                        .bind(t.now_ms);
+                }
+                query.execute(&mut *tx).await.map_err(classify)?;
+                let entries = format!(
+                    "INSERT INTO entries (transfer_id, account, amount, kind, created_at_ms) VALUES {}",
+                    vec!["(?, ?, ?, ?, ?)"; 2 * applied.len()].join(", ")
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(entries));
+                for (t, _) in &applied {
+                    for (account, amount) in [(&t.debit, -t.amount), (&t.credit, t.amount)] {
+                        query = query
+                            .bind(&t.transfer_id)
+                            .bind(account)
+                            .bind(amount)
+                            .bind(t.kind)
+                            .bind(t.now_ms);
+                    }
+                }
+                query.execute(&mut *tx).await.map_err(classify)?;
             }
             tx.commit().await.map_err(classify)?;
             Ok(results)

@@ -73,7 +73,11 @@ impl Inner {
         transfer: ledger::Transfer,
     ) -> Result<ledger::Applied, ledger::LedgerError> {
         self.batcher
-            .apply(shard_of(user_id, self.shards.len()), transfer)
+            .apply(
+                shard_of(user_id, self.shards.len()),
+                batch::lane(user_id),
+                transfer,
+            )
             .await
     }
 
