@@ -578,6 +578,16 @@ impl Config {
         Ok(())
     }
 
+    /// The URL a service calls a peer at: `configured`, or when that is
+    /// empty this process's own address (the all-in-one `livemesh up`).
+    pub fn peer_url(&self, configured: &str) -> String {
+        if configured.is_empty() {
+            format!("http://{}", self.listen)
+        } else {
+            configured.to_owned()
+        }
+    }
+
     /// The SQLite URL of `file` under the data dir, created if missing.
     pub fn sqlite_url(&self, file: &str) -> String {
         sqlite_url(&self.data_dir.join(file))

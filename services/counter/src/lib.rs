@@ -169,17 +169,9 @@ impl Counter {
         let db = LovesDb::open(&database_url)
             .await
             .context("opening the counter's SQL database")?;
-        let own = format!("http://{}", config.listen);
-        let url = |configured: &str| {
-            if configured.is_empty() {
-                own.clone()
-            } else {
-                configured.to_owned()
-            }
-        };
         let stack = ClientStack::new(&config.client);
-        let ongoing = stack.channel(&url(&c.ongoing_query_url))?;
-        let publish = stack.channel(&url(&c.publish_url))?;
+        let ongoing = stack.channel(&config.peer_url(&c.ongoing_query_url))?;
+        let publish = stack.channel(&config.peer_url(&c.publish_url))?;
         let analytics_dir = if c.analytics_dir.is_empty() {
             config.data_dir.join("analytics")
         } else {

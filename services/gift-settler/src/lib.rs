@@ -128,20 +128,12 @@ impl GiftSettler {
                     .with_context(|| format!("opening balance shard {index}"))?,
             );
         }
-        let own = format!("http://{}", config.listen);
-        let or_own = |url: &str| {
-            if url.is_empty() {
-                own.clone()
-            } else {
-                url.to_owned()
-            }
-        };
         let stack = ClientStack::new(&config.client);
         let ongoing = stack
-            .channel(&or_own(&g.ongoing_query_url))
+            .channel(&config.peer_url(&g.ongoing_query_url))
             .context("gifts.ongoing_query_url")?;
         let publish = stack
-            .channel(&or_own(&g.publish_url))
+            .channel(&config.peer_url(&g.publish_url))
             .context("gifts.publish_url")?;
         Ok(Self {
             inner: Arc::new(Inner {

@@ -41,14 +41,9 @@ impl Dispatcher {
     pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
         let c = &config.publish;
         let stack = ClientStack::new(&config.client);
-        let watch_url = if c.ongoing_query_url.is_empty() {
-            format!("http://{}", config.listen)
-        } else {
-            c.ongoing_query_url.clone()
-        };
         let watch = OngoingQueryServiceClient::new(
             stack
-                .channel(&watch_url)
+                .channel(&config.peer_url(&c.ongoing_query_url))
                 .context("publish.ongoing_query_url")?,
         );
         let settings = DispatcherSettings {

@@ -42,27 +42,19 @@ impl SubscribeNode {
     /// `config` says (by default this process's own address).
     pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
         let c = &config.subscribe;
-        let own = format!("http://{}", config.listen);
-        let or_own = |url: &str| {
-            if url.is_empty() {
-                own.clone()
-            } else {
-                url.to_owned()
-            }
-        };
         let stack = ClientStack::new(&config.client);
         let rooms = RoomDirectory::new(
             stack
-                .channel(&or_own(&c.ongoing_query_url))
+                .channel(&config.peer_url(&c.ongoing_query_url))
                 .context("subscribe.ongoing_query_url")?,
         );
         let publish = PublishServiceClient::new(
             stack
-                .channel(&or_own(&c.publish_url))
+                .channel(&config.peer_url(&c.publish_url))
                 .context("subscribe.publish_url")?,
         );
         let settings = NodeSettings {
-            node_id: or_own(&c.node_url),
+            node_id: config.peer_url(&c.node_url),
             queue_len: c.queue_len,
             lease: Duration::from_millis(c.lease_ms),
             report_interval: Duration::from_millis(c.report_interval_ms),
