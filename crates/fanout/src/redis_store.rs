@@ -154,6 +154,31 @@ impl RedisFanout {
         format!("fanout|{}|{{room:{room_id}}}|{name}", self.settings.phase)
     }
 
+    /// KEYS of the join and renew scripts: nodes, counts, seq, epoch, then `extra`.
+    fn lease_keys(&self, room_id: u64, extra: &[&str]) -> Vec<String> {
+        ["nodes", "counts", "seq", "epoch"]
+            .iter()
+            .chain(extra)
+            .map(|name| self.key(room_id, name))
+            .collect()
+    }
+
+    /// ARGV of the join and renew scripts: node, lease expiry, viewers, now, room TTL.
+    fn lease_args(
+        &self,
+        cmd: &mut redis::Cmd,
+        node: &str,
+        viewers: u64,
+        lease_ms: u64,
+        now_ms: i64,
+    ) {
+        cmd.arg(node)
+            .arg(expiry(now_ms, lease_ms))
+            .arg(viewers)
+            .arg(now_ms)
+            .arg(self.settings.room_ttl_secs);
+    }
+
     pub async fn append(&self, append: &Append<'_>) -> Result<Appended, StoreError> {
         let room = append.room_id;
         let keys = [
@@ -218,22 +243,8 @@ impl RedisFanout {
         lease_ms: u64,
         now_ms: i64,
     ) -> Result<Head, StoreError> {
-        let keys = [
-            self.key(room_id, "nodes"),
-            self.key(room_id, "counts"),
-            self.key(room_id, "seq"),
-            self.key(room_id, "epoch"),
-            self.key(room_id, "latest"),
-            self.key(room_id, "ended"),
-            self.key(room_id, "history"),
-        ];
-        let fill = |cmd: &mut redis::Cmd| {
-            cmd.arg(node)
-                .arg(expiry(now_ms, lease_ms))
-                .arg(viewers)
-                .arg(now_ms)
-                .arg(self.settings.room_ttl_secs);
-        };
+        let keys = self.lease_keys(room_id, &["latest", "ended", "history"]);
+        let fill = |cmd: &mut redis::Cmd| self.lease_args(cmd, node, viewers, lease_ms, now_ms);
         let what = format!("join of room {room_id}");
         let conn = self.conn.checkout().await?;
         let reply: Vec<Value> = self
@@ -271,19 +282,9 @@ impl RedisFanout {
         let calls = rooms.iter().map(|&(room_id, viewers)| {
             let mut handle = conn.handle();
             async move {
-                let keys = [
-                    self.key(room_id, "nodes"),
-                    self.key(room_id, "counts"),
-                    self.key(room_id, "seq"),
-                    self.key(room_id, "epoch"),
-                ];
-                let fill = |cmd: &mut redis::Cmd| {
-                    cmd.arg(node)
-                        .arg(expiry(now_ms, lease_ms))
-                        .arg(viewers)
-                        .arg(now_ms)
-                        .arg(self.settings.room_ttl_secs);
-                };
+                let keys = self.lease_keys(room_id, &[]);
+                let fill =
+                    |cmd: &mut redis::Cmd| self.lease_args(cmd, node, viewers, lease_ms, now_ms);
                 let what = format!("renewal of room {room_id}");
                 let reply: Vec<Value> = self
                     .conn

@@ -32,6 +32,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The error type carried through tower stacks.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// FNV-1a of `bytes`: a stable (across processes and builds) hash for
+/// spreading keys over shards, lanes and sub-accounts.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
 /// Milliseconds since the Unix epoch, by the wall clock.
 pub fn now_ms() -> i64 {
     let since_epoch = std::time::SystemTime::now()

@@ -93,10 +93,5 @@ async fn work(shard: Shard, mut queue: mpsc::Receiver<(Transfer, Reply)>, max_ba
 /// of one user take the same batch worker, and a gift credits the room
 /// sub-account `lane % subaccounts`.
 pub fn lane(user_id: u64) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in user_id.to_le_bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
+    livemesh_mesh::fnv1a(&user_id.to_le_bytes())
 }

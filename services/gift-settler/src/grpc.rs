@@ -431,14 +431,9 @@ impl GiftsApi {
         room_id: u64,
         anchor_id: u64,
     ) -> Result<ReconcileResponse, sqlx::Error> {
-        let settled = self.inner.shards[0]
-            .settlement(room_id)
-            .await?
-            .is_some_and(|row| row.state == "settled");
-        let streamer_id = self.inner.shards[0]
-            .settlement(room_id)
-            .await?
-            .map_or(anchor_id, |row| row.streamer_id);
+        let row = self.inner.shards[0].settlement(room_id).await?;
+        let settled = row.as_ref().is_some_and(|row| row.state == "settled");
+        let streamer_id = row.map_or(anchor_id, |row| row.streamer_id);
         let payer = self.inner.shard(streamer_id);
         let mut shards = Vec::new();
         for shard in &self.inner.shards {

@@ -333,33 +333,29 @@ impl DispatcherInner {
         url: &str,
         request: PublishRequest,
     ) -> bool {
-        {
-            {
-                let mut backoff = Duration::from_millis(50);
-                for attempt in 1..=6 {
-                    match client.publish(request.clone()).await {
-                        Ok(_) => return true,
-                        // The peer refused the event itself: retrying cannot help.
-                        Err(status)
-                            if matches!(
-                                status.code(),
-                                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
-                            ) =>
-                        {
-                            tracing::debug!(%url, %status, "peer refused a forwarded publish");
-                            return false;
-                        }
-                        Err(status) => {
-                            tracing::debug!(%url, %status, attempt, "forwarding failed; retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff *= 2;
-                        }
-                    }
+        let mut backoff = Duration::from_millis(50);
+        for attempt in 1..=6 {
+            match client.publish(request.clone()).await {
+                Ok(_) => return true,
+                // The peer refused the event itself: retrying cannot help.
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+                    ) =>
+                {
+                    tracing::debug!(%url, %status, "peer refused a forwarded publish");
+                    return false;
                 }
-                tracing::warn!(%url, "forwarding a publish to a peer datacenter failed for good");
-                false
+                Err(status) => {
+                    tracing::debug!(%url, %status, attempt, "forwarding failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
             }
         }
+        tracing::warn!(%url, "forwarding a publish to a peer datacenter failed for good");
+        false
     }
 
     /// Publishes the room-ended event (once, whoever asks).

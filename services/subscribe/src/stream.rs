@@ -172,27 +172,29 @@ impl ViewerStream {
     pub fn set_prefix(&mut self, prefix: VecDeque<SubscribeResponse>) {
         self.prefix = prefix;
     }
+}
 
-    fn event(&mut self, event: &RoomEvent, ordered: bool) -> SubscribeResponse {
-        let mut event = event.clone();
-        if ordered {
-            self.last = (event.epoch, event.offset);
-        } else {
-            (event.epoch, event.offset) = self.last;
-        }
-        SubscribeResponse {
-            message: Some(subscribe_response::Message::Event(event)),
-        }
+/// The message for an event: an ordered event moves `last` to its
+/// position; a latest-value event is sent with `last` as its position.
+fn respond(last: &mut (u64, u64), event: &RoomEvent, ordered: bool) -> SubscribeResponse {
+    let mut event = event.clone();
+    if ordered {
+        *last = (event.epoch, event.offset);
+    } else {
+        (event.epoch, event.offset) = *last;
     }
+    SubscribeResponse {
+        message: Some(subscribe_response::Message::Event(event)),
+    }
+}
 
-    fn resume_status(&self, status: Status) -> Status {
-        let mut status = status;
-        let (epoch, offset) = self.last;
-        let metadata = status.metadata_mut();
-        metadata.insert(RESUME_EPOCH, MetadataValue::from(epoch));
-        metadata.insert(RESUME_OFFSET, MetadataValue::from(offset));
-        status
-    }
+/// `status` with the resume position in its trailers.
+fn with_resume(last: (u64, u64), mut status: Status) -> Status {
+    let (epoch, offset) = last;
+    let metadata = status.metadata_mut();
+    metadata.insert(RESUME_EPOCH, MetadataValue::from(epoch));
+    metadata.insert(RESUME_OFFSET, MetadataValue::from(offset));
+    status
 }
 
 impl Stream for ViewerStream {
@@ -214,8 +216,7 @@ impl Stream for ViewerStream {
             }
             return Poll::Ready(Some(Ok(message)));
         }
-        let shared = this.shared.clone();
-        let mut state = shared.lock();
+        let mut state = this.shared.lock();
         match state.end {
             Some(End::Overflow) => {
                 state.end = Some(End::Done);
@@ -226,7 +227,7 @@ impl Stream for ViewerStream {
                      subscribe again with resume = {{epoch: {epoch}, offset: {offset}}} \
                      (or your last received position) to get every event after it"
                 ));
-                return Poll::Ready(Some(Err(this.resume_status(status))));
+                return Poll::Ready(Some(Err(with_resume(this.last, status))));
             }
             Some(End::Shutdown) => {
                 state.end = Some(End::Done);
@@ -235,14 +236,14 @@ impl Stream for ViewerStream {
                     "this subscribe node is shutting down; subscribe again (on any node) \
                      with resume set to your last received position",
                 );
-                return Poll::Ready(Some(Err(this.resume_status(status))));
+                return Poll::Ready(Some(Err(with_resume(this.last, status))));
             }
             Some(End::Done) => return Poll::Ready(None),
             _ => {}
         }
         if let Some(event) = state.ordered.pop_front() {
             drop(state);
-            return Poll::Ready(Some(Ok(this.event(&event, true))));
+            return Poll::Ready(Some(Ok(respond(&mut this.last, &event, true))));
         }
         let latest = state
             .love_total
@@ -250,7 +251,7 @@ impl Stream for ViewerStream {
             .or_else(|| state.viewer_count.take());
         if let Some(event) = latest {
             drop(state);
-            return Poll::Ready(Some(Ok(this.event(&event, false))));
+            return Poll::Ready(Some(Ok(respond(&mut this.last, &event, false))));
         }
         if state.end == Some(End::Finish) {
             state.end = Some(End::Done);

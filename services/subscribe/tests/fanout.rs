@@ -206,6 +206,19 @@ async fn publish(
     kind: room_event::Kind,
     key: Option<&str>,
 ) -> Result<StreamPosition, tonic::Status> {
+    Ok(publish_reply(client, room_id, kind, key)
+        .await?
+        .position
+        .unwrap())
+}
+
+/// The whole reply of a publish (its position and the nodes it reached).
+async fn publish_reply(
+    client: &mut PublishServiceClient<MeshChannel>,
+    room_id: u64,
+    kind: room_event::Kind,
+    key: Option<&str>,
+) -> Result<livemesh_proto::v1::PublishResponse, tonic::Status> {
     let reply = client
         .publish(PublishRequest {
             room_id,
@@ -217,7 +230,7 @@ async fn publish(
             forwarded_from: None,
         })
         .await?;
-    Ok(reply.into_inner().position.unwrap())
+    Ok(reply.into_inner())
 }
 
 /// A viewer's open stream and its start message.
@@ -316,19 +329,9 @@ async fn only_nodes_with_viewers_get_deliver(backend: Backend) {
     };
     let before: Vec<u64> = (0..3).map(|i| calls(&mesh, i)).collect();
 
-    let reply = mesh
-        .dispatcher(0)
-        .publish(PublishRequest {
-            room_id: room_a,
-            event: Some(RoomEvent {
-                kind: Some(comment("for a")),
-                ..RoomEvent::default()
-            }),
-            ..PublishRequest::default()
-        })
+    let reply = publish_reply(&mut mesh.dispatcher(0), room_a, comment("for a"), None)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(reply.nodes, 1, "room a has viewers on one node");
     assert_eq!(text_of(&on_a.next_ordered().await), "for a");
     assert_eq!(
@@ -891,19 +894,14 @@ async fn a_dead_nodes_registration_expires(backend: Backend) {
     mesh.store.join(room, &dead, 4, 300, now).await.unwrap();
     let nodes = mesh.store.nodes(room, now).await.unwrap();
     assert_eq!(nodes.len(), 2, "{nodes:?}");
-    let reply = mesh
-        .dispatcher(0)
-        .publish(PublishRequest {
-            room_id: room,
-            event: Some(RoomEvent {
-                kind: Some(comment("while the dead node is listed")),
-                ..RoomEvent::default()
-            }),
-            ..PublishRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = publish_reply(
+        &mut mesh.dispatcher(0),
+        room,
+        comment("while the dead node is listed"),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(reply.nodes, 1, "only the live node answered");
     // Its lease ends: it is no longer listed.
     let deadline = Instant::now() + WAIT;
@@ -1049,19 +1047,9 @@ async fn the_last_viewer_leaving_takes_the_node_out_of_the_room(backend: Backend
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Well before its lease (1 s in these tests) could have ended it.
-    let reply = mesh
-        .dispatcher(1)
-        .publish(PublishRequest {
-            room_id: room,
-            event: Some(RoomEvent {
-                kind: Some(comment("after")),
-                ..RoomEvent::default()
-            }),
-            ..PublishRequest::default()
-        })
+    let reply = publish_reply(&mut mesh.dispatcher(1), room, comment("after"), None)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(reply.nodes, 1, "only node 0 still holds a viewer");
     drop(still);
 }

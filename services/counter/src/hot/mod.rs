@@ -97,11 +97,7 @@ impl HotConfig {
     /// The total shard a flush increments: a stable hash of its id (FNV-1a),
     /// so a replay targets the same key and flushes spread over the shards.
     fn shard_of(&self, flush_id: &str) -> u32 {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in flush_id.bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        let hash = livemesh_mesh::fnv1a(flush_id.as_bytes());
         let shards = u64::from(self.total_shards.max(1));
         // The remainder is below `total_shards`, a u32.
         u32::try_from(hash % shards).unwrap_or(0)
