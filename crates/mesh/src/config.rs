@@ -50,6 +50,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
     pub client: ClientConfig,
+    pub server: ServerConfig,
     pub rooms: RoomsConfig,
     pub counter: CounterConfig,
     pub fanout: FanoutConfig,
@@ -68,6 +69,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             shutdown: ShutdownConfig::default(),
             client: ClientConfig::default(),
+            server: ServerConfig::default(),
             rooms: RoomsConfig::default(),
             counter: CounterConfig::default(),
             fanout: FanoutConfig::default(),
@@ -345,14 +347,47 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// The inter-service client stack (see [`crate::client`]).
+/// The inter-service client stack (see [`crate::client`]) and the circuit
+/// breakers around the hot store and SQL (see [`crate::resilience`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
     /// TCP connect timeout to a peer.
     pub connect_timeout_ms: u64,
-    /// Time a call may take until its response headers arrive.
+    /// Time a call may take until its response headers arrive (a call may
+    /// ask for less with its own gRPC deadline).
     pub request_timeout_ms: u64,
+    /// A peer's breaker opens when at least this share (0 < rate <= 1) of
+    /// the calls in the window failed (transport errors, timeouts,
+    /// UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED;
+    /// never a caller's own mistake such as INVALID_ARGUMENT).
+    pub breaker_failure_rate: f64,
+    /// A call that takes at least this long counts as slow.
+    pub breaker_slow_call_ms: u64,
+    /// A peer's breaker opens when at least this share of the calls in the
+    /// window were slow.
+    pub breaker_slow_call_rate: f64,
+    /// The sliding window the rates are computed over.
+    pub breaker_window_ms: u64,
+    /// Rates are judged only once the window holds this many calls.
+    pub breaker_min_calls: u32,
+    /// An open breaker rejects every call (UNAVAILABLE, at once) this long,
+    /// then lets probes through (half-open).
+    pub breaker_open_ms: u64,
+    /// Probes a half-open breaker lets through; that many successes close
+    /// it, one failure opens it again.
+    pub breaker_half_open_calls: u32,
+    /// Retries a client may add on top of its calls, in percent of the calls
+    /// (the retry budget: a dead peer gets at most this much extra load).
+    pub retry_budget_percent: u32,
+    /// Retries per second always allowed, whatever the budget, so that a
+    /// quiet client can still retry.
+    pub retry_min_per_sec: u32,
+    /// Retries of one call at most (only calls that never reached the
+    /// peer, and UNAVAILABLE answers, are retried). 0 turns retries off.
+    pub max_retries: u32,
+    /// The first retry waits about this long (with jitter), doubling per retry.
+    pub retry_backoff_ms: u64,
 }
 
 impl Default for ClientConfig {
@@ -360,6 +395,78 @@ impl Default for ClientConfig {
         Self {
             connect_timeout_ms: 1_000,
             request_timeout_ms: 2_000,
+            breaker_failure_rate: 0.5,
+            breaker_slow_call_ms: 1_000,
+            breaker_slow_call_rate: 0.8,
+            breaker_window_ms: 1_000,
+            breaker_min_calls: 5,
+            breaker_open_ms: 2_000,
+            breaker_half_open_calls: 2,
+            retry_budget_percent: 20,
+            retry_min_per_sec: 10,
+            max_retries: 2,
+            retry_backoff_ms: 10,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Checks the breaker and retry settings; the message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        for (key, rate) in [
+            ("breaker_failure_rate", self.breaker_failure_rate),
+            ("breaker_slow_call_rate", self.breaker_slow_call_rate),
+        ] {
+            if !(rate.is_finite() && rate > 0.0 && rate <= 1.0) {
+                return invalid(format!(
+                    "client.{key} is a share of calls: more than 0 and at most 1, not {rate}"
+                ));
+            }
+        }
+        if self.breaker_slow_call_ms == 0
+            || self.breaker_open_ms == 0
+            || self.breaker_min_calls == 0
+            || self.breaker_half_open_calls == 0
+            || self.retry_backoff_ms == 0
+        {
+            return invalid(
+                "client.breaker_slow_call_ms, breaker_open_ms, breaker_min_calls, \
+                 breaker_half_open_calls and retry_backoff_ms must be at least 1"
+                    .to_owned(),
+            );
+        }
+        if self.breaker_window_ms < 100 {
+            return invalid(format!(
+                "client.breaker_window_ms must be at least 100 (a window that short holds too few calls to judge), not {}",
+                self.breaker_window_ms
+            ));
+        }
+        if self.retry_budget_percent > 1_000 {
+            return invalid(format!(
+                "client.retry_budget_percent is at most 1000, not {}",
+                self.retry_budget_percent
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What every gRPC server of the mesh admits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Calls a server works on at once (over all connections); a call past
+    /// it is shed at once with UNAVAILABLE ("server overloaded, retry
+    /// later") instead of queueing. A streaming call counts only until its
+    /// stream starts; health checks and reflection are never shed.
+    pub max_concurrent_requests: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 10_000,
         }
     }
 }
@@ -564,6 +671,10 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "client.connect_timeout_ms and client.request_timeout_ms must be at least 1".into(),
             ));
+        }
+        self.client.validate()?;
+        if self.server.max_concurrent_requests == 0 {
+            return invalid("server.max_concurrent_requests must be at least 1");
         }
         let mut seen = vec![self.rooms.local_region];
         for region in &self.rooms.regions {

@@ -9,6 +9,7 @@
 pub mod client;
 pub mod coalesce;
 pub mod config;
+pub mod resilience;
 pub mod rooms;
 pub mod server;
 pub mod shutdown;

@@ -29,6 +29,7 @@ pub struct ServerBuilder {
     hooks: Vec<BoxFuture<'static, ()>>,
     stopping: crate::Shutdown,
     max_concurrent_streams: Option<u32>,
+    limits: crate::config::ServerConfig,
 }
 
 impl ServerBuilder {
@@ -46,6 +47,12 @@ impl ServerBuilder {
     /// of the set asks for; unset: the transport's default).
     pub fn max_concurrent_streams(&mut self, streams: u32) -> &mut Self {
         self.max_concurrent_streams = Some(self.max_concurrent_streams.unwrap_or(0).max(streams));
+        self
+    }
+
+    /// What this server admits (`[server]`; unset: the defaults).
+    pub fn limits(&mut self, limits: &crate::config::ServerConfig) -> &mut Self {
+        self.limits = limits.clone();
         self
     }
 
@@ -168,8 +175,12 @@ impl ServerBuilder {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             |accepted| accepted.map(crate::coalesce::Coalesce::new),
         );
+        // Load shedding (see `resilience::ShedLayer`): past the limit a call
+        // gets UNAVAILABLE at once; streams hold a permit only until they start.
+        let shed = crate::resilience::ShedLayer::new(self.limits.max_concurrent_requests as usize);
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)
+            .layer(shed)
             .add_routes(self.routes.routes())
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -200,13 +211,31 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// Serves one service set alone on `listener` until `shutdown`.
+/// Serves one service set alone on `listener` until `shutdown`, with the
+/// default `[server]` limits.
 pub async fn serve_set(
     set: impl ServiceSet,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_set_with(
+        set,
+        listener,
+        shutdown,
+        &crate::config::ServerConfig::default(),
+    )
+    .await
+}
+
+/// [`serve_set`] with the given `[server]` limits.
+pub async fn serve_set_with(
+    set: impl ServiceSet,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: &crate::config::ServerConfig,
+) -> Result<(), ServeError> {
     let mut server = ServerBuilder::new();
+    server.limits(limits);
     set.register(&mut server);
     server.serve(listener, shutdown).await
 }
