@@ -72,6 +72,8 @@ impl ClientStack {
     }
 
     /// The middleware, top to bottom as a request passes it:
+    /// 0. the call's client span, its W3C trace context into the metadata,
+    ///    and per-RPC client metrics ([`crate::rpc_telemetry`]);
     /// 1. turn a timeout into `DEADLINE_EXCEEDED` naming the peer (tonic
     ///    would otherwise report `Unknown`);
     /// 2. bound the time until the response headers arrive;
@@ -89,6 +91,9 @@ impl ClientStack {
         let peer = peer.to_owned();
         let timeout = self.request_timeout;
         let service = ServiceBuilder::new()
+            // telem: trace context + client span + per-RPC metrics. OUTERMOST, so
+            // retries below it stay inside the call's one client span.
+            .layer(crate::rpc_telemetry::ClientTelemetryLayer::new(&peer))
             .map_err(move |err: BoxError| {
                 if err.is::<tower::timeout::error::Elapsed>() {
                     MeshError(Box::new(tonic::Status::deadline_exceeded(format!(

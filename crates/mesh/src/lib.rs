@@ -9,7 +9,9 @@
 pub mod client;
 pub mod coalesce;
 pub mod config;
+pub mod metrics;
 pub mod rooms;
+pub mod rpc_telemetry;
 pub mod server;
 pub mod shutdown;
 pub mod sql;
