@@ -84,6 +84,9 @@ impl ClientStack {
     }
 
     /// The middleware, top to bottom as a request passes it:
+    /// 0. the call's client span, its W3C trace context into the metadata,
+    ///    and per-RPC client metrics ([`crate::rpc_telemetry`]); outermost,
+    ///    so that retries stay inside the call's one client span;
     /// 1. buffer the (unary) request body once, so that a retry can send it
     ///    again;
     /// 2. retry within the budget what is safe to retry
@@ -135,6 +138,9 @@ impl ClientStack {
                     .await
             }
         });
+        let channel = ServiceBuilder::new()
+            .layer(crate::rpc_telemetry::ClientTelemetryLayer::new(peer))
+            .service(channel);
         Ok((BoxCloneSyncService::new(channel), breaker))
     }
 }

@@ -318,8 +318,15 @@ impl Default for CounterConfig {
 pub struct TelemetryConfig {
     /// A `tracing` filter, e.g. `info` or `livemesh=debug,info`. `RUST_LOG` wins when set.
     pub log: String,
-    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`. Unset: no export.
+    /// OTLP/gRPC collector for traces and metrics, e.g.
+    /// `http://127.0.0.1:4317`. Unset: no export.
     pub otlp_endpoint: Option<String>,
+    /// Address of the admin HTTP endpoint serving metrics as Prometheus
+    /// text at `/metrics`. Each process on a host needs its own (port 0
+    /// picks a free one); empty turns the endpoint off.
+    pub metrics_listen: String,
+    /// How often metrics are pushed to `otlp_endpoint`.
+    pub metrics_export_interval_ms: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -327,6 +334,8 @@ impl Default for TelemetryConfig {
         Self {
             log: "info".to_owned(),
             otlp_endpoint: None,
+            metrics_listen: "127.0.0.1:9464".to_owned(),
+            metrics_export_interval_ms: 10_000,
         }
     }
 }
@@ -747,9 +756,13 @@ pub struct CommonArgs {
     /// Log filter, e.g. `info` or `livemesh_ongoing_query=debug` [default: info].
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
-    /// OTLP/gRPC endpoint to export traces to, e.g. `http://127.0.0.1:4317`.
+    /// OTLP/gRPC endpoint to export traces and metrics to, e.g. `http://127.0.0.1:4317`.
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics; port 0 picks a free
+    /// one, "" turns it off [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 impl CommonArgs {
@@ -770,6 +783,7 @@ impl CommonArgs {
         put("redis_url", self.redis_url.clone());
         put("telemetry.log", self.log.clone());
         put("telemetry.otlp_endpoint", self.otlp_endpoint.clone());
+        put("telemetry.metrics_listen", self.metrics_listen.clone());
         out
     }
 

@@ -9,8 +9,10 @@
 pub mod client;
 pub mod coalesce;
 pub mod config;
+pub mod metrics;
 pub mod resilience;
 pub mod rooms;
+pub mod rpc_telemetry;
 pub mod server;
 pub mod shutdown;
 pub mod sql;

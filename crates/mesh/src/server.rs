@@ -180,6 +180,9 @@ impl ServerBuilder {
         let shed = crate::resilience::ShedLayer::new(self.limits.max_concurrent_requests as usize);
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)
+            // telem: the server span (child of the caller's trace context) and
+            // per-RPC server metrics, for every service of the server.
+            .layer(crate::rpc_telemetry::ServerTelemetryLayer::new())
             .layer(shed)
             .add_routes(self.routes.routes())
             .add_service(health_service)

@@ -104,6 +104,7 @@ impl CounterApi {
         )?;
         if let Some(taps_ms) = accepted_taps.filter(|t| !t.is_empty()) {
             self.inner.touch(room.room_id);
+            self.inner.remember_origin(room.room_id);
             self.inner.analytics.record(LoveLine {
                 room_id: room.room_id,
                 viewer_id: request.viewer_id,
