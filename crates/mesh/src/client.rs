@@ -40,6 +40,10 @@ impl std::error::Error for MeshError {
 pub struct ClientStack {
     connect_timeout: Duration,
     request_timeout: Duration,
+    // auth: what every channel of this stack sends and how it connects
+    // (see `crate::auth`); `None`: no credentials, plaintext.
+    credential: Option<crate::auth::Credential>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Why a channel could not be built.
@@ -55,23 +59,64 @@ impl ClientStack {
         Self {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
+            credential: None,
+            tls: None,
+        }
+    }
+
+    /// The stack of `service`'s own outgoing calls: they carry its service
+    /// token (when a secret is configured) and use TLS (when certificates are).
+    pub fn secured(
+        self,
+        security: &crate::auth::Security,
+        service: &str,
+    ) -> Result<Self, crate::auth::AuthError> {
+        Ok(Self {
+            credential: security
+                .service_credential(service)?
+                .map(crate::auth::Credential::Service),
+            tls: security.client_tls(),
+            ..self
+        })
+    }
+
+    /// Every call of this stack's channels sends `credential` (a caller
+    /// outside the mesh: a BFF, an operator's tool, a test).
+    pub fn with_credential(self, credential: crate::auth::Credential) -> Self {
+        Self {
+            credential: Some(credential),
+            ..self
+        }
+    }
+
+    /// Channels to `https://` peers use `tls`.
+    pub fn with_tls(self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        Self {
+            tls: Some(tls),
+            ..self
         }
     }
 
     /// A channel to `uri` (`http://host:port`) that connects on first use and
     /// reconnects by itself.
     pub fn channel(&self, uri: &str) -> Result<MeshChannel, InvalidPeer> {
-        let endpoint = Endpoint::from_shared(uri.to_owned())
-            .map_err(|e| InvalidPeer {
-                uri: uri.to_owned(),
-                reason: e.to_string(),
-            })?
+        let invalid = |e: tonic::transport::Error| InvalidPeer {
+            uri: uri.to_owned(),
+            reason: e.to_string(),
+        };
+        let mut endpoint = Endpoint::from_shared(uri.to_owned())
+            .map_err(invalid)?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
+        // auth: TLS to `https://` peers.
+        if let (Some(tls), true) = (&self.tls, uri.starts_with("https://")) {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(invalid)?;
+        }
         Ok(self.wrap(endpoint.connect_lazy(), uri))
     }
 
     /// The middleware, top to bottom as a request passes it:
+    /// 0. add the credential (`authorization`);
     /// 1. turn a timeout into `DEADLINE_EXCEEDED` naming the peer (tonic
     ///    would otherwise report `Unknown`);
     /// 2. bound the time until the response headers arrive;
@@ -88,7 +133,18 @@ impl ClientStack {
     {
         let peer = peer.to_owned();
         let timeout = self.request_timeout;
+        let credential = self.credential.clone();
         let service = ServiceBuilder::new()
+            // auth: the caller's credential, unless the call brought its own.
+            .map_request(move |mut request: http::Request<Body>| {
+                if let Some(credential) = &credential {
+                    request
+                        .headers_mut()
+                        .entry(http::header::AUTHORIZATION)
+                        .or_insert_with(|| credential.header());
+                }
+                request
+            })
             .map_err(move |err: BoxError| {
                 if err.is::<tower::timeout::error::Elapsed>() {
                     MeshError(Box::new(tonic::Status::deadline_exceeded(format!(

@@ -56,6 +56,8 @@ pub struct Config {
     pub subscribe: SubscribeConfig,
     pub publish: PublishConfig,
     pub gifts: GiftsConfig,
+    /// Authentication, authorisation, TLS and limits (see [`crate::auth`]).
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             subscribe: SubscribeConfig::default(),
             publish: PublishConfig::default(),
             gifts: GiftsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -565,6 +568,7 @@ impl Config {
                 "client.connect_timeout_ms and client.request_timeout_ms must be at least 1".into(),
             ));
         }
+        self.auth.validate().map_err(ConfigError::Invalid)?;
         let mut seen = vec![self.rooms.local_region];
         for region in &self.rooms.regions {
             if seen.contains(&region.id) {
@@ -582,7 +586,13 @@ impl Config {
     /// empty this process's own address (the all-in-one `livemesh up`).
     pub fn peer_url(&self, configured: &str) -> String {
         if configured.is_empty() {
-            format!("http://{}", self.listen)
+            // auth: `https` when services speak TLS.
+            let scheme = if self.auth.tls_enabled() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", self.listen)
         } else {
             configured.to_owned()
         }
