@@ -43,6 +43,10 @@ impl std::error::Error for MeshError {
 pub struct ClientStack {
     config: ClientConfig,
     breaker: BreakerSettings,
+    // auth: what every channel of this stack sends and how it connects
+    // (see `crate::auth`); `None`: no credentials, plaintext.
+    credential: Option<crate::auth::Credential>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Why a channel could not be built.
@@ -58,6 +62,41 @@ impl ClientStack {
         Self {
             config: config.clone(),
             breaker: BreakerSettings::from(config),
+            credential: None,
+            tls: None,
+        }
+    }
+
+    /// The stack of `service`'s own outgoing calls: they carry its service
+    /// token (when a secret is configured) and use TLS (when certificates are).
+    pub fn secured(
+        self,
+        security: &crate::auth::Security,
+        service: &str,
+    ) -> Result<Self, crate::auth::AuthError> {
+        Ok(Self {
+            credential: security
+                .service_credential(service)?
+                .map(crate::auth::Credential::Service),
+            tls: security.client_tls(),
+            ..self
+        })
+    }
+
+    /// Every call of this stack's channels sends `credential` (a caller
+    /// outside the mesh: a BFF, an operator's tool, a test).
+    pub fn with_credential(self, credential: crate::auth::Credential) -> Self {
+        Self {
+            credential: Some(credential),
+            ..self
+        }
+    }
+
+    /// Channels to `https://` peers use `tls`.
+    pub fn with_tls(self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        Self {
+            tls: Some(tls),
+            ..self
         }
     }
 
@@ -75,10 +114,16 @@ impl ClientStack {
             uri: uri.to_owned(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(uri.to_owned())
+        let mut endpoint = Endpoint::from_shared(uri.to_owned())
             .map_err(|e| invalid(e.to_string()))?
             .connect_timeout(Duration::from_millis(self.config.connect_timeout_ms))
             .tcp_nodelay(true);
+        // auth: TLS to `https://` peers.
+        if let (Some(tls), true) = (&self.tls, uri.starts_with("https://")) {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| invalid(e.to_string()))?;
+        }
         self.wrap(endpoint.connect_lazy(), uri)
             .map_err(|e| invalid(e.to_string()))
     }
@@ -87,6 +132,8 @@ impl ClientStack {
     /// 0. the call's client span, its W3C trace context into the metadata,
     ///    and per-RPC client metrics ([`crate::rpc_telemetry`]); outermost,
     ///    so that retries stay inside the call's one client span;
+    /// 0b. the caller's credential (`authorization`), unless the call
+    ///    brought its own ([`crate::auth`]);
     /// 1. buffer the (unary) request body once, so that a retry can send it
     ///    again;
     /// 2. retry within the budget what is safe to retry
@@ -138,8 +185,19 @@ impl ClientStack {
                     .await
             }
         });
+        let credential = self.credential.clone();
         let channel = ServiceBuilder::new()
             .layer(crate::rpc_telemetry::ClientTelemetryLayer::new(peer))
+            // auth: the caller's credential, unless the call brought its own.
+            .map_request(move |mut request: http::Request<Body>| {
+                if let Some(credential) = &credential {
+                    request
+                        .headers_mut()
+                        .entry(http::header::AUTHORIZATION)
+                        .or_insert_with(|| credential.header());
+                }
+                request
+            })
             .service(channel);
         Ok((BoxCloneSyncService::new(channel), breaker))
     }

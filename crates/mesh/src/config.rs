@@ -57,6 +57,8 @@ pub struct Config {
     pub subscribe: SubscribeConfig,
     pub publish: PublishConfig,
     pub gifts: GiftsConfig,
+    /// Authentication, authorisation, TLS and limits (see [`crate::auth`]).
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             subscribe: SubscribeConfig::default(),
             publish: PublishConfig::default(),
             gifts: GiftsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -685,6 +688,7 @@ impl Config {
         if self.server.max_concurrent_requests == 0 {
             return invalid("server.max_concurrent_requests must be at least 1");
         }
+        self.auth.validate().map_err(ConfigError::Invalid)?;
         let mut seen = vec![self.rooms.local_region];
         for region in &self.rooms.regions {
             if seen.contains(&region.id) {
@@ -702,7 +706,13 @@ impl Config {
     /// empty this process's own address (the all-in-one `livemesh up`).
     pub fn peer_url(&self, configured: &str) -> String {
         if configured.is_empty() {
-            format!("http://{}", self.listen)
+            // auth: `https` when services speak TLS.
+            let scheme = if self.auth.tls_enabled() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", self.listen)
         } else {
             configured.to_owned()
         }

@@ -6,6 +6,7 @@
 //! ([`server`]), graceful shutdown ([`shutdown`]) and the one client stack
 //! that every inter-service client goes through ([`client`]).
 
+pub mod auth;
 pub mod client;
 pub mod coalesce;
 pub mod config;

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::future::BoxFuture;
+use livemesh_mesh::auth::{Security, policy};
 use livemesh_mesh::rpc_telemetry::Origins;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
@@ -167,6 +168,7 @@ impl Inner {
 pub struct Counter {
     inner: Arc<Inner>,
     analytics_writer: Arc<Mutex<Option<BoxFuture<'static, ()>>>>,
+    security: Security,
 }
 
 impl std::fmt::Debug for Counter {
@@ -204,7 +206,8 @@ impl Counter {
         let db = LovesDb::open(&database_url)
             .await
             .context("opening the counter's SQL database")?;
-        let stack = ClientStack::new(&config.client);
+        let security = Security::from_config(&config.auth)?;
+        let stack = ClientStack::new(&config.client).secured(&security, policy::COUNTER)?;
         let ongoing = stack.channel(&config.peer_url(&c.ongoing_query_url))?;
         let publish = stack.channel(&config.peer_url(&c.publish_url))?;
         let analytics_dir = if c.analytics_dir.is_empty() {
@@ -251,6 +254,7 @@ impl Counter {
         Ok(Self {
             inner: Arc::new(inner),
             analytics_writer: Arc::new(Mutex::new(Some(Box::pin(writer)))),
+            security,
         })
     }
 
@@ -271,9 +275,13 @@ async fn every<F: Future<Output = ()>>(period: Duration, mut tick: impl FnMut() 
 
 impl ServiceSet for Counter {
     fn register(&self, server: &mut ServerBuilder) {
-        server.add_service(CounterServiceServer::new(grpc::CounterApi::new(
-            self.inner.clone(),
-        )));
+        server.secure(&self.security);
+        let max_message = self.security.max_message_bytes();
+        server.add_service(
+            CounterServiceServer::new(grpc::CounterApi::new(self.inner.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
         let inner = self.inner.clone();
         server.add_background("loves flusher", async move {
             every(inner.flush_tick, || inner.flush_once()).await;
