@@ -1036,12 +1036,44 @@ async fn assert_settled_once(
     assert!(ledger.values().all(|e| e.iter().sum::<i64>() == 0));
 }
 
-/// Chaos: MariaDB killed while a room's settlement runs. Room A: killed
-/// right after its end is committed (the settler starts settling from the
-/// Watch); room B: killed by the settler's step hook after shard 0 is paid
-/// and shard 1 is swept but not yet paid. After the restart each settlement
-/// completes (by itself, or SettleRoom retried), the streamer is paid
-/// exactly once, and every account reconciles.
+/// Waits (without calling SettleRoom) until the settler has settled the
+/// room by itself, after the kill at `killed_at_ms`.
+async fn settles_by_itself(mesh: &Mesh, room_id: u64, killed_at_ms: i64) {
+    let mut settlement = SettlementServiceClient::new(mesh._gifts_server.channel());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // GetSettlement reads the coordinating shard: it fails while the
+        // shards come back.
+        if let Ok(reply) = settlement
+            .get_settlement(GetSettlementRequest { room_id })
+            .await
+        {
+            let row = reply.into_inner().settlement.unwrap();
+            if row.state() == SettlementState::Settled {
+                let settled_at = row.settled_at.unwrap();
+                assert!(
+                    livemesh_proto::time::ms_from_timestamp(&settled_at) >= killed_at_ms,
+                    "room {room_id} was settled before the kill: the kill interrupted nothing"
+                );
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room {room_id}: the settler did not finish by itself within 30 s of the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Chaos: MariaDB killed while rooms' settlements run, three ways. Room A:
+/// right after its end is committed (the settler hears of it from the
+/// Watch while the restart's crash recovery runs). Room C: as soon as the
+/// settler has recorded the settlement as begun. Room B: by the settler's
+/// step hook after shard 0 is paid and shard 1 is swept but not yet paid.
+/// After the restart A and C settle by themselves and B through SettleRoom
+/// retried; each streamer is paid exactly once, every virtual account is
+/// zero, and Reconcile is balanced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     let db = Arc::new(PrivateMariadb::start().await);
@@ -1059,11 +1091,37 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         .await
         .unwrap();
     db.kill();
-    // The settler hears of the end (Watch) within milliseconds, while the
-    // restart's crash recovery takes about a second: its first attempts
-    // fail, and it must carry on by itself once the shards are back.
+    let killed_at = livemesh_mesh::now_ms();
     db.restart().await;
+    settles_by_itself(&mesh, room_a, killed_at).await;
     assert_settled_once(&mut mesh, room_a, gross_a, cut_a, before).await;
+
+    // Room C: killed once the settlement has begun.
+    let room_c = mesh.start_room().await;
+    let gross_c = gifts_in(&mut mesh, room_c, "c").await;
+    let (_, cut_c) = expected_cut(&mesh, room_c).await;
+    let before = mesh.balance(streamer).await;
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room_c })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match inner.shards[0].settlement(room_c).await.unwrap() {
+            Some(row) if row.state == "in_progress" => break,
+            Some(row) => panic!("the settlement finished before it could be interrupted: {row:?}"),
+            None => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the settler did not begin settling room {room_c} within 10 s of its end"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    db.kill();
+    let killed_at = livemesh_mesh::now_ms();
+    db.restart().await;
+    settles_by_itself(&mesh, room_c, killed_at).await;
+    assert_settled_once(&mut mesh, room_c, gross_c, cut_c, before).await;
 
     // Room B: killed at a precise point of the settlement.
     let room_b = mesh.start_room().await;

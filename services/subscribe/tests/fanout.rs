@@ -1063,7 +1063,9 @@ const NODE_BREAKERS_BOUND_PUBLISH_LATENCY: bool = false;
 
 /// Deliver timeout of the black-hole test: short, so the test takes a few
 /// seconds even while every publish waits it out.
-const CHAOS_DELIVER_TIMEOUT: Duration = Duration::from_millis(150);
+/// (250 ms: a healthy node's Deliver, even on a loaded 2-core CI machine,
+/// answers well within it.)
+const CHAOS_DELIVER_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Reads ordered events until the comment `last`; returns their texts and
 /// offsets. Panics (with what it read) if `last` does not come in time.
@@ -1087,7 +1089,7 @@ async fn ordered_until(viewer: &mut Viewer, last: &str) -> Vec<(String, u64)> {
 /// it and resumes on a healthy node gets the rest, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
-    const N: u64 = 24;
+    const N: u64 = 16;
     let dir = tempfile::tempdir().unwrap();
     let rooms = start_rooms(dir.path()).await;
     let mut config = base_config(dir.path(), &rooms);
@@ -1176,13 +1178,15 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
         latencies.len(),
     );
     if NODE_BREAKERS_BOUND_PUBLISH_LATENCY {
-        // Once the node's breaker is open, a publish no longer waits for it.
+        // Once the node's breaker is open (within the first second of the
+        // black hole), a publish no longer waits for that node; only the
+        // breaker's half-open probes may, now and then.
         let waited = after_first_second
             .iter()
             .filter(|took| **took >= CHAOS_DELIVER_TIMEOUT)
             .count();
         assert!(
-            waited <= 1,
+            waited * 4 <= after_first_second.len(),
             "{waited} of {} publishes after the first second waited the deliver timeout: {after_first_second:?}",
             after_first_second.len()
         );
