@@ -3,6 +3,8 @@
 //! machine). Every bench takes `--json FILE` and writes
 //! `{"bench": NAME, "figures": {KEY: number, ...}}`.
 
+mod blackhole;
+mod breaker;
 mod fanout;
 mod gifts;
 mod loves;
@@ -45,6 +47,40 @@ pub enum BenchCommand {
     /// row) at the same concurrency; then the settlement time after the
     /// room's end and its reconciliation, which must sum to zero.
     Gifts(gifts::GiftsArgs),
+    /// Breaker: publish→receive p99 at the viewers of three healthy
+    /// subscribe nodes while a fourth is black-holed, against all four
+    /// healthy, in the same run; and how fast the client stack refuses a
+    /// call to the black-holed node once its circuit breaker is open. Needs
+    /// no Redis or MariaDB (in-memory fan-out store, SQLite rooms).
+    ///
+    /// Set-up, all in this process: ongoing-query, one dispatcher and four
+    /// subscribe nodes, each a server on a loopback port; one room with
+    /// `--viewers-per-node` Subscribe streams on every node. Node 4
+    /// registers under the address of a TCP proxy that forwards to it in
+    /// the healthy phase and becomes a black hole (accepts TCP, never
+    /// answers) in the degraded phase; the dispatcher reaches the nodes
+    /// through the mesh's client stack, so its timeouts and breakers are
+    /// what is measured.
+    ///
+    /// Each phase publishes comments at `--rate` per second, open loop,
+    /// for `--duration` seconds, and measures (a) publish→receive latency
+    /// at the viewers of nodes 1-3 and (b) the Publish RPC's latency at the
+    /// publisher. Comments scheduled in the first `--warmup` seconds are
+    /// left out of the percentiles and reported apart (with when publishes
+    /// stopped waiting for node 4). Every acknowledged comment must reach
+    /// every viewer of a healthy node, or the bench fails.
+    ///
+    /// open_reject: afterwards, health checks to node 4 through a fresh
+    /// channel of the same stack until one is refused as UNAVAILABLE
+    /// "circuit open", then `--rejected-calls` sequential calls; the p99 of
+    /// the refused ones. Without a breaker nothing is refused and the
+    /// figure is the request timeout (said so in the output).
+    ///
+    /// Figures: healthy_p99_ms, degraded_p99_ms (a), their ratio
+    /// ratio_degraded_vs_healthy (target <= 1.5), the same for (b)
+    /// (ratio_publish_rpc_degraded_vs_healthy), open_reject_p99_ms (target
+    /// <= 1), warm-up, counts and settings.
+    Breaker(breaker::BreakerArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -53,6 +89,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Loves(args) => loves::run(args).await,
         BenchCommand::Fanout(args) => fanout::run(args).await,
         BenchCommand::Gifts(args) => gifts::run(args).await,
+        BenchCommand::Breaker(args) => breaker::run(args).await,
     }
 }
 
