@@ -6,57 +6,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::Path;
 
 use livemesh_mesh::ClientStack;
 use livemesh_mesh::auth::{AuthConfig, AuthMode, Claims, Credential, Secret, Security};
 use livemesh_mesh::config::ClientConfig;
 use livemesh_mesh::server::{LocalServer, ServerBuilder, ServiceSet};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
 use tonic::transport::{Certificate, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 const SECRET: &str = "tls-test-secret-0123456789abcdefghijklmnopq";
-
-/// A CA and one certificate it signed (for 127.0.0.1 and localhost), as
-/// PEM files in `dir`; returns the config naming them.
-fn write_certs(dir: &Path) -> AuthConfig {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "livemesh test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "livemesh service");
-    let cert = params.signed_by(&key, &issuer).unwrap();
-
-    let write = |name: &str, pem: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, pem).unwrap();
-        path.display().to_string()
-    };
-    AuthConfig {
-        tls_ca: write("ca.pem", ca_cert.pem()),
-        tls_cert: write("service.pem", cert.pem()),
-        tls_key: write("service.key", key.serialize_pem()),
-        ..AuthConfig::default()
-    }
-}
 
 /// A server with only health and reflection, secured by `security`.
 struct Secured(Security);
@@ -80,7 +39,7 @@ async fn mutual_tls_admits_clients_with_a_mesh_certificate_only() {
     let config = AuthConfig {
         mode: AuthMode::Enforce,
         token_secret: Some(Secret::new(SECRET)),
-        ..write_certs(dir.path())
+        ..livemesh_testkit::mesh_certificates(dir.path())
     };
     config.validate().unwrap();
     let security = Security::from_config(&config).unwrap();
@@ -159,4 +118,119 @@ fn half_a_tls_configuration_is_refused_with_the_keys_named() {
     .validate()
     .unwrap_err();
     assert!(err.contains("tls_ca"), "{err}");
+}
+
+/// The all-in-one mesh enforcing auth over mutual TLS: its services reach
+/// each other at `https://` (room lookups, counter -> publish -> subscribe)
+/// and a viewer sees the love total.
+#[tokio::test]
+async fn the_mesh_works_end_to_end_over_mutual_tls_with_auth_enforced() {
+    use livemesh_mesh::Config;
+    use livemesh_proto::v1::counter_service_client::CounterServiceClient;
+    use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+    use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
+    use livemesh_proto::v1::{
+        LoveTotal, RoomEvent, SendLovesRequest, StartRoomRequest, SubscribeRequest, room_event,
+        subscribe_response,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let auth = AuthConfig {
+        mode: AuthMode::Enforce,
+        token_secret: Some(Secret::new(SECRET)),
+        ..livemesh_testkit::mesh_certificates(dir.path())
+    };
+    let security = Security::from_config(&auth).unwrap();
+    let data_dir = dir.path().to_owned();
+    let server = livemesh_testkit::TestServer::start_with(|addr| async move {
+        livemesh::Mesh::from_config(&Config {
+            data_dir,
+            listen: addr,
+            auth,
+            ..Config::default()
+        })
+        .await
+    })
+    .await;
+    let https = format!("https://{}", server.addr);
+    let keys = security.keys().unwrap();
+    let as_role = |role: &str| {
+        let token = keys
+            .mint(&Claims::new(
+                format!("test-{role}"),
+                &[role],
+                std::time::Duration::from_secs(600),
+            ))
+            .unwrap();
+        ClientStack::new(&ClientConfig::default())
+            .with_tls(security.client_tls().unwrap())
+            .with_credential(Credential::bearer(&token).unwrap())
+            .channel(&https)
+            .unwrap()
+    };
+    let room_id = RoomAdminServiceClient::new(as_role("admin"))
+        .start_room(StartRoomRequest { anchor_id: 77 })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap()
+        .room_id;
+    let mut stream = SubscribeServiceClient::new(as_role("bff"))
+        .subscribe(for_viewer(
+            keys,
+            3,
+            SubscribeRequest {
+                room_id,
+                viewer_id: 0,
+                resume: None,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    CounterServiceClient::new(as_role("bff"))
+        .send_loves(for_viewer(
+            keys,
+            4,
+            SendLovesRequest {
+                room_id,
+                viewer_id: 0,
+                batch_id: "tls".into(),
+                taps_ms: vec![0, 100, 200, 300],
+            },
+        ))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let message = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("the love total reached the viewer within 10 s")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(subscribe_response::Message::Event(RoomEvent {
+            kind: Some(room_event::Kind::LoveTotal(LoveTotal { total: 4 })),
+            ..
+        })) = message.message
+        {
+            break;
+        }
+    }
+}
+
+/// `message` with a viewer token for `viewer` in `x-livemesh-viewer`.
+fn for_viewer<T>(
+    keys: &livemesh_mesh::auth::TokenKeys,
+    viewer: u64,
+    message: T,
+) -> tonic::Request<T> {
+    let token = keys
+        .mint(&Claims::viewer(viewer, std::time::Duration::from_secs(600)))
+        .unwrap();
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert(livemesh_mesh::auth::VIEWER_HEADER, token.parse().unwrap());
+    request
 }
