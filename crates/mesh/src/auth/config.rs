@@ -157,6 +157,14 @@ impl AuthConfig {
                     .into(),
             );
         }
+        if self.mode == AuthMode::Enforce
+            && self.token_secret_file.is_empty()
+            && self.token_secret.is_none()
+        {
+            return Err("auth.mode = \"enforce\" needs a token secret: set \
+                 auth.token_secret_file or LIVEMESH_AUTH__TOKEN_SECRET"
+                .into());
+        }
         if self.tls_cert.is_empty() != self.tls_key.is_empty() {
             return Err("auth.tls_cert and auth.tls_key must be set together".into());
         }
@@ -195,6 +203,17 @@ mod tests {
         assert!(!shown.contains(secret));
         let json = serde_json::to_string(&config).unwrap();
         assert!(!json.contains(secret), "{json}");
+    }
+
+    #[test]
+    fn enforce_without_a_secret_is_refused_naming_where_to_put_it() {
+        let err = AuthConfig {
+            mode: AuthMode::Enforce,
+            ..AuthConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("LIVEMESH_AUTH__TOKEN_SECRET"), "{err}");
     }
 
     #[test]
