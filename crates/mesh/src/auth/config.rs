@@ -206,6 +206,23 @@ mod tests {
     }
 
     #[test]
+    fn the_secret_set_by_the_environment_works_and_the_config_debug_hides_it() {
+        let secret = "env-secret-that-must-never-be-logged-0123456789";
+        let config = crate::config::Config::load(&crate::config::Sources {
+            env: vec![
+                ("LIVEMESH_AUTH__MODE".into(), "enforce".into()),
+                ("LIVEMESH_AUTH__TOKEN_SECRET".into(), secret.into()),
+            ],
+            ..crate::config::Sources::default()
+        })
+        .unwrap();
+        assert_eq!(config.auth.mode, AuthMode::Enforce);
+        assert_eq!(config.auth.secret().unwrap().unwrap().expose(), secret);
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(secret), "{debug}");
+    }
+
+    #[test]
     fn enforce_without_a_secret_is_refused_naming_where_to_put_it() {
         let err = AuthConfig {
             mode: AuthMode::Enforce,
