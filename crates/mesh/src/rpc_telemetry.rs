@@ -487,6 +487,50 @@ impl Origins {
     }
 }
 
+/// A span's W3C trace context as a small `Copy` value, for work that
+/// crosses a message rather than a call (a room change read from a Watch
+/// stream): kept with the message, sent as its `traceparent` string, and
+/// adopted as the parent by whoever handles the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traceparent {
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
+}
+
+impl Traceparent {
+    /// The current span's context, if it has a valid one.
+    pub fn current() -> Option<Self> {
+        Origins::current().map(|sc| Self {
+            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+            flags: sc.trace_flags().to_u8(),
+        })
+    }
+
+    /// The W3C `traceparent` header value.
+    pub fn header(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+
+    /// Makes `span` (not yet entered) a child of the context in
+    /// `traceparent` (a W3C header value); an empty or malformed value
+    /// leaves the span as it is.
+    pub fn adopt(traceparent: &str, span: &tracing::Span) {
+        if traceparent.is_empty() {
+            return;
+        }
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(traceparent) {
+            headers.insert("traceparent", value);
+            let _ = span.set_parent(extract(&headers));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
