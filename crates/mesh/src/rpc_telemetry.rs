@@ -573,6 +573,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_traceparent_reads_back_as_the_same_context() {
+        use opentelemetry::trace::TraceContextExt as _;
+        let origin = Traceparent {
+            trace_id: 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+            span_id: 0xb7ad_6b71_6920_3331,
+            flags: 1,
+        };
+        let header = origin.header();
+        assert_eq!(
+            header,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("traceparent", HeaderValue::from_str(&header).unwrap());
+        let cx = extract(&headers);
+        let read = cx.span().span_context().clone();
+        assert!(read.is_valid() && read.is_sampled());
+        assert_eq!(
+            u128::from_be_bytes(read.trace_id().to_bytes()),
+            origin.trace_id
+        );
+        assert_eq!(
+            u64::from_be_bytes(read.span_id().to_bytes()),
+            origin.span_id
+        );
+    }
+
+    #[test]
     fn paths_split_into_service_and_method() {
         assert_eq!(
             split_path("/livemesh.v1.CounterService/SendLoves"),
