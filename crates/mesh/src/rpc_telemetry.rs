@@ -202,6 +202,25 @@ impl CallEnd {
     }
 }
 
+/// A call in flight: dropped before its response came (the caller gave up,
+/// e.g. a timeout around the call, or the connection went), it is counted
+/// as CANCELLED.
+struct InFlight(Option<CallEnd>);
+
+impl InFlight {
+    fn take(&mut self) -> Option<CallEnd> {
+        self.0.take()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(end) = self.0.take() {
+            end.finish(tonic::Code::Cancelled as i64);
+        }
+    }
+}
+
 fn record_code(span: &tracing::Span, code: i64) {
     span.record("rpc.grpc.status_code", code);
     if code != 0 {
@@ -262,7 +281,10 @@ impl Drop for ObservedBody {
 
 /// Records the call now if the response headers carry its final status
 /// (a trailers-only error), else when the body's trailers pass.
-fn observe(response: http::Response<Body>, end: CallEnd) -> http::Response<Body> {
+fn observe(response: http::Response<Body>, end: Option<CallEnd>) -> http::Response<Body> {
+    let Some(end) = end else {
+        return response;
+    };
     if let Some(code) = grpc_status(response.headers()) {
         end.finish(code);
         return response;
@@ -350,10 +372,13 @@ where
         let call = self.inner.call(request);
         Box::pin(
             async move {
+                let mut end = InFlight(Some(end));
                 match call.await {
-                    Ok(response) => Ok(observe(response, end)),
+                    Ok(response) => Ok(observe(response, end.take())),
                     Err(err) => {
-                        end.finish(error_code(&err));
+                        if let Some(end) = end.take() {
+                            end.finish(error_code(&err));
+                        }
                         Err(err)
                     }
                 }
@@ -454,6 +479,7 @@ where
             async move {
                 // The router's error type is `Infallible`; any error here is
                 // passed on untouched and the call counted as UNKNOWN.
+                let mut end = InFlight(Some(end));
                 match call.await {
                     Ok(response) => {
                         // The server span ends here, with the handler's
@@ -461,11 +487,13 @@ where
                         // (a stream's later end is in the metrics).
                         let code = grpc_status(response.headers()).unwrap_or(0);
                         record_code(&tracing::Span::current(), code);
-                        Ok(observe(response, end))
+                        Ok(observe(response, end.take()))
                     }
                     Err(err) => {
                         record_code(&tracing::Span::current(), tonic::Code::Unknown as i64);
-                        end.finish(tonic::Code::Unknown as i64);
+                        if let Some(end) = end.take() {
+                            end.finish(tonic::Code::Unknown as i64);
+                        }
                         Err(err)
                     }
                 }
