@@ -1143,6 +1143,27 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         "MariaDB died before shard 1 was paid: {err:?}"
     );
     db.restart().await;
+    // The kill hit where intended: begun, shard 1 swept, shard 1 not paid.
+    let row = inner.shards[0].settlement(room_b).await.unwrap().unwrap();
+    assert_eq!(row.state, "in_progress", "{row:?}");
+    let payer = inner.shard(streamer);
+    let unpaid = payer
+        .transfer_amount(&format!("settle-in:{room_b}:1"))
+        .await
+        .unwrap()
+        + payer
+            .transfer_amount(&format!("cut:{room_b}:1"))
+            .await
+            .unwrap();
+    assert_eq!(unpaid, 0, "shard 1 was paid before the kill");
+    assert!(
+        inner.shards[1]
+            .room_transfers(room_b, "settle-out")
+            .await
+            .unwrap()
+            > 0,
+        "shard 1 was not swept before the kill"
+    );
     mesh.admin
         .end_room(EndRoomRequest { room_id: room_b })
         .await
