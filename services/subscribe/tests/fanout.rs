@@ -1054,13 +1054,6 @@ async fn the_last_viewer_leaving_takes_the_node_out_of_the_room(backend: Backend
     drop(still);
 }
 
-/// Whether the chaos test below asserts that publishing does not wait on a
-/// black-holed node once its breaker has opened. Off until the per-node
-/// circuit breakers of the client stack (issue 7, branch `resil`) are
-/// merged: without them every publish waits the full `deliver_timeout_ms`
-/// for the dead node. The lead turns this on after the merge.
-const NODE_BREAKERS_BOUND_PUBLISH_LATENCY: bool = false;
-
 /// Deliver timeout of the black-hole test: short, so the test takes a few
 /// seconds even while every publish waits it out.
 /// (250 ms: a healthy node's Deliver, even on a loaded 2-core CI machine,
@@ -1190,20 +1183,18 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
         latencies.len(),
         after_first_second.len(),
     );
-    if NODE_BREAKERS_BOUND_PUBLISH_LATENCY {
-        // Once the node's breaker is open (within the first second of the
-        // black hole), a publish no longer waits for that node; only the
-        // breaker's half-open probes may, now and then.
-        assert!(
-            !after_first_second.is_empty(),
-            "no publish after the first second"
-        );
-        assert!(
-            waited * 4 <= after_first_second.len(),
-            "{waited} of {} publishes after the first second waited the deliver timeout: {after_first_second:?}",
-            after_first_second.len()
-        );
-    }
+    // Once the node's breaker is open (within the first second of the
+    // black hole), a publish no longer waits for that node; only the
+    // breaker's half-open probes may, now and then.
+    assert!(
+        !after_first_second.is_empty(),
+        "no publish after the first second"
+    );
+    assert!(
+        waited * 4 <= after_first_second.len(),
+        "{waited} of {} publishes after the first second waited the deliver timeout: {after_first_second:?}",
+        after_first_second.len()
+    );
 
     // The healthy nodes' viewers: every comment, once, in order.
     let expected: Vec<(String, u64)> = (1..=n).map(|i| (format!("c{i}"), c0.offset + i)).collect();
