@@ -550,6 +550,23 @@ pub trait StoreFailure {
     fn counts_as_failure(&self) -> bool;
 }
 
+/// A SQL error counts against the database when the database could not be
+/// reached or talked to; an error it answered with (a constraint, a
+/// deadlock, bad SQL) is about the statement.
+impl StoreFailure for sqlx::Error {
+    fn counts_as_failure(&self) -> bool {
+        matches!(
+            self,
+            sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+        )
+    }
+}
+
 /// Whether an operation's outcome is a success for the breaker.
 #[derive(Debug)]
 struct Failed;
@@ -826,6 +843,68 @@ mod tests {
             headers.insert("grpc-timeout", bad.parse().unwrap());
             assert_eq!(grpc_timeout(&headers), None, "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_call_breaker_opens_on_store_failures_not_on_refusals_and_recovers() {
+        let settings = BreakerSettings {
+            min_calls: 3,
+            open: Duration::from_millis(100),
+            half_open_calls: 1,
+            window: Duration::from_secs(10),
+            ..BreakerSettings::default()
+        };
+        let guard = CallBreaker::new(&settings, "SQL", "sqlite://test", "sql").unwrap();
+        // The database answering "no such row" is not the database failing.
+        for _ in 0..10 {
+            let refused: Result<(), Guarded<sqlx::Error>> =
+                guard.run(async { Err(sqlx::Error::RowNotFound) }).await;
+            assert!(matches!(
+                refused,
+                Err(Guarded::Failed(sqlx::Error::RowNotFound))
+            ));
+        }
+        assert_eq!(guard.breaker().state(), BreakerState::Closed);
+
+        // Ten failures among ten answers: half the window, the threshold.
+        let ran = AtomicU8::new(0);
+        for _ in 0..10 {
+            let failed: Result<(), _> = guard
+                .run(async {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    Err(sqlx::Error::PoolTimedOut)
+                })
+                .await;
+            assert!(matches!(failed, Err(Guarded::Failed(_))));
+        }
+        assert_eq!(guard.breaker().state(), BreakerState::Open);
+        let rejected: Result<(), _> = guard
+            .run(async {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), sqlx::Error>(())
+            })
+            .await;
+        let Err(Guarded::Open(open)) = rejected else {
+            panic!("an open breaker ran the operation");
+        };
+        assert!(open.to_string().contains("sqlite://test"), "{open}");
+        assert_eq!(ran.load(Ordering::SeqCst), 10, "not run while open");
+
+        // After the open time a probe runs; its success closes the breaker.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let probe: Result<(), Guarded<sqlx::Error>> = guard.run(async { Ok(()) }).await;
+            if probe.is_ok() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no probe was let through"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(guard.breaker().state(), BreakerState::Closed);
+        assert_eq!(breaker_state("sqlite://test"), Some(BreakerState::Closed));
     }
 
     #[test]
