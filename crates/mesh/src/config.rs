@@ -898,6 +898,46 @@ mod tests {
     }
 
     #[test]
+    fn bad_breaker_retry_and_server_settings_are_rejected_with_the_key_named() {
+        for (var, value, key) in [
+            (
+                "LIVEMESH_CLIENT__BREAKER_FAILURE_RATE",
+                "1.5",
+                "breaker_failure_rate",
+            ),
+            (
+                "LIVEMESH_CLIENT__BREAKER_SLOW_CALL_RATE",
+                "0",
+                "breaker_slow_call_rate",
+            ),
+            (
+                "LIVEMESH_CLIENT__BREAKER_WINDOW_MS",
+                "10",
+                "breaker_window_ms",
+            ),
+            ("LIVEMESH_CLIENT__BREAKER_OPEN_MS", "0", "breaker_open_ms"),
+            (
+                "LIVEMESH_CLIENT__RETRY_BUDGET_PERCENT",
+                "5000",
+                "retry_budget_percent",
+            ),
+            (
+                "LIVEMESH_SERVER__MAX_CONCURRENT_REQUESTS",
+                "0",
+                "max_concurrent_requests",
+            ),
+        ] {
+            let err = Config::load(&Sources {
+                env: env(&[(var, value)]),
+                ..Sources::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
     fn duplicate_regions_are_rejected() {
         let err = Config::load(&Sources {
             env: env(&[("LIVEMESH_ROOMS__LOCAL_REGION", "2")]),
