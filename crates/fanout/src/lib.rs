@@ -155,7 +155,14 @@ impl std::fmt::Debug for FanoutStore {
 pub fn connect(config: &livemesh_mesh::Config) -> Result<FanoutStore, StoreError> {
     let settings = FanoutSettings::from(&config.fanout);
     match &config.redis_url {
-        Some(urls) if !urls.trim().is_empty() => FanoutStore::redis(urls, settings),
+        Some(urls) if !urls.trim().is_empty() => FanoutStore::redis_with(
+            urls,
+            settings,
+            RedisOptions {
+                breaker: livemesh_mesh::resilience::BreakerSettings::from(&config.client),
+                ..RedisOptions::default()
+            },
+        ),
         _ => Ok(FanoutStore::memory(settings)),
     }
 }
@@ -174,10 +181,17 @@ impl FanoutStore {
 
     /// Redis at `urls` (one URL: standalone; comma-separated: Cluster seeds).
     pub fn redis(urls: &str, settings: FanoutSettings) -> Result<Self, StoreError> {
+        Self::redis_with(urls, settings, RedisOptions::default())
+    }
+
+    /// [`Self::redis`] with explicit pool, timeouts and breaker settings.
+    pub fn redis_with(
+        urls: &str,
+        settings: FanoutSettings,
+        options: RedisOptions,
+    ) -> Result<Self, StoreError> {
         Ok(FanoutStore::Redis(Arc::new(RedisFanout::connect(
-            urls,
-            settings,
-            RedisOptions::default(),
+            urls, settings, options,
         )?)))
     }
 

@@ -379,7 +379,10 @@ pub struct ClientConfig {
     /// A peer's breaker opens when at least this share of the calls in the
     /// window were slow.
     pub breaker_slow_call_rate: f64,
-    /// The sliding window the rates are computed over.
+    /// The sliding window the rates are computed over. Every call in it is
+    /// kept, and the breaker re-counts the window at each call (about 1 ns
+    /// per call held): for a peer called more than ~10,000 times a second
+    /// through one channel, shorten the window.
     pub breaker_window_ms: u64,
     /// Rates are judged only once the window holds this many calls.
     pub breaker_min_calls: u32,
@@ -957,6 +960,46 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("lease_ms"), "{err}");
+    }
+
+    #[test]
+    fn bad_breaker_retry_and_server_settings_are_rejected_with_the_key_named() {
+        for (var, value, key) in [
+            (
+                "LIVEMESH_CLIENT__BREAKER_FAILURE_RATE",
+                "1.5",
+                "breaker_failure_rate",
+            ),
+            (
+                "LIVEMESH_CLIENT__BREAKER_SLOW_CALL_RATE",
+                "0",
+                "breaker_slow_call_rate",
+            ),
+            (
+                "LIVEMESH_CLIENT__BREAKER_WINDOW_MS",
+                "10",
+                "breaker_window_ms",
+            ),
+            ("LIVEMESH_CLIENT__BREAKER_OPEN_MS", "0", "breaker_open_ms"),
+            (
+                "LIVEMESH_CLIENT__RETRY_BUDGET_PERCENT",
+                "5000",
+                "retry_budget_percent",
+            ),
+            (
+                "LIVEMESH_SERVER__MAX_CONCURRENT_REQUESTS",
+                "0",
+                "max_concurrent_requests",
+            ),
+        ] {
+            let err = Config::load(&Sources {
+                env: env(&[(var, value)]),
+                ..Sources::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
     }
 
     #[test]

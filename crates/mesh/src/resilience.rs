@@ -36,7 +36,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::HasherRng;
 use tower::{Layer, Service, ServiceExt};
 use tower_resilience_circuitbreaker::{
-    CircuitBreakerError, CircuitBreakerLayer, CircuitState, FnClassifier, SlidingWindowType,
+    CircuitBreakerError, CircuitBreakerLayer, CircuitState, FailureClassifier, SlidingWindowType,
 };
 
 use crate::BoxError;
@@ -250,15 +250,12 @@ impl BreakerSettings {
     ///
     /// The window is time-based: tower-resilience's count-based window is
     /// cumulative since the last state change, not sliding.
-    fn layer<F, Res, Err>(
+    fn layer<C>(
         &self,
         peer: &str,
         kind: &'static str,
-        classifier: F,
-    ) -> Result<(CircuitBreakerLayer<FnClassifier<F>>, Breaker), InvalidBreaker>
-    where
-        F: Fn(&Result<Res, Err>) -> bool + Send + Sync + 'static,
-    {
+        classifier: C,
+    ) -> Result<(CircuitBreakerLayer<C>, Breaker), InvalidBreaker> {
         let breaker = Breaker::new(peer, kind);
         let on_transition = breaker.clone();
         let layer = CircuitBreakerLayer::builder()
@@ -272,9 +269,13 @@ impl BreakerSettings {
             .wait_duration_in_open(self.open)
             .permitted_calls_in_half_open(self.half_open_calls)
             .on_state_transition(move |from, to| on_transition.transition(from, to))
-            .failure_classifier(classifier)
-            .build()
-            .map_err(|e| InvalidBreaker(e.to_string()))?;
+            .failure_classifier_type(classifier)
+            // With a handle, the layer shares one circuit between all the
+            // services it wraps (a plain `build` gives each its own), which
+            // `CallBreaker` relies on: it wraps a gate per call.
+            .build_with_handle()
+            .map_err(|e| InvalidBreaker(e.to_string()))?
+            .0;
         Ok((layer, breaker))
     }
 }
@@ -302,14 +303,19 @@ pub fn code_counts_as_failure(code: tonic::Code) -> bool {
     )
 }
 
-type GrpcResult = Result<Response<Body>, BoxError>;
-type GrpcClassifier = fn(&GrpcResult) -> bool;
+/// Classifies a gRPC call for its breaker. A named type rather than a
+/// closure or `fn` pointer: a higher-ranked `fn(&T)` type held across an
+/// await keeps rustc from proving callers' futures `Send`.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcClassifier;
 
-fn grpc_failure(result: &GrpcResult) -> bool {
-    match result {
-        Ok(response) => header_code(response.headers()).is_some_and(code_counts_as_failure),
-        // Transport errors and timeouts.
-        Err(_) => true,
+impl FailureClassifier<Response<Body>, BoxError> for GrpcClassifier {
+    fn classify(&self, result: &Result<Response<Body>, BoxError>) -> bool {
+        match result {
+            Ok(response) => header_code(response.headers()).is_some_and(code_counts_as_failure),
+            // Transport errors and timeouts.
+            Err(_) => true,
+        }
     }
 }
 
@@ -325,8 +331,8 @@ pub struct CircuitOpen {
 pub fn grpc_breaker(
     settings: &BreakerSettings,
     peer: &str,
-) -> Result<(CircuitBreakerLayer<FnClassifier<GrpcClassifier>>, Breaker), InvalidBreaker> {
-    settings.layer(peer, "grpc", grpc_failure as GrpcClassifier)
+) -> Result<(CircuitBreakerLayer<GrpcClassifier>, Breaker), InvalidBreaker> {
+    settings.layer(peer, "grpc", GrpcClassifier)
 }
 
 /// Maps the breaker's own error: a rejection becomes UNAVAILABLE naming the
@@ -544,6 +550,23 @@ pub trait StoreFailure {
     fn counts_as_failure(&self) -> bool;
 }
 
+/// A SQL error counts against the database when the database could not be
+/// reached or talked to; an error it answered with (a constraint, a
+/// deadlock, bad SQL) is about the statement.
+impl StoreFailure for sqlx::Error {
+    fn counts_as_failure(&self) -> bool {
+        matches!(
+            self,
+            sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+        )
+    }
+}
+
 /// Whether an operation's outcome is a success for the breaker.
 #[derive(Debug)]
 struct Failed;
@@ -576,10 +599,14 @@ fn pass_gate(gate: Gate) -> BoxFuture<'static, Result<(), Failed>> {
     })
 }
 
-type GateClassifier = fn(&Result<(), Failed>) -> bool;
+/// A gate's outcome is a failure when the operation's was.
+#[derive(Debug, Clone, Copy)]
+struct GateClassifier;
 
-fn gate_failed(result: &Result<(), Failed>) -> bool {
-    result.is_err()
+impl FailureClassifier<(), Failed> for GateClassifier {
+    fn classify(&self, result: &Result<(), Failed>) -> bool {
+        result.is_err()
+    }
 }
 
 /// tower-resilience's breaker around any async operation (a Redis command,
@@ -592,7 +619,7 @@ fn gate_failed(result: &Result<(), Failed>) -> bool {
 /// [`StoreFailure`] says.
 #[derive(Clone)]
 pub struct CallBreaker {
-    layer: CircuitBreakerLayer<FnClassifier<GateClassifier>>,
+    layer: CircuitBreakerLayer<GateClassifier>,
     breaker: Breaker,
     what: Arc<str>,
     open_ms: u128,
@@ -607,18 +634,23 @@ impl std::fmt::Debug for CallBreaker {
 }
 
 /// A [`CallBreaker`] refused the operation, or it failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum Guarded<E> {
-    #[error(
-        "{what} at {peer} is failing: its circuit breaker is open, so calls fail fast for up to {open_ms} ms"
-    )]
-    Open {
-        what: String,
-        peer: String,
-        open_ms: u128,
-    },
-    #[error(transparent)]
+    /// Not attempted: the breaker is open.
+    Open(BreakerOpen),
+    /// Attempted, and failed with the operation's own error.
     Failed(E),
+}
+
+/// A [`CallBreaker`]'s refusal.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{what} at {peer} is failing: its circuit breaker is open, so calls fail fast for up to {open_ms} ms"
+)]
+pub struct BreakerOpen {
+    pub what: String,
+    pub peer: String,
+    pub open_ms: u128,
 }
 
 impl CallBreaker {
@@ -630,7 +662,7 @@ impl CallBreaker {
         peer: &str,
         kind: &'static str,
     ) -> Result<Self, InvalidBreaker> {
-        let (layer, breaker) = settings.layer(peer, kind, gate_failed as GateClassifier)?;
+        let (layer, breaker) = settings.layer(peer, kind, GateClassifier)?;
         Ok(Self {
             layer,
             breaker,
@@ -651,14 +683,16 @@ impl CallBreaker {
     {
         let (admitted_tx, admitted_rx) = oneshot::channel();
         let (outcome_tx, outcome_rx) = oneshot::channel();
-        let gate = self
-            .layer
-            .layer(tower::service_fn(pass_gate as GateFn))
-            .oneshot(Gate {
-                admitted: admitted_tx,
-                outcome: outcome_rx,
-            });
-        let mut gate = std::pin::pin!(gate);
+        // Boxed, so that the breaker's types do not become part of the
+        // caller's future (rustc then fails to prove such futures `Send`).
+        let mut gate: BoxFuture<'static, Result<(), CircuitBreakerError<Failed>>> = Box::pin(
+            self.layer
+                .layer(tower::service_fn(pass_gate as GateFn))
+                .oneshot(Gate {
+                    admitted: admitted_tx,
+                    outcome: outcome_rx,
+                }),
+        );
         // Drive the breaker until it admits the call (the gate's inner
         // service runs) or rejects it.
         tokio::select! {
@@ -685,11 +719,11 @@ impl CallBreaker {
     }
 
     fn open<E>(&self) -> Guarded<E> {
-        Guarded::Open {
+        Guarded::Open(BreakerOpen {
             what: self.what.to_string(),
             peer: self.breaker.peer().to_owned(),
             open_ms: self.open_ms,
-        }
+        })
     }
 }
 
@@ -809,6 +843,68 @@ mod tests {
             headers.insert("grpc-timeout", bad.parse().unwrap());
             assert_eq!(grpc_timeout(&headers), None, "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_call_breaker_opens_on_store_failures_not_on_refusals_and_recovers() {
+        let settings = BreakerSettings {
+            min_calls: 3,
+            open: Duration::from_millis(100),
+            half_open_calls: 1,
+            window: Duration::from_secs(10),
+            ..BreakerSettings::default()
+        };
+        let guard = CallBreaker::new(&settings, "SQL", "sqlite://test", "sql").unwrap();
+        // The database answering "no such row" is not the database failing.
+        for _ in 0..10 {
+            let refused: Result<(), Guarded<sqlx::Error>> =
+                guard.run(async { Err(sqlx::Error::RowNotFound) }).await;
+            assert!(matches!(
+                refused,
+                Err(Guarded::Failed(sqlx::Error::RowNotFound))
+            ));
+        }
+        assert_eq!(guard.breaker().state(), BreakerState::Closed);
+
+        // Ten failures among ten answers: half the window, the threshold.
+        let ran = AtomicU8::new(0);
+        for _ in 0..10 {
+            let failed: Result<(), _> = guard
+                .run(async {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    Err(sqlx::Error::PoolTimedOut)
+                })
+                .await;
+            assert!(matches!(failed, Err(Guarded::Failed(_))));
+        }
+        assert_eq!(guard.breaker().state(), BreakerState::Open);
+        let rejected: Result<(), _> = guard
+            .run(async {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), sqlx::Error>(())
+            })
+            .await;
+        let Err(Guarded::Open(open)) = rejected else {
+            panic!("an open breaker ran the operation");
+        };
+        assert!(open.to_string().contains("sqlite://test"), "{open}");
+        assert_eq!(ran.load(Ordering::SeqCst), 10, "not run while open");
+
+        // After the open time a probe runs; its success closes the breaker.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let probe: Result<(), Guarded<sqlx::Error>> = guard.run(async { Ok(()) }).await;
+            if probe.is_ok() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no probe was let through"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(guard.breaker().state(), BreakerState::Closed);
+        assert_eq!(breaker_state("sqlite://test"), Some(BreakerState::Closed));
     }
 
     #[test]

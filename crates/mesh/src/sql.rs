@@ -77,6 +77,8 @@ pub enum SqlError {
         url: String,
         source: sqlx::migrate::MigrateError,
     },
+    #[error(transparent)]
+    Breaker(#[from] crate::resilience::InvalidBreaker),
 }
 
 /// `url` with any password replaced, for logs and error messages.

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tracing::Instrument as _;
 
 use deadpool_redis::Runtime;
+use livemesh_mesh::resilience::{BreakerSettings, CallBreaker, Guarded, StoreFailure};
 use livemesh_mesh::sql::redact;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
@@ -32,7 +33,7 @@ use redis::{
     RedisFuture, ServerErrorKind, Value,
 };
 
-/// Pool size and time bounds.
+/// Pool size, time bounds and the circuit breaker.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
     /// Connections in the pool. Each is multiplexed (many requests in
@@ -43,6 +44,8 @@ pub struct RedisOptions {
     pub connect_timeout: Duration,
     /// Bound on each command (a script call, a read).
     pub command_timeout: Duration,
+    /// The breaker in front of every call (`[client]`'s `breaker_*` settings).
+    pub breaker: BreakerSettings,
 }
 
 impl Default for RedisOptions {
@@ -51,6 +54,7 @@ impl Default for RedisOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(1),
+            breaker: BreakerSettings::default(),
         }
     }
 }
@@ -71,6 +75,9 @@ pub enum RedisError {
 pub struct RedisConn {
     pools: Pools,
     options: RedisOptions,
+    /// Every call goes through it: while Redis is down, calls fail at once
+    /// instead of each waiting for its timeout.
+    breaker: CallBreaker,
     /// The URLs with passwords masked, for messages.
     shown: Arc<str>,
 }
@@ -148,6 +155,47 @@ impl ConnectionLike for Handle {
     }
 }
 
+/// A failed call, and whether it counts against Redis.
+struct CallError {
+    failure: bool,
+    message: String,
+}
+
+impl StoreFailure for CallError {
+    fn counts_as_failure(&self) -> bool {
+        self.failure
+    }
+}
+
+/// Whether `error` says Redis is in trouble (unreachable, timing out,
+/// failing over) rather than refusing this one command.
+fn redis_failure<E: 'static>(error: &E) -> bool {
+    match (error as &dyn std::any::Any).downcast_ref::<redis::RedisError>() {
+        Some(e) => {
+            e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_timeout()
+                || e.is_unrecoverable_error()
+                || matches!(
+                    e.kind(),
+                    ErrorKind::Server(
+                        ServerErrorKind::ClusterDown
+                            | ServerErrorKind::TryAgain
+                            | ServerErrorKind::MasterDown
+                            | ServerErrorKind::BusyLoading
+                    )
+                )
+        }
+        // Pool errors: no connection could be had or made.
+        None => true,
+    }
+}
+
+fn breaker(options: &RedisOptions, shown: &str) -> Result<CallBreaker, RedisError> {
+    CallBreaker::new(&options.breaker, "Redis", shown, "redis")
+        .map_err(|e| RedisError::Unavailable(format!("Redis at {shown}: {e}")))
+}
+
 /// Parses `url` without connecting; the error names the URL, password masked.
 fn check_url(url: &str) -> Result<(), RedisError> {
     url.into_connection_info()
@@ -206,6 +254,7 @@ impl RedisConn {
             .build()
             .map_err(|e| RedisError::Unavailable(format!("Redis pool for {shown}: {e}")))?;
         Ok(Self {
+            breaker: breaker(&options, &shown)?,
             pools: Pools::Standalone(pool),
             options,
             shown: shown.into(),
@@ -235,6 +284,7 @@ impl RedisConn {
             .build()
             .map_err(|e| RedisError::Unavailable(format!("Redis Cluster pool for {shown}: {e}")))?;
         Ok(Self {
+            breaker: breaker(&options, &shown)?,
             pools: Pools::Cluster(pool),
             options,
             shown: shown.into(),
@@ -261,8 +311,11 @@ impl RedisConn {
         RedisError::Unavailable(format!("{what} on {}: {error}", self.shown))
     }
 
-    /// Runs `fut` for at most `limit`.
-    pub async fn bounded<T, E: std::fmt::Display>(
+    /// Runs `fut` for at most `limit`, through the circuit breaker: while it
+    /// is open, fails at once. Timeouts, lost connections and pool errors
+    /// count against Redis; an error Redis answered with (a script error, a
+    /// wrong type) does not.
+    pub async fn bounded<T, E: std::fmt::Display + 'static>(
         &self,
         what: &str,
         limit: Duration,
@@ -278,14 +331,29 @@ impl RedisConn {
             db.operation = what,
             server.address = %self.shown,
         );
-        match tokio::time::timeout(limit, fut).instrument(span).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.unavailable(what, e)),
-            Err(_) => Err(self.unavailable(
-                what,
-                format_args!("no answer within {} ms", limit.as_millis()),
-            )),
+        let run = async {
+            match tokio::time::timeout(limit, fut).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) => Err(CallError {
+                    failure: redis_failure(&e),
+                    message: e.to_string(),
+                }),
+                Err(_) => Err(CallError {
+                    failure: true,
+                    message: format!("no answer within {} ms", limit.as_millis()),
+                }),
+            }
+        };
+        match self.breaker.run(run).instrument(span).await {
+            Ok(value) => Ok(value),
+            Err(Guarded::Failed(e)) => Err(self.unavailable(what, e.message)),
+            Err(Guarded::Open(open)) => Err(self.unavailable(what, open)),
         }
+    }
+
+    /// The state of this connection's circuit breaker.
+    pub fn breaker_state(&self) -> livemesh_mesh::resilience::BreakerState {
+        self.breaker.breaker().state()
     }
 
     /// Takes a connection from the pool (bounded by the pool's timeouts, and

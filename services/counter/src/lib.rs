@@ -191,9 +191,16 @@ impl Counter {
             ..HotConfig::default()
         };
         let store = match &config.redis_url {
-            Some(urls) if !urls.is_empty() => HotStore::connect(urls, hot)
-                .await
-                .context("connecting the hot store (redis_url)")?,
+            Some(urls) if !urls.is_empty() => HotStore::connect_with(
+                urls,
+                hot,
+                hot::RedisOptions {
+                    breaker: livemesh_mesh::resilience::BreakerSettings::from(&config.client),
+                    ..hot::RedisOptions::default()
+                },
+            )
+            .await
+            .context("connecting the hot store (redis_url)")?,
             _ => HotStore::memory(hot),
         };
         let database_url = if !c.database_url.is_empty() {

@@ -78,6 +78,12 @@ async fn work(shard: Shard, mut queue: mpsc::Receiver<(Transfer, Reply)>, max_ba
                     let _ = reply.send(result);
                 }
             }
+            Err(LedgerError::Unavailable(open)) => {
+                // Not attempted: the shard's breaker is open.
+                for reply in replies {
+                    let _ = reply.send(Err(LedgerError::Unavailable(open.clone())));
+                }
+            }
             Err(err) => {
                 // Nothing of the batch was applied: every caller retries.
                 tracing::debug!(shard = shard.index, %err, "a gift batch failed");

@@ -53,7 +53,10 @@ impl From<GiftError> for Status {
             }
             GiftError::Lookup(LookupError::Unavailable(_))
             | GiftError::Ledger(
-                LedgerError::Conflict | LedgerError::RoomNotOpen(_) | LedgerError::Db(_),
+                LedgerError::Conflict
+                | LedgerError::RoomNotOpen(_)
+                | LedgerError::Db(_)
+                | LedgerError::Unavailable(_),
             )
             | GiftError::Db(_) => {
                 tracing::warn!(%err, "gift or deposit failed");

@@ -15,7 +15,10 @@
 //! result, with other content is refused.
 
 use livemesh_mesh::on_db;
-use livemesh_mesh::sql::{Db, Migrations, SqlError};
+use livemesh_mesh::resilience::{
+    BreakerOpen, BreakerSettings, BreakerState, CallBreaker, Guarded, StoreFailure,
+};
+use livemesh_mesh::sql::{Db, Migrations, SqlError, redact};
 
 pub const MIGRATIONS: Migrations = Migrations {
     table: "_livemesh_gifts_migrations",
@@ -101,6 +104,19 @@ pub enum LedgerError {
     Conflict,
     #[error("balance database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The shard's circuit breaker is open: it failed repeatedly just now.
+    #[error(transparent)]
+    Unavailable(BreakerOpen),
+}
+
+impl StoreFailure for LedgerError {
+    fn counts_as_failure(&self) -> bool {
+        match self {
+            LedgerError::Db(err) => err.counts_as_failure(),
+            // Refusals and contention are not the database failing.
+            _ => false,
+        }
+    }
 }
 
 /// Transient database conflicts that a retry resolves.
@@ -130,14 +146,37 @@ fn classify(err: sqlx::Error) -> LedgerError {
 pub struct Shard {
     pub index: u32,
     db: Db,
+    /// Around the batch commits (the hot path): while the shard's database
+    /// is unreachable, gifts fail at once with UNAVAILABLE instead of each
+    /// waiting for the pool's timeout.
+    breaker: CallBreaker,
 }
 
 impl Shard {
+    /// Opens shard `index` at `url` with the default breaker settings.
     pub async fn open(index: u32, url: &str) -> Result<Self, SqlError> {
+        Self::open_with(index, url, &BreakerSettings::default()).await
+    }
+
+    /// Opens shard `index` at `url`, its batch commits behind a breaker
+    /// with `breaker` settings.
+    pub async fn open_with(
+        index: u32,
+        url: &str,
+        breaker: &BreakerSettings,
+    ) -> Result<Self, SqlError> {
+        let name = format!("balance shard {index}");
+        let breaker = CallBreaker::new(breaker, &name, &redact(url), "sql")?;
         Ok(Self {
             index,
             db: Db::open(url, &MIGRATIONS).await?,
+            breaker,
         })
+    }
+
+    /// The state of the shard's circuit breaker.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.breaker().state()
     }
 
     pub fn db(&self) -> &Db {
@@ -158,8 +197,22 @@ impl Shard {
     /// in one multi-row statement each. A transfer refused for its own
     /// reason (funds, key reuse, room) is left out and reported in its
     /// place; a database failure fails the whole batch.
+    ///
+    /// The batch runs behind the shard's circuit breaker: while it is open
+    /// the batch fails at once with [`LedgerError::Unavailable`].
     #[tracing::instrument(name = "ledger.apply_batch", skip_all, fields(shard = self.index, transfers = batch.len()))]
     pub async fn apply_batch(
+        &self,
+        batch: &[Transfer],
+    ) -> Result<Vec<Result<Applied, LedgerError>>, LedgerError> {
+        match self.breaker.run(self.apply_batch_unguarded(batch)).await {
+            Ok(results) => Ok(results),
+            Err(Guarded::Failed(err)) => Err(err),
+            Err(Guarded::Open(open)) => Err(LedgerError::Unavailable(open)),
+        }
+    }
+
+    async fn apply_batch_unguarded(
         &self,
         batch: &[Transfer],
     ) -> Result<Vec<Result<Applied, LedgerError>>, LedgerError> {

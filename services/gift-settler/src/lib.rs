@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use livemesh_mesh::auth::{Security, policy};
+use livemesh_mesh::resilience::BreakerSettings;
 use livemesh_mesh::rooms::{RoomDirectory, RoomInfo};
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
@@ -126,7 +127,7 @@ impl GiftSettler {
         for (index, url) in urls.iter().enumerate() {
             let index = u32::try_from(index).context("too many shards")?;
             shards.push(
-                Shard::open(index, url)
+                Shard::open_with(index, url, &BreakerSettings::from(&config.client))
                     .await
                     .with_context(|| format!("opening balance shard {index}"))?,
             );

@@ -88,7 +88,7 @@ async fn an_open_breaker_keeps_a_black_holed_node_from_slowing_publishes() {
         store.join(room, node, 1, 600_000, now).await.unwrap();
     }
     let client = ClientConfig {
-        breaker_open_ms: 60_000,
+        breaker_open_ms: 300,
         ..ClientConfig::default()
     };
     let dispatcher = Arc::new(
@@ -125,19 +125,36 @@ async fn an_open_breaker_keeps_a_black_holed_node_from_slowing_publishes() {
         Some(BreakerState::Closed)
     );
 
-    // Now publishes reach the healthy node without waiting for the dead one.
+    // Now publishes reach the healthy node without waiting for the dead
+    // one: while its breaker is open (rejected at once), and while it is
+    // half-open, its probe (which waits out the 200 ms Deliver timeout)
+    // going out in the background.
     let before = delivered.0.load(Ordering::SeqCst);
     let mut slowest = Duration::ZERO;
-    for i in 0..50 {
+    let mut published = 0;
+    let mut probed = false;
+    let until = Instant::now() + Duration::from_millis(1_000);
+    while Instant::now() < until || !probed {
+        assert!(Instant::now() < deadline, "no probe went to the dead node");
         let started = Instant::now();
-        let reply = dispatcher.publish(comment(room, n + i)).await.unwrap();
+        let reply = dispatcher
+            .publish(comment(room, n + published))
+            .await
+            .unwrap();
         slowest = slowest.max(started.elapsed());
         assert_eq!(reply.nodes, 1, "handed to the healthy node only");
+        published += 1;
+        probed |= dispatcher.node_breaker(&dead) == Some(BreakerState::HalfOpen);
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(delivered.0.load(Ordering::SeqCst), before + 50);
+    assert_eq!(
+        delivered.0.load(Ordering::SeqCst),
+        before + published as u64
+    );
     assert!(
         slowest < Duration::from_millis(100),
-        "a publish took {slowest:?} with the dead node's breaker open (its Deliver timeout is 200 ms)"
+        "a publish took {slowest:?} with the dead node's breaker open or half-open \
+         (its Deliver timeout is 200 ms)"
     );
     holding.abort();
     healthy.stop().await;
