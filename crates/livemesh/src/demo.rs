@@ -50,7 +50,9 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let _telemetry = livemesh_mesh::telemetry::init(
         &TelemetryConfig {
             log: "warn".into(),
-            otlp_endpoint: None,
+            // The demo is a short run in the foreground: no metrics endpoint.
+            metrics_listen: String::new(),
+            ..TelemetryConfig::default()
         },
         "livemesh-demo",
     )?;

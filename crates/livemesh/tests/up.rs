@@ -264,6 +264,8 @@ impl Up {
         let child = Command::new(env!("CARGO_BIN_EXE_livemesh"))
             .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(dir)
+            // Tests run in parallel: each process its own metrics port.
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()

@@ -1,16 +1,19 @@
 //! The one client stack. Every inter-service client (and the demo's and the
-//! tests' clients) is built here, so timeouts now, and breakers, retry
-//! budgets and trace propagation later, apply to every hop from one place.
+//! tests' clients) is built here, so timeouts, circuit breakers and retry
+//! budgets (see [`crate::resilience`]) apply to every hop from one place.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
 use tonic::body::Body;
 use tonic::transport::Endpoint;
-use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt as _};
 
 use crate::BoxError;
 use crate::config::ClientConfig;
+use crate::resilience::{self, Breaker, BreakerSettings, Deadline, InvalidBreaker, RetryPolicy};
 
 /// A channel to one peer, wrapped in the mesh's middleware. Generated
 /// clients take it as their transport: `CounterServiceClient::new(channel)`.
@@ -38,8 +41,12 @@ impl std::error::Error for MeshError {
 /// Builds [`MeshChannel`]s with the configured middleware.
 #[derive(Debug, Clone)]
 pub struct ClientStack {
-    connect_timeout: Duration,
-    request_timeout: Duration,
+    config: ClientConfig,
+    breaker: BreakerSettings,
+    // auth: what every channel of this stack sends and how it connects
+    // (see `crate::auth`); `None`: no credentials, plaintext.
+    credential: Option<crate::auth::Credential>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Why a channel could not be built.
@@ -53,30 +60,92 @@ pub struct InvalidPeer {
 impl ClientStack {
     pub fn new(config: &ClientConfig) -> Self {
         Self {
-            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
-            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            config: config.clone(),
+            breaker: BreakerSettings::from(config),
+            credential: None,
+            tls: None,
+        }
+    }
+
+    /// The stack of `service`'s own outgoing calls: they carry its service
+    /// token (when a secret is configured) and use TLS (when certificates are).
+    pub fn secured(
+        self,
+        security: &crate::auth::Security,
+        service: &str,
+    ) -> Result<Self, crate::auth::AuthError> {
+        Ok(Self {
+            credential: security
+                .service_credential(service)?
+                .map(crate::auth::Credential::Service),
+            tls: security.client_tls(),
+            ..self
+        })
+    }
+
+    /// Every call of this stack's channels sends `credential` (a caller
+    /// outside the mesh: a BFF, an operator's tool, a test).
+    pub fn with_credential(self, credential: crate::auth::Credential) -> Self {
+        Self {
+            credential: Some(credential),
+            ..self
+        }
+    }
+
+    /// Channels to `https://` peers use `tls`.
+    pub fn with_tls(self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        Self {
+            tls: Some(tls),
+            ..self
         }
     }
 
     /// A channel to `uri` (`http://host:port`) that connects on first use and
     /// reconnects by itself.
     pub fn channel(&self, uri: &str) -> Result<MeshChannel, InvalidPeer> {
-        let endpoint = Endpoint::from_shared(uri.to_owned())
-            .map_err(|e| InvalidPeer {
-                uri: uri.to_owned(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(self.connect_timeout)
+        self.channel_with_breaker(uri).map(|(channel, _)| channel)
+    }
+
+    /// [`Self::channel`], and a view of the channel's own circuit breaker
+    /// (one per channel, so one per peer for a caller that keeps one
+    /// channel per peer).
+    pub fn channel_with_breaker(&self, uri: &str) -> Result<(MeshChannel, Breaker), InvalidPeer> {
+        let invalid = |reason: String| InvalidPeer {
+            uri: uri.to_owned(),
+            reason,
+        };
+        let mut endpoint = Endpoint::from_shared(uri.to_owned())
+            .map_err(|e| invalid(e.to_string()))?
+            .connect_timeout(Duration::from_millis(self.config.connect_timeout_ms))
             .tcp_nodelay(true);
-        Ok(self.wrap(endpoint.connect_lazy(), uri))
+        // auth: TLS to `https://` peers.
+        if let (Some(tls), true) = (&self.tls, uri.starts_with("https://")) {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        self.wrap(endpoint.connect_lazy(), uri)
+            .map_err(|e| invalid(e.to_string()))
     }
 
     /// The middleware, top to bottom as a request passes it:
-    /// 1. turn a timeout into `DEADLINE_EXCEEDED` naming the peer (tonic
-    ///    would otherwise report `Unknown`);
-    /// 2. bound the time until the response headers arrive;
-    /// 3. the transport.
-    fn wrap<S>(&self, transport: S, peer: &str) -> MeshChannel
+    /// 0. the call's client span, its W3C trace context into the metadata,
+    ///    and per-RPC client metrics ([`crate::rpc_telemetry`]); outermost,
+    ///    so that retries stay inside the call's one client span;
+    /// 0b. the caller's credential (`authorization`), unless the call
+    ///    brought its own ([`crate::auth`]);
+    /// 1. buffer the (unary) request body once, so that a retry can send it
+    ///    again;
+    /// 2. retry within the budget what is safe to retry
+    ///    ([`RetryPolicy`]), with jittered backoff;
+    /// 3. the peer's circuit breaker: rejects at once (UNAVAILABLE) while
+    ///    open, counts failures (transport errors, timeouts, and the
+    ///    `grpc-status` of the response headers) and slow calls;
+    /// 4. bound the time until the response headers arrive (the configured
+    ///    timeout or the call's shorter gRPC deadline), inside the breaker
+    ///    so that timeouts count as failures;
+    /// 5. the transport.
+    fn wrap<S>(&self, transport: S, peer: &str) -> Result<(MeshChannel, Breaker), InvalidBreaker>
     where
         S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
             + Clone
@@ -86,23 +155,51 @@ impl ClientStack {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        let peer = peer.to_owned();
-        let timeout = self.request_timeout;
-        let service = ServiceBuilder::new()
-            .map_err(move |err: BoxError| {
-                if err.is::<tower::timeout::error::Elapsed>() {
-                    MeshError(Box::new(tonic::Status::deadline_exceeded(format!(
-                        "{peer} did not answer within {} ms",
-                        timeout.as_millis()
-                    ))))
-                } else {
-                    MeshError(err)
-                }
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        let (breaker_layer, breaker) = resilience::grpc_breaker(&self.breaker, peer)?;
+        let breaker_error = resilience::breaker_error(peer);
+        let guarded = BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .map_err(move |err| MeshError(breaker_error(err)))
+                .layer(breaker_layer)
+                .layer_fn(|inner| Deadline::new(inner, timeout, peer))
+                .service(transport),
+        );
+        let retrying = ServiceBuilder::new()
+            .retry(RetryPolicy::new(&self.config))
+            .map_request(|request: http::Request<Bytes>| {
+                request.map(|bytes| Body::new(Full::new(bytes)))
             })
-            .timeout(timeout)
-            .map_err(Into::<BoxError>::into)
-            .service(transport);
-        BoxCloneSyncService::new(service)
+            .service(guarded);
+        let channel = tower::service_fn(move |request: http::Request<Body>| {
+            let retrying = retrying.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|status| MeshError(Box::new(status)))?
+                    .to_bytes();
+                retrying
+                    .oneshot(http::Request::from_parts(parts, bytes))
+                    .await
+            }
+        });
+        let credential = self.credential.clone();
+        let channel = ServiceBuilder::new()
+            .layer(crate::rpc_telemetry::ClientTelemetryLayer::new(peer))
+            // auth: the caller's credential, unless the call brought its own.
+            .map_request(move |mut request: http::Request<Body>| {
+                if let Some(credential) = &credential {
+                    request
+                        .headers_mut()
+                        .entry(http::header::AUTHORIZATION)
+                        .or_insert_with(|| credential.header());
+                }
+                request
+            })
+            .service(channel);
+        Ok((BoxCloneSyncService::new(channel), breaker))
     }
 }
 
@@ -133,6 +230,7 @@ mod tests {
         let stack = ClientStack::new(&ClientConfig {
             connect_timeout_ms: 1_000,
             request_timeout_ms: 200,
+            ..ClientConfig::default()
         });
         let channel = stack.channel(&format!("http://{addr}")).unwrap();
         let status = OngoingQueryServiceClient::new(channel)

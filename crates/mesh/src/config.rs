@@ -50,12 +50,15 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
     pub client: ClientConfig,
+    pub server: ServerConfig,
     pub rooms: RoomsConfig,
     pub counter: CounterConfig,
     pub fanout: FanoutConfig,
     pub subscribe: SubscribeConfig,
     pub publish: PublishConfig,
     pub gifts: GiftsConfig,
+    /// Authentication, authorisation, TLS and limits (see [`crate::auth`]).
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for Config {
@@ -68,12 +71,14 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             shutdown: ShutdownConfig::default(),
             client: ClientConfig::default(),
+            server: ServerConfig::default(),
             rooms: RoomsConfig::default(),
             counter: CounterConfig::default(),
             fanout: FanoutConfig::default(),
             subscribe: SubscribeConfig::default(),
             publish: PublishConfig::default(),
             gifts: GiftsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -316,8 +321,15 @@ impl Default for CounterConfig {
 pub struct TelemetryConfig {
     /// A `tracing` filter, e.g. `info` or `livemesh=debug,info`. `RUST_LOG` wins when set.
     pub log: String,
-    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`. Unset: no export.
+    /// OTLP/gRPC collector for traces and metrics, e.g.
+    /// `http://127.0.0.1:4317`. Unset: no export.
     pub otlp_endpoint: Option<String>,
+    /// Address of the admin HTTP endpoint serving metrics as Prometheus
+    /// text at `/metrics`. Each process on a host needs its own (port 0
+    /// picks a free one); empty turns the endpoint off.
+    pub metrics_listen: String,
+    /// How often metrics are pushed to `otlp_endpoint`.
+    pub metrics_export_interval_ms: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -325,6 +337,8 @@ impl Default for TelemetryConfig {
         Self {
             log: "info".to_owned(),
             otlp_endpoint: None,
+            metrics_listen: "127.0.0.1:9464".to_owned(),
+            metrics_export_interval_ms: 10_000,
         }
     }
 }
@@ -345,14 +359,47 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// The inter-service client stack (see [`crate::client`]).
+/// The inter-service client stack (see [`crate::client`]) and the circuit
+/// breakers around the hot store and SQL (see [`crate::resilience`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
     /// TCP connect timeout to a peer.
     pub connect_timeout_ms: u64,
-    /// Time a call may take until its response headers arrive.
+    /// Time a call may take until its response headers arrive (a call may
+    /// ask for less with its own gRPC deadline).
     pub request_timeout_ms: u64,
+    /// A peer's breaker opens when at least this share (0 < rate <= 1) of
+    /// the calls in the window failed (transport errors, timeouts,
+    /// UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED;
+    /// never a caller's own mistake such as INVALID_ARGUMENT).
+    pub breaker_failure_rate: f64,
+    /// A call that takes at least this long counts as slow.
+    pub breaker_slow_call_ms: u64,
+    /// A peer's breaker opens when at least this share of the calls in the
+    /// window were slow.
+    pub breaker_slow_call_rate: f64,
+    /// The sliding window the rates are computed over.
+    pub breaker_window_ms: u64,
+    /// Rates are judged only once the window holds this many calls.
+    pub breaker_min_calls: u32,
+    /// An open breaker rejects every call (UNAVAILABLE, at once) this long,
+    /// then lets probes through (half-open).
+    pub breaker_open_ms: u64,
+    /// Probes a half-open breaker lets through; that many successes close
+    /// it, one failure opens it again.
+    pub breaker_half_open_calls: u32,
+    /// Retries a client may add on top of its calls, in percent of the calls
+    /// (the retry budget: a dead peer gets at most this much extra load).
+    pub retry_budget_percent: u32,
+    /// Retries per second always allowed, whatever the budget, so that a
+    /// quiet client can still retry.
+    pub retry_min_per_sec: u32,
+    /// Retries of one call at most (only calls that never reached the
+    /// peer, and UNAVAILABLE answers, are retried). 0 turns retries off.
+    pub max_retries: u32,
+    /// The first retry waits about this long (with jitter), doubling per retry.
+    pub retry_backoff_ms: u64,
 }
 
 impl Default for ClientConfig {
@@ -360,6 +407,78 @@ impl Default for ClientConfig {
         Self {
             connect_timeout_ms: 1_000,
             request_timeout_ms: 2_000,
+            breaker_failure_rate: 0.5,
+            breaker_slow_call_ms: 1_000,
+            breaker_slow_call_rate: 0.8,
+            breaker_window_ms: 1_000,
+            breaker_min_calls: 5,
+            breaker_open_ms: 2_000,
+            breaker_half_open_calls: 2,
+            retry_budget_percent: 20,
+            retry_min_per_sec: 10,
+            max_retries: 2,
+            retry_backoff_ms: 10,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Checks the breaker and retry settings; the message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        for (key, rate) in [
+            ("breaker_failure_rate", self.breaker_failure_rate),
+            ("breaker_slow_call_rate", self.breaker_slow_call_rate),
+        ] {
+            if !(rate.is_finite() && rate > 0.0 && rate <= 1.0) {
+                return invalid(format!(
+                    "client.{key} is a share of calls: more than 0 and at most 1, not {rate}"
+                ));
+            }
+        }
+        if self.breaker_slow_call_ms == 0
+            || self.breaker_open_ms == 0
+            || self.breaker_min_calls == 0
+            || self.breaker_half_open_calls == 0
+            || self.retry_backoff_ms == 0
+        {
+            return invalid(
+                "client.breaker_slow_call_ms, breaker_open_ms, breaker_min_calls, \
+                 breaker_half_open_calls and retry_backoff_ms must be at least 1"
+                    .to_owned(),
+            );
+        }
+        if self.breaker_window_ms < 100 {
+            return invalid(format!(
+                "client.breaker_window_ms must be at least 100 (a window that short holds too few calls to judge), not {}",
+                self.breaker_window_ms
+            ));
+        }
+        if self.retry_budget_percent > 1_000 {
+            return invalid(format!(
+                "client.retry_budget_percent is at most 1000, not {}",
+                self.retry_budget_percent
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What every gRPC server of the mesh admits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Calls a server works on at once (over all connections); a call past
+    /// it is shed at once with UNAVAILABLE ("server overloaded, retry
+    /// later") instead of queueing. A streaming call counts only until its
+    /// stream starts; health checks and reflection are never shed.
+    pub max_concurrent_requests: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 10_000,
         }
     }
 }
@@ -565,6 +684,11 @@ impl Config {
                 "client.connect_timeout_ms and client.request_timeout_ms must be at least 1".into(),
             ));
         }
+        self.client.validate()?;
+        if self.server.max_concurrent_requests == 0 {
+            return invalid("server.max_concurrent_requests must be at least 1");
+        }
+        self.auth.validate().map_err(ConfigError::Invalid)?;
         let mut seen = vec![self.rooms.local_region];
         for region in &self.rooms.regions {
             if seen.contains(&region.id) {
@@ -582,7 +706,13 @@ impl Config {
     /// empty this process's own address (the all-in-one `livemesh up`).
     pub fn peer_url(&self, configured: &str) -> String {
         if configured.is_empty() {
-            format!("http://{}", self.listen)
+            // auth: `https` when services speak TLS.
+            let scheme = if self.auth.tls_enabled() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", self.listen)
         } else {
             configured.to_owned()
         }
@@ -636,9 +766,13 @@ pub struct CommonArgs {
     /// Log filter, e.g. `info` or `livemesh_ongoing_query=debug` [default: info].
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
-    /// OTLP/gRPC endpoint to export traces to, e.g. `http://127.0.0.1:4317`.
+    /// OTLP/gRPC endpoint to export traces and metrics to, e.g. `http://127.0.0.1:4317`.
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics; port 0 picks a free
+    /// one, "" turns it off [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 impl CommonArgs {
@@ -659,6 +793,7 @@ impl CommonArgs {
         put("redis_url", self.redis_url.clone());
         put("telemetry.log", self.log.clone());
         put("telemetry.otlp_endpoint", self.otlp_endpoint.clone());
+        put("telemetry.metrics_listen", self.metrics_listen.clone());
         out
     }
 

@@ -6,10 +6,14 @@
 //! ([`server`]), graceful shutdown ([`shutdown`]) and the one client stack
 //! that every inter-service client goes through ([`client`]).
 
+pub mod auth;
 pub mod client;
 pub mod coalesce;
 pub mod config;
+pub mod metrics;
+pub mod resilience;
 pub mod rooms;
+pub mod rpc_telemetry;
 pub mod server;
 pub mod shutdown;
 pub mod sql;

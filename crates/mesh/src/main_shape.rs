@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::{CommonArgs, Config};
-use crate::server::{ServiceSet, bind, serve_set};
+use crate::server::{ServiceSet, bind, serve_set_with};
 use crate::shutdown::{os_signal, run_with_drain};
 
 /// Runs one service as its own process. `build` turns the loaded config into
@@ -58,9 +58,10 @@ where
         listen: listener.local_addr()?,
         ..config
     };
+    let limits = config.server.clone();
     let service = build(config).await?;
     run_with_drain(
-        |signal| async move { serve_set(service, listener, signal).await },
+        |signal| async move { serve_set_with(service, listener, signal, &limits).await },
         os_signal(),
         drain,
     )

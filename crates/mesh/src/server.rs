@@ -29,6 +29,9 @@ pub struct ServerBuilder {
     hooks: Vec<BoxFuture<'static, ()>>,
     stopping: crate::Shutdown,
     max_concurrent_streams: Option<u32>,
+    limits: crate::config::ServerConfig,
+    // auth: the first service set's security settings (one process has one).
+    security: Option<crate::auth::Security>,
 }
 
 impl ServerBuilder {
@@ -46,6 +49,22 @@ impl ServerBuilder {
     /// of the set asks for; unset: the transport's default).
     pub fn max_concurrent_streams(&mut self, streams: u32) -> &mut Self {
         self.max_concurrent_streams = Some(self.max_concurrent_streams.unwrap_or(0).max(streams));
+        self
+    }
+
+    /// What this server admits (`[server]`; unset: the defaults).
+    pub fn limits(&mut self, limits: &crate::config::ServerConfig) -> &mut Self {
+        self.limits = limits.clone();
+        self
+    }
+
+    /// The security settings this server enforces (authentication, policy,
+    /// rate limits, TLS). Every service calls it in `register`; in one
+    /// process they share one config, so the first one counts. Unset: dev mode.
+    pub fn secure(&mut self, security: &crate::auth::Security) -> &mut Self {
+        if self.security.is_none() {
+            self.security = Some(security.clone());
+        }
         self
     }
 
@@ -120,7 +139,22 @@ impl ServerBuilder {
         }
         health.set_service_status("", ServingStatus::Serving).await;
 
+        // auth: the layer that checks every call (a pass-through in dev mode).
+        let security = self
+            .security
+            .clone()
+            .unwrap_or_else(crate::auth::Security::dev);
+        let auth = crate::auth::AuthLayer::new(&security);
         let mut background = JoinSet::new();
+        if let Some(limits) = auth.limits() {
+            background.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    limits.forget_idle();
+                }
+            });
+        }
         for (name, task) in self.background {
             background.spawn(async move {
                 task.await;
@@ -131,6 +165,13 @@ impl ServerBuilder {
         let names = self.names.clone();
         let addr = listener.local_addr().ok();
         tracing::info!(?addr, services = ?names, "serving gRPC");
+        if security.mode() == crate::auth::AuthMode::Dev {
+            tracing::warn!(
+                ?addr,
+                "authentication is OFF (auth.mode = dev): any caller may call any RPC as any \
+                 viewer. Set auth.mode = \"enforce\" and a token secret outside a developer machine."
+            );
+        }
         // Report NOT_SERVING as soon as shutdown starts, so load balancers
         // stop sending new calls while the in-flight ones drain.
         let stopping = self.stopping.clone();
@@ -168,8 +209,22 @@ impl ServerBuilder {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             |accepted| accepted.map(crate::coalesce::Coalesce::new),
         );
-        let result = tonic::transport::Server::builder()
+        // Load shedding (see `resilience::ShedLayer`): past the limit a call
+        // gets UNAVAILABLE at once; streams hold a permit only until they start.
+        let shed = crate::resilience::ShedLayer::new(self.limits.max_concurrent_requests as usize);
+        let mut server = tonic::transport::Server::builder();
+        // auth: TLS (mutual with a CA) when certificates are configured.
+        if let Some(tls) = security.server_tls() {
+            server = server.tls_config(tls)?;
+        }
+        let result = server
             .max_concurrent_streams(self.max_concurrent_streams)
+            // telem: the server span (child of the caller's trace context) and
+            // per-RPC server metrics, for every service of the server.
+            .layer(crate::rpc_telemetry::ServerTelemetryLayer::new())
+            .layer(shed)
+            // auth: authenticate and authorise every call (see `crate::auth`).
+            .layer(auth)
             .add_routes(self.routes.routes())
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -200,13 +255,31 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// Serves one service set alone on `listener` until `shutdown`.
+/// Serves one service set alone on `listener` until `shutdown`, with the
+/// default `[server]` limits.
 pub async fn serve_set(
     set: impl ServiceSet,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_set_with(
+        set,
+        listener,
+        shutdown,
+        &crate::config::ServerConfig::default(),
+    )
+    .await
+}
+
+/// [`serve_set`] with the given `[server]` limits.
+pub async fn serve_set_with(
+    set: impl ServiceSet,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: &crate::config::ServerConfig,
+) -> Result<(), ServeError> {
     let mut server = ServerBuilder::new();
+    server.limits(limits);
     set.register(&mut server);
     server.serve(listener, shutdown).await
 }

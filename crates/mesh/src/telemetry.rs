@@ -1,6 +1,9 @@
-//! Logs through `tracing`, and traces through OpenTelemetry when an OTLP
+//! Logs through `tracing`; traces through OpenTelemetry when an OTLP
 //! endpoint is configured (and only then: no exporter, no background
-//! connection attempts).
+//! connection attempts); metrics always, scrapeable as Prometheus text at
+//! `telemetry.metrics_listen` and pushed over OTLP when configured
+//! ([`crate::metrics`]). W3C trace context is propagated on every hop
+//! either way ([`crate::rpc_telemetry`]).
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
@@ -9,16 +12,38 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::TelemetryConfig;
+use crate::metrics::Metrics;
 
-/// Keeps the trace pipeline alive; flushes pending spans when dropped.
-#[must_use = "dropping the guard shuts the trace exporter down"]
+/// Keeps the trace and metrics pipelines alive; flushes them when dropped.
+#[must_use = "dropping the guard shuts the trace and metrics exporters down"]
 #[derive(Debug, Default)]
 pub struct TelemetryGuard {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    metrics: Option<Metrics>,
+    metrics_addr: Option<std::net::SocketAddr>,
+    metrics_server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TelemetryGuard {
+    /// Where `GET /metrics` is served (the bound port when 0 was asked for).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The process's metrics, as served at `/metrics`.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
+        if let Some(server) = self.metrics_server.take() {
+            server.abort();
+        }
+        if let Some(metrics) = self.metrics.take() {
+            metrics.shutdown();
+        }
         if let Some(provider) = self.provider.take()
             && let Err(err) = provider.shutdown()
         {
@@ -27,8 +52,10 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber for `service`. Call once, first thing in
-/// `main`; later calls (tests starting several servers) keep the first one.
+/// Installs the global subscriber, propagator and meter provider for
+/// `service`, and starts the metrics endpoint. Call once, first thing in
+/// `main`, inside the Tokio runtime; later calls (tests starting several
+/// servers) keep the first subscriber.
 pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<TelemetryGuard> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log))
@@ -36,12 +63,39 @@ pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<T
             anyhow::anyhow!("telemetry.log {:?} is not a valid filter: {e}", config.log)
         })?;
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    // Incoming trace context is read as W3C trace context whatever happens
+    // below; this makes it the process's global format too.
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+
+    // Metrics first: bind errors (a busy port) are the likeliest failure.
+    let listener = match config.metrics_listen.as_str() {
+        "" => None,
+        addr => Some(crate::metrics::bind(addr)?),
+    };
+    let metrics = Metrics::install(
+        service,
+        config.otlp_endpoint.as_deref(),
+        std::time::Duration::from_millis(config.metrics_export_interval_ms.max(1)),
+    )?;
+    let mut guard = TelemetryGuard {
+        provider: None,
+        metrics: Some(metrics.clone()),
+        metrics_addr: None,
+        metrics_server: None,
+    };
+    if let Some(listener) = listener {
+        guard.metrics_addr = listener.local_addr().ok();
+        guard.metrics_server = Some(metrics.serve(listener));
+    }
 
     let Some(endpoint) = &config.otlp_endpoint else {
         let _ = tracing_subscriber::registry()
             .with(fmt.with_filter(filter))
             .try_init();
-        return Ok(TelemetryGuard::default());
+        log_metrics_addr(&guard);
+        return Ok(guard);
     };
 
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -57,20 +111,28 @@ pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<T
                 .build(),
         )
         .build();
-    opentelemetry::global::set_text_map_propagator(
-        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-    );
     opentelemetry::global::set_tracer_provider(provider.clone());
-    // Only our own spans go to the collector; hyper and h2 would flood it.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service))
-        .with_filter(EnvFilter::new("livemesh=info,livemesh_=info,off"));
+        .with_filter(otel_filter());
     let _ = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(otel)
         .try_init();
-    tracing::info!(%endpoint, "exporting traces over OTLP");
-    Ok(TelemetryGuard {
-        provider: Some(provider),
-    })
+    tracing::info!(%endpoint, "exporting traces and metrics over OTLP");
+    log_metrics_addr(&guard);
+    guard.provider = Some(provider);
+    Ok(guard)
+}
+
+/// What goes to the trace exporter: livemesh's own spans (RPCs, store
+/// calls, ticks); hyper's and h2's would flood it.
+pub fn otel_filter() -> EnvFilter {
+    EnvFilter::new("livemesh=info,livemesh_=info,off")
+}
+
+fn log_metrics_addr(guard: &TelemetryGuard) {
+    if let Some(addr) = guard.metrics_addr {
+        tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+    }
 }

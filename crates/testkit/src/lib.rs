@@ -7,6 +7,12 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod mariadb;
+mod proxy;
+
+pub use mariadb::PrivateMariadb;
+pub use proxy::{ProxyMode, TcpProxy};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use livemesh_mesh::auth;
 use livemesh_proto::v1::counter_service_server::CounterService;
 use livemesh_proto::v1::{
     GetLovesRequest, GetLovesResponse, Lover, RejectReason, SendLovesRequest, SendLovesResponse,
@@ -104,6 +105,7 @@ impl CounterApi {
         )?;
         if let Some(taps_ms) = accepted_taps.filter(|t| !t.is_empty()) {
             self.inner.touch(room.room_id);
+            self.inner.remember_origin(room.room_id);
             self.inner.analytics.record(LoveLine {
                 room_id: room.room_id,
                 viewer_id: request.viewer_id,
@@ -150,7 +152,9 @@ impl CounterService for CounterApi {
         &self,
         request: Request<SendLovesRequest>,
     ) -> Result<Response<SendLovesResponse>, Status> {
-        Ok(Response::new(self.send_loves(request.into_inner()).await?))
+        let (_, extensions, mut request) = request.into_parts();
+        request.viewer_id = auth::viewer_id(&extensions, request.viewer_id, "viewer_id")?;
+        Ok(Response::new(self.send_loves(request).await?))
     }
 
     async fn get_loves(

@@ -18,19 +18,22 @@ pub mod hot;
 pub mod sql;
 pub mod validate;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::future::BoxFuture;
+use livemesh_mesh::auth::{Security, policy};
+use livemesh_mesh::rpc_telemetry::Origins;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
 use livemesh_proto::v1::counter_service_server::CounterServiceServer;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::{LoveTotal, PublishRequest, RoomEvent, room_event};
+use tracing::Instrument as _;
 
 use crate::analytics::{AnalyticsLog, Rotation};
 use crate::core::CounterCore;
@@ -54,6 +57,9 @@ pub struct Inner {
     ending: Mutex<HashSet<u64>>,
     /// Rooms whose total changed since the last publish tick.
     dirty: Mutex<HashSet<u64>>,
+    /// Per room, the trace contexts of the SendLoves calls since its last
+    /// publish: the publish tick's span continues their trace.
+    origins: Mutex<HashMap<u64, Origins>>,
     end_grace: Duration,
     flush_tick: Duration,
     publish_tick: Duration,
@@ -71,6 +77,18 @@ impl Inner {
         lock(&self.touched).insert(room_id);
     }
 
+    /// Remembers the current call (a SendLoves that counted loves) as an
+    /// origin of `room_id`'s next published total.
+    pub(crate) fn remember_origin(&self, room_id: u64) {
+        if let Some(origin) = Origins::current() {
+            let mut origins = lock(&self.origins);
+            let room = origins.entry(room_id).or_default();
+            if !room.is_full() {
+                room.add(origin);
+            }
+        }
+    }
+
     pub(crate) fn touched_rooms(&self) -> Vec<u64> {
         lock(&self.touched).iter().copied().collect()
     }
@@ -84,6 +102,7 @@ impl Inner {
         lock(&self.ending).remove(&room_id);
         lock(&self.touched).remove(&room_id);
         lock(&self.dirty).remove(&room_id);
+        lock(&self.origins).remove(&room_id);
     }
 
     /// One flush tick: write pending increments; mark the rooms for publishing.
@@ -97,33 +116,50 @@ impl Inner {
     /// One publish tick: each changed room's new total, once, to its viewers.
     pub async fn publish_once(&self) {
         let rooms: Vec<u64> = lock(&self.dirty).drain().collect();
-        let calls = rooms.into_iter().map(|room_id| async move {
-            let Ok(total) = self.core.total(room_id).await else {
-                return;
-            };
-            let event = RoomEvent {
+        let calls = rooms.into_iter().map(|room_id| {
+            let span = tracing::info_span!(
+                "counter.publish_total",
                 room_id,
-                kind: Some(room_event::Kind::LoveTotal(LoveTotal { total })),
-                ..RoomEvent::default()
-            };
-            let request = PublishRequest {
-                room_id,
-                event: Some(event),
-                ..PublishRequest::default()
-            };
-            match self.publish_client.clone().publish(request).await {
-                Ok(_) => {
-                    self.published.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(status) => {
-                    // Counted, never fatal: viewers will see the next total.
-                    if self.publish_failures.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
-                        tracing::warn!(room_id, %status, "publishing a love total failed (counted; logged once per 1000)");
-                    }
-                }
+                total = tracing::field::Empty
+            );
+            if let Some(origins) = lock(&self.origins).remove(&room_id) {
+                origins.adopt(&span);
             }
+            self.publish_total(room_id).instrument(span)
         });
         futures::future::join_all(calls).await;
+    }
+
+    async fn publish_total(&self, room_id: u64) {
+        let Ok(total) = self.core.total(room_id).await else {
+            return;
+        };
+        tracing::Span::current().record("total", total);
+        let event = RoomEvent {
+            room_id,
+            kind: Some(room_event::Kind::LoveTotal(LoveTotal { total })),
+            ..RoomEvent::default()
+        };
+        let request = PublishRequest {
+            room_id,
+            event: Some(event),
+            ..PublishRequest::default()
+        };
+        match self.publish_client.clone().publish(request).await {
+            Ok(_) => {
+                self.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(status) => {
+                // Counted, never fatal: viewers will see the next total.
+                if self
+                    .publish_failures
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(1000)
+                {
+                    tracing::warn!(room_id, %status, "publishing a love total failed (counted; logged once per 1000)");
+                }
+            }
+        }
     }
 }
 
@@ -132,6 +168,7 @@ impl Inner {
 pub struct Counter {
     inner: Arc<Inner>,
     analytics_writer: Arc<Mutex<Option<BoxFuture<'static, ()>>>>,
+    security: Security,
 }
 
 impl std::fmt::Debug for Counter {
@@ -169,7 +206,8 @@ impl Counter {
         let db = LovesDb::open(&database_url)
             .await
             .context("opening the counter's SQL database")?;
-        let stack = ClientStack::new(&config.client);
+        let security = Security::from_config(&config.auth)?;
+        let stack = ClientStack::new(&config.client).secured(&security, policy::COUNTER)?;
         let ongoing = stack.channel(&config.peer_url(&c.ongoing_query_url))?;
         let publish = stack.channel(&config.peer_url(&c.publish_url))?;
         let analytics_dir = if c.analytics_dir.is_empty() {
@@ -206,6 +244,7 @@ impl Counter {
             touched: Mutex::new(HashSet::new()),
             ending: Mutex::new(HashSet::new()),
             dirty: Mutex::new(HashSet::new()),
+            origins: Mutex::new(HashMap::new()),
             end_grace: Duration::from_millis(c.end_grace_ms),
             flush_tick: Duration::from_millis(c.flush_tick_ms),
             publish_tick: Duration::from_millis(c.publish_tick_ms),
@@ -215,6 +254,7 @@ impl Counter {
         Ok(Self {
             inner: Arc::new(inner),
             analytics_writer: Arc::new(Mutex::new(Some(Box::pin(writer)))),
+            security,
         })
     }
 
@@ -235,9 +275,13 @@ async fn every<F: Future<Output = ()>>(period: Duration, mut tick: impl FnMut() 
 
 impl ServiceSet for Counter {
     fn register(&self, server: &mut ServerBuilder) {
-        server.add_service(CounterServiceServer::new(grpc::CounterApi::new(
-            self.inner.clone(),
-        )));
+        server.secure(&self.security);
+        let max_message = self.security.max_message_bytes();
+        server.add_service(
+            CounterServiceServer::new(grpc::CounterApi::new(self.inner.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
         let inner = self.inner.clone();
         server.add_background("loves flusher", async move {
             every(inner.flush_tick, || inner.flush_once()).await;

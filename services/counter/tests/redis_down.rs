@@ -9,11 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use livemesh_counter::Counter;
+use livemesh_counter::sql::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
-use livemesh_proto::v1::{SendLovesRequest, StartRoomRequest};
+use livemesh_proto::v1::{EndRoomRequest, SendLovesRequest, StartRoomRequest};
 use livemesh_testkit::{PrivateRedis, TestServer};
 
 struct Setup {
@@ -166,4 +167,225 @@ async fn past_the_bound_the_counter_answers_unavailable() {
         30
     );
     assert_eq!(s.send(4, 1, 10).await.unwrap(), 10, "accepting again");
+}
+
+/// One viewer's client: sends batches of taps that follow the broadcast's
+/// video time (4 taps per 200 ms, a human's 20 a second), each batch with
+/// its own id, retrying a failed call with the same id until it answers
+/// OK, as the idempotency contract asks of clients. Returns the viewer, the
+/// loves the OK answers reported accepted, and how many calls failed.
+async fn love_client(
+    mut loves: CounterServiceClient<MeshChannel>,
+    room_id: u64,
+    viewer_id: u64,
+    room_started: tokio::time::Instant,
+    ok_batches: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (u64, u64, u64) {
+    let (mut accepted, mut failed) = (0, 0);
+    let mut batch = 0_u64;
+    while !*stop.borrow() {
+        let video_ms = u64::try_from(room_started.elapsed().as_millis()).unwrap();
+        let request = SendLovesRequest {
+            room_id,
+            viewer_id,
+            batch_id: format!("v{viewer_id}-b{batch}"),
+            // The taps of the last 200 ms of video time (none before 0).
+            taps_ms: (0..4)
+                .map(|i| (video_ms + i * 50).saturating_sub(200))
+                .collect(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let reply = loop {
+            match loves.send_loves(request.clone()).await {
+                Ok(reply) => break reply.into_inner(),
+                Err(status) => {
+                    assert!(
+                        matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                        ),
+                        "viewer {viewer_id} batch {batch}: only 'retry later' may fail a batch: {status:?}"
+                    );
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "viewer {viewer_id} batch {batch} still failing after 30 s: {status:?}"
+                    );
+                    failed += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        accepted += reply.accepted;
+        ok_batches.fetch_add(1, Ordering::Relaxed);
+        batch += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (viewer_id, accepted, failed)
+}
+
+/// Waits until `ready()` holds, polling; panics naming `what` after 20 s.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Chaos: Redis killed (SIGKILL) and restarted twice while 16 viewers tap.
+/// The counter holds what it accepted while Redis is down, answers
+/// UNAVAILABLE past its bound (clients retry the same batch ids), replays
+/// its held writes when Redis is back, and at the room's end writes to SQL
+/// exactly the loves its OK answers accepted, per viewer: nothing lost,
+/// nothing counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
+    const VIEWERS: u64 = 16;
+    let mut redis = PrivateRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rooms_config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let mut admin = RoomAdminServiceClient::new(rooms.channel());
+    let room = admin
+        .start_room(StartRoomRequest { anchor_id: 1 })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap()
+        .room_id;
+    let room_started = tokio::time::Instant::now();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        redis_url: Some(redis.url()),
+        ..Config::default()
+    };
+    config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.counter.publish_url = format!("http://{}", rooms.addr);
+    config.counter.flush_tick_ms = 5;
+    config.counter.end_grace_ms = 50;
+    // About a second of this load: each outage fills it, so the refusals
+    // (and the clients' retries of the same ids) are exercised too.
+    config.counter.max_pending_loves = 250;
+    let counter = Counter::from_config(&config).await.unwrap();
+    let server = TestServer::start(counter.clone()).await;
+    let stats = || counter.inner().core.stats();
+
+    let ok_batches = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut clients = tokio::task::JoinSet::new();
+    for viewer in 1..=VIEWERS {
+        clients.spawn(love_client(
+            CounterServiceClient::new(server.channel()),
+            room,
+            viewer,
+            room_started,
+            ok_batches.clone(),
+            stopped.clone(),
+        ));
+    }
+    let batches = || ok_batches.load(Ordering::Relaxed);
+    for outage in 1..=2 {
+        let before = batches();
+        until("batches answered before the outage", || {
+            batches() >= before + 2 * VIEWERS
+        })
+        .await;
+        let refused = stats().refused_unavailable.load(Ordering::Relaxed);
+        let flush_failures = stats().flush_failures.load(Ordering::Relaxed);
+        redis.kill();
+        let down = batches();
+        // While Redis is down: batches are still accepted (held), flushes
+        // fail and are kept, and once the bound is reached the counter
+        // refuses with UNAVAILABLE.
+        until("batches accepted while Redis is down", || {
+            batches() >= down + VIEWERS
+        })
+        .await;
+        until("failed flushes while Redis is down", || {
+            stats().flush_failures.load(Ordering::Relaxed) > flush_failures
+        })
+        .await;
+        until("UNAVAILABLE past the bound", || {
+            stats().refused_unavailable.load(Ordering::Relaxed) > refused
+        })
+        .await;
+        println!(
+            "outage {outage}: {} loves held, {} batches answered while down",
+            counter.inner().core.waiting(),
+            batches() - down
+        );
+        redis.restart().await;
+        let flushes = stats().flushes.load(Ordering::Relaxed);
+        until("the held loves replayed to Redis", || {
+            stats().flushes.load(Ordering::Relaxed) > flushes && counter.inner().core.waiting() < 50
+        })
+        .await;
+    }
+    let before = batches();
+    until("batches answered after the last restart", || {
+        batches() >= before + 2 * VIEWERS
+    })
+    .await;
+    stop.send_replace(true);
+    let mut per_viewer = std::collections::BTreeMap::new();
+    let mut failed_calls = 0;
+    while let Some(done) = clients.join_next().await {
+        let (viewer, accepted, failed) = done.unwrap();
+        per_viewer.insert(viewer, accepted);
+        failed_calls += failed;
+    }
+    let accepted: u64 = per_viewer.values().sum();
+    assert!(
+        failed_calls > 0,
+        "the outages failed no call: nothing was tested"
+    );
+    assert!(accepted > 0);
+
+    // The room ends: the counter flushes what it holds, writes the final
+    // total and ranking to SQL once, and deletes the hot keys.
+    admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    let db = LovesDb::open(&livemesh_mesh::config::sqlite_url(
+        &dir.path().join("counter.db"),
+    ))
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let fin = loop {
+        if let Some(fin) = db.get(room).await.unwrap() {
+            break fin;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no final total in SQL 20 s after the room ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "{accepted} loves accepted in {} batches ({failed_calls} failed calls retried, {} duplicate batches answered from memory, {} refused past the bound, {} failed flushes)",
+        batches(),
+        stats().duplicate_batches.load(Ordering::Relaxed),
+        stats().refused_unavailable.load(Ordering::Relaxed),
+        stats().flush_failures.load(Ordering::Relaxed),
+    );
+    assert_eq!(fin.total, accepted, "every accepted love, once");
+    let mut ranking: Vec<(u64, u64)> = per_viewer
+        .into_iter()
+        .filter(|(_, loves)| *loves > 0)
+        .collect();
+    let mut stored = fin.top_lovers.clone();
+    ranking.sort_unstable();
+    stored.sort_unstable();
+    assert_eq!(stored, ranking, "each viewer's accepted loves, once");
+    assert_eq!(counter.inner().core.waiting(), 0);
 }

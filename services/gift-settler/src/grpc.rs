@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
+use livemesh_mesh::auth;
 use livemesh_mesh::rooms::LookupError;
 use livemesh_proto::time::{ms_from_timestamp, timestamp_from_ms};
 use livemesh_proto::v1::gifts_service_server::GiftsService;
@@ -234,16 +235,17 @@ impl GiftsService for GiftsApi {
         &self,
         request: Request<SendGiftRequest>,
     ) -> Result<Response<SendGiftResponse>, Status> {
-        Ok(Response::new(
-            self.send_gift_inner(request.into_inner()).await?,
-        ))
+        let (_, extensions, mut request) = request.into_parts();
+        request.viewer_id = auth::viewer_id(&extensions, request.viewer_id, "viewer_id")?;
+        Ok(Response::new(self.send_gift_inner(request).await?))
     }
 
     async fn get_balance(
         &self,
         request: Request<GetBalanceRequest>,
     ) -> Result<Response<GetBalanceResponse>, Status> {
-        let user_id = request.into_inner().user_id;
+        let (_, extensions, request) = request.into_parts();
+        let user_id = auth::viewer_id(&extensions, request.user_id, "user_id")?;
         if user_id == 0 {
             return Err(GiftError::Invalid("user_id is required".into()).into());
         }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use livemesh_mesh::auth::{Security, policy};
 use livemesh_mesh::rooms::{RoomDirectory, RoomInfo};
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
@@ -104,6 +105,7 @@ impl Inner {
 #[derive(Debug, Clone)]
 pub struct GiftSettler {
     inner: Arc<Inner>,
+    security: Security,
 }
 
 impl GiftSettler {
@@ -128,7 +130,8 @@ impl GiftSettler {
                     .with_context(|| format!("opening balance shard {index}"))?,
             );
         }
-        let stack = ClientStack::new(&config.client);
+        let security = Security::from_config(&config.auth)?;
+        let stack = ClientStack::new(&config.client).secured(&security, policy::GIFT_SETTLER)?;
         let ongoing = stack
             .channel(&config.peer_url(&g.ongoing_query_url))
             .context("gifts.ongoing_query_url")?;
@@ -145,6 +148,7 @@ impl GiftSettler {
                 publish: PublishServiceClient::new(publish),
                 watch: OngoingQueryServiceClient::new(ongoing),
             }),
+            security,
         })
     }
 
@@ -212,8 +216,18 @@ impl ServiceSet for GiftSettler {
             }
         });
         let api = grpc::GiftsApi::new(self.inner.clone());
-        server.add_service(GiftsServiceServer::new(api.clone()));
-        server.add_service(SettlementServiceServer::new(api));
+        server.secure(&self.security);
+        let max_message = self.security.max_message_bytes();
+        server.add_service(
+            GiftsServiceServer::new(api.clone())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
+        server.add_service(
+            SettlementServiceServer::new(api)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
         let inner = self.inner.clone();
         let watch = self.inner.watch.clone();
         server.add_background("room starts and ends", async move {

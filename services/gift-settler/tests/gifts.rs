@@ -19,7 +19,13 @@ use livemesh_proto::v1::{
 use livemesh_proto::v1::{
     ExportLedgerRequest, GetSettlementRequest, ReconcileRequest, SettlementState,
 };
-use livemesh_testkit::{SqlBackend, TestServer};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use livemesh_proto::v1::SettleRoomRequest;
+use livemesh_testkit::{PrivateMariadb, SqlBackend, TestServer};
 
 livemesh_testkit::sql_backend_suite!(
     a_gift_moves_money_from_the_viewer_to_the_room_in_the_viewers_shard,
@@ -46,6 +52,15 @@ struct Mesh {
 }
 
 async fn mesh(backend: &SqlBackend) -> Mesh {
+    let mut shard_urls = Vec::new();
+    for shard in 0..SHARDS {
+        shard_urls.push(backend.database_url(&format!("shard{shard}")).await);
+    }
+    mesh_on(shard_urls).await
+}
+
+/// The mesh with its balance shards at `shard_urls`.
+async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let rooms_config = Config {
         data_dir: dir.path().to_owned(),
@@ -56,12 +71,7 @@ async fn mesh(backend: &SqlBackend) -> Mesh {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
-    for shard in 0..SHARDS {
-        config
-            .gifts
-            .shard_urls
-            .push(backend.database_url(&format!("shard{shard}")).await);
-    }
+    config.gifts.shard_urls = shard_urls;
     config.gifts.room_subaccounts = SUBACCOUNTS;
     config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
     // No dispatcher here: publishing gift events fails, which never undoes a gift.
@@ -267,7 +277,7 @@ async fn unknown_and_ended_rooms_and_bad_amounts_get_precise_codes(backend: SqlB
         .unwrap();
     // Gifts are refused once the settler has seen the end (Watch): every
     // shard then marks the room ended.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     for shard in &mesh.settler.inner().shards {
         while shard.room_status(room).await.unwrap().as_deref() != Some("ended") {
             assert!(
@@ -275,7 +285,7 @@ async fn unknown_and_ended_rooms_and_bad_amounts_get_precise_codes(backend: SqlB
                 "shard {} never saw the end",
                 shard.index
             );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     let err = mesh.gift("after-end", 15, room, 10).await.unwrap_err();
@@ -448,7 +458,7 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
     let (_, cut) = expected_cut(&mesh, room).await;
     let mut settlement = SettlementServiceClient::new(mesh._gifts_server.channel());
     let err = settlement
-        .settle_room(livemesh_proto::v1::SettleRoomRequest { room_id: room })
+        .settle_room(SettleRoomRequest { room_id: room })
         .await
         .unwrap_err();
     assert_eq!(
@@ -461,7 +471,7 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
         .await
         .unwrap();
     // The Watch's end starts the Settler; await its result.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let row = loop {
         let row = settlement
             .get_settlement(GetSettlementRequest { room_id: room })
@@ -477,7 +487,7 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
             std::time::Instant::now() < deadline,
             "never settled: {row:?}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(
         (row.gross, row.platform_cut, row.streamer_credit),
@@ -486,7 +496,7 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
     assert_eq!(row.streamer_id, 5);
     // SettleRoom by hand on a settled room returns the same, pays nothing more.
     let again = settlement
-        .settle_room(livemesh_proto::v1::SettleRoomRequest { room_id: room })
+        .settle_room(SettleRoomRequest { room_id: room })
         .await
         .unwrap()
         .into_inner()
@@ -517,7 +527,7 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
         .await
         .unwrap()
         .into_inner();
-    let mut per_transfer = std::collections::HashMap::<String, i64>::new();
+    let mut per_transfer = HashMap::<String, i64>::new();
     let mut entries = 0;
     while let Some(item) = export.message().await.unwrap() {
         let entry = item.entry.unwrap();
@@ -611,7 +621,6 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
 /// every balance is what the accepted transfers say, and money is conserved.
 async fn random_concurrent_deposits_and_gifts_conserve_money(backend: SqlBackend) {
     use proptest::strategy::{Strategy, ValueTree};
-    use std::collections::HashMap;
     let mut mesh = mesh(&backend).await;
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let ops = proptest::collection::vec(op(), 1..60);
@@ -706,4 +715,437 @@ async fn random_concurrent_deposits_and_gifts_conserve_money(backend: SqlBackend
         assert_eq!(mesh.room_total(room).await, gifted, "case {case}");
         mesh.assert_conserved().await;
     }
+}
+
+/// Balance shards of the chaos tests: two databases on one private MariaDB.
+const CHAOS_SHARDS: usize = 2;
+
+async fn chaos_mesh(db: &PrivateMariadb) -> Mesh {
+    let tag = livemesh_testkit::unique_name("chaos");
+    mesh_on(
+        (0..CHAOS_SHARDS)
+            .map(|s| db.database_url(&format!("{tag}_shard{s}")))
+            .collect(),
+    )
+    .await
+}
+
+/// Calls `call` until it answers OK, as a client keeping the idempotency
+/// contract does: a failed call is retried with the same key. Only "retry
+/// later" failures are acceptable; panics after 30 s.
+async fn until_ok<T, F, Fut>(what: &str, failures: &AtomicU64, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match call().await {
+            Ok(reply) => return reply,
+            Err(status) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ),
+                    "{what}: only 'retry later' may fail while MariaDB restarts: {status:?}"
+                );
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{what}: still failing after 30 s: {status:?}"
+                );
+                failures.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Waits until `ready()` holds; panics naming `what` after 30 s.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What one viewer's OK answers said was done.
+#[derive(Debug, Default)]
+struct Accepted {
+    deposited: i64,
+    /// Transfer id -> amount, for gifts and deposits.
+    gifts: HashMap<String, i64>,
+    deposits: HashMap<String, i64>,
+}
+
+/// One viewer: a deposit, then gifts (and a top-up every 5 gifts) until
+/// told to stop, each call retried with its key until OK.
+async fn gifting_viewer(
+    gifts: GiftsServiceClient<MeshChannel>,
+    room_id: u64,
+    viewer_id: u64,
+    ok_calls: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (u64, Accepted) {
+    let mut accepted = Accepted::default();
+    let mut n = 0_u64;
+    while !*stop.borrow() {
+        if n.is_multiple_of(5) {
+            let request = DepositRequest {
+                idempotency_key: format!("d{n}"),
+                user_id: viewer_id,
+                amount: 100,
+            };
+            let reply = until_ok(
+                &format!("viewer {viewer_id} deposit {n}"),
+                &failures,
+                || {
+                    let (mut gifts, request) = (gifts.clone(), request.clone());
+                    async move { gifts.deposit(request).await }
+                },
+            )
+            .await
+            .into_inner();
+            accepted.deposited += 100;
+            accepted.deposits.insert(reply.transfer_id, 100);
+        }
+        let amount = i64::try_from(1 + (viewer_id + n) % 7).unwrap();
+        let request = SendGiftRequest {
+            idempotency_key: format!("g{n}"),
+            viewer_id,
+            room_id,
+            gift_id: 2,
+            amount,
+        };
+        let reply = until_ok(&format!("viewer {viewer_id} gift {n}"), &failures, || {
+            let (mut gifts, request) = (gifts.clone(), request.clone());
+            async move { gifts.send_gift(request).await }
+        })
+        .await
+        .into_inner();
+        assert!(
+            accepted.gifts.insert(reply.transfer_id, amount).is_none(),
+            "two gifts answered with one transfer id"
+        );
+        ok_calls.fetch_add(1, Ordering::Relaxed);
+        n += 1;
+    }
+    (viewer_id, accepted)
+}
+
+/// Every ledger entry, grouped by transfer id.
+async fn ledger(mesh: &Mesh) -> HashMap<String, Vec<i64>> {
+    let mut settlement = SettlementServiceClient::new(mesh._gifts_server.channel());
+    let mut export = settlement
+        .export_ledger(ExportLedgerRequest {
+            from: None,
+            to: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut per_transfer = HashMap::<String, Vec<i64>>::new();
+    while let Some(item) = export.message().await.unwrap() {
+        let entry = item.entry.unwrap();
+        per_transfer
+            .entry(entry.transfer_id)
+            .or_default()
+            .push(entry.amount);
+    }
+    per_transfer
+}
+
+/// Chaos: MariaDB (both balance shards) killed with SIGKILL and restarted
+/// twice while 8 viewers deposit and send gifts; clients retry failures
+/// with the same idempotency key. Every call that answered OK is in the
+/// ledger exactly once (two entries summing to zero), nothing else is, the
+/// balances are deposits minus gifts, and the room reconciles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
+    const VIEWERS: u64 = 8;
+    let db = PrivateMariadb::start().await;
+    let mut mesh = chaos_mesh(&db).await;
+    let room = mesh.start_room().await;
+    let ok_calls = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut viewers = tokio::task::JoinSet::new();
+    for viewer in 1..=VIEWERS {
+        viewers.spawn(gifting_viewer(
+            mesh.gifts.clone(),
+            room,
+            viewer,
+            ok_calls.clone(),
+            failures.clone(),
+            stopped.clone(),
+        ));
+    }
+    let oks = || ok_calls.load(Ordering::Relaxed);
+    for _ in 0..2 {
+        let before = oks();
+        until("gifts before the kill", || oks() >= before + 4 * VIEWERS).await;
+        let failed = failures.load(Ordering::Relaxed);
+        db.kill();
+        until("calls failing while MariaDB is down", || {
+            failures.load(Ordering::Relaxed) >= failed + VIEWERS
+        })
+        .await;
+        db.restart().await;
+    }
+    let before = oks();
+    until("gifts after the last restart", || {
+        oks() >= before + 4 * VIEWERS
+    })
+    .await;
+    stop.send_replace(true);
+    let mut all = HashMap::new();
+    while let Some(done) = viewers.join_next().await {
+        let (viewer, accepted) = done.unwrap();
+        all.insert(viewer, accepted);
+    }
+
+    let mut gifted = 0;
+    for (viewer, accepted) in &all {
+        let gifts: i64 = accepted.gifts.values().sum();
+        assert_eq!(
+            mesh.balance(*viewer).await,
+            accepted.deposited - gifts,
+            "viewer {viewer}: deposits minus accepted gifts"
+        );
+        gifted += gifts;
+    }
+    assert_eq!(
+        mesh.room_total(room).await,
+        gifted,
+        "the room got every accepted gift once"
+    );
+    let ledger = ledger(&mesh).await;
+    let mut expected: HashMap<&str, i64> = HashMap::new();
+    for accepted in all.values() {
+        for (id, amount) in accepted.gifts.iter().chain(&accepted.deposits) {
+            expected.insert(id, *amount);
+        }
+    }
+    for (id, entries) in &ledger {
+        if !(id.starts_with("gift:") || id.starts_with("deposit:")) {
+            continue;
+        }
+        let amount = expected
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("{id} is in the ledger but no call answered OK for it"));
+        let mut sorted = entries.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            vec![-amount, *amount],
+            "{id}: applied once, two entries"
+        );
+    }
+    for id in expected.keys() {
+        assert!(
+            ledger.contains_key(*id),
+            "{id} answered OK but is not in the ledger"
+        );
+    }
+    let statement = SettlementServiceClient::new(mesh._gifts_server.channel())
+        .reconcile(ReconcileRequest { room_id: room })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(statement.balanced, "{statement:?}");
+    let debited: i64 = statement.shards.iter().map(|s| s.gifts_debited).sum();
+    assert_eq!(debited, gifted);
+    mesh.assert_conserved().await;
+    println!(
+        "{} gifts and {} deposits accepted over two MariaDB kills; {} failed calls retried",
+        all.values().map(|a| a.gifts.len()).sum::<usize>(),
+        all.values().map(|a| a.deposits.len()).sum::<usize>(),
+        failures.load(Ordering::Relaxed)
+    );
+}
+
+/// Waits until the room's settlement is `settled` (SettleRoom retried with
+/// the same room while it fails, as finance would), and returns it.
+async fn settled(
+    mesh: &Mesh,
+    room_id: u64,
+    failures: &AtomicU64,
+) -> livemesh_proto::v1::Settlement {
+    let settlement = SettlementServiceClient::new(mesh._gifts_server.channel());
+    until_ok(&format!("settling room {room_id}"), failures, || {
+        let mut settlement = settlement.clone();
+        async move { settlement.settle_room(SettleRoomRequest { room_id }).await }
+    })
+    .await
+    .into_inner()
+    .settlement
+    .unwrap()
+}
+
+/// Checks a settled room: streamer paid gross minus the cut exactly once,
+/// every virtual account zero, Reconcile balanced, each settlement transfer
+/// in the ledger once.
+async fn assert_settled_once(
+    mesh: &mut Mesh,
+    room: u64,
+    gross: i64,
+    cut: i64,
+    streamer_before: i64,
+) {
+    let failures = AtomicU64::new(0);
+    let row = settled(mesh, room, &failures).await;
+    assert_eq!(row.state(), SettlementState::Settled, "{row:?}");
+    assert_eq!(
+        (row.gross, row.platform_cut, row.streamer_credit),
+        (gross, cut, gross - cut)
+    );
+    assert_eq!(
+        mesh.balance(row.streamer_id).await,
+        streamer_before + gross - cut,
+        "paid once"
+    );
+    assert_eq!(
+        mesh.room_total(room).await,
+        0,
+        "every virtual account emptied"
+    );
+    let statement = SettlementServiceClient::new(mesh._gifts_server.channel())
+        .reconcile(ReconcileRequest { room_id: room })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(statement.balanced, "{statement:?}");
+    for shard in &statement.shards {
+        assert_eq!(shard.gift_difference, 0, "{statement:?}");
+        assert_eq!(shard.settlement_difference, 0, "{statement:?}");
+        assert_eq!(shard.virtual_balance, 0, "{statement:?}");
+    }
+    let ledger = ledger(mesh).await;
+    for s in 0..CHAOS_SHARDS {
+        for kind in ["settle-in", "cut"] {
+            if let Some(entries) = ledger.get(&format!("{kind}:{room}:{s}")) {
+                assert_eq!(entries.len(), 2, "{kind}:{room}:{s} applied once");
+            }
+        }
+    }
+    assert!(ledger.values().all(|e| e.iter().sum::<i64>() == 0));
+}
+
+/// Waits (without calling SettleRoom) until the settler has settled the
+/// room by itself, after the kill at `killed_at_ms`.
+async fn settles_by_itself(mesh: &Mesh, room_id: u64, killed_at_ms: i64) {
+    let mut settlement = SettlementServiceClient::new(mesh._gifts_server.channel());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // GetSettlement reads the coordinating shard: it fails while the
+        // shards come back.
+        if let Ok(reply) = settlement
+            .get_settlement(GetSettlementRequest { room_id })
+            .await
+        {
+            let row = reply.into_inner().settlement.unwrap();
+            if row.state() == SettlementState::Settled {
+                let settled_at = row.settled_at.unwrap();
+                assert!(
+                    livemesh_proto::time::ms_from_timestamp(&settled_at) >= killed_at_ms,
+                    "room {room_id} was settled before the kill: the kill interrupted nothing"
+                );
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room {room_id}: the settler did not finish by itself within 30 s of the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Chaos: MariaDB killed while rooms' settlements run, three ways. Room A:
+/// right after its end is committed (the settler hears of it from the
+/// Watch while the restart's crash recovery runs). Room C: as soon as the
+/// settler has recorded the settlement as begun. Room B: by the settler's
+/// step hook after shard 0 is paid and shard 1 is swept but not yet paid.
+/// After the restart A and C settle by themselves and B through SettleRoom
+/// retried; each streamer is paid exactly once, every virtual account is
+/// zero, and Reconcile is balanced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
+    let db = Arc::new(PrivateMariadb::start().await);
+    let mut mesh = chaos_mesh(&db).await;
+    let streamer = 5; // the rooms' anchor
+    let inner = mesh.settler.inner().clone();
+
+    // Room A: the end commits, then MariaDB dies at once.
+    let room_a = mesh.start_room().await;
+    let gross_a = gifts_in(&mut mesh, room_a, "a").await;
+    let (_, cut_a) = expected_cut(&mesh, room_a).await;
+    let before = mesh.balance(streamer).await;
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room_a })
+        .await
+        .unwrap();
+    db.kill();
+    let killed_at = livemesh_mesh::now_ms();
+    db.restart().await;
+    settles_by_itself(&mesh, room_a, killed_at).await;
+    assert_settled_once(&mut mesh, room_a, gross_a, cut_a, before).await;
+
+    // Room C: killed once the settlement has begun.
+    let room_c = mesh.start_room().await;
+    let gross_c = gifts_in(&mut mesh, room_c, "c").await;
+    let (_, cut_c) = expected_cut(&mesh, room_c).await;
+    let before = mesh.balance(streamer).await;
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room_c })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match inner.shards[0].settlement(room_c).await.unwrap() {
+            Some(row) if row.state == "in_progress" => break,
+            Some(row) => panic!("the settlement finished before it could be interrupted: {row:?}"),
+            None => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the settler did not begin settling room {room_c} within 10 s of its end"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    db.kill();
+    let killed_at = livemesh_mesh::now_ms();
+    db.restart().await;
+    settles_by_itself(&mesh, room_c, killed_at).await;
+    assert_settled_once(&mut mesh, room_c, gross_c, cut_c, before).await;
+
+    // Room B: killed at a precise point of the settlement.
+    let room_b = mesh.start_room().await;
+    let gross_b = gifts_in(&mut mesh, room_b, "b").await;
+    let (_, cut_b) = expected_cut(&mesh, room_b).await;
+    let before = mesh.balance(streamer).await;
+    let killer = db.clone();
+    let err = inner
+        .settle(room_b, streamer, &move |step| {
+            if step == Step::PayShard(1) {
+                killer.kill();
+            }
+            false
+        })
+        .await;
+    assert!(
+        err.is_err(),
+        "MariaDB died before shard 1 was paid: {err:?}"
+    );
+    db.restart().await;
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room_b })
+        .await
+        .unwrap();
+    assert_settled_once(&mut mesh, room_b, gross_b, cut_b, before).await;
+    mesh.assert_conserved().await;
 }

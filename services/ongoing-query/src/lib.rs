@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use livemesh_mesh::auth::Security;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{Config, ShutdownSignal};
 use livemesh_proto::v1::ongoing_query_service_server::OngoingQueryServiceServer;
@@ -41,6 +42,7 @@ pub struct OngoingQuery {
     scan_interval: Duration,
     /// The feed settings and each region's start position.
     feed: Option<(FeedConfig, BTreeMap<u16, Option<FeedStart>>)>,
+    security: Security,
 }
 
 impl OngoingQuery {
@@ -48,6 +50,7 @@ impl OngoingQuery {
     /// `database_url`, or `rooms.db` under the data dir), migrates it, and
     /// fills the cache with a first full scan.
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let security = Security::from_config(&config.auth)?;
         let local_url = config
             .database_url
             .clone()
@@ -101,6 +104,7 @@ impl OngoingQuery {
             rooms: Arc::new(rooms),
             scan_interval: Duration::from_millis(config.rooms.scan_interval_ms),
             feed: feed.map(|config| (config, feed_starts)),
+            security,
         })
     }
 
@@ -111,9 +115,19 @@ impl OngoingQuery {
 
 impl ServiceSet for OngoingQuery {
     fn register(&self, server: &mut ServerBuilder) {
+        server.secure(&self.security);
+        let max_message = self.security.max_message_bytes();
         let api = grpc::RoomsApi::new(self.rooms.clone(), server.stopping());
-        server.add_service(OngoingQueryServiceServer::new(api.clone()));
-        server.add_service(RoomAdminServiceServer::new(api));
+        server.add_service(
+            OngoingQueryServiceServer::new(api.clone())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
+        server.add_service(
+            RoomAdminServiceServer::new(api)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
         if let Some((feed, starts)) = &self.feed {
             for region in self.rooms.stores().map(|s| s.region()) {
                 let start = starts.get(&region).cloned().flatten();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use livemesh_fanout::{Append, Appended, FanoutStore, ROOM_ENDED_KEY, Slot};
+use livemesh_mesh::resilience::{Breaker, BreakerState};
 use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::time::timestamp_from_ms;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
@@ -60,7 +61,7 @@ pub struct DispatcherInner {
     pub store: FanoutStore,
     pub stats: DispatchStats,
     stack: ClientStack,
-    nodes: Mutex<HashMap<String, SubscribeServiceClient<MeshChannel>>>,
+    nodes: Mutex<HashMap<String, (SubscribeServiceClient<MeshChannel>, Breaker)>>,
     peers: Vec<(String, PublishServiceClient<MeshChannel>)>,
     /// Makes forwarded publishes' idempotency keys unique to this process.
     instance: u64,
@@ -235,19 +236,43 @@ impl DispatcherInner {
     }
 
     /// Calls `Deliver` on each node once, concurrently; returns how many answered.
+    ///
+    /// Each node has its own circuit breaker (one cached channel per node).
+    /// A node whose breaker is closed is awaited, bounded by the Deliver
+    /// timeout, which the client stack enforces inside the breaker so that
+    /// a timeout counts against the node. A node whose breaker is not
+    /// closed is not awaited: open, its call would be rejected at once
+    /// anyway; half-open, the call may be the probe, which against a
+    /// black-holed node waits the full Deliver timeout, and no publish
+    /// should pay that for a node already known to be failing. Such a
+    /// call still goes out, in the background, so the probe can close the
+    /// breaker; the node is not counted as handed the event, and fetches it
+    /// from the history if it missed it.
     async fn deliver(&self, event: &RoomEvent, nodes: &[String]) -> u64 {
         let calls = nodes.iter().map(|node| {
-            let client = self.node_client(node);
-            let request = DeliverRequest {
+            let target = self.node_client(node);
+            let mut request = tonic::Request::new(DeliverRequest {
                 room_id: event.room_id,
                 events: vec![event.clone()],
-            };
+            });
+            request.set_timeout(self.settings.deliver_timeout);
             async move {
-                let Some(mut client) = client else {
+                let Some((mut client, breaker)) = target else {
                     return false;
                 };
-                let call = client.deliver(request);
-                match tokio::time::timeout(self.settings.deliver_timeout, call).await {
+                if breaker.state() != BreakerState::Closed {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        if let Err(status) = client.deliver(request).await {
+                            tracing::debug!(node, %status, "Deliver to a failing node failed");
+                        }
+                    });
+                    return false;
+                }
+                // Retries (of calls that never reached the node) may add to
+                // the Deliver timeout; this bounds the whole call.
+                let bound = self.settings.deliver_timeout * 2;
+                match tokio::time::timeout(bound, client.deliver(request)).await {
                     Ok(Ok(_)) => true,
                     Ok(Err(status)) => {
                         tracing::debug!(node, %status, "Deliver failed");
@@ -272,7 +297,8 @@ impl DispatcherInner {
         ok
     }
 
-    fn node_client(&self, node: &str) -> Option<SubscribeServiceClient<MeshChannel>> {
+    /// The cached client of `node`, with its breaker.
+    fn node_client(&self, node: &str) -> Option<(SubscribeServiceClient<MeshChannel>, Breaker)> {
         let mut nodes = self
             .nodes
             .lock()
@@ -280,9 +306,9 @@ impl DispatcherInner {
         if let Some(client) = nodes.get(node) {
             return Some(client.clone());
         }
-        match self.stack.channel(node) {
-            Ok(channel) => {
-                let client = SubscribeServiceClient::new(channel);
+        match self.stack.channel_with_breaker(node) {
+            Ok((channel, breaker)) => {
+                let client = (SubscribeServiceClient::new(channel), breaker);
                 nodes.insert(node.to_owned(), client.clone());
                 Some(client)
             }
@@ -291,6 +317,15 @@ impl DispatcherInner {
                 None
             }
         }
+    }
+
+    /// The state of `node`'s circuit breaker, if the dispatcher has called it.
+    pub fn node_breaker(&self, node: &str) -> Option<BreakerState> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)
+            .map(|(_, breaker)| breaker.state())
     }
 
     /// Forwards a local publish to every peer datacenter, in the

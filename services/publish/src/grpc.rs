@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use livemesh_mesh::auth;
 use livemesh_proto::v1::publish_service_server::PublishService;
+use livemesh_proto::v1::room_event::Kind;
 use livemesh_proto::v1::{PublishRequest, PublishResponse};
 use tonic::{Request, Response, Status};
 
@@ -41,8 +43,17 @@ impl PublishService for PublishApi {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        Ok(Response::new(
-            self.inner.publish(request.into_inner()).await?,
-        ))
+        let (_, extensions, mut request) = request.into_parts();
+        // A comment is a viewer's: its viewer comes from the viewer token.
+        // Every other event is the mesh's own (totals, counts, gifts).
+        match request.event.as_mut().and_then(|e| e.kind.as_mut()) {
+            Some(Kind::Comment(comment)) => {
+                comment.viewer_id =
+                    auth::viewer_id(&extensions, comment.viewer_id, "event.comment.viewer_id")?;
+            }
+            _ => auth::require_mesh_service(&extensions, "publish events other than comments")?,
+        }
+        auth::check_room_publish(&extensions, request.room_id)?;
+        Ok(Response::new(self.inner.publish(request).await?))
     }
 }

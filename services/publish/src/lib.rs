@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use livemesh_fanout::FanoutStore;
+use livemesh_mesh::auth::{Security, policy};
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
 use livemesh_proto::v1::RoomChangeKind;
@@ -32,6 +33,7 @@ pub use crate::dispatch::{DispatcherInner, DispatcherSettings};
 pub struct Dispatcher {
     inner: Arc<DispatcherInner>,
     watch: OngoingQueryServiceClient<livemesh_mesh::MeshChannel>,
+    security: Security,
 }
 
 impl Dispatcher {
@@ -40,7 +42,8 @@ impl Dispatcher {
     /// says (by default this process's own address).
     pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
         let c = &config.publish;
-        let stack = ClientStack::new(&config.client);
+        let security = Security::from_config(&config.auth)?;
+        let stack = ClientStack::new(&config.client).secured(&security, policy::PUBLISH)?;
         let watch = OngoingQueryServiceClient::new(
             stack
                 .channel(&config.peer_url(&c.ongoing_query_url))
@@ -56,6 +59,7 @@ impl Dispatcher {
         Ok(Self {
             inner: Arc::new(inner),
             watch,
+            security,
         })
     }
 
@@ -66,9 +70,13 @@ impl Dispatcher {
 
 impl ServiceSet for Dispatcher {
     fn register(&self, server: &mut ServerBuilder) {
-        server.add_service(PublishServiceServer::new(grpc::PublishApi::new(
-            self.inner.clone(),
-        )));
+        server.secure(&self.security);
+        let max_message = self.security.max_message_bytes();
+        server.add_service(
+            PublishServiceServer::new(grpc::PublishApi::new(self.inner.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
         let inner = self.inner.clone();
         let watch = self.watch.clone();
         server.add_background("room ends", async move {

@@ -204,7 +204,10 @@ impl SubscribeService for SubscribeApi {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let stream = self.open(request.into_inner()).await?;
+        let (_, extensions, mut request) = request.into_parts();
+        request.viewer_id =
+            livemesh_mesh::auth::viewer_id(&extensions, request.viewer_id, "viewer_id")?;
+        let stream = self.open(request).await?;
         Ok(Response::new(Box::pin(stream)))
     }
 

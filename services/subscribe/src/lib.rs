@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use livemesh_fanout::FanoutStore;
+use livemesh_mesh::auth::{Security, policy};
 use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
@@ -34,6 +35,7 @@ pub use crate::table::{NodeInner, NodeSettings};
 pub struct SubscribeNode {
     inner: Arc<NodeInner>,
     max_streams_per_connection: u32,
+    security: Security,
 }
 
 impl SubscribeNode {
@@ -42,7 +44,8 @@ impl SubscribeNode {
     /// `config` says (by default this process's own address).
     pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
         let c = &config.subscribe;
-        let stack = ClientStack::new(&config.client);
+        let security = Security::from_config(&config.auth)?;
+        let stack = ClientStack::new(&config.client).secured(&security, policy::SUBSCRIBE)?;
         let rooms = RoomDirectory::new(
             stack
                 .channel(&config.peer_url(&c.ongoing_query_url))
@@ -63,6 +66,7 @@ impl SubscribeNode {
         Ok(Self {
             inner: Arc::new(NodeInner::new(settings, store, rooms, publish)),
             max_streams_per_connection: c.max_streams_per_connection,
+            security,
         })
     }
 
@@ -74,9 +78,13 @@ impl SubscribeNode {
 impl ServiceSet for SubscribeNode {
     fn register(&self, server: &mut ServerBuilder) {
         server.max_concurrent_streams(self.max_streams_per_connection);
-        server.add_service(SubscribeServiceServer::new(grpc::SubscribeApi::new(
-            self.inner.clone(),
-        )));
+        server.secure(&self.security);
+        let max_message = self.security.max_message_bytes();
+        server.add_service(
+            SubscribeServiceServer::new(grpc::SubscribeApi::new(self.inner.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
         let inner = self.inner.clone();
         server.add_background("room registrations and viewer counts", async move {
             let mut interval = tokio::time::interval(inner.settings.report_interval);

@@ -807,6 +807,9 @@ impl Node {
             .arg(dir.path().join("data"))
             .arg("--log")
             .arg("warn")
+            // Several nodes on one machine: each its own metrics port.
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -1,0 +1,236 @@
+//! One `SendLoves` makes one trace: the caller's span, the counter's
+//! SendLoves server span, the publish tick's span, the dispatcher's Publish
+//! server span and the subscribe node's Deliver server span, each the child
+//! of the one before (through W3C trace context in gRPC metadata and the
+//! counter's remembered origin), exported by an in-memory exporter.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use livemesh_counter::Counter;
+use livemesh_fanout::{FanoutSettings, FanoutStore};
+use livemesh_mesh::Config;
+use livemesh_ongoing_query::OngoingQuery;
+use livemesh_proto::v1::counter_service_client::CounterServiceClient;
+use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
+use livemesh_proto::v1::{
+    SendLovesRequest, StartRoomRequest, SubscribeRequest, room_event, subscribe_response,
+};
+use livemesh_publish::Dispatcher;
+use livemesh_subscribe::SubscribeNode;
+use livemesh_testkit::TestServer;
+use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tracing::Instrument as _;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Every span a test process ends goes to the returned exporter. Global:
+/// the servers' tasks run on other threads.
+fn install_tracing() -> InMemorySpanExporter {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("trace-test"))
+        .with_filter(livemesh_mesh::telemetry::otel_filter());
+    tracing_subscriber::registry().with(otel).init();
+    exporter
+}
+
+fn server_span<'a>(spans: &'a [SpanData], trace: TraceId, name: &str) -> Option<&'a SpanData> {
+    spans.iter().find(|s| {
+        s.span_context.trace_id() == trace && s.span_kind == SpanKind::Server && s.name == name
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscribe() {
+    let exporter = install_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    let rooms_url = format!("http://{}", rooms.addr);
+    config.publish.ongoing_query_url = rooms_url.clone();
+    config.subscribe.ongoing_query_url = rooms_url.clone();
+    config.counter.ongoing_query_url = rooms_url;
+    config.counter.flush_tick_ms = 5;
+    config.counter.publish_tick_ms = 20;
+    let store = FanoutStore::memory(FanoutSettings::default());
+
+    let publish_config = config.clone();
+    let publish_store = store.clone();
+    let publish = TestServer::start_with(|addr| async move {
+        let config = Config {
+            listen: addr,
+            ..publish_config
+        };
+        Dispatcher::from_config(&config, publish_store)
+    })
+    .await;
+    config.subscribe.publish_url = format!("http://{}", publish.addr);
+    config.counter.publish_url = format!("http://{}", publish.addr);
+    let node_config = config.clone();
+    let node = TestServer::start_with(|addr| async move {
+        let config = Config {
+            listen: addr,
+            ..node_config
+        };
+        SubscribeNode::from_config(&config, store)
+    })
+    .await;
+    let counter = TestServer::start(Counter::from_config(&config).await.unwrap()).await;
+
+    let room_id = RoomAdminServiceClient::new(rooms.channel())
+        .start_room(StartRoomRequest { anchor_id: 1 })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap()
+        .room_id;
+    let mut viewer = SubscribeServiceClient::new(node.channel())
+        .subscribe(SubscribeRequest {
+            room_id,
+            viewer_id: 7,
+            resume: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = tokio::time::timeout(WAIT, viewer.message()).await.unwrap();
+    assert!(
+        matches!(
+            started.unwrap().unwrap().message,
+            Some(subscribe_response::Message::Started(_))
+        ),
+        "the stream opens with its start message"
+    );
+
+    // The caller's own span: the trace's root.
+    let root = tracing::info_span!(target: "livemesh_test", "viewer taps");
+    let reply = CounterServiceClient::new(counter.channel())
+        .send_loves(SendLovesRequest {
+            room_id,
+            viewer_id: 42,
+            batch_id: "b1".into(),
+            taps_ms: vec![0],
+        })
+        .instrument(root.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.accepted, 1, "{reply:?}");
+    let root_context = {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        root.context().span().span_context().clone()
+    };
+    drop(root);
+    let trace = root_context.trace_id();
+    assert_ne!(trace, TraceId::INVALID, "the root span has a trace id");
+
+    // The viewer sees the total the publish tick sent.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(left, viewer.message())
+            .await
+            .expect("the love total reaches the viewer in time")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(subscribe_response::Message::Event(event)) = message.message
+            && let Some(room_event::Kind::LoveTotal(total)) = event.kind
+            && total.total >= 1
+        {
+            break;
+        }
+    }
+
+    // Spans end when their calls' trailers pass, a moment after the
+    // viewer's event: wait until the chain is complete and connected.
+    let names = [
+        "livemesh.v1.CounterService/SendLoves",
+        "livemesh.v1.PublishService/Publish",
+        "livemesh.v1.SubscribeService/Deliver",
+    ];
+    let deadline = Instant::now() + WAIT;
+    let spans = loop {
+        let spans = exporter.get_finished_spans().unwrap();
+        let of_trace: Vec<SpanData> = spans
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace)
+            .collect();
+        let by_id: HashMap<SpanId, &SpanData> = of_trace
+            .iter()
+            .map(|s| (s.span_context.span_id(), s))
+            .collect();
+        let all_named = names
+            .iter()
+            .all(|name| server_span(&of_trace, trace, name).is_some());
+        let root_done = by_id.contains_key(&root_context.span_id());
+        let connected = of_trace.iter().all(|s| {
+            s.span_context.span_id() == root_context.span_id()
+                || by_id.contains_key(&s.parent_span_id)
+        });
+        if all_named && root_done && connected {
+            break of_trace;
+        }
+        if Instant::now() > deadline {
+            let found: Vec<_> = of_trace
+                .iter()
+                .map(|s| (s.name.clone(), s.span_kind.clone(), s.parent_span_id))
+                .collect();
+            panic!(
+                "within {WAIT:?}, trace {trace} did not hold connected server spans {names:?}; \
+                 it holds: {found:#?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // Walking up from the Deliver server span passes through Publish and
+    // SendLoves and reaches the caller's span.
+    let by_id: HashMap<SpanId, &SpanData> = spans
+        .iter()
+        .map(|s| (s.span_context.span_id(), s))
+        .collect();
+    let mut ancestry = Vec::new();
+    let mut at = server_span(&spans, trace, names[2]).unwrap();
+    loop {
+        ancestry.push(at.name.to_string());
+        if at.span_context.span_id() == root_context.span_id() {
+            break;
+        }
+        at = by_id[&at.parent_span_id];
+    }
+    let position = |name: &str| ancestry.iter().position(|n| n == name);
+    let (deliver, publish, send) = (
+        position(names[2]).unwrap(),
+        position(names[1]).expect("Publish is an ancestor of Deliver"),
+        position(names[0]).expect("SendLoves is an ancestor of Publish"),
+    );
+    assert!(deliver < publish && publish < send, "{ancestry:?}");
+    assert!(
+        ancestry.iter().any(|n| n == "counter.publish_total"),
+        "the publish tick's span is on the path: {ancestry:?}"
+    );
+    let deliver_span = server_span(&spans, trace, names[2]).unwrap();
+    let code = deliver_span
+        .attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == "rpc.grpc.status_code")
+        .map(|kv| kv.value.as_str().into_owned());
+    assert_eq!(code.as_deref(), Some("0"), "{:?}", deliver_span.attributes);
+    drop((counter, node, publish, rooms));
+}

@@ -1,0 +1,124 @@
+//! The process's OpenTelemetry meter provider and its Prometheus face.
+//!
+//! Every instrument comes from `opentelemetry::global::meter("livemesh")`
+//! (RPCs, breakers, fan-out lag, queue drops, binlog lag, ...), so whatever
+//! any part of the process records shows up in both exports: scraped as
+//! Prometheus text at `http://<telemetry.metrics_listen>/metrics`, and
+//! pushed over OTLP when `telemetry.otlp_endpoint` is set.
+//!
+//! The Prometheus text comes from `opentelemetry-prometheus` (the
+//! OpenTelemetry project's own exporter, released in step with the SDK),
+//! encoded by the `prometheus` crate's text encoder.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use prometheus::{Encoder as _, TextEncoder};
+
+/// The installed meter provider and the registry the scrape endpoint reads.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    provider: SdkMeterProvider,
+    registry: prometheus::Registry,
+}
+
+impl Metrics {
+    /// Builds the provider for `service`, with an OTLP reader when
+    /// `otlp_endpoint` is set, and installs it as the global one.
+    pub fn install(
+        service: &'static str,
+        otlp_endpoint: Option<&str>,
+        export_interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the Prometheus metrics exporter: {e}"))?;
+        let mut builder = SdkMeterProvider::builder()
+            .with_reader(prometheus)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service)
+                    .build(),
+            );
+        if let Some(endpoint) = otlp_endpoint {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.to_owned())
+                .build()
+                .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint {endpoint:?}: {e}"))?;
+            builder = builder.with_reader(
+                PeriodicReader::builder(exporter)
+                    .with_interval(export_interval)
+                    .build(),
+            );
+        }
+        let provider = builder.build();
+        opentelemetry::global::set_meter_provider(provider.clone());
+        Ok(Self { provider, registry })
+    }
+
+    /// Everything recorded so far, in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec fails only on names the registry already
+        // validated when they were registered.
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(%err, "encoding metrics as Prometheus text failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Flushes the OTLP reader (if any) and stops recording.
+    pub fn shutdown(&self) {
+        if let Err(err) = self.provider.shutdown() {
+            eprintln!("livemesh: flushing metrics at exit failed: {err}");
+        }
+    }
+
+    /// Serves `GET /metrics` on `listener` until the task is aborted.
+    pub fn serve(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        let metrics = self.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, app).await {
+                tracing::warn!(%err, "the metrics endpoint stopped");
+            }
+        })
+    }
+}
+
+/// Binds the metrics endpoint's address, with a message naming the setting.
+pub fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let parsed: SocketAddr = addr.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "telemetry.metrics_listen {addr:?} is not an address like 127.0.0.1:9464: {e}"
+        )
+    })?;
+    let listener = std::net::TcpListener::bind(parsed)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "cannot serve metrics on {parsed}: {err} (set telemetry.metrics_listen, \
+                 or --metrics-listen, to a free address; port 0 picks one; \"\" turns the endpoint off)"
+            )
+        })?;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
+}

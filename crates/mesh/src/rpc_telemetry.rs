@@ -1,0 +1,522 @@
+//! Trace context and per-RPC metrics on every hop, as two tower layers: one
+//! in the client stack ([`ClientTelemetryLayer`]), one around every server
+//! ([`ServerTelemetryLayer`]).
+//!
+//! The client layer opens the call's client span and writes its W3C trace
+//! context (`traceparent`, `tracestate`) into the request's metadata; the
+//! server layer reads it back and opens the server span as its child, and
+//! the handler runs inside that span, so every span a handler opens (store
+//! calls, calls to further peers) joins the caller's trace. Both record the
+//! call in `rpc.{client,server}.calls` (a counter: rate, and errors by
+//! `rpc.grpc.status_code`) and `rpc.{client,server}.duration` (seconds,
+//! until the call's final status: the trailers, or a trailers-only error).
+//!
+//! The server span is created here and nowhere else: a second span source
+//! (tonic's `trace_fn`, another tracing layer) would split the traces.
+//! Health checks and reflection are counted but not traced; load balancers
+//! poll them constantly.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tonic::body::Body;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// The target of the RPC spans (exported: it starts with `livemesh_`).
+const SPAN_TARGET: &str = "livemesh_mesh::rpc";
+
+/// Latency buckets in seconds: 0.25 ms up to 10 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+];
+
+/// Writes the context into request metadata.
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Reads the context from request metadata.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+/// Writes `span`'s trace context into `headers` as W3C `traceparent` and
+/// `tracestate`. W3C trace context is the mesh's wire format, whatever
+/// global propagator a process installed; nothing is written when the span
+/// has no valid context (no OpenTelemetry layer, or a disabled span).
+pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// The trace context a caller sent in `headers` (empty when there is none).
+pub fn extract(headers: &HeaderMap) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+}
+
+/// `/pkg.Service/Method` split into `pkg.Service` and `Method`.
+fn split_path(path: &str) -> (&str, &str) {
+    let path = path.strip_prefix('/').unwrap_or(path);
+    path.split_once('/').unwrap_or((path, ""))
+}
+
+/// The gRPC status code in `headers`, if they carry one (trailers, or the
+/// headers of a trailers-only error response).
+fn grpc_status(headers: &HeaderMap) -> Option<i64> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The gRPC code of a failed call: the `Status` somewhere in the error's
+/// chain, else UNAVAILABLE (what tonic reports for transport failures).
+fn error_code(err: &(dyn std::error::Error + 'static)) -> i64 {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(status) = err.downcast_ref::<tonic::Status>() {
+            return status.code() as i64;
+        }
+        next = err.source();
+    }
+    tonic::Code::Unavailable as i64
+}
+
+/// The two instruments of one side (client or server).
+#[derive(Clone)]
+struct RpcInstruments {
+    calls: Counter<u64>,
+    duration: Histogram<f64>,
+}
+
+impl RpcInstruments {
+    /// From the global meter provider as it is now: build layers after
+    /// `telemetry::init` (or a test's own provider) has installed it.
+    fn new(side: &'static str) -> Self {
+        let meter = opentelemetry::global::meter("livemesh");
+        Self {
+            calls: meter
+                .u64_counter(format!("rpc.{side}.calls"))
+                .with_description(format!(
+                    "gRPC calls {}, by service, method and final status code",
+                    if side == "server" {
+                        "served"
+                    } else {
+                        "made to peers"
+                    }
+                ))
+                .build(),
+            duration: meter
+                .f64_histogram(format!("rpc.{side}.duration"))
+                .with_unit("s")
+                .with_description("gRPC call duration until the final status")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .build(),
+        }
+    }
+}
+
+/// What is recorded when a call's final status is known.
+struct CallEnd {
+    instruments: RpcInstruments,
+    attributes: [KeyValue; 3],
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl CallEnd {
+    fn finish(self, code: i64) {
+        let [system, service, method] = self.attributes;
+        let attributes = [
+            system,
+            service,
+            method,
+            KeyValue::new("rpc.grpc.status_code", code),
+        ];
+        self.instruments.calls.add(1, &attributes);
+        self.instruments
+            .duration
+            .record(self.started.elapsed().as_secs_f64(), &attributes);
+        self.span.record("rpc.grpc.status_code", code);
+        if code != 0 {
+            self.span.record("otel.status_code", "ERROR");
+        }
+    }
+}
+
+/// A response body that records the call when its trailers pass (or when
+/// it ends or is dropped without them: a cancelled call).
+struct ObservedBody {
+    inner: Body,
+    end: Option<CallEnd>,
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                frame.trailers_ref().map(|t| grpc_status(t).unwrap_or(0))
+            }
+            Poll::Ready(Some(Err(status))) => Some(status.code() as i64),
+            // A body that ends without trailers ended its call cleanly only
+            // if it said so earlier; here it did not.
+            Poll::Ready(None) => Some(tonic::Code::Unknown as i64),
+            Poll::Pending => None,
+        };
+        if let Some(code) = code
+            && let Some(end) = self.end.take()
+        {
+            end.finish(code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        if let Some(end) = self.end.take() {
+            end.finish(tonic::Code::Cancelled as i64);
+        }
+    }
+}
+
+/// Records the call now if the response headers carry its final status
+/// (a trailers-only error), else when the body's trailers pass.
+fn observe(response: http::Response<Body>, end: CallEnd) -> http::Response<Body> {
+    if let Some(code) = grpc_status(response.headers()) {
+        end.finish(code);
+        return response;
+    }
+    response.map(|inner| {
+        Body::new(ObservedBody {
+            inner,
+            end: Some(end),
+        })
+    })
+}
+
+fn attributes(service: &str, method: &str) -> [KeyValue; 3] {
+    [
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", service.to_owned()),
+        KeyValue::new("rpc.method", method.to_owned()),
+    ]
+}
+
+/// The client side: a span per call, its context in the metadata, metrics.
+/// Outermost in the client stack, so that retries below it stay inside the
+/// call's one span (each attempt carries the same parent).
+#[derive(Clone)]
+pub struct ClientTelemetryLayer {
+    instruments: RpcInstruments,
+    peer: Arc<str>,
+}
+
+impl ClientTelemetryLayer {
+    /// For calls to `peer` (`http://host:port`, recorded as `server.address`).
+    pub fn new(peer: &str) -> Self {
+        Self {
+            instruments: RpcInstruments::new("client"),
+            peer: peer.into(),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ClientTelemetryLayer {
+    type Service = ClientTelemetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ClientTelemetry {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`ClientTelemetryLayer`].
+#[derive(Clone)]
+pub struct ClientTelemetry<S> {
+    inner: S,
+    layer: ClientTelemetryLayer,
+}
+
+impl<S> tower::Service<http::Request<Body>> for ClientTelemetry<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: std::error::Error + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let (service, method) = split_path(request.uri().path());
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "grpc.client",
+            otel.name = %request.uri().path().trim_start_matches('/'),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            server.address = &*self.layer.peer,
+        );
+        let end = CallEnd {
+            instruments: self.layer.instruments.clone(),
+            attributes: attributes(service, method),
+            started: Instant::now(),
+            span: span.clone(),
+        };
+        inject(&span, request.headers_mut());
+        let call = self.inner.call(request);
+        Box::pin(
+            async move {
+                match call.await {
+                    Ok(response) => Ok(observe(response, end)),
+                    Err(err) => {
+                        end.finish(error_code(&err));
+                        Err(err)
+                    }
+                }
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// The server side: the call's server span (child of the caller's context),
+/// with the handler inside it, and metrics. Applied to every server by
+/// [`crate::ServerBuilder`].
+#[derive(Clone)]
+pub struct ServerTelemetryLayer {
+    instruments: RpcInstruments,
+}
+
+impl ServerTelemetryLayer {
+    pub fn new() -> Self {
+        Self {
+            instruments: RpcInstruments::new("server"),
+        }
+    }
+}
+
+impl Default for ServerTelemetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> tower::Layer<S> for ServerTelemetryLayer {
+    type Service = ServerTelemetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerTelemetry {
+            inner,
+            instruments: self.instruments.clone(),
+        }
+    }
+}
+
+/// See [`ServerTelemetryLayer`].
+#[derive(Clone)]
+pub struct ServerTelemetry<S> {
+    inner: S,
+    instruments: RpcInstruments,
+}
+
+/// Services whose calls are counted but not traced.
+fn untraced(service: &str) -> bool {
+    service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.")
+}
+
+impl<S> tower::Service<http::Request<Body>> for ServerTelemetry<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let (service, method) = split_path(request.uri().path());
+        let span = if untraced(service) {
+            tracing::Span::none()
+        } else {
+            let span = tracing::info_span!(
+                target: SPAN_TARGET,
+                "grpc.server",
+                otel.name = %request.uri().path().trim_start_matches('/'),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.service = service,
+                rpc.method = method,
+                rpc.grpc.status_code = tracing::field::Empty,
+            );
+            // Fails only when no OpenTelemetry layer is installed (or the
+            // span is disabled): then there is no trace to join anyway.
+            let _ = span.set_parent(extract(request.headers()));
+            span
+        };
+        let end = CallEnd {
+            instruments: self.instruments.clone(),
+            attributes: attributes(service, method),
+            started: Instant::now(),
+            span: span.clone(),
+        };
+        let call = self.inner.call(request);
+        Box::pin(
+            async move {
+                // The router's error type is `Infallible`; any error here is
+                // passed on untouched and the call counted as UNKNOWN.
+                match call.await {
+                    Ok(response) => Ok(observe(response, end)),
+                    Err(err) => {
+                        end.finish(tonic::Code::Unknown as i64);
+                        Err(err)
+                    }
+                }
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// The trace contexts of the calls whose work a later background step does
+/// (e.g. the counter's publish tick sends the total that several SendLoves
+/// changed): the step's span takes the first as its parent, so the trace of
+/// that call goes on through the step, and links the others.
+#[derive(Debug, Default, Clone)]
+pub struct Origins(Vec<opentelemetry::trace::SpanContext>);
+
+/// At most this many origins are kept per step (one parent, the rest links).
+const MAX_ORIGINS: usize = 8;
+
+impl Origins {
+    /// The current span's context, if it has a valid one (an OpenTelemetry
+    /// layer is installed and the span is enabled).
+    pub fn current() -> Option<opentelemetry::trace::SpanContext> {
+        use opentelemetry::trace::TraceContextExt as _;
+        let cx = tracing::Span::current().context();
+        let span_context = cx.span().span_context().clone();
+        span_context.is_valid().then_some(span_context)
+    }
+
+    /// Remembers `origin` unless enough are already kept.
+    pub fn add(&mut self, origin: opentelemetry::trace::SpanContext) {
+        if self.0.len() < MAX_ORIGINS {
+            self.0.push(origin);
+        }
+    }
+
+    /// True when another origin would be dropped.
+    pub fn is_full(&self) -> bool {
+        self.0.len() >= MAX_ORIGINS
+    }
+
+    /// Makes `span` (not yet entered) a child of the first origin, linked to
+    /// the others.
+    pub fn adopt(&self, span: &tracing::Span) {
+        use opentelemetry::trace::TraceContextExt as _;
+        let Some((first, rest)) = self.0.split_first() else {
+            return;
+        };
+        let parent = opentelemetry::Context::new().with_remote_span_context(first.clone());
+        if span.set_parent(parent).is_err() {
+            return;
+        }
+        for link in rest {
+            span.add_link(link.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_into_service_and_method() {
+        assert_eq!(
+            split_path("/livemesh.v1.CounterService/SendLoves"),
+            ("livemesh.v1.CounterService", "SendLoves")
+        );
+        assert_eq!(split_path("/odd"), ("odd", ""));
+    }
+
+    #[test]
+    fn a_status_is_found_anywhere_in_the_error_chain() {
+        #[derive(Debug)]
+        struct Wrapped(tonic::Status);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "wrapped")
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let err = Wrapped(tonic::Status::deadline_exceeded("slow"));
+        assert_eq!(error_code(&err), tonic::Code::DeadlineExceeded as i64);
+        let io = std::io::Error::other("reset");
+        assert_eq!(error_code(&io), tonic::Code::Unavailable as i64);
+    }
+}
