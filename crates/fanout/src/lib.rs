@@ -185,6 +185,7 @@ impl FanoutStore {
     /// latest-value: the history's last offset), stores it, and returns the
     /// room's live nodes, all in one atomic step. An idempotency key seen
     /// before returns the first position and stores nothing.
+    #[tracing::instrument(name = "fanout.append", skip_all, fields(room_id = append.room_id))]
     pub async fn append(&self, append: &Append<'_>) -> Result<Appended, StoreError> {
         match self {
             FanoutStore::Memory(store) => Ok(store.append(append)),
@@ -195,6 +196,7 @@ impl FanoutStore {
     /// Registers `node` for the room until `now_ms + lease_ms` with its
     /// viewer count, and returns the room's head (creating its epoch if the
     /// room has none yet, so that later appends continue it).
+    #[tracing::instrument(name = "fanout.join", skip_all, fields(room_id = room_id))]
     pub async fn join(
         &self,
         room_id: u64,
@@ -211,6 +213,7 @@ impl FanoutStore {
 
     /// Renews `node`'s registration for each `(room, viewers)`; one result
     /// per room, in order.
+    #[tracing::instrument(name = "fanout.renew", skip_all, fields(rooms = rooms.len()))]
     pub async fn renew(
         &self,
         node: &str,
@@ -228,6 +231,7 @@ impl FanoutStore {
     }
 
     /// Removes `node`'s registration for the room.
+    #[tracing::instrument(name = "fanout.leave", skip_all, fields(room_id = room_id))]
     pub async fn leave(&self, room_id: u64, node: &str) -> Result<(), StoreError> {
         match self {
             FanoutStore::Memory(store) => {
@@ -240,6 +244,7 @@ impl FanoutStore {
 
     /// The ordered events with `after < offset <= upto` that the history
     /// still holds, and the room's current epoch.
+    #[tracing::instrument(name = "fanout.history", skip_all, fields(room_id = room_id, after = after, upto = upto))]
     pub async fn history(
         &self,
         room_id: u64,
@@ -253,6 +258,7 @@ impl FanoutStore {
     }
 
     /// The room's live nodes.
+    #[tracing::instrument(name = "fanout.nodes", skip_all, fields(room_id = room_id))]
     pub async fn nodes(&self, room_id: u64, now_ms: i64) -> Result<Vec<String>, StoreError> {
         match self {
             FanoutStore::Memory(store) => Ok(store.nodes(room_id, now_ms)),

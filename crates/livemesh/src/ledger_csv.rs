@@ -42,6 +42,7 @@ pub async fn run(
     from: Option<i64>,
     to: Option<i64>,
     out: Option<&Path>,
+    token_file: Option<&Path>,
 ) -> anyhow::Result<()> {
     if let (Some(from), Some(to)) = (from, to)
         && from > to
@@ -57,7 +58,20 @@ pub async fn run(
     } else {
         format!("http://{addr}")
     };
-    let channel = ClientStack::new(&ClientConfig::default())
+    let mut stack = ClientStack::new(&ClientConfig::default());
+    if let Some(file) = token_file {
+        let token = std::fs::read_to_string(file)
+            .with_context(|| format!("--token-file {}", file.display()))?;
+        let credential =
+            livemesh_mesh::auth::Credential::bearer(token.trim()).with_context(|| {
+                format!(
+                    "--token-file {}: the file must hold one token (a JWT)",
+                    file.display()
+                )
+            })?;
+        stack = stack.with_credential(credential);
+    }
+    let channel = stack
         .channel(&uri)
         .with_context(|| format!("--addr {addr}"))?;
     let mut entries = open(channel, from, to)

@@ -74,6 +74,37 @@ enum Command {
         /// once the whole export is written.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// A file holding a token with the `finance` role, for a mesh with
+        /// auth.mode = "enforce" (sent as `authorization: Bearer <token>`).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Print a signed token for a caller outside the mesh (an operator, a
+    /// BFF, a payment callback), for a mesh with auth.mode = "enforce".
+    ///
+    /// The token is signed with the configured secret (auth.token_secret_file
+    /// or LIVEMESH_AUTH__TOKEN_SECRET) and printed on stdout alone; send it as
+    /// `authorization: Bearer <token>`. Roles: bff, finance, admin, payments
+    /// (and the services' own names). A viewer token (--viewer) goes in
+    /// `x-livemesh-viewer`.
+    #[command(after_help = "Examples:\n  \
+        livemesh token --sub alice --role finance > finance.jwt\n  \
+        livemesh ledger-export --token-file finance.jwt > ledger.csv")]
+    Token {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The principal's name (the token's `sub`).
+        #[arg(long, value_name = "NAME")]
+        sub: Option<String>,
+        /// A role of the principal; repeat for several.
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
+        /// Make a viewer token for this user id instead.
+        #[arg(long, value_name = "USER_ID", conflicts_with_all = ["sub", "roles"])]
+        viewer: Option<u64>,
+        /// Lifetime in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 3600)]
+        ttl_secs: u64,
     },
     /// Run a benchmark; each prints ratios against a peer measured in the
     /// same run. Use `scripts/bench NAME` to run it against the private
@@ -99,9 +130,46 @@ async fn main() -> ExitCode {
             from,
             to,
             out,
-        } => report(ledger_csv::run(&addr, from, to, out.as_deref()).await),
+            token_file,
+        } => report(ledger_csv::run(&addr, from, to, out.as_deref(), token_file.as_deref()).await),
         Command::Bench { bench } => report(bench::run(bench).await),
+        Command::Token {
+            common,
+            sub,
+            roles,
+            viewer,
+            ttl_secs,
+        } => report(print_token(&common, sub, &roles, viewer, ttl_secs)),
     }
+}
+
+fn print_token(
+    common: &CommonArgs,
+    sub: Option<String>,
+    roles: &[String],
+    viewer: Option<u64>,
+    ttl_secs: u64,
+) -> anyhow::Result<()> {
+    use livemesh_mesh::auth::{Claims, Security};
+    let config = common.load()?;
+    let security = Security::from_config(&config.auth)?;
+    let keys = security.keys().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no token secret is configured: set auth.token_secret_file or \
+             LIVEMESH_AUTH__TOKEN_SECRET"
+        )
+    })?;
+    let ttl = std::time::Duration::from_secs(ttl_secs);
+    let claims = match (viewer, sub) {
+        (Some(viewer), _) => Claims::viewer(viewer, ttl),
+        (None, Some(sub)) if !roles.is_empty() => {
+            let roles: Vec<&str> = roles.iter().map(String::as_str).collect();
+            Claims::new(sub, &roles, ttl)
+        }
+        _ => anyhow::bail!("give --sub NAME and at least one --role ROLE, or --viewer USER_ID"),
+    };
+    println!("{}", keys.mint(&claims)?);
+    Ok(())
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

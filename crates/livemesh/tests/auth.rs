@@ -454,3 +454,59 @@ async fn rate_and_size_limits_answer_with_precise_statuses() {
         .await;
     assert_code(oversize, Code::OutOfRange, "the limit is: 1024 bytes");
 }
+
+/// Runs the `livemesh` binary with the mesh's secret in its environment,
+/// off the runtime thread that serves the mesh it talks to.
+async fn livemesh_cli(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_livemesh"))
+            .args(args)
+            .env("LIVEMESH_AUTH__TOKEN_SECRET", SECRET)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_operator_exports_the_ledger_with_a_finance_token_from_livemesh_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = enforcing_mesh(dir.path(), |_| {}).await;
+    let addr = format!("http://{}", server.addr);
+
+    let refused = livemesh_cli(&["ledger-export", "--addr", &addr]).await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("authorization: Bearer"), "{stderr}");
+
+    let minted = livemesh_cli(&["token", "--sub", "alice", "--role", "finance"]).await;
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let token = String::from_utf8(minted.stdout).unwrap();
+    let claims = keys().verify(token.trim()).unwrap();
+    assert_eq!(
+        (claims.sub.as_str(), claims.roles),
+        ("alice", vec!["finance".to_owned()])
+    );
+    let token_file = dir.path().join("finance.jwt");
+    std::fs::write(&token_file, &token).unwrap();
+    let exported = livemesh_cli(&[
+        "ledger-export",
+        "--addr",
+        &addr,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&exported.stderr);
+    assert!(exported.status.success(), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&exported.stdout).starts_with("transfer_id,"),
+        "{stderr}"
+    );
+}

@@ -6,14 +6,52 @@
 
 use std::time::{Duration, Instant};
 
+use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::Config;
 use livemesh_mesh::config::TelemetryConfig;
 use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
-use livemesh_proto::v1::{GetRoomRequest, StartRoomRequest};
+use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
+use livemesh_proto::v1::{
+    Comment, GetRoomRequest, PublishRequest, RoomEvent, StartRoomRequest, SubscribeRequest,
+    room_event, subscribe_response,
+};
+use livemesh_publish::Dispatcher;
+use livemesh_subscribe::SubscribeNode;
 use livemesh_testkit::TestServer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Metrics exported at a fresh endpoint on a free port.
+fn init_telemetry() -> livemesh_mesh::telemetry::TelemetryGuard {
+    livemesh_mesh::telemetry::init(
+        &TelemetryConfig {
+            log: "warn".into(),
+            metrics_listen: "127.0.0.1:0".into(),
+            ..TelemetryConfig::default()
+        },
+        "metrics-test",
+    )
+    .unwrap()
+}
+
+/// Scrapes until `ready` finds what it needs, or panics with the text.
+async fn scrape_until(addr: std::net::SocketAddr, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, text) = get(addr, "/metrics").await;
+        assert!(status.contains(" 200 "), "{status}");
+        if ready(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected metrics missing from /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// A plain HTTP/1.1 GET; returns the status line and the body.
 async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
@@ -42,15 +80,7 @@ fn samples<'a>(text: &'a str, metric: &str, labels: &[&str]) -> Vec<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_serves_per_rpc_metrics_after_calls() {
-    let telemetry = livemesh_mesh::telemetry::init(
-        &TelemetryConfig {
-            log: "warn".into(),
-            metrics_listen: "127.0.0.1:0".into(),
-            ..TelemetryConfig::default()
-        },
-        "metrics-test",
-    )
-    .unwrap();
+    let telemetry = init_telemetry();
     let metrics = telemetry.metrics_addr().expect("the endpoint is bound");
     assert_ne!(metrics.port(), 0, "port 0 resolves to the bound port");
 
@@ -70,56 +100,141 @@ async fn the_metrics_endpoint_serves_per_rpc_metrics_after_calls() {
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, text) = get(metrics, "/metrics").await;
-        assert!(status.contains(" 200 "), "{status}");
-        let started = samples(
-            &text,
-            "rpc_server_calls_total",
-            &[
-                r#"rpc_method="StartRoom""#,
-                r#"rpc_grpc_status_code="0""#,
-                r#"rpc_service="livemesh.v1.RoomAdminService""#,
-            ],
-        );
-        let not_found = samples(
-            &text,
-            "rpc_server_calls_total",
-            &[r#"rpc_method="GetRoom""#, r#"rpc_grpc_status_code="5""#],
-        );
-        let client = samples(
-            &text,
-            "rpc_client_calls_total",
-            &[r#"rpc_method="GetRoom""#, r#"rpc_grpc_status_code="5""#],
-        );
-        let latency = samples(
-            &text,
-            "rpc_server_duration_seconds_bucket",
-            &[r#"rpc_method="StartRoom""#, r#"le="+Inf""#],
-        );
-        if [&started, &not_found, &client, &latency]
-            .iter()
-            .all(|s| !s.is_empty())
-        {
-            assert!(
-                started[0].ends_with(" 1"),
-                "one StartRoom call: {}",
-                started[0]
-            );
-            assert!(
-                latency[0].ends_with(" 1"),
-                "one StartRoom latency: {}",
-                latency[0]
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "per-RPC metrics missing from /metrics:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let text = scrape_until(metrics, |text| {
+        !samples(text, "rpc_server_calls_total", &[r#"rpc_method="GetRoom""#]).is_empty()
+    })
+    .await;
+    let started = samples(
+        &text,
+        "rpc_server_calls_total",
+        &[
+            r#"rpc_method="StartRoom""#,
+            r#"rpc_grpc_status_code="0""#,
+            r#"rpc_service="livemesh.v1.RoomAdminService""#,
+        ],
+    );
+    assert_eq!(started.len(), 1, "{text}");
+    assert!(
+        started[0].ends_with(" 1"),
+        "one StartRoom call: {}",
+        started[0]
+    );
+    let not_found = samples(
+        &text,
+        "rpc_server_calls_total",
+        &[r#"rpc_method="GetRoom""#, r#"rpc_grpc_status_code="5""#],
+    );
+    assert_eq!(not_found.len(), 1, "GetRoom's NOT_FOUND by code:\n{text}");
+    let client = samples(
+        &text,
+        "rpc_client_calls_total",
+        &[r#"rpc_method="GetRoom""#, r#"rpc_grpc_status_code="5""#],
+    );
+    assert_eq!(client.len(), 1, "the client side too:\n{text}");
+    let latency = samples(
+        &text,
+        "rpc_server_duration_seconds_bucket",
+        &[r#"rpc_method="StartRoom""#, r#"le="+Inf""#],
+    );
+    assert_eq!(latency.len(), 1, "{text}");
+    assert!(
+        latency[0].ends_with(" 1"),
+        "one StartRoom latency: {}",
+        latency[0]
+    );
     let (status, _) = get(metrics, "/nothing-here").await;
     assert!(status.contains(" 404 "), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
+    let telemetry = init_telemetry();
+    let metrics = telemetry.metrics_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.subscribe.ongoing_query_url = format!("http://{}", rooms.addr);
+    let store = FanoutStore::memory(FanoutSettings::default());
+    let (publish_config, publish_store) = (config.clone(), store.clone());
+    let publish = TestServer::start_with(|addr| async move {
+        Dispatcher::from_config(
+            &Config {
+                listen: addr,
+                ..publish_config
+            },
+            publish_store,
+        )
+    })
+    .await;
+    config.subscribe.publish_url = format!("http://{}", publish.addr);
+    let node = TestServer::start_with(|addr| async move {
+        SubscribeNode::from_config(
+            &Config {
+                listen: addr,
+                ..config
+            },
+            store,
+        )
+    })
+    .await;
+    let room_id = RoomAdminServiceClient::new(rooms.channel())
+        .start_room(StartRoomRequest { anchor_id: 1 })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap()
+        .room_id;
+    let mut viewer = SubscribeServiceClient::new(node.channel())
+        .subscribe(SubscribeRequest {
+            room_id,
+            viewer_id: 3,
+            resume: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    viewer.message().await.unwrap().expect("the start message");
+    PublishServiceClient::new(publish.channel())
+        .publish(PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(room_event::Kind::Comment(Comment {
+                    viewer_id: 3,
+                    text: "hi".into(),
+                })),
+                ..RoomEvent::default()
+            }),
+            ..PublishRequest::default()
+        })
+        .await
+        .unwrap();
+    let event = viewer.message().await.unwrap().expect("the comment");
+    assert!(matches!(
+        event.message,
+        Some(subscribe_response::Message::Event(_))
+    ));
+    let text = scrape_until(metrics, |text| {
+        !samples(text, "livemesh_fanout_lag_seconds_count", &[]).is_empty()
+    })
+    .await;
+    let count = samples(&text, "livemesh_fanout_lag_seconds_count", &[]);
+    assert!(
+        count[0].ends_with(" 1"),
+        "one delivered event: {}",
+        count[0]
+    );
+    assert!(
+        !samples(
+            &text,
+            "rpc_client_calls_total",
+            &[r#"rpc_method="Deliver""#, r#"rpc_grpc_status_code="0""#]
+        )
+        .is_empty(),
+        "the dispatcher's Deliver calls are counted:\n{text}"
+    );
 }

@@ -2,7 +2,9 @@
 //! SendLoves server span, the publish tick's span, the dispatcher's Publish
 //! server span and the subscribe node's Deliver server span, each the child
 //! of the one before (through W3C trace context in gRPC metadata and the
-//! counter's remembered origin), exported by an in-memory exporter.
+//! counter's remembered origin), exported by an in-memory exporter. And one
+//! `EndRoom` makes one trace down to the gift-settler's settlement, through
+//! the room change read from ongoing-query's `Watch`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use livemesh_counter::Counter;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
+use livemesh_gift_settler::GiftSettler;
 use livemesh_mesh::Config;
 use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    SendLovesRequest, StartRoomRequest, SubscribeRequest, room_event, subscribe_response,
+    EndRoomRequest, SendLovesRequest, StartRoomRequest, SubscribeRequest, room_event,
+    subscribe_response,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
@@ -164,40 +168,12 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
         "livemesh.v1.PublishService/Publish",
         "livemesh.v1.SubscribeService/Deliver",
     ];
-    let deadline = Instant::now() + WAIT;
-    let spans = loop {
-        let spans = exporter.get_finished_spans().unwrap();
-        let of_trace: Vec<SpanData> = spans
-            .into_iter()
-            .filter(|s| s.span_context.trace_id() == trace)
-            .collect();
-        let by_id: HashMap<SpanId, &SpanData> = of_trace
+    let spans = connected_trace(&exporter, trace, root_context.span_id(), |spans| {
+        names
             .iter()
-            .map(|s| (s.span_context.span_id(), s))
-            .collect();
-        let all_named = names
-            .iter()
-            .all(|name| server_span(&of_trace, trace, name).is_some());
-        let root_done = by_id.contains_key(&root_context.span_id());
-        let connected = of_trace.iter().all(|s| {
-            s.span_context.span_id() == root_context.span_id()
-                || by_id.contains_key(&s.parent_span_id)
-        });
-        if all_named && root_done && connected {
-            break of_trace;
-        }
-        if Instant::now() > deadline {
-            let found: Vec<_> = of_trace
-                .iter()
-                .map(|s| (s.name.clone(), s.span_kind.clone(), s.parent_span_id))
-                .collect();
-            panic!(
-                "within {WAIT:?}, trace {trace} did not hold connected server spans {names:?}; \
-                 it holds: {found:#?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+            .all(|name| server_span(spans, trace, name).is_some())
+    })
+    .await;
 
     // Walking up from the Deliver server span passes through Publish and
     // SendLoves and reaches the caller's span.
@@ -233,4 +209,105 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
         .map(|kv| kv.value.as_str().into_owned());
     assert_eq!(code.as_deref(), Some("0"), "{:?}", deliver_span.attributes);
     drop((counter, node, publish, rooms));
+}
+
+/// The spans of `trace` once `done` holds for them and each has its parent
+/// among them (or is `root`); panics with what the trace holds at the deadline.
+async fn connected_trace(
+    exporter: &InMemorySpanExporter,
+    trace: TraceId,
+    root: SpanId,
+    done: impl Fn(&[SpanData]) -> bool,
+) -> Vec<SpanData> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let of_trace: Vec<SpanData> = exporter
+            .get_finished_spans()
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace)
+            .collect();
+        let ids: Vec<SpanId> = of_trace.iter().map(|s| s.span_context.span_id()).collect();
+        let connected = of_trace
+            .iter()
+            .all(|s| s.span_context.span_id() == root || ids.contains(&s.parent_span_id));
+        if connected && ids.contains(&root) && done(&of_trace) {
+            return of_trace;
+        }
+        if Instant::now() > deadline {
+            let found: Vec<_> = of_trace
+                .iter()
+                .map(|s| (s.name.clone(), s.span_kind.clone(), s.parent_span_id))
+                .collect();
+            panic!("within {WAIT:?}, trace {trace} did not complete; it holds: {found:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_room_is_one_trace_through_watch_to_the_settlement() {
+    let exporter = install_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
+    // No dispatcher: the settlement does not need one.
+    config.gifts.publish_url = format!("http://{}", rooms.addr);
+    let settler = TestServer::start(GiftSettler::from_config(&config).await.unwrap()).await;
+    let mut admin = RoomAdminServiceClient::new(rooms.channel());
+    let room_id = admin
+        .start_room(StartRoomRequest { anchor_id: 5 })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap()
+        .room_id;
+    // The settler follows the Watch once it has opened the room's accounts.
+    let deadline = Instant::now() + WAIT;
+    while !exporter
+        .get_finished_spans()
+        .unwrap()
+        .iter()
+        .any(|s| s.name == "ledger.open_room")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the settler never opened the room"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let root = tracing::info_span!(target: "livemesh_test", "admin ends the room");
+    admin
+        .end_room(EndRoomRequest { room_id })
+        .instrument(root.clone())
+        .await
+        .unwrap();
+    let root_context = {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        root.context().span().span_context().clone()
+    };
+    drop(root);
+
+    let spans = connected_trace(
+        &exporter,
+        root_context.trace_id(),
+        root_context.span_id(),
+        |spans| spans.iter().any(|s| s.name == "settle"),
+    )
+    .await;
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+    assert!(
+        names.contains(&"livemesh.v1.RoomAdminService/EndRoom"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"room_change"), "{names:?}");
+    assert!(names.contains(&"ledger.sweep"), "{names:?}");
+    drop((settler, rooms));
 }

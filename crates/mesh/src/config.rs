@@ -704,6 +704,17 @@ impl Config {
             return invalid("server.max_concurrent_requests must be at least 1");
         }
         self.auth.validate().map_err(ConfigError::Invalid)?;
+        // auth: with TLS on, servers speak nothing else, so every peer is https.
+        if self.auth.tls_enabled()
+            && let Some((key, url)) = self
+                .peer_urls()
+                .into_iter()
+                .find(|(_, url)| url.starts_with("http://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{key} = {url:?}: with auth.tls_cert set, peers speak TLS only; use https://"
+            )));
+        }
         let mut seen = vec![self.rooms.local_region];
         for region in &self.rooms.regions {
             if seen.contains(&region.id) {
@@ -715,6 +726,33 @@ impl Config {
             seen.push(region.id);
         }
         Ok(())
+    }
+
+    /// Every configured peer URL, with its key.
+    fn peer_urls(&self) -> Vec<(&'static str, &str)> {
+        let mut urls = vec![
+            (
+                "counter.ongoing_query_url",
+                self.counter.ongoing_query_url.as_str(),
+            ),
+            ("counter.publish_url", &self.counter.publish_url),
+            ("subscribe.node_url", &self.subscribe.node_url),
+            (
+                "subscribe.ongoing_query_url",
+                &self.subscribe.ongoing_query_url,
+            ),
+            ("subscribe.publish_url", &self.subscribe.publish_url),
+            ("publish.ongoing_query_url", &self.publish.ongoing_query_url),
+            ("gifts.ongoing_query_url", &self.gifts.ongoing_query_url),
+            ("gifts.publish_url", &self.gifts.publish_url),
+        ];
+        urls.extend(
+            self.publish
+                .peers
+                .iter()
+                .map(|p| ("publish.peers", p.as_str())),
+        );
+        urls
     }
 
     /// The URL a service calls a peer at: `configured`, or when that is

@@ -122,3 +122,21 @@ pub fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
         })?;
     Ok(tokio::net::TcpListener::from_std(listener)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_busy_or_malformed_metrics_address_names_the_setting() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let err = bind(&addr).unwrap_err().to_string();
+        assert!(err.contains("telemetry.metrics_listen"), "{err}");
+        assert!(err.contains(&addr), "{err}");
+        let err = bind("localhost").unwrap_err().to_string();
+        assert!(err.contains("telemetry.metrics_listen"), "{err}");
+        let free = bind("127.0.0.1:0").unwrap();
+        assert_ne!(free.local_addr().unwrap().port(), 0);
+    }
+}

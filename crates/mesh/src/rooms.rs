@@ -130,7 +130,20 @@ pub async fn follow_changes(
         backoff = Duration::from_millis(100);
         while let Ok(Some(message)) = stream.message().await {
             if let Some(change) = message.change {
-                on_change(&change);
+                // The follower's work on the change (spawned tasks too, when
+                // they take the current span) continues the trace of the
+                // call that made it.
+                if change.traceparent.is_empty() {
+                    on_change(&change);
+                } else {
+                    let span = tracing::info_span!(
+                        "room_change",
+                        room_id = change.room.as_ref().map_or(0, |r| r.room_id),
+                        kind = ?change.kind(),
+                    );
+                    crate::rpc_telemetry::Traceparent::adopt(&change.traceparent, &span);
+                    span.in_scope(|| on_change(&change));
+                }
                 from = change.position;
             }
         }

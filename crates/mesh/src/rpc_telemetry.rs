@@ -16,8 +16,9 @@
 //! Health checks and reflection are counted but not traced; load balancers
 //! poll them constantly.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -110,19 +111,25 @@ fn error_code(err: &(dyn std::error::Error + 'static)) -> i64 {
     tonic::Code::Unavailable as i64
 }
 
-/// The two instruments of one side (client or server).
-#[derive(Clone)]
-struct RpcInstruments {
+/// One side's (client or server) instruments, and the attributes of each
+/// method seen, built once and shared by its calls: a call, and a stream
+/// that stays open for hours, holds two `Arc`s and a start time, not strings.
+struct Side {
     calls: Counter<u64>,
     duration: Histogram<f64>,
+    methods: RwLock<HashMap<String, Arc<[KeyValue; 3]>>>,
 }
 
-impl RpcInstruments {
+/// Methods whose attributes are kept; any beyond (a client calling made-up
+/// paths) get theirs built per call, so the map cannot grow without bound.
+const MAX_METHODS: usize = 1_024;
+
+impl Side {
     /// From the global meter provider as it is now: build layers after
     /// `telemetry::init` (or a test's own provider) has installed it.
-    fn new(side: &'static str) -> Self {
+    fn new(side: &'static str) -> Arc<Self> {
         let meter = opentelemetry::global::meter("livemesh");
-        Self {
+        Arc::new(Self {
             calls: meter
                 .u64_counter(format!("rpc.{side}.calls"))
                 .with_description(format!(
@@ -140,35 +147,84 @@ impl RpcInstruments {
                 .with_description("gRPC call duration until the final status")
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
+            methods: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The attributes of calls to `path` (`/pkg.Service/Method`).
+    fn attributes(&self, path: &str) -> Arc<[KeyValue; 3]> {
+        let read = self.methods.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(attributes) = read.get(path) {
+            return attributes.clone();
         }
+        drop(read);
+        let (service, method) = split_path(path);
+        let attributes = Arc::new([
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", service.to_owned()),
+            KeyValue::new("rpc.method", method.to_owned()),
+        ]);
+        let mut write = self.methods.write().unwrap_or_else(PoisonError::into_inner);
+        if write.len() < MAX_METHODS {
+            write.insert(path.to_owned(), attributes.clone());
+        }
+        attributes
     }
 }
 
 /// What is recorded when a call's final status is known.
 struct CallEnd {
-    instruments: RpcInstruments,
-    attributes: [KeyValue; 3],
+    side: Arc<Side>,
+    attributes: Arc<[KeyValue; 3]>,
     started: Instant,
-    span: tracing::Span,
+    /// The client span, which lasts until the final status. (A server span
+    /// ends when the handler has answered, so that a viewer's stream open
+    /// for hours does not hold a span open.)
+    span: Option<tracing::Span>,
 }
 
 impl CallEnd {
     fn finish(self, code: i64) {
-        let [system, service, method] = self.attributes;
+        let [system, service, method] = &*self.attributes;
         let attributes = [
-            system,
-            service,
-            method,
+            system.clone(),
+            service.clone(),
+            method.clone(),
             KeyValue::new("rpc.grpc.status_code", code),
         ];
-        self.instruments.calls.add(1, &attributes);
-        self.instruments
+        self.side.calls.add(1, &attributes);
+        self.side
             .duration
             .record(self.started.elapsed().as_secs_f64(), &attributes);
-        self.span.record("rpc.grpc.status_code", code);
-        if code != 0 {
-            self.span.record("otel.status_code", "ERROR");
+        if let Some(span) = self.span {
+            record_code(&span, code);
         }
+    }
+}
+
+/// A call in flight: dropped before its response came (the caller gave up,
+/// e.g. a timeout around the call, or the connection went), it is counted
+/// as CANCELLED.
+struct InFlight(Option<CallEnd>);
+
+impl InFlight {
+    fn take(&mut self) -> Option<CallEnd> {
+        self.0.take()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(end) = self.0.take() {
+            end.finish(tonic::Code::Cancelled as i64);
+        }
+    }
+}
+
+fn record_code(span: &tracing::Span, code: i64) {
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
     }
 }
 
@@ -225,7 +281,10 @@ impl Drop for ObservedBody {
 
 /// Records the call now if the response headers carry its final status
 /// (a trailers-only error), else when the body's trailers pass.
-fn observe(response: http::Response<Body>, end: CallEnd) -> http::Response<Body> {
+fn observe(response: http::Response<Body>, end: Option<CallEnd>) -> http::Response<Body> {
+    let Some(end) = end else {
+        return response;
+    };
     if let Some(code) = grpc_status(response.headers()) {
         end.finish(code);
         return response;
@@ -238,20 +297,12 @@ fn observe(response: http::Response<Body>, end: CallEnd) -> http::Response<Body>
     })
 }
 
-fn attributes(service: &str, method: &str) -> [KeyValue; 3] {
-    [
-        KeyValue::new("rpc.system", "grpc"),
-        KeyValue::new("rpc.service", service.to_owned()),
-        KeyValue::new("rpc.method", method.to_owned()),
-    ]
-}
-
 /// The client side: a span per call, its context in the metadata, metrics.
 /// Outermost in the client stack, so that retries below it stay inside the
 /// call's one span (each attempt carries the same parent).
 #[derive(Clone)]
 pub struct ClientTelemetryLayer {
-    instruments: RpcInstruments,
+    side: Arc<Side>,
     peer: Arc<str>,
 }
 
@@ -259,7 +310,7 @@ impl ClientTelemetryLayer {
     /// For calls to `peer` (`http://host:port`, recorded as `server.address`).
     pub fn new(peer: &str) -> Self {
         Self {
-            instruments: RpcInstruments::new("client"),
+            side: Side::new("client"),
             peer: peer.into(),
         }
     }
@@ -312,19 +363,22 @@ where
             server.address = &*self.layer.peer,
         );
         let end = CallEnd {
-            instruments: self.layer.instruments.clone(),
-            attributes: attributes(service, method),
+            side: self.layer.side.clone(),
+            attributes: self.layer.side.attributes(request.uri().path()),
             started: Instant::now(),
-            span: span.clone(),
+            span: Some(span.clone()),
         };
         inject(&span, request.headers_mut());
         let call = self.inner.call(request);
         Box::pin(
             async move {
+                let mut end = InFlight(Some(end));
                 match call.await {
-                    Ok(response) => Ok(observe(response, end)),
+                    Ok(response) => Ok(observe(response, end.take())),
                     Err(err) => {
-                        end.finish(error_code(&err));
+                        if let Some(end) = end.take() {
+                            end.finish(error_code(&err));
+                        }
                         Err(err)
                     }
                 }
@@ -339,13 +393,13 @@ where
 /// [`crate::ServerBuilder`].
 #[derive(Clone)]
 pub struct ServerTelemetryLayer {
-    instruments: RpcInstruments,
+    side: Arc<Side>,
 }
 
 impl ServerTelemetryLayer {
     pub fn new() -> Self {
         Self {
-            instruments: RpcInstruments::new("server"),
+            side: Side::new("server"),
         }
     }
 }
@@ -362,7 +416,7 @@ impl<S> tower::Layer<S> for ServerTelemetryLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ServerTelemetry {
             inner,
-            instruments: self.instruments.clone(),
+            side: self.side.clone(),
         }
     }
 }
@@ -371,7 +425,7 @@ impl<S> tower::Layer<S> for ServerTelemetryLayer {
 #[derive(Clone)]
 pub struct ServerTelemetry<S> {
     inner: S,
-    instruments: RpcInstruments,
+    side: Arc<Side>,
 }
 
 /// Services whose calls are counted but not traced.
@@ -415,20 +469,31 @@ where
             span
         };
         let end = CallEnd {
-            instruments: self.instruments.clone(),
-            attributes: attributes(service, method),
+            side: self.side.clone(),
+            attributes: self.side.attributes(request.uri().path()),
             started: Instant::now(),
-            span: span.clone(),
+            span: None,
         };
         let call = self.inner.call(request);
         Box::pin(
             async move {
                 // The router's error type is `Infallible`; any error here is
                 // passed on untouched and the call counted as UNKNOWN.
+                let mut end = InFlight(Some(end));
                 match call.await {
-                    Ok(response) => Ok(observe(response, end)),
+                    Ok(response) => {
+                        // The server span ends here, with the handler's
+                        // answer: an error status in the headers, else OK
+                        // (a stream's later end is in the metrics).
+                        let code = grpc_status(response.headers()).unwrap_or(0);
+                        record_code(&tracing::Span::current(), code);
+                        Ok(observe(response, end.take()))
+                    }
                     Err(err) => {
-                        end.finish(tonic::Code::Unknown as i64);
+                        record_code(&tracing::Span::current(), tonic::Code::Unknown as i64);
+                        if let Some(end) = end.take() {
+                            end.finish(tonic::Code::Unknown as i64);
+                        }
                         Err(err)
                     }
                 }
@@ -487,9 +552,81 @@ impl Origins {
     }
 }
 
+/// A span's W3C trace context as a small `Copy` value, for work that
+/// crosses a message rather than a call (a room change read from a Watch
+/// stream): kept with the message, sent as its `traceparent` string, and
+/// adopted as the parent by whoever handles the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traceparent {
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
+}
+
+impl Traceparent {
+    /// The current span's context, if it has a valid one.
+    pub fn current() -> Option<Self> {
+        Origins::current().map(|sc| Self {
+            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+            flags: sc.trace_flags().to_u8(),
+        })
+    }
+
+    /// The W3C `traceparent` header value.
+    pub fn header(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+
+    /// Makes `span` (not yet entered) a child of the context in
+    /// `traceparent` (a W3C header value); an empty or malformed value
+    /// leaves the span as it is.
+    pub fn adopt(traceparent: &str, span: &tracing::Span) {
+        if traceparent.is_empty() {
+            return;
+        }
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(traceparent) {
+            headers.insert("traceparent", value);
+            let _ = span.set_parent(extract(&headers));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_traceparent_reads_back_as_the_same_context() {
+        use opentelemetry::trace::TraceContextExt as _;
+        let origin = Traceparent {
+            trace_id: 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+            span_id: 0xb7ad_6b71_6920_3331,
+            flags: 1,
+        };
+        let header = origin.header();
+        assert_eq!(
+            header,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("traceparent", HeaderValue::from_str(&header).unwrap());
+        let cx = extract(&headers);
+        let read = cx.span().span_context().clone();
+        assert!(read.is_valid() && read.is_sampled());
+        assert_eq!(
+            u128::from_be_bytes(read.trace_id().to_bytes()),
+            origin.trace_id
+        );
+        assert_eq!(
+            u64::from_be_bytes(read.span_id().to_bytes()),
+            origin.span_id
+        );
+    }
 
     #[test]
     fn paths_split_into_service_and_method() {

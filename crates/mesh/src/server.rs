@@ -171,6 +171,11 @@ impl ServerBuilder {
                 "authentication is OFF (auth.mode = dev): any caller may call any RPC as any \
                  viewer. Set auth.mode = \"enforce\" and a token secret outside a developer machine."
             );
+        } else {
+            tracing::info!(
+                tls = security.server_tls().is_some(),
+                "authentication enforced (auth.mode = enforce)"
+            );
         }
         // Report NOT_SERVING as soon as shutdown starts, so load balancers
         // stop sending new calls while the in-flight ones drain.

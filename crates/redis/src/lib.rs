@@ -21,6 +21,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument as _;
+
 use deadpool_redis::Runtime;
 use livemesh_mesh::sql::redact;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -266,7 +268,17 @@ impl RedisConn {
         limit: Duration,
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, RedisError> {
-        match tokio::time::timeout(limit, fut).await {
+        // Every call to Redis passes here (connection checkouts, commands,
+        // scripts, pipelines): one client span each.
+        let span = tracing::info_span!(
+            "redis",
+            otel.name = what,
+            otel.kind = "client",
+            db.system = "redis",
+            db.operation = what,
+            server.address = %self.shown,
+        );
+        match tokio::time::timeout(limit, fut).instrument(span).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.unavailable(what, e)),
             Err(_) => Err(self.unavailable(

@@ -348,3 +348,44 @@ impl TestServer {
             .expect("test server stopped cleanly");
     }
 }
+
+/// A CA and one certificate it signed (for `127.0.0.1` and `localhost`,
+/// usable by servers and clients), written as PEM files into `dir`: the
+/// `[auth]` TLS settings of a mesh whose services speak mutual TLS.
+pub fn mesh_certificates(dir: &std::path::Path) -> livemesh_mesh::auth::AuthConfig {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "livemesh test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "livemesh service");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    livemesh_mesh::auth::AuthConfig {
+        tls_ca: write("ca.pem", ca_cert.pem()),
+        tls_cert: write("service.pem", cert.pem()),
+        tls_key: write("service.key", key.serialize_pem()),
+        ..livemesh_mesh::auth::AuthConfig::default()
+    }
+}

@@ -12,6 +12,7 @@ use livemesh_proto::v1::RoomChangeKind;
 use crate::Inner;
 use crate::sql::FinalLoves;
 use livemesh_mesh::rooms::RoomInfo;
+use tracing::Instrument as _;
 
 /// Top lovers kept in SQL per room.
 const TOP_IN_SQL: u32 = 100;
@@ -85,7 +86,7 @@ pub fn end_room(inner: &Arc<Inner>, room_id: u64) {
                 }
             }
         }
-    });
+    }.in_current_span());
 }
 
 /// One attempt: flush what waits, write SQL once, delete the hot keys.

@@ -39,6 +39,7 @@ impl LovesDb {
     }
 
     /// Writes the room's final count unless one is there; true if written.
+    #[tracing::instrument(name = "counter.sql.write_final", skip_all, fields(room_id = fin.room_id))]
     pub async fn write_once(&self, fin: &FinalLoves) -> Result<bool, sqlx::Error> {
         let top = serde_json::to_string(
             &fin.top_lovers
@@ -70,6 +71,7 @@ impl LovesDb {
     }
 
     /// The final count of a room, if it was written.
+    #[tracing::instrument(name = "counter.sql.get_final", skip_all, fields(room_id = room_id))]
     pub async fn get(&self, room_id: u64) -> Result<Option<FinalLoves>, sqlx::Error> {
         let room = i64::try_from(room_id).unwrap_or(i64::MAX);
         let row: Option<(i64, String, i64)> = livemesh_mesh::on_db!(&self.db, pool => {

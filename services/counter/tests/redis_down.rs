@@ -348,6 +348,31 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
         "the outages failed no call: nothing was tested"
     );
     assert!(accepted > 0);
+    let mut ranking: Vec<(u64, u64)> = per_viewer
+        .iter()
+        .map(|(viewer, loves)| (*viewer, *loves))
+        .filter(|(_, loves)| *loves > 0)
+        .collect();
+    ranking.sort_unstable();
+
+    // Once the counter holds nothing more, the restarted Redis has every
+    // accepted love once, per viewer.
+    until("every held love written to Redis", || {
+        counter.inner().core.waiting() == 0
+    })
+    .await;
+    let store = counter.inner().core.store();
+    assert_eq!(
+        store.total(room).await.unwrap(),
+        accepted,
+        "Redis: every accepted love, once"
+    );
+    let mut in_redis = store.top(room, 100).await.unwrap();
+    in_redis.sort_unstable();
+    assert_eq!(
+        in_redis, ranking,
+        "Redis: each viewer's accepted loves, once"
+    );
 
     // The room ends: the counter flushes what it holds, writes the final
     // total and ranking to SQL once, and deletes the hot keys.
@@ -379,12 +404,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
         stats().flush_failures.load(Ordering::Relaxed),
     );
     assert_eq!(fin.total, accepted, "every accepted love, once");
-    let mut ranking: Vec<(u64, u64)> = per_viewer
-        .into_iter()
-        .filter(|(_, loves)| *loves > 0)
-        .collect();
     let mut stored = fin.top_lovers.clone();
-    ranking.sort_unstable();
     stored.sort_unstable();
     assert_eq!(stored, ranking, "each viewer's accepted loves, once");
     assert_eq!(counter.inner().core.waiting(), 0);

@@ -21,6 +21,7 @@ use crate::Inner;
 use crate::ledger::{
     EXTERNAL, EntryRow, LedgerError, SettlementRow, Transfer, room_account, user_account,
 };
+use tracing::Instrument as _;
 const MAX_KEY_BYTES: usize = 128;
 /// Tries of one transfer against concurrent conflicts (deadlocks, a racing
 /// request with the same key) before answering UNAVAILABLE.
@@ -186,11 +187,14 @@ impl GiftsApi {
             forwarded_from: None,
         };
         let mut publish = self.inner.publish.clone();
-        tokio::spawn(async move {
-            if let Err(status) = publish.publish(request).await {
-                tracing::debug!(%status, "publishing a gift event failed");
+        tokio::spawn(
+            async move {
+                if let Err(status) = publish.publish(request).await {
+                    tracing::debug!(%status, "publishing a gift event failed");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 
     async fn deposit_inner(&self, r: DepositRequest) -> Result<DepositResponse, GiftError> {

@@ -158,6 +158,7 @@ impl Shard {
     /// in one multi-row statement each. A transfer refused for its own
     /// reason (funds, key reuse, room) is left out and reported in its
     /// place; a database failure fails the whole batch.
+    #[tracing::instrument(name = "ledger.apply_batch", skip_all, fields(shard = self.index, transfers = batch.len()))]
     pub async fn apply_batch(
         &self,
         batch: &[Transfer],
@@ -335,6 +336,7 @@ impl Shard {
     }
 
     /// Opens the room's virtual sub-accounts here (idempotent).
+    #[tracing::instrument(name = "ledger.open_room", skip_all, fields(shard = self.index, room_id = room_id))]
     pub async fn open_room(
         &self,
         room_id: u64,
@@ -374,6 +376,7 @@ impl Shard {
 
     /// Stops the room taking gifts here (waits for gifts in flight).
     /// Records the end even for a room never opened here.
+    #[tracing::instrument(name = "ledger.end_room", skip_all, fields(shard = self.index, room_id = room_id))]
     pub async fn end_room(&self, room_id: u64, now_ms: i64) -> Result<(), sqlx::Error> {
         let upsert = if self.db.is_mysql() {
             "INSERT INTO room_accounts (room_id, status, opened_at_ms, ended_at_ms) \
@@ -460,6 +463,7 @@ impl Shard {
     /// `transfer_id`, once: a retry finds the transfer and returns its
     /// amount. The room must have ended here (no gift can change the
     /// balance meanwhile). Returns the amount moved (0: nothing to move).
+    #[tracing::instrument(name = "ledger.sweep", skip_all, fields(shard = self.index, room_id = room_id, sub = sub))]
     pub async fn sweep(
         &self,
         room_id: u64,
@@ -602,6 +606,7 @@ impl Shard {
     }
 
     /// Records that the room's settlement started (once; the first record stays).
+    #[tracing::instrument(name = "ledger.begin_settlement", skip_all, fields(shard = self.index, room_id = room_id))]
     pub async fn begin_settlement(
         &self,
         room_id: u64,
@@ -626,6 +631,7 @@ impl Shard {
     }
 
     /// Records the room settled with its totals.
+    #[tracing::instrument(name = "ledger.finish_settlement", skip_all, fields(shard = self.index, room_id = room_id))]
     pub async fn finish_settlement(
         &self,
         room_id: u64,
@@ -650,6 +656,7 @@ impl Shard {
         Ok(())
     }
 
+    #[tracing::instrument(name = "ledger.settlement", skip_all, fields(shard = self.index, room_id = room_id))]
     pub async fn settlement(&self, room_id: u64) -> Result<Option<SettlementRow>, sqlx::Error> {
         type Row = (i64, String, i64, i64, i64, Option<i64>);
         let row: Option<Row> = on_db!(&self.db, pool => {
@@ -685,6 +692,7 @@ impl Shard {
     }
 
     /// Up to `limit` entries with `from <= created_at_ms < to` after `after_id`.
+    #[tracing::instrument(name = "ledger.entries", skip_all, fields(shard = self.index))]
     pub async fn entries(
         &self,
         from_ms: i64,

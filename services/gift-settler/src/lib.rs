@@ -35,6 +35,7 @@ use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::settlement_service_server::SettlementServiceServer;
 
 use crate::ledger::Shard;
+use tracing::Instrument as _;
 
 /// The shard holding `user_id`'s balance among `shards`: a stable hash
 /// (splitmix64) of the id, so consecutive ids spread evenly.
@@ -239,24 +240,29 @@ impl ServiceSet for GiftSettler {
                     inner.rooms.remember(RoomInfo::from_proto(&room));
                 }
                 let inner = inner.clone();
-                tokio::spawn(async move {
-                    match kind {
-                        RoomChangeKind::Started => {
-                            until_done("opening the room's virtual accounts", room.room_id, || {
-                                inner.open_room(room.room_id)
-                            })
-                            .await;
+                tokio::spawn(
+                    async move {
+                        match kind {
+                            RoomChangeKind::Started => {
+                                until_done(
+                                    "opening the room's virtual accounts",
+                                    room.room_id,
+                                    || inner.open_room(room.room_id),
+                                )
+                                .await;
+                            }
+                            RoomChangeKind::Ended => {
+                                until_done("ending the room's gifts", room.room_id, || {
+                                    inner.end_room(room.room_id)
+                                })
+                                .await;
+                                settle_until_done(&inner, room.room_id, room.anchor_id).await;
+                            }
+                            _ => {}
                         }
-                        RoomChangeKind::Ended => {
-                            until_done("ending the room's gifts", room.room_id, || {
-                                inner.end_room(room.room_id)
-                            })
-                            .await;
-                            settle_until_done(&inner, room.room_id, room.anchor_id).await;
-                        }
-                        _ => {}
                     }
-                });
+                    .in_current_span(),
+                );
             })
             .await;
         });

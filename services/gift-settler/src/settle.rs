@@ -55,6 +55,7 @@ pub fn cut_of(amount: i64, bps: u32) -> i64 {
 impl Inner {
     /// Settles an ended room (see the module doc); `crash` is asked before
     /// each step and stops there when it says so (tests inject crashes).
+    #[tracing::instrument(name = "settle", skip_all, fields(room_id = room_id, streamer_id = streamer_id))]
     pub async fn settle(
         &self,
         room_id: u64,

@@ -868,6 +868,7 @@ async fn ledger(mesh: &Mesh) -> HashMap<String, Vec<i64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
     const VIEWERS: u64 = 8;
+    const KILLS: usize = 2;
     let db = PrivateMariadb::start().await;
     let mut mesh = chaos_mesh(&db).await;
     let room = mesh.start_room().await;
@@ -886,7 +887,7 @@ async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
         ));
     }
     let oks = || ok_calls.load(Ordering::Relaxed);
-    for _ in 0..2 {
+    for _ in 0..KILLS {
         let before = oks();
         until("gifts before the kill", || oks() >= before + 4 * VIEWERS).await;
         let failed = failures.load(Ordering::Relaxed);
@@ -962,7 +963,7 @@ async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
     assert_eq!(debited, gifted);
     mesh.assert_conserved().await;
     println!(
-        "{} gifts and {} deposits accepted over two MariaDB kills; {} failed calls retried",
+        "{} gifts and {} deposits accepted over {KILLS} MariaDB kills; {} failed calls retried",
         all.values().map(|a| a.gifts.len()).sum::<usize>(),
         all.values().map(|a| a.deposits.len()).sum::<usize>(),
         failures.load(Ordering::Relaxed)

@@ -92,6 +92,9 @@ pub enum TailEvent {
         rows: Vec<RoomRow>,
         deleted: Vec<i64>,
         position: BinlogPosition,
+        /// When the server wrote the commit (Unix seconds, the event
+        /// header's resolution): how far the tail is behind.
+        committed_at: u32,
     },
     /// Nothing for us, but the position advanced (other tables' commits, heartbeats): lets
     /// the caller persist progress. Emit at most about once a second, not per event.
@@ -458,6 +461,8 @@ struct TailState {
     /// `committed` moved since the last event sent.
     progress_pending: bool,
     last_progress: Instant,
+    /// The header timestamp of the event being handled.
+    event_time: u32,
 }
 
 /// The transaction (event group) being read.
@@ -545,6 +550,7 @@ impl TailState {
             group: Group::default(),
             progress_pending: false,
             last_progress: Instant::now(),
+            event_time: 0,
         })
     }
 
@@ -555,6 +561,7 @@ impl TailState {
         stream: &BinlogStream,
     ) -> Result<Option<TailEvent>, TailError> {
         let header = event.header();
+        self.event_time = header.timestamp();
         let log_pos = u64::from(header.log_pos());
         if log_pos != 0 && header.event_type_raw() != ROTATE_EVENT {
             self.last_end = log_pos;
@@ -766,6 +773,7 @@ impl TailState {
                 rows,
                 deleted,
                 position: self.committed.clone(),
+                committed_at: self.event_time,
             });
         }
         self.progress_pending = true;

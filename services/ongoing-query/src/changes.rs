@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+use livemesh_mesh::rpc_telemetry::Traceparent;
 use tokio::sync::watch;
 
 use crate::room::RoomRecord;
@@ -31,6 +32,9 @@ pub struct Change {
     pub seq: u64,
     pub kind: ChangeKind,
     pub room: RoomRecord,
+    /// The trace of the call that made the change (this service's own
+    /// writes), so a watcher's work on it continues that trace.
+    pub origin: Option<Traceparent>,
 }
 
 /// A position in the change log, as handed to clients.
@@ -106,7 +110,12 @@ impl ChangeLog {
             let mut ring = self.lock();
             ring.head += 1;
             let seq = ring.head;
-            ring.changes.push_back(Change { seq, kind, room });
+            ring.changes.push_back(Change {
+                seq,
+                kind,
+                room,
+                origin: Traceparent::current(),
+            });
             while ring.changes.len() > self.window {
                 ring.changes.pop_front();
             }

@@ -304,6 +304,14 @@ async fn follow_binlog(
         return;
     };
     let server_id = config.server_id(region);
+    let lag = opentelemetry::global::meter("livemesh")
+        .f64_histogram("livemesh.ongoing_query.binlog_lag")
+        .with_unit("s")
+        .with_description(
+            "now − the commit time of a rooms change when the binlog tail applies it (1 s resolution)",
+        )
+        .with_boundaries(vec![0.0, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3_600.0])
+        .build();
     let mut saver = Saver::new(store, &config.consumer);
     let mut backoff = Backoff::new();
     let mut from = match start {
@@ -324,8 +332,13 @@ async fn follow_binlog(
                     rows,
                     deleted,
                     position,
+                    committed_at,
                 })) => {
                     backoff.reset();
+                    lag.record(
+                        (livemesh_mesh::now_ms() / 1_000 - i64::from(committed_at)).max(0) as f64,
+                        &[opentelemetry::KeyValue::new("region", i64::from(region))],
+                    );
                     let count = rows.len() + deleted.len();
                     rooms.apply_feed(rows.into_iter().filter_map(|row| {
                         let status = Status::from_db(row.status);

@@ -130,6 +130,7 @@ impl RegionStore {
     }
 
     /// Inserts an ongoing room and returns it; its id comes from the table.
+    #[tracing::instrument(name = "rooms.sql.insert", skip_all, fields(region = self.region(), anchor_id = anchor_id))]
     pub async fn insert(&self, anchor_id: u64, now_ms: i64) -> Result<RoomRecord, StoreError> {
         // Anchor ids are checked below 2^63 by the caller.
         let anchor = i64::try_from(anchor_id).unwrap_or(i64::MAX);
@@ -163,6 +164,7 @@ impl RegionStore {
 
     /// Ends an ongoing room at `now_ms` (never before it started), in one
     /// transaction with the read that tells the three outcomes apart.
+    #[tracing::instrument(name = "rooms.sql.end", skip_all, fields(region = self.region(), room_id = room))]
     pub async fn end(&self, room: u64, now_ms: i64) -> Result<EndOutcome, StoreError> {
         let id = local_id(room);
         let (updated, row): (u64, Option<Row>) = on_db!(&self.db, pool => {
@@ -194,6 +196,7 @@ impl RegionStore {
     }
 
     /// One room by id, ongoing or ended.
+    #[tracing::instrument(name = "rooms.sql.get", skip_all, fields(region = self.region(), room_id = room))]
     pub async fn get(&self, room: u64) -> Result<Option<RoomRecord>, StoreError> {
         let row: Option<Row> = on_db!(&self.db, pool => {
             sqlx::query_as(select_rooms!("WHERE id = ?"))
@@ -205,6 +208,7 @@ impl RegionStore {
     }
 
     /// Up to `limit` ongoing rooms with a local id above `after`, in id order.
+    #[tracing::instrument(name = "rooms.sql.ongoing_page", skip_all, fields(region = self.region(), after = after, limit = limit))]
     pub async fn ongoing_page(
         &self,
         after: i64,
@@ -221,6 +225,7 @@ impl RegionStore {
     }
 
     /// The saved feed position of `consumer`, if any.
+    #[tracing::instrument(name = "rooms.sql.load_position", skip_all, fields(region = self.region()))]
     pub async fn load_position(&self, consumer: &str) -> Result<Option<String>, StoreError> {
         let row: Option<(String,)> = on_db!(&self.db, pool => {
             sqlx::query_as("SELECT position FROM feed_positions WHERE consumer = ?")
@@ -232,6 +237,7 @@ impl RegionStore {
     }
 
     /// Saves `consumer`'s feed position, replacing the previous one.
+    #[tracing::instrument(name = "rooms.sql.save_position", skip_all, fields(region = self.region()))]
     pub async fn save_position(&self, consumer: &str, position: &str) -> Result<(), StoreError> {
         let now = livemesh_mesh::now_ms();
         // The dialects spell "insert or replace the row" differently.
@@ -256,6 +262,7 @@ impl RegionStore {
     }
 
     /// SQLite only: up to `limit` change-table entries after `after`, in order.
+    #[tracing::instrument(level = "debug", name = "rooms.sql.feed_after", skip_all, fields(region = self.region(), after = after))]
     pub async fn feed_after(&self, after: i64, limit: u32) -> Result<Vec<FeedEntry>, StoreError> {
         let Db::Sqlite(pool) = &self.db else {
             return Ok(Vec::new());

@@ -129,6 +129,7 @@ async fn snapshot(rooms: &Rooms, tx: &Sender) -> Result<u64, Gone> {
             room: None,
             kind: RoomChangeKind::Snapshot.into(),
             position: position.clone(),
+            traceparent: String::new(),
         },
     )
     .await?;
@@ -143,6 +144,7 @@ async fn snapshot(rooms: &Rooms, tx: &Sender) -> Result<u64, Gone> {
                     room: Some(room.into()),
                     kind: RoomChangeKind::Started.into(),
                     position: position.clone(),
+                    traceparent: String::new(),
                 },
             )
             .await?;
@@ -169,6 +171,10 @@ fn to_proto(change: &Change, epoch: u64) -> RoomChange {
             }
             .token(),
         }),
+        traceparent: change
+            .origin
+            .map(|origin| origin.header())
+            .unwrap_or_default(),
     }
 }
 

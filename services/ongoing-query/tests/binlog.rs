@@ -164,6 +164,7 @@ async fn next_committed(rx: &mut Events) -> (Vec<RoomRow>, Vec<i64>, BinlogPosit
                 rows,
                 deleted,
                 position,
+                ..
             }) => return (rows, deleted, position),
             Ok(TailEvent::Progress { .. }) => {}
             Err(e) => panic!("the tail failed: {e}"),

@@ -18,6 +18,7 @@ use livemesh_proto::v1::{
     room_event,
 };
 use prost::Message as _;
+use tracing::Instrument as _;
 
 /// How a dispatcher runs.
 #[derive(Debug, Clone)]
@@ -350,15 +351,18 @@ impl DispatcherInner {
             let mut client = client.clone();
             let url = url.clone();
             let this = self.clone();
-            tokio::spawn(async move {
-                let forwarded = this.forward_one(&mut client, &url, request).await;
-                let counter = if forwarded {
-                    &this.stats.forwarded
-                } else {
-                    &this.stats.forward_failures
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            });
+            tokio::spawn(
+                async move {
+                    let forwarded = this.forward_one(&mut client, &url, request).await;
+                    let counter = if forwarded {
+                        &this.stats.forwarded
+                    } else {
+                        &this.stats.forward_failures
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                .in_current_span(),
+            );
         }
     }
 

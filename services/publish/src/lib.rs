@@ -25,6 +25,7 @@ use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
 use livemesh_proto::v1::RoomChangeKind;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_server::PublishServiceServer;
+use tracing::Instrument as _;
 
 pub use crate::dispatch::{DispatcherInner, DispatcherSettings};
 
@@ -100,7 +101,7 @@ impl ServiceSet for Dispatcher {
                             }
                         }
                     }
-                });
+                }.in_current_span());
             })
             .await;
         });

@@ -52,6 +52,55 @@ pub struct NodeStats {
     pub counts_published: AtomicU64,
 }
 
+/// The node's OpenTelemetry instruments (exported with every other metric
+/// of the process). Recorded per Deliver call and per overflow, never per
+/// stream write: the fan-out path stays as cheap as it was.
+struct NodeMetrics {
+    /// now − the event's server time, when a Deliver brings it here.
+    lag: opentelemetry::metrics::Histogram<f64>,
+    /// Streams ended for falling behind (their queue was full).
+    overflows: opentelemetry::metrics::Counter<u64>,
+}
+
+/// Fan-out lag buckets in seconds: 1 ms up to 10 s.
+const LAG_BUCKETS: &[f64] = &[
+    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl NodeMetrics {
+    fn new() -> Self {
+        let meter = opentelemetry::global::meter("livemesh");
+        Self {
+            lag: meter
+                .f64_histogram("livemesh.fanout.lag")
+                .with_unit("s")
+                .with_description(
+                    "Time from an event's publish (its server_time) to its Deliver reaching a subscribe node",
+                )
+                .with_boundaries(LAG_BUCKETS.to_vec())
+                .build(),
+            overflows: meter
+                .u64_counter("livemesh.subscribe.queue_drops")
+                .with_description(
+                    "Viewer streams ended because their queue of ordered events was full",
+                )
+                .build(),
+        }
+    }
+
+    /// Records the lag of each delivered event, once per Deliver call.
+    fn delivered(&self, events: &[RoomEvent]) {
+        let now_ms = livemesh_mesh::now_ms();
+        for event in events {
+            if let Some(time) = &event.server_time {
+                let at_ms = time.seconds * 1_000 + i64::from(time.nanos) / 1_000_000;
+                let lag_ms = now_ms.saturating_sub(at_ms).max(0);
+                self.lag.record(lag_ms as f64 / 1_000.0, &[]);
+            }
+        }
+    }
+}
+
 /// The node's shared state.
 pub struct NodeInner {
     pub settings: NodeSettings,
@@ -59,6 +108,7 @@ pub struct NodeInner {
     pub rooms: RoomDirectory,
     pub publish: PublishServiceClient<MeshChannel>,
     pub stats: NodeStats,
+    metrics: NodeMetrics,
     table: Mutex<HashMap<u64, Arc<Room>>>,
     next_stream: AtomicU64,
 }
@@ -214,6 +264,7 @@ impl NodeInner {
             rooms,
             publish,
             stats: NodeStats::default(),
+            metrics: NodeMetrics::new(),
             table: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
         }
@@ -360,6 +411,7 @@ impl NodeInner {
     /// streams the room has here (0: no viewers on this node).
     pub fn deliver(self: &Arc<Self>, room_id: u64, events: Vec<RoomEvent>) -> u64 {
         self.stats.deliver_calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.delivered(&events);
         let Some(room) = lock(&self.table).get(&room_id).cloned() else {
             return 0;
         };
@@ -412,6 +464,7 @@ impl NodeInner {
                 .fetch_add(state.streams.len() as u64, Ordering::Relaxed);
             if overflows > 0 {
                 self.stats.overflows.fetch_add(overflows, Ordering::Relaxed);
+                self.metrics.overflows.add(overflows, &[]);
             }
             if matches!(event.kind, Some(room_event::Kind::RoomEnded(_))) {
                 state.ended = true;

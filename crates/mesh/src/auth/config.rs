@@ -157,6 +157,14 @@ impl AuthConfig {
                     .into(),
             );
         }
+        if self.mode == AuthMode::Enforce
+            && self.token_secret_file.is_empty()
+            && self.token_secret.is_none()
+        {
+            return Err("auth.mode = \"enforce\" needs a token secret: set \
+                 auth.token_secret_file or LIVEMESH_AUTH__TOKEN_SECRET"
+                .into());
+        }
         if self.tls_cert.is_empty() != self.tls_key.is_empty() {
             return Err("auth.tls_cert and auth.tls_key must be set together".into());
         }
@@ -195,6 +203,34 @@ mod tests {
         assert!(!shown.contains(secret));
         let json = serde_json::to_string(&config).unwrap();
         assert!(!json.contains(secret), "{json}");
+    }
+
+    #[test]
+    fn the_secret_set_by_the_environment_works_and_the_config_debug_hides_it() {
+        let secret = "env-secret-that-must-never-be-logged-0123456789";
+        let config = crate::config::Config::load(&crate::config::Sources {
+            env: vec![
+                ("LIVEMESH_AUTH__MODE".into(), "enforce".into()),
+                ("LIVEMESH_AUTH__TOKEN_SECRET".into(), secret.into()),
+            ],
+            ..crate::config::Sources::default()
+        })
+        .unwrap();
+        assert_eq!(config.auth.mode, AuthMode::Enforce);
+        assert_eq!(config.auth.secret().unwrap().unwrap().expose(), secret);
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(secret), "{debug}");
+    }
+
+    #[test]
+    fn enforce_without_a_secret_is_refused_naming_where_to_put_it() {
+        let err = AuthConfig {
+            mode: AuthMode::Enforce,
+            ..AuthConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("LIVEMESH_AUTH__TOKEN_SECRET"), "{err}");
     }
 
     #[test]

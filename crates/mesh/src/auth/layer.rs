@@ -189,3 +189,91 @@ impl Check {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use tower::{Layer as _, ServiceExt as _};
+
+    use super::*;
+    use crate::auth::{AuthConfig, Claims, Secret};
+
+    const SECRET: &str = "layer-test-secret-0123456789abcdefghijk";
+
+    fn layer() -> AuthLayer {
+        AuthLayer::new(
+            &Security::from_config(&AuthConfig {
+                mode: AuthMode::Enforce,
+                token_secret: Some(Secret::new(SECRET)),
+                ..AuthConfig::default()
+            })
+            .unwrap(),
+        )
+    }
+
+    /// The grpc-status of a call to `path` through the layer (0: it reached
+    /// the inner service).
+    async fn status_of(layer: &AuthLayer, path: &str, roles: Option<&[&str]>) -> (i32, String) {
+        let inner = tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        });
+        let mut request = http::Request::builder().uri(path);
+        if let Some(roles) = roles {
+            let keys = TokenKeys::new(&Secret::new(SECRET)).unwrap();
+            let token = keys
+                .mint(&Claims::new("tester", roles, Duration::from_secs(60)))
+                .unwrap();
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = layer
+            .layer(inner)
+            .oneshot(request.body(()).unwrap())
+            .await
+            .unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        (
+            header("grpc-status").parse().unwrap_or(0),
+            header("grpc-message"),
+        )
+    }
+
+    #[tokio::test]
+    async fn methods_without_a_rule_are_refused_and_open_services_need_no_token() {
+        let layer = layer();
+        let (code, message) = status_of(
+            &layer,
+            "/livemesh.v1.NewService/NewMethod",
+            Some(&["admin"]),
+        )
+        .await;
+        assert_eq!(code, tonic::Code::PermissionDenied as i32, "{message}");
+        assert!(message.contains("no%20access%20rule") || message.contains("no access rule"));
+        let (code, _) = status_of(&layer, "/grpc.health.v1.Health/Check", None).await;
+        assert_eq!(code, 0);
+        let (code, _) = status_of(&layer, "/livemesh.v1.NewService/NewMethod", None).await;
+        assert_eq!(code, tonic::Code::Unauthenticated as i32);
+        let (code, _) = status_of(
+            &layer,
+            "/livemesh.v1.OngoingQueryService/GetRoom",
+            Some(&["counter"]),
+        )
+        .await;
+        assert_eq!(code, 0);
+    }
+
+    #[tokio::test]
+    async fn dev_mode_passes_every_call_through() {
+        let dev = AuthLayer::new(&Security::dev());
+        let (code, _) = status_of(&dev, "/livemesh.v1.SettlementService/Reconcile", None).await;
+        assert_eq!(code, 0);
+    }
+}

@@ -188,6 +188,7 @@ impl HotStore {
     /// applied now or had already been applied. A failed flush is to be
     /// retried later with the SAME flush id; a failure after the store applied
     /// it (a lost reply, a timeout) is then harmless.
+    #[tracing::instrument(name = "counter.hot.flush", skip_all, fields(rooms = flushes.len()))]
     pub async fn flush(&self, flushes: &[RoomFlush]) -> Vec<(u64, Result<(), HotError>)> {
         match self {
             HotStore::Memory(store) => store.flush(flushes),
@@ -196,6 +197,7 @@ impl HotStore {
     }
 
     /// The room's total: the sum of its total shards (0 for an unknown room).
+    #[tracing::instrument(name = "counter.hot.total", skip_all, fields(room_id = room_id))]
     pub async fn total(&self, room_id: u64) -> Result<u64, HotError> {
         match self {
             HotStore::Memory(store) => Ok(store.total(room_id)),
@@ -207,6 +209,7 @@ impl HotStore {
     /// [`HotConfig::top_length`], as the ranking is trimmed to that). Equal
     /// scores are ordered as Redis orders them: by the viewer id's decimal
     /// string, descending.
+    #[tracing::instrument(name = "counter.hot.top", skip_all, fields(room_id = room_id, limit = limit))]
     pub async fn top(&self, room_id: u64, limit: u32) -> Result<Vec<(u64, u64)>, HotError> {
         match self {
             HotStore::Memory(store) => Ok(store.top(room_id, limit)),
@@ -217,6 +220,7 @@ impl HotStore {
     /// Deletes the room's totals and ranking. Its flush-id markers stay until
     /// they expire, so that a late replay of an applied flush cannot bring the
     /// room's counters back.
+    #[tracing::instrument(name = "counter.hot.delete_room", skip_all, fields(room_id = room_id))]
     pub async fn delete_room(&self, room_id: u64) -> Result<(), HotError> {
         match self {
             HotStore::Memory(store) => {
