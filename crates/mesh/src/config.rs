@@ -217,7 +217,13 @@ pub struct PublishConfig {
     /// ongoing-query, whose Watch tells of room ends. Empty: this process's
     /// own address.
     pub ongoing_query_url: String,
-    /// How long a Deliver to one subscribe node may take.
+    /// How long a Deliver to one subscribe node may take. A Publish waits
+    /// for every node whose breaker is closed, so until a dead node's
+    /// breaker opens every Publish takes this long: it must stay below
+    /// `client.breaker_slow_call_ms`, or the Publish callers' breakers count
+    /// those publishes as slow and open on the dispatcher (one dead node
+    /// would then stop all publishing). A healthy Deliver is an in-memory
+    /// hand-off that answers in a few milliseconds.
     pub deliver_timeout_ms: u64,
     /// The longest comment, in characters.
     pub max_comment_chars: u32,
@@ -229,7 +235,7 @@ impl Default for PublishConfig {
             datacenter: "local".to_owned(),
             peers: Vec::new(),
             ongoing_query_url: String::new(),
-            deliver_timeout_ms: 1_000,
+            deliver_timeout_ms: 250,
             max_comment_chars: 2_000,
         }
     }
@@ -688,6 +694,15 @@ impl Config {
             ));
         }
         self.client.validate()?;
+        if self.publish.deliver_timeout_ms >= self.client.breaker_slow_call_ms {
+            return Err(ConfigError::Invalid(format!(
+                "publish.deliver_timeout_ms ({}) must be below client.breaker_slow_call_ms ({}): \
+                 until a dead subscribe node's breaker opens, every Publish waits the Deliver \
+                 timeout, and callers' breakers would count those publishes as slow and open on \
+                 the dispatcher",
+                self.publish.deliver_timeout_ms, self.client.breaker_slow_call_ms
+            )));
+        }
         if self.server.max_concurrent_requests == 0 {
             return invalid("server.max_concurrent_requests must be at least 1");
         }
@@ -1000,6 +1015,30 @@ mod tests {
             .to_string();
             assert!(err.contains(key), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn the_deliver_timeout_must_stay_below_the_slow_call_threshold() {
+        let err = Config::load(&Sources {
+            env: env(&[("LIVEMESH_PUBLISH__DELIVER_TIMEOUT_MS", "1000")]),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("publish.deliver_timeout_ms (1000)")
+                && err.contains("client.breaker_slow_call_ms (1000)"),
+            "{err}"
+        );
+        let config = Config::load(&Sources {
+            env: env(&[
+                ("LIVEMESH_PUBLISH__DELIVER_TIMEOUT_MS", "1000"),
+                ("LIVEMESH_CLIENT__BREAKER_SLOW_CALL_MS", "2000"),
+            ]),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(config.publish.deliver_timeout_ms, 1_000);
     }
 
     #[test]

@@ -37,7 +37,13 @@
 //!
 //! Correctness: every comment whose Publish returned OK must reach every
 //! viewer of nodes 1-3 in both phases (and node 4's in the healthy phase)
-//! exactly once; missing ones are counted and fail the bench.
+//! exactly once; missing ones are counted and fail the bench. Node 4 must
+//! stay registered for the room throughout (sampled every 50 ms): it is
+//! alive and renews its lease, and catches its viewers up from the history
+//! when a renewal shows it the gap, so the nodes' stream queues are sized
+//! for two lease intervals of comments (with the default 256 they overflow,
+//! its viewers are ended, node 4 leaves the room and the dispatcher stops
+//! calling it, which would make the degraded phase healthy again).
 //!
 //! # open_reject
 //!
@@ -59,6 +65,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
 use livemesh_fanout::{FanoutSettings, FanoutStore};
+use livemesh_mesh::resilience::BreakerState;
 use livemesh_mesh::server::LocalServer;
 use livemesh_mesh::{ClientStack, Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;
@@ -69,7 +76,7 @@ use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
     Comment, PublishRequest, RoomEvent, StartRoomRequest, SubscribeRequest, room_event,
 };
-use livemesh_publish::Dispatcher;
+use livemesh_publish::{Dispatcher, DispatcherInner};
 use livemesh_subscribe::SubscribeNode;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
@@ -98,6 +105,12 @@ pub struct BreakerArgs {
     /// percentiles (and reported apart).
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     pub warmup: f64,
+    /// `publish.deliver_timeout_ms` of the dispatcher. Default: the
+    /// configured default. At or above `client.breaker_slow_call_ms` (which
+    /// the config refuses) it shows why: the Publish callers' breakers open
+    /// on the dispatcher while node 4's breaker is still closed.
+    #[arg(long, value_name = "MS")]
+    pub deliver_timeout_ms: Option<u64>,
     /// Calls timed against the open breaker for `open_reject_p99_ms`.
     #[arg(long, value_name = "N", default_value_t = 1_000)]
     pub rejected_calls: usize,
@@ -277,6 +290,10 @@ struct PhaseResult {
     /// timed out (they include the nodes' own viewer-count publishes).
     deliveries: u64,
     deliver_failures: u64,
+    /// Node 4's registration (while it is out, the dispatcher does not call
+    /// it and the phase is not what it claims) and the dispatcher's breaker
+    /// for it.
+    node4: Node4Watch,
 }
 
 struct Bench {
@@ -286,6 +303,9 @@ struct Bench {
     viewers: Vec<Arc<Viewer>>,
     dispatcher: Dispatcher,
     deliver_timeout: Duration,
+    store: FanoutStore,
+    /// Node 4's advertised address (the proxy's).
+    node4: String,
 }
 
 impl Bench {
@@ -359,6 +379,14 @@ impl Bench {
         let window = Duration::from_secs(self.args.duration);
         let rate = self.args.rate;
         let scheduled = (window.as_secs_f64() * rate).ceil().max(1.0) as u64;
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = tokio::spawn(watch_node4(
+            self.store.clone(),
+            self.dispatcher.inner().clone(),
+            self.room_id,
+            self.node4.clone(),
+            sampling.clone(),
+        ));
         let started = Instant::now();
         let mut ticker = tokio::time::interval(Duration::from_millis(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -376,6 +404,8 @@ impl Bench {
                 sent += 1;
             }
         }
+        sampling.store(false, Ordering::Release);
+        let node4 = sampler.await?;
         let mut published = Vec::with_capacity(scheduled as usize);
         let mut first_error = None;
         while let Some(joined) = calls.join_next().await {
@@ -400,12 +430,11 @@ impl Bench {
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(self
-            .analyse(phase, published, first_error, scheduled)
-            .with_deliveries(
-                stats.deliveries.load(Ordering::Relaxed) - deliveries_before,
-                stats.deliver_failures.load(Ordering::Relaxed) - failures_before,
-            ))
+        let mut result = self.analyse(phase, published, first_error, scheduled);
+        result.deliveries = stats.deliveries.load(Ordering::Relaxed) - deliveries_before;
+        result.deliver_failures = stats.deliver_failures.load(Ordering::Relaxed) - failures_before;
+        result.node4 = node4;
+        Ok(result)
     }
 
     fn analyse(
@@ -489,16 +518,61 @@ impl Bench {
             node4_received: node4.0 as f64 / node4.1.max(1) as f64,
             deliveries: 0,
             deliver_failures: 0,
+            node4: Node4Watch::default(),
         }
     }
 }
 
-impl PhaseResult {
-    fn with_deliveries(mut self, deliveries: u64, failures: u64) -> Self {
-        self.deliveries = deliveries;
-        self.deliver_failures = failures;
-        self
+/// What [`watch_node4`] saw during a phase.
+#[derive(Debug, Default)]
+struct Node4Watch {
+    /// (samples without node 4 registered for the room, samples).
+    out: (u64, u64),
+    /// Seconds into the phase when the dispatcher's breaker for node 4 was
+    /// first seen open.
+    first_open: Option<f64>,
+    /// Times it was seen going from not open to open.
+    openings: u64,
+    /// Share of the samples in which it was not closed.
+    not_closed: f64,
+}
+
+/// Samples, while `running`, the state of the dispatcher's breaker for
+/// node 4 every 2 ms and the room's registered nodes every 50 ms.
+async fn watch_node4(
+    store: FanoutStore,
+    dispatcher: Arc<DispatcherInner>,
+    room_id: u64,
+    node4: String,
+    running: Arc<std::sync::atomic::AtomicBool>,
+) -> Node4Watch {
+    let started = Instant::now();
+    let mut watch = Node4Watch::default();
+    let (mut samples, mut not_closed) = (0_u64, 0_u64);
+    let mut was_open = false;
+    while running.load(Ordering::Acquire) {
+        let state = dispatcher.node_breaker(&node4);
+        let open = state == Some(BreakerState::Open);
+        if open && !was_open {
+            watch.openings += 1;
+            watch
+                .first_open
+                .get_or_insert(started.elapsed().as_secs_f64());
+        }
+        was_open = open;
+        not_closed += u64::from(state.is_some_and(|s| s != BreakerState::Closed));
+        if samples % 25 == 0 {
+            let nodes = store.nodes(room_id, livemesh_mesh::now_ms()).await;
+            watch.out.1 += 1;
+            if !nodes.is_ok_and(|nodes| nodes.contains(&node4)) {
+                watch.out.0 += 1;
+            }
+        }
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    watch.not_closed = not_closed as f64 / samples.max(1) as f64;
+    watch
 }
 
 /// `open_reject`: how fast the client stack refuses a call to the
@@ -619,6 +693,10 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
     let rooms = LocalServer::start(OngoingQuery::from_config(&config).await?, any).await?;
     config.subscribe.ongoing_query_url = rooms.uri();
     config.publish.ongoing_query_url = rooms.uri();
+    if let Some(ms) = args.deliver_timeout_ms {
+        ensure!(ms >= 1, "--deliver-timeout-ms must be at least 1");
+        config.publish.deliver_timeout_ms = ms;
+    }
     let store = FanoutStore::memory(FanoutSettings::default());
 
     let mut built = None;
@@ -632,6 +710,13 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
     .await?;
     let dispatcher = built.context("the dispatcher was not built")?;
     config.subscribe.publish_url = dispatch_server.uri();
+    // Node 4 keeps its viewers fed from the history while black-holed (it
+    // sees the gap when it renews its lease) and hands them a lease
+    // interval's worth of comments at once: with the default queue they
+    // would overflow and end, node 4 would leave the room, and the degraded
+    // phase would stop being degraded. Room for two intervals' worth.
+    let catch_up = (2.0 * args.rate * config.subscribe.report_interval_ms as f64 / 1e3).ceil();
+    config.subscribe.queue_len = config.subscribe.queue_len.max(catch_up as usize);
 
     let proxy_listener = tokio::net::TcpListener::bind(any).await?;
     let proxy_uri = format!("http://{}", proxy_listener.local_addr()?);
@@ -722,14 +807,34 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
         "bench breaker: 1 dispatcher, {NODES} subscribe nodes with {} viewers each (node 4 behind a \
          black-hole proxy), one room; {} comments/s open loop for {} s per phase; the first {} s \
          of each phase are warm-up, left out of the percentiles; publish.deliver_timeout_ms {}, \
-         client.request_timeout_ms {}",
+         client.request_timeout_ms {}, subscribe.queue_len {}",
         args.viewers_per_node,
         args.rate,
         args.duration,
         args.warmup,
         deliver_timeout.as_millis(),
         request_timeout.as_millis(),
+        config.subscribe.queue_len,
     );
+    let c = &config.client;
+    println!(
+        "  client stack breakers: window {} ms, at least {} calls, open at {:.0}% failures or {:.0}% \
+         calls of {} ms or more; open {} ms, then {} half-open probes",
+        c.breaker_window_ms,
+        c.breaker_min_calls,
+        c.breaker_failure_rate * 100.0,
+        c.breaker_slow_call_rate * 100.0,
+        c.breaker_slow_call_ms,
+        c.breaker_open_ms,
+        c.breaker_half_open_calls,
+    );
+    if config.publish.deliver_timeout_ms >= c.breaker_slow_call_ms {
+        println!(
+            "  NOTE: publish.deliver_timeout_ms {} >= client.breaker_slow_call_ms {} (the config \
+             refuses this): until node 4's breaker opens every Publish counts as slow at its caller",
+            config.publish.deliver_timeout_ms, c.breaker_slow_call_ms
+        );
+    }
 
     let bench = Bench {
         publish: PublishServiceClient::new(stack.channel(&dispatch_server.uri())?),
@@ -737,6 +842,8 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
         viewers,
         dispatcher,
         deliver_timeout,
+        store,
+        node4: proxy_uri,
         args,
     };
     bench.ready_check().await?;
@@ -764,8 +871,8 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
     );
     ensure!(
         lost == 0,
-        "figures are void: {lost} acknowledged comments did not reach a viewer that should have \
-         had them, or publishes failed (see above)"
+        "figures are void: acknowledged comments did not reach a viewer that should have had \
+         them, publishes failed, or node 4 dropped out of the room ({lost} in all, see above)"
     );
     Ok(())
 }
@@ -856,6 +963,18 @@ fn report(
                 |s| format!("{s:.2} s into the phase")
             ),
         );
+        println!(
+            "  {:<9} the dispatcher's breaker for node 4: {}",
+            "",
+            match r.node4.first_open {
+                Some(first) => format!(
+                    "first open {first:.2} s into the phase, opened {} times, not closed {:.0}% of the phase",
+                    r.node4.openings,
+                    r.node4.not_closed * 100.0
+                ),
+                None => "never open".to_owned(),
+            }
+        );
     }
     for (name, r) in PHASES.iter().zip([healthy, degraded]) {
         if let Some(error) = &r.first_error {
@@ -933,10 +1052,19 @@ fn report(
             reject.other.p99,
         );
     }
-    let lost = healthy.missing + degraded.missing + healthy.errors + degraded.errors;
+    let node4_out = healthy.node4.out.0 + degraded.node4.out.0;
+    if node4_out > 0 {
+        println!(
+            "  node 4 was NOT registered for the room in {} of {} samples (healthy) and {} of {} \
+             (degraded): the dispatcher skipped it then",
+            healthy.node4.out.0, healthy.node4.out.1, degraded.node4.out.0, degraded.node4.out.1
+        );
+    }
+    let lost = healthy.missing + degraded.missing + healthy.errors + degraded.errors + node4_out;
     println!(
         "  targets: ratio_degraded_vs_healthy {ratio:.2} <= 1.5: {}; open_reject_p99_ms {open_reject_p99:.3} \
-         <= 1: {}; every acknowledged comment at every healthy viewer, no failed publish: {}",
+         <= 1: {}; every acknowledged comment at every healthy viewer, no failed publish, node 4 \
+         registered throughout: {}",
         pass(ratio <= 1.5),
         pass(open_reject_p99 <= 1.0),
         pass(lost == 0),
@@ -990,6 +1118,13 @@ fn report(
             "degraded_deliver_failures",
             degraded.deliver_failures as f64,
         );
+        figures.insert("node4_unregistered_samples", node4_out as f64);
+        figures.insert(
+            "degraded_breaker_first_open_s",
+            degraded.node4.first_open.unwrap_or(f64::NAN),
+        );
+        figures.insert("degraded_breaker_openings", degraded.node4.openings as f64);
+        figures.insert("healthy_breaker_openings", healthy.node4.openings as f64);
         figures.insert("rate", args.rate);
         figures.insert("duration_s", args.duration as f64);
         figures.insert("warmup_s", args.warmup);
