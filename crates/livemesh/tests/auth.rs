@@ -95,14 +95,7 @@ fn for_viewer<T>(viewer: u64, message: T) -> tonic::Request<T> {
 }
 
 async fn start_room(server: &TestServer) -> u64 {
-    RoomAdminServiceClient::new(as_role(server, "admin"))
-        .start_room(StartRoomRequest { anchor_id: 900 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id
+    livemesh_testkit::start_room(as_role(server, "admin"), 900).await
 }
 
 fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, says: &str) {

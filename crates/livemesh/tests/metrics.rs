@@ -181,14 +181,7 @@ async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
         )
     })
     .await;
-    let room_id = RoomAdminServiceClient::new(rooms.channel())
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id;
+    let room_id = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut viewer = SubscribeServiceClient::new(node.channel())
         .subscribe(SubscribeRequest {
             room_id,

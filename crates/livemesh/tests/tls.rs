@@ -147,11 +147,9 @@ fn half_a_tls_configuration_is_refused_with_the_keys_named() {
 async fn the_mesh_works_end_to_end_over_mutual_tls_with_auth_enforced() {
     use livemesh_mesh::Config;
     use livemesh_proto::v1::counter_service_client::CounterServiceClient;
-    use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
     use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
     use livemesh_proto::v1::{
-        LoveTotal, RoomEvent, SendLovesRequest, StartRoomRequest, SubscribeRequest, room_event,
-        subscribe_response,
+        LoveTotal, RoomEvent, SendLovesRequest, SubscribeRequest, room_event, subscribe_response,
     };
 
     let dir = tempfile::tempdir().unwrap();
@@ -188,14 +186,7 @@ async fn the_mesh_works_end_to_end_over_mutual_tls_with_auth_enforced() {
             .channel(&https)
             .unwrap()
     };
-    let room_id = RoomAdminServiceClient::new(as_role("admin"))
-        .start_room(StartRoomRequest { anchor_id: 77 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id;
+    let room_id = livemesh_testkit::start_room(as_role("admin"), 77).await;
     let mut stream = SubscribeServiceClient::new(as_role("bff"))
         .subscribe(for_viewer(
             keys,

@@ -20,8 +20,7 @@ use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    EndRoomRequest, SendLovesRequest, StartRoomRequest, SubscribeRequest, room_event,
-    subscribe_response,
+    EndRoomRequest, SendLovesRequest, SubscribeRequest, room_event, subscribe_response,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
@@ -95,14 +94,7 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
     .await;
     let counter = TestServer::start(Counter::from_config(&config).await.unwrap()).await;
 
-    let room_id = RoomAdminServiceClient::new(rooms.channel())
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id;
+    let room_id = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut viewer = SubscribeServiceClient::new(node.channel())
         .subscribe(SubscribeRequest {
             room_id,
@@ -258,15 +250,7 @@ async fn ending_a_room_is_one_trace_through_watch_to_the_settlement() {
     // No dispatcher: the settlement does not need one.
     config.gifts.publish_url = format!("http://{}", rooms.addr);
     let settler = TestServer::start(GiftSettler::from_config(&config).await.unwrap()).await;
-    let mut admin = RoomAdminServiceClient::new(rooms.channel());
-    let room_id = admin
-        .start_room(StartRoomRequest { anchor_id: 5 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id;
+    let room_id = livemesh_testkit::start_room(rooms.channel(), 5).await;
     // The settler follows the Watch once it has opened the room's accounts.
     let deadline = Instant::now() + WAIT;
     while !exporter
@@ -283,7 +267,7 @@ async fn ending_a_room_is_one_trace_through_watch_to_the_settlement() {
     }
 
     let root = tracing::info_span!(target: "livemesh_test", "admin ends the room");
-    admin
+    RoomAdminServiceClient::new(rooms.channel())
         .end_room(EndRoomRequest { room_id })
         .instrument(root.clone())
         .await

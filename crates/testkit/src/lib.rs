@@ -389,3 +389,18 @@ pub fn mesh_certificates(dir: &std::path::Path) -> livemesh_mesh::auth::AuthConf
         ..livemesh_mesh::auth::AuthConfig::default()
     }
 }
+
+/// Starts a room for `anchor_id` through `RoomAdmin` on `channel` (an
+/// ongoing-query server, or any server carrying it) and returns its id.
+pub async fn start_room(channel: MeshChannel, anchor_id: u64) -> u64 {
+    use livemesh_proto::v1::StartRoomRequest;
+    use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+    RoomAdminServiceClient::new(channel)
+        .start_room(StartRoomRequest { anchor_id })
+        .await
+        .expect("StartRoom")
+        .into_inner()
+        .room
+        .expect("StartRoom answered without a room")
+        .room_id
+}

@@ -14,7 +14,7 @@ use livemesh_mesh::{Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
-use livemesh_proto::v1::{EndRoomRequest, SendLovesRequest, StartRoomRequest};
+use livemesh_proto::v1::{EndRoomRequest, SendLovesRequest};
 use livemesh_testkit::{PrivateRedis, TestServer};
 
 struct Setup {
@@ -33,14 +33,7 @@ async fn setup(redis: &PrivateRedis, max_pending: u64) -> Setup {
         ..Config::default()
     };
     let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
-    let room = RoomAdminServiceClient::new(rooms.channel())
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id;
+    let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut config = Config {
         data_dir: dir.path().to_owned(),
         redis_url: Some(redis.url()),
@@ -268,15 +261,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
         ..Config::default()
     };
     let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
-    let mut admin = RoomAdminServiceClient::new(rooms.channel());
-    let room = admin
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id;
+    let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let room_started = tokio::time::Instant::now();
     let mut config = Config {
         data_dir: dir.path().to_owned(),
@@ -391,7 +376,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
 
     // The room ends: the counter flushes what it holds, writes the final
     // total and ranking to SQL once, and deletes the hot keys.
-    admin
+    RoomAdminServiceClient::new(rooms.channel())
         .end_room(EndRoomRequest { room_id: room })
         .await
         .unwrap();

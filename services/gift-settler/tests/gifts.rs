@@ -1037,6 +1037,37 @@ async fn assert_settled_once(
     assert!(ledger.values().all(|e| e.iter().sum::<i64>() == 0));
 }
 
+/// A started room with the test viewers' gifts in it, what its settlement
+/// must pay, and the streamer's balance before it.
+struct Gifted {
+    room: u64,
+    gross: i64,
+    cut: i64,
+    before: i64,
+}
+
+async fn gifted_room(mesh: &mut Mesh, tag: &str, streamer: u64) -> Gifted {
+    let room = mesh.start_room().await;
+    let gross = gifts_in(mesh, room, tag).await;
+    let (_, cut) = expected_cut(mesh, room).await;
+    let before = mesh.balance(streamer).await;
+    Gifted {
+        room,
+        gross,
+        cut,
+        before,
+    }
+}
+
+/// SIGKILLs the private MariaDB and starts it again on the same data;
+/// returns when it was killed (ms since the epoch).
+async fn kill_and_restart(db: &PrivateMariadb) -> i64 {
+    db.kill();
+    let killed_at = livemesh_mesh::now_ms();
+    db.restart().await;
+    killed_at
+}
+
 /// Waits (without calling SettleRoom) until the settler has settled the
 /// room by itself, after the kill at `killed_at_ms`.
 async fn settles_by_itself(mesh: &Mesh, room_id: u64, killed_at_ms: i64) {
@@ -1083,25 +1114,27 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     let inner = mesh.settler.inner().clone();
 
     // Room A: the end commits, then MariaDB dies at once.
-    let room_a = mesh.start_room().await;
-    let gross_a = gifts_in(&mut mesh, room_a, "a").await;
-    let (_, cut_a) = expected_cut(&mesh, room_a).await;
-    let before = mesh.balance(streamer).await;
+    let Gifted {
+        room: room_a,
+        gross: gross_a,
+        cut: cut_a,
+        before,
+    } = gifted_room(&mut mesh, "a", streamer).await;
     mesh.admin
         .end_room(EndRoomRequest { room_id: room_a })
         .await
         .unwrap();
-    db.kill();
-    let killed_at = livemesh_mesh::now_ms();
-    db.restart().await;
+    let killed_at = kill_and_restart(&db).await;
     settles_by_itself(&mesh, room_a, killed_at).await;
     assert_settled_once(&mut mesh, room_a, gross_a, cut_a, before).await;
 
     // Room C: killed once the settlement has begun.
-    let room_c = mesh.start_room().await;
-    let gross_c = gifts_in(&mut mesh, room_c, "c").await;
-    let (_, cut_c) = expected_cut(&mesh, room_c).await;
-    let before = mesh.balance(streamer).await;
+    let Gifted {
+        room: room_c,
+        gross: gross_c,
+        cut: cut_c,
+        before,
+    } = gifted_room(&mut mesh, "c", streamer).await;
     mesh.admin
         .end_room(EndRoomRequest { room_id: room_c })
         .await
@@ -1118,17 +1151,17 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    db.kill();
-    let killed_at = livemesh_mesh::now_ms();
-    db.restart().await;
+    let killed_at = kill_and_restart(&db).await;
     settles_by_itself(&mesh, room_c, killed_at).await;
     assert_settled_once(&mut mesh, room_c, gross_c, cut_c, before).await;
 
     // Room B: killed at a precise point of the settlement.
-    let room_b = mesh.start_room().await;
-    let gross_b = gifts_in(&mut mesh, room_b, "b").await;
-    let (_, cut_b) = expected_cut(&mesh, room_b).await;
-    let before = mesh.balance(streamer).await;
+    let Gifted {
+        room: room_b,
+        gross: gross_b,
+        cut: cut_b,
+        before,
+    } = gifted_room(&mut mesh, "b", streamer).await;
     let killer = db.clone();
     let err = inner
         .settle(room_b, streamer, &move |step| {
