@@ -318,11 +318,10 @@ impl Feed {
     }
 }
 
-/// Ordered events this stream has not sent, from `cursor.next`, with
-/// their sequence numbers; those in its skip range are passed over.
-fn unsent<'a>(state: &'a State, cursor: &Cursor) -> impl Iterator<Item = (u64, &'a Entry)> {
+/// Ordered events a stream has not sent, from sequence number `next`, with
+/// their sequence numbers; those in its `skip` range are passed over.
+fn unsent(state: &State, next: u64, skip: (u64, u64)) -> impl Iterator<Item = (u64, &Entry)> {
     let oldest = state.head - state.ring.len() as u64;
-    let (next, skip) = (cursor.next, cursor.skip);
     let from = (next - oldest) as usize;
     state
         .ring
@@ -334,7 +333,7 @@ fn unsent<'a>(state: &'a State, cursor: &Cursor) -> impl Iterator<Item = (u64, &
 
 /// The next ordered event, else the newest unsent latest value.
 fn read_one(state: &State, cursor: &mut Cursor) -> Option<Frame> {
-    if let Some((seq, entry)) = unsent(state, cursor).next() {
+    if let Some((seq, entry)) = unsent(state, cursor.next, cursor.skip).next() {
         cursor.next = seq + 1;
         cursor.last = (entry.epoch, entry.offset);
         return Some(entry.event.frame());
@@ -357,7 +356,7 @@ fn read_one(state: &State, cursor: &mut Cursor) -> Option<Frame> {
 fn read_batch(state: &State, cursor: &mut Cursor, max_bytes: usize) -> Option<Frame> {
     let mut batch = BatchWriter::new();
     let mut next = state.head;
-    for (seq, entry) in unsent(state, cursor) {
+    for (seq, entry) in unsent(state, cursor.next, cursor.skip) {
         if !batch.is_empty() && batch.len() + entry.event.len() > max_bytes {
             // The rest goes in the next message, right after this one.
             next = seq;

@@ -1576,16 +1576,18 @@ fn print_and_save(
     // The headline per-delivery figures are the hot room's, where a fan-out
     // is widest.
     let hot = |key: &str| figures.get(&format!("hot_{key}")).copied();
-    if let Some(ours) = hot("server_cpu_us_per_delivery") {
-        figures.insert("server_cpu_us_per_delivery".into(), ours);
-    }
-    if let Some(theirs) = hot("nats_server_cpu_us_per_delivery") {
-        figures.insert("nats_server_cpu_us_per_delivery".into(), theirs);
-    }
-    if let (Some(ours), Some(theirs)) = (
+    let (cpu, nats_cpu) = (
         hot("server_cpu_us_per_delivery"),
         hot("nats_server_cpu_us_per_delivery"),
-    ) {
+    );
+    let (p99, nats_p99) = (hot("latency_p99_ms"), hot("nats_latency_p99_ms"));
+    if let Some(ours) = cpu {
+        figures.insert("server_cpu_us_per_delivery".into(), ours);
+    }
+    if let Some(theirs) = nats_cpu {
+        figures.insert("nats_server_cpu_us_per_delivery".into(), theirs);
+    }
+    if let (Some(ours), Some(theirs)) = (cpu, nats_cpu) {
         figures.insert("cpu_ratio_vs_nats".into(), ours / theirs);
         println!(
             "  hot room, server CPU per delivery while saturating: livemesh {ours:.2} µs, \
@@ -1593,7 +1595,7 @@ fn print_and_save(
             ours / theirs
         );
     }
-    if let (Some(ours), Some(theirs)) = (hot("latency_p99_ms"), hot("nats_latency_p99_ms")) {
+    if let (Some(ours), Some(theirs)) = (p99, nats_p99) {
         figures.insert("p99_ratio_vs_nats".into(), ours / theirs);
         println!(
             "  hot room, paced p99 at the same rate: livemesh {ours:.1} ms, NATS {theirs:.1} ms \
