@@ -30,6 +30,11 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Start the mesh in this process and run a short scripted broadcast
     /// against it through the real gRPC clients, printing each step.
     Demo {
@@ -115,6 +120,23 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Load the configuration exactly as `livemesh up` would (defaults <
+    /// file < LIVEMESH_* environment < flags), validate it, read the secret
+    /// and certificate files it names, and bind nothing. Exit 0 when it is
+    /// usable, 2 with one line per wrong key. Every service binary does the
+    /// same for its own role with `--check-config`.
+    #[command(after_help = "Examples:\n  \
+        livemesh config check --config /etc/livemesh/livemesh.toml\n  \
+        LIVEMESH_AUTH__MODE=enforce livemesh config check\n  \
+        livemesh-subscribe --check-config   # the same, as a subscribe node")]
+    Check {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
@@ -124,6 +146,9 @@ async fn main() -> ExitCode {
             })
             .await
         }
+        Command::Config {
+            command: ConfigCommand::Check { common },
+        } => livemesh_mesh::check::run("livemesh", &common),
         Command::Demo { data_dir } => report(demo::run(data_dir).await),
         Command::LedgerExport {
             addr,
