@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod health;
 pub mod ledger_csv;
 
 use livemesh_counter::Counter;
