@@ -209,6 +209,22 @@ pub fn check(role: Role, sources: &Sources) -> Result<Config, Vec<Problem>> {
     // the TLS certificates.
     if let Err(err) = Security::from_config(&config.auth) {
         report("auth", err.to_string());
+    } else if config.auth.tls_enabled() {
+        // Read fine; now make sure each file holds what its key says, so
+        // a swapped or empty mount fails here rather than at the first call.
+        for (key, path, marker) in [
+            ("auth.tls_cert", &config.auth.tls_cert, "-----BEGIN CERTIFICATE-----"),
+            ("auth.tls_key", &config.auth.tls_key, "PRIVATE KEY-----"),
+            ("auth.tls_ca", &config.auth.tls_ca, "-----BEGIN CERTIFICATE-----"),
+        ] {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if !text.contains(marker) {
+                report(
+                    key,
+                    format!("{path} holds no PEM {marker:?} block"),
+                );
+            }
+        }
     }
 
     if problems.is_empty() {
@@ -298,6 +314,26 @@ fn sql_url(url: &str) -> Result<(), String> {
     ))
 }
 
+/// The SQL databases the configuration names, passwords masked.
+fn summarize_sql(config: &Config) -> String {
+    let mut urls: Vec<String> = config
+        .database_url
+        .iter()
+        .chain(std::iter::once(&config.counter.database_url).filter(|u| !u.is_empty()))
+        .chain(&config.gifts.shard_urls)
+        .map(|u| crate::sql::redact(u))
+        .collect();
+    if urls.is_empty() {
+        return "SQLite files under data_dir".to_owned();
+    }
+    if urls.len() > 2 {
+        let more = urls.len() - 1;
+        urls.truncate(1);
+        urls.push(format!("{more} more"));
+    }
+    urls.join(", ")
+}
+
 fn sql_database(url: &str) -> Option<String> {
     sqlx::mysql::MySqlConnectOptions::from_str(&url.replacen("mariadb:", "mysql:", 1))
         .ok()?
@@ -313,8 +349,7 @@ pub fn run(name: &str, args: &CommonArgs) -> ExitCode {
     match check(Role::from_name(name), &sources) {
         Ok(config) => {
             println!(
-                "{name}: configuration OK (listen {}, auth.mode {}, TLS {}, redis {}, \
-                 database {})",
+                "{name}: configuration OK (listen {}, auth.mode {}, TLS {}, redis {}, sql {})",
                 config.listen,
                 match config.auth.mode {
                     crate::auth::AuthMode::Dev => "dev",
@@ -325,14 +360,11 @@ pub fn run(name: &str, args: &CommonArgs) -> ExitCode {
                 } else {
                     "off"
                 },
-                config
-                    .redis_url
-                    .as_deref()
-                    .map_or_else(|| "in-process".to_owned(), crate::sql::redact),
-                config
-                    .database_url
-                    .as_deref()
-                    .map_or_else(|| "SQLite under data_dir".to_owned(), crate::sql::redact),
+                config.redis_url.as_deref().map_or_else(
+                    || "in-process".to_owned(),
+                    |urls| format!("{} URL(s)", urls.split(',').count())
+                ),
+                summarize_sql(&config),
             );
             ExitCode::SUCCESS
         }
