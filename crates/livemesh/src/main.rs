@@ -57,6 +57,21 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 0)]
         wait_secs: u64,
     },
+    /// Drive a bounded workload through the processes `scripts/topology`
+    /// started (listed in its topology file) and check the outcome: every
+    /// viewer saw every comment and gift once in order, love totals equal
+    /// the accepted loves, every room settled and reconciles. Run it through
+    /// `scripts/topology --check`, which also starts and stops everything.
+    TopologyCheck {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The topology file scripts/topology wrote.
+        #[arg(long, value_name = "FILE")]
+        topology: PathBuf,
+        /// Traffic rounds (each: comments, loves and gifts in every room).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        rounds: u64,
+    },
     /// Start the mesh in this process and run a short scripted broadcast
     /// against it through the real gRPC clients, printing each step.
     Demo {
@@ -182,6 +197,21 @@ async fn main() -> ExitCode {
                 &addrs,
                 &service,
                 std::time::Duration::from_secs(wait_secs),
+            )
+            .await,
+        ),
+        Command::TopologyCheck {
+            common,
+            topology,
+            rounds,
+        } => report(
+            livemesh::topology::run(
+                &common,
+                &topology,
+                livemesh::topology::Workload {
+                    rounds,
+                    ..livemesh::topology::Workload::default()
+                },
             )
             .await,
         ),
