@@ -149,10 +149,11 @@ _topo_common_env() {
     )
 }
 
-# Plans process NAME of SERVICE: picks its ports.
+# Plans process NAME of SERVICE: takes its three ports from TOPO_PORTS
+# (picked in one go, so no two processes get the same one).
 _topo_plan() {
-    local name=$1 service=$2 ports=()
-    mapfile -t ports < <(livemesh_pick_ports 3)
+    local name=$1 service=$2 ports=("${TOPO_PORTS[@]:0:3}")
+    TOPO_PORTS=("${TOPO_PORTS[@]:3}")
     TOPO_NAMES+=("$name")
     TOPO_SERVICE[$name]=$service
     TOPO_URL[$name]="https://127.0.0.1:${ports[0]}"
@@ -207,6 +208,8 @@ shards = 4
 EOF
     _topo_common_env
 
+    mapfile -t TOPO_PORTS < <(livemesh_pick_ports 30)
+    ((${#TOPO_PORTS[@]} == 30)) || { _topo_log "no 30 free ports"; return 1; }
     _topo_plan ongoing-query-0 ongoing-query
     _topo_plan publish-0 publish
     _topo_plan publish-1 publish
