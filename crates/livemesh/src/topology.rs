@@ -41,9 +41,9 @@ use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
 use livemesh_proto::v1::subscribe_response::Message;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, DepositRequest, EndRoomRequest, GetLovesRequest, GetSettlementRequest,
-    PublishRequest, ReconcileRequest, RoomEvent, SendGiftRequest, SendLovesRequest,
-    SettlementState, StartRoomRequest, SubscribeRequest, room_event,
+    Comment, DepositRequest, EndRoomRequest, GetLovesRequest, GetSettlementRequest, PublishRequest,
+    ReconcileRequest, RoomEvent, SendGiftRequest, SendLovesRequest, SettlementState,
+    StartRoomRequest, SubscribeRequest, room_event,
 };
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -207,10 +207,9 @@ impl RoomPlan {
 }
 
 async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
-    let mut admin = RoomAdminServiceClient::new(mesh.channel(
-        &mesh.topology.processes("ongoing-query")?[0].url,
-        "admin",
-    )?);
+    let mut admin = RoomAdminServiceClient::new(
+        mesh.channel(&mesh.topology.processes("ongoing-query")?[0].url, "admin")?,
+    );
     let subscribers: Vec<_> = mesh
         .channels("subscribe", "bff")?
         .into_iter()
@@ -358,18 +357,24 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
 
     // 5a. Every viewer sees every ordered event of its room once, in order.
     audience
-        .until("every viewer sees every comment and gift of its room", |all| {
-            all.values().all(|v| {
-                plans
-                    .iter()
-                    .find(|p| p.room_id == v.room_id)
-                    .is_some_and(|p| v.ordered.len() >= p.ordered_events())
-            })
-        })
+        .until(
+            "every viewer sees every comment and gift of its room",
+            |all| {
+                all.values().all(|v| {
+                    plans
+                        .iter()
+                        .find(|p| p.room_id == v.room_id)
+                        .is_some_and(|p| v.ordered.len() >= p.ordered_events())
+                })
+            },
+        )
         .await?;
     let logs = audience.snapshot();
     for plan in &plans {
-        let viewers: Vec<&ViewerLog> = logs.values().filter(|v| v.room_id == plan.room_id).collect();
+        let viewers: Vec<&ViewerLog> = logs
+            .values()
+            .filter(|v| v.room_id == plan.room_id)
+            .collect();
         let first = viewers.first().context("a room without viewers")?;
         for viewer in &viewers {
             check_ordered(plan, viewer)?;
@@ -394,25 +399,26 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
     for plan in &plans {
         for (c, counter) in counters.iter().enumerate() {
             let room_id = plan.room_id;
-            let total = eventually(&format!("counter {c} reports room {room_id}'s loves"), || {
-                let mut counter = counter.clone();
-                async move {
-                    let total = counter
-                        .get_loves(GetLovesRequest { room_id })
-                        .await?
-                        .into_inner()
-                        .total;
-                    Ok((total == plan.loves).then_some(total))
-                }
-            })
+            let total = eventually(
+                &format!("counter {c} reports room {room_id}'s loves"),
+                || {
+                    let mut counter = counter.clone();
+                    async move {
+                        let total = counter
+                            .get_loves(GetLovesRequest { room_id })
+                            .await?
+                            .into_inner()
+                            .total;
+                        Ok((total == plan.loves).then_some(total))
+                    }
+                },
+            )
             .await?;
             ensure!(total == plan.loves);
         }
     }
     let loves: u64 = plans.iter().map(|p| p.loves).sum();
-    println!(
-        "both counters report the accepted loves of every room ({loves} in all)"
-    );
+    println!("both counters report the accepted loves of every room ({loves} in all)");
 
     // 5c. End the rooms: viewers see the end, money settles, totals land in SQL.
     for plan in &plans {
@@ -424,9 +430,10 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
             .with_context(|| format!("EndRoom {}", plan.room_id))?;
     }
     audience
-        .until("every viewer sees its room end and its stream close", |all| {
-            all.values().all(|v| v.ended && v.closed.is_some())
-        })
+        .until(
+            "every viewer sees its room end and its stream close",
+            |all| all.values().all(|v| v.ended && v.closed.is_some()),
+        )
         .await?;
     for viewer in audience.snapshot().values() {
         if let Some(Err(status)) = &viewer.closed {
@@ -443,17 +450,20 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
     for plan in &plans {
         let room_id = plan.room_id;
         for (f, finance) in finance.iter().enumerate() {
-            let settlement = eventually(&format!("room {room_id} settles (asked gift-settler {f})"), || {
-                let mut finance = finance.clone();
-                async move {
-                    let settlement = finance
-                        .get_settlement(GetSettlementRequest { room_id })
-                        .await?
-                        .into_inner()
-                        .settlement;
-                    Ok(settlement.filter(|s| s.state() == SettlementState::Settled))
-                }
-            })
+            let settlement = eventually(
+                &format!("room {room_id} settles (asked gift-settler {f})"),
+                || {
+                    let mut finance = finance.clone();
+                    async move {
+                        let settlement = finance
+                            .get_settlement(GetSettlementRequest { room_id })
+                            .await?
+                            .into_inner()
+                            .settlement;
+                        Ok(settlement.filter(|s| s.state() == SettlementState::Settled))
+                    }
+                },
+            )
             .await?;
             ensure!(
                 settlement.gross == plan.gifts && settlement.streamer_id == plan.anchor_id,
@@ -735,28 +745,30 @@ impl Audience {
         tokio::spawn(async move {
             loop {
                 match stream.message().await {
-                    Ok(Some(response)) => audience.update(viewer_id, |log| match response.message {
-                        Some(Message::Started(_)) => log.started = true,
-                        Some(Message::Event(event)) => match event.kind {
-                            Some(room_event::Kind::Comment(Comment { text, .. })) => {
-                                log.ordered.push((event.offset, text));
-                            }
-                            Some(room_event::Kind::Gift(gift)) => {
-                                log.ordered.push((event.offset, gift_text(&gift.transfer_id)));
-                            }
-                            Some(room_event::Kind::RoomEnded(_)) => log.ended = true,
-                            _ => {}
-                        },
-                        None => {}
-                    }),
+                    Ok(Some(response)) => {
+                        audience.update(viewer_id, |log| match response.message {
+                            Some(Message::Started(_)) => log.started = true,
+                            Some(Message::Event(event)) => match event.kind {
+                                Some(room_event::Kind::Comment(Comment { text, .. })) => {
+                                    log.ordered.push((event.offset, text));
+                                }
+                                Some(room_event::Kind::Gift(gift)) => {
+                                    log.ordered
+                                        .push((event.offset, gift_text(&gift.transfer_id)));
+                                }
+                                Some(room_event::Kind::RoomEnded(_)) => log.ended = true,
+                                _ => {}
+                            },
+                            None => {}
+                        })
+                    }
                     Ok(None) => {
                         audience.update(viewer_id, |log| log.closed = Some(Ok(())));
                         return;
                     }
                     Err(status) => {
                         audience.update(viewer_id, |log| {
-                            log.closed =
-                                Some(Err((status.code(), status.message().to_owned())));
+                            log.closed = Some(Err((status.code(), status.message().to_owned())));
                         });
                         return;
                     }
@@ -830,8 +842,14 @@ fn gift_text(transfer_id: &str) -> String {
 /// workload ran.
 const ALERT_METRICS: &[(&str, &str)] = &[
     ("subscribe", "livemesh_fanout_lag_seconds_bucket"),
-    ("ongoing-query", "livemesh_ongoing_query_binlog_lag_seconds_bucket"),
-    ("gift-settler", "livemesh_gifts_settlement_pending_age_seconds"),
+    (
+        "ongoing-query",
+        "livemesh_ongoing_query_binlog_lag_seconds_bucket",
+    ),
+    (
+        "gift-settler",
+        "livemesh_gifts_settlement_pending_age_seconds",
+    ),
     ("publish", "rpc_server_calls_total"),
     ("counter", "rpc_server_calls_total"),
 ];
@@ -878,13 +896,19 @@ async fn scrape(url: &str) -> anyhow::Result<String> {
         .await
         .with_context(|| format!("connecting to {url}"))?;
     socket
-        .write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut response = String::new();
     socket.read_to_string(&mut response).await?;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .with_context(|| format!("{url}: no HTTP response"))?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "{url}: {}", head.lines().next().unwrap_or(""));
+    ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "{url}: {}",
+        head.lines().next().unwrap_or("")
+    );
     Ok(body.to_owned())
 }

@@ -98,7 +98,11 @@ pub fn check(role: Role, sources: &Sources) -> Result<Config, Vec<Problem>> {
     };
 
     if !config.telemetry.metrics_listen.is_empty()
-        && config.telemetry.metrics_listen.parse::<SocketAddr>().is_err()
+        && config
+            .telemetry
+            .metrics_listen
+            .parse::<SocketAddr>()
+            .is_err()
     {
         report(
             "telemetry.metrics_listen",
@@ -213,16 +217,21 @@ pub fn check(role: Role, sources: &Sources) -> Result<Config, Vec<Problem>> {
         // Read fine; now make sure each file holds what its key says, so
         // a swapped or empty mount fails here rather than at the first call.
         for (key, path, marker) in [
-            ("auth.tls_cert", &config.auth.tls_cert, "-----BEGIN CERTIFICATE-----"),
+            (
+                "auth.tls_cert",
+                &config.auth.tls_cert,
+                "-----BEGIN CERTIFICATE-----",
+            ),
             ("auth.tls_key", &config.auth.tls_key, "PRIVATE KEY-----"),
-            ("auth.tls_ca", &config.auth.tls_ca, "-----BEGIN CERTIFICATE-----"),
+            (
+                "auth.tls_ca",
+                &config.auth.tls_ca,
+                "-----BEGIN CERTIFICATE-----",
+            ),
         ] {
             let text = std::fs::read_to_string(path).unwrap_or_default();
             if !text.contains(marker) {
-                report(
-                    key,
-                    format!("{path} holds no PEM {marker:?} block"),
-                );
+                report(key, format!("{path} holds no PEM {marker:?} block"));
             }
         }
     }
@@ -441,7 +450,11 @@ mod tests {
         let problems = check(Role::Counter, &Sources::default()).unwrap_err();
         assert_eq!(
             keys(&problems),
-            ["counter.ongoing_query_url", "counter.publish_url", "redis_url"]
+            [
+                "counter.ongoing_query_url",
+                "counter.publish_url",
+                "redis_url"
+            ]
         );
     }
 

@@ -261,9 +261,9 @@ mod tests {
             "DROP DATABASE mesh_migrate_race_{}",
             std::process::id()
         )))
-            .execute(pool)
-            .await
-            .unwrap();
+        .execute(pool)
+        .await
+        .unwrap();
         for db in dbs {
             db.close().await;
         }
