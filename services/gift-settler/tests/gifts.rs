@@ -5,6 +5,7 @@
 // Helpers outside #[test] functions unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
 use livemesh_gift_settler::ledger::{LedgerError, PLATFORM, Transfer, room_account, user_account};
 use livemesh_gift_settler::settle::{Step, cut_of};
@@ -19,6 +20,7 @@ use livemesh_proto::v1::{
 use livemesh_proto::v1::{
     ExportLedgerRequest, GetSettlementRequest, ReconcileRequest, SettlementState,
 };
+use livemesh_publish::Dispatcher;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +47,7 @@ const SUBACCOUNTS: u32 = 8;
 struct Mesh {
     _dir: tempfile::TempDir,
     _rooms: TestServer,
+    _dispatcher: TestServer,
     _gifts_server: TestServer,
     settler: GiftSettler,
     admin: RoomAdminServiceClient<MeshChannel>,
@@ -74,8 +77,11 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
     config.gifts.shard_urls = shard_urls;
     config.gifts.room_subaccounts = SUBACCOUNTS;
     config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
-    // No dispatcher here: publishing gift events fails, which never undoes a gift.
-    config.gifts.publish_url = format!("http://{}", rooms.addr);
+    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    // A dispatcher takes each gift's event before the gift commits.
+    let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
+    let dispatcher = TestServer::start(Dispatcher::from_config(&config, store).unwrap()).await;
+    config.gifts.publish_url = format!("http://{}", dispatcher.addr);
     let settler = GiftSettler::from_config(&config).await.unwrap();
     let gifts_server = TestServer::start(settler.clone()).await;
     Mesh {
@@ -83,6 +89,7 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
         gifts: GiftsServiceClient::new(gifts_server.channel()),
         _dir: dir,
         _rooms: rooms,
+        _dispatcher: dispatcher,
         _gifts_server: gifts_server,
         settler,
     }
@@ -565,6 +572,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
         report: user_account(viewer),
         debit_may_go_negative: false,
         now_ms: livemesh_mesh::now_ms(),
+        gift: None,
     };
     let batch = [
         gift("a", 30),
@@ -573,7 +581,10 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
         gift("b", 60),
         gift("c", 20), // 99 - 30 - 60 = 9 left: refused
     ];
-    let results = shard.apply_batch(&batch).await.unwrap();
+    let results = shard
+        .apply_batch(&batch, &livemesh_gift_settler::ledger::Silent)
+        .await
+        .unwrap();
     assert!(matches!(results[0], Ok(ref a) if !a.replayed && a.balance == 69));
     assert!(matches!(
         results[1],
