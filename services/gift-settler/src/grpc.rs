@@ -420,6 +420,17 @@ fn settlement(row: &SettlementRow) -> Settlement {
     }
 }
 
+/// `from` minus each of `minus`, checked: a statement's differences are
+/// sums of i64 amounts and must not wrap.
+fn difference(from: i64, minus: &[i64]) -> Result<i64, sqlx::Error> {
+    minus
+        .iter()
+        .try_fold(from, |acc, m| acc.checked_sub(*m))
+        .ok_or_else(|| {
+            sqlx::Error::Protocol("a statement's difference does not fit a 64-bit amount".into())
+        })
+}
+
 impl GiftsApi {
     async fn room(&self, room_id: u64) -> Result<livemesh_mesh::rooms::RoomInfo, GiftError> {
         if room_id == 0 {
@@ -466,13 +477,13 @@ impl GiftsApi {
                 settled: swept,
                 platform_cut,
                 streamer_credit,
-                gift_difference: gifts_debited - virtual_credited,
+                gift_difference: difference(gifts_debited, &[virtual_credited])?,
                 // Credited to the room but neither still in its virtual
                 // account nor paid to the streamer and the platform.
-                settlement_difference: virtual_credited
-                    - virtual_balance
-                    - platform_cut
-                    - streamer_credit,
+                settlement_difference: difference(
+                    virtual_credited,
+                    &[virtual_balance, platform_cut, streamer_credit],
+                )?,
                 virtual_balance,
             });
         }

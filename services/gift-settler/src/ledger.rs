@@ -589,12 +589,25 @@ impl Shard {
 
     /// The sum of every balance in the shard (zero: money is conserved).
     pub async fn total(&self) -> Result<i64, sqlx::Error> {
-        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
-            sqlx::query_as("SELECT CAST(SUM(balance) AS SIGNED) FROM accounts")
-                .fetch_one(pool)
-                .await?
+        let sql = format!("SELECT {} FROM accounts", self.split_sum("balance"));
+        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await?
         });
-        Ok(sum.unwrap_or(0))
+        joined_sum(halves)
+    }
+
+    /// `SUM(column)` as two sums that cannot overflow whatever the rows
+    /// hold (SQLite fails a sum past i64, MySQL's cast would clamp it): of
+    /// the column's high half (`column / 2^32`, below 2^31 in size) and of
+    /// its low half (the remainder, below 2^32), joined by [`joined_sum`].
+    fn split_sum(&self, column: &str) -> String {
+        if self.db.is_mysql() {
+            format!(
+                "CAST(SUM({column} DIV 4294967296) AS SIGNED), CAST(SUM({column} MOD 4294967296) AS SIGNED)"
+            )
+        } else {
+            format!("SUM({column} / 4294967296), SUM({column} % 4294967296)")
+        }
     }
 }
 
@@ -705,6 +718,15 @@ fn clone_refusal(err: &LedgerError) -> LedgerError {
         LedgerError::Unannounced(why) => LedgerError::Unannounced(why.clone()),
         other => LedgerError::Unannounced(other.to_string()),
     }
+}
+
+/// The sum that [`Shard::split_sum`]'s two halves stand for, or an error
+/// when it does not fit an i64 (the contract's amounts are i64).
+fn joined_sum((high, low): (Option<i64>, Option<i64>)) -> Result<i64, sqlx::Error> {
+    let sum = i128::from(high.unwrap_or(0)) * (1 << 32) + i128::from(low.unwrap_or(0));
+    i64::try_from(sum).map_err(|_| {
+        sqlx::Error::Protocol(format!("a ledger sum, {sum}, does not fit a 64-bit amount"))
+    })
 }
 
 /// Ids are u64 in the contract and BIGINT (signed) in SQL; ids stay below 2^63.
@@ -840,16 +862,18 @@ impl Shard {
 
     /// The sum of the amounts of this shard's transfers of `kind` for the room.
     pub async fn room_transfers(&self, room_id: u64, kind: &str) -> Result<i64, sqlx::Error> {
-        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT CAST(SUM(amount) AS SIGNED) FROM transfers WHERE room_id = ? AND kind = ?",
-            )
-            .bind(sql_id(room_id))
-            .bind(kind)
-            .fetch_one(pool)
-            .await?
+        let sql = format!(
+            "SELECT {} FROM transfers WHERE room_id = ? AND kind = ?",
+            self.split_sum("amount")
+        );
+        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(sql_id(room_id))
+                .bind(kind)
+                .fetch_one(pool)
+                .await?
         });
-        Ok(sum.unwrap_or(0))
+        joined_sum(halves)
     }
 
     /// The amount of one transfer (0 if it does not exist).
@@ -866,27 +890,33 @@ impl Shard {
     /// Credits to the room's virtual sub-accounts here (ledger entries).
     pub async fn room_credits(&self, room_id: u64) -> Result<i64, sqlx::Error> {
         let pattern = format!("room:{room_id}:%");
-        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT CAST(SUM(amount) AS SIGNED) FROM entries WHERE account LIKE ? AND amount > 0",
-            )
-            .bind(&pattern)
-            .fetch_one(pool)
-            .await?
+        let sql = format!(
+            "SELECT {} FROM entries WHERE account LIKE ? AND amount > 0",
+            self.split_sum("amount")
+        );
+        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(&pattern)
+                .fetch_one(pool)
+                .await?
         });
-        Ok(sum.unwrap_or(0))
+        joined_sum(halves)
     }
 
     /// What the room's virtual sub-accounts hold here now.
     pub async fn room_balance(&self, room_id: u64) -> Result<i64, sqlx::Error> {
         let pattern = format!("room:{room_id}:%");
-        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
-            sqlx::query_as("SELECT CAST(SUM(balance) AS SIGNED) FROM accounts WHERE account LIKE ?")
+        let sql = format!(
+            "SELECT {} FROM accounts WHERE account LIKE ?",
+            self.split_sum("balance")
+        );
+        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(&pattern)
                 .fetch_one(pool)
                 .await?
         });
-        Ok(sum.unwrap_or(0))
+        joined_sum(halves)
     }
 
     /// Records that the room's settlement started (once; the first record stays).

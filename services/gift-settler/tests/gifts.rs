@@ -715,6 +715,22 @@ async fn balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone(backen
         assert_eq!(mesh.balance(*user).await, 5);
     }
     mesh.assert_conserved().await;
+
+    // The ledger's sums hold whatever the balances: two accounts at
+    // i64::MAX and two at -i64::MAX sum to 0, where a plain SQL SUM fails
+    // (SQLite: "integer overflow") or clamps (MySQL's cast).
+    let shard = mesh.settler.inner().shards[0].clone();
+    livemesh_mesh::on_db!(shard.db(), pool => {
+        sqlx::query(
+            "INSERT INTO accounts (account, balance, may_go_negative) VALUES \
+             ('test:max-a', 9223372036854775807, 0), ('test:max-b', 9223372036854775807, 0), \
+             ('test:min-a', -9223372036854775807, 1), ('test:min-b', -9223372036854775807, 1)",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+    });
+    mesh.assert_conserved().await;
 }
 
 /// Defect 3 of issue 12: a transfer the database refuses failed its whole
