@@ -115,9 +115,11 @@ async fn work(
                 }
             }
             Err(err) if err.is_permanent() => {
-                for (transfer, reply) in transfers.iter().zip(replies) {
+                // A batch of one transfer, refused for good.
+                if let (Some(transfer), Some(reply)) =
+                    (transfers.first(), replies.into_iter().next())
+                {
                     let _ = reply.send(Err(refusal(&shard, transfer, err)));
-                    break; // one transfer, one reply
                 }
             }
             Err(err) => {

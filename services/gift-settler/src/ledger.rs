@@ -614,6 +614,10 @@ impl Shard {
 /// account -> (balance, may go negative, changed).
 type Held = std::collections::BTreeMap<String, (i64, bool, bool)>;
 
+/// What [`decide`] makes of a batch: the result per transfer, the applied
+/// ones (index, reported balance), the balances after them.
+type Decided = (Vec<Result<Applied, LedgerError>>, Vec<(usize, i64)>, Held);
+
 /// Decides a batch in order against the balances read (`held`), leaving out
 /// the transfers in `refused` (answered with their error): the result per
 /// transfer, the applied ones (index, reported balance) and the balances
@@ -625,7 +629,7 @@ fn decide(
     status: &std::collections::HashMap<i64, String>,
     mut held: Held,
     refused: &mut std::collections::HashMap<usize, LedgerError>,
-) -> (Vec<Result<Applied, LedgerError>>, Vec<(usize, i64)>, Held) {
+) -> Decided {
     let mut done: std::collections::HashMap<&str, (&str, i64)> = std::collections::HashMap::new();
     let mut results = Vec::with_capacity(batch.len());
     let mut applied = Vec::new();
