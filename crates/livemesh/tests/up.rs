@@ -270,11 +270,19 @@ impl Up {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn livemesh up");
-        let channel = ClientStack::new(&ClientConfig::default())
-            .channel(&format!("http://127.0.0.1:{port}"))
-            .unwrap();
-        let mut up = Self { child, channel };
+        let channel = || {
+            ClientStack::new(&ClientConfig::default())
+                .channel(&format!("http://127.0.0.1:{port}"))
+                .unwrap()
+        };
+        // The refused connections while the process starts count against
+        // the waiting channel's breaker; the test's calls get a fresh one.
+        let mut up = Self {
+            child,
+            channel: channel(),
+        };
         up.wait_serving().await;
+        up.channel = channel();
         up
     }
 
