@@ -111,6 +111,14 @@ pub struct GiftsConfig {
     /// The dispatcher committed gifts are published through. Empty: this
     /// process's own address.
     pub publish_url: String,
+    /// The largest amount of one deposit or gift, in the smallest currency
+    /// unit; larger ones are refused (INVALID_ARGUMENT).
+    pub max_transfer_amount: i64,
+    /// How long a gift batch waits for the dispatcher to take a gift's
+    /// event before the gift is refused (UNAVAILABLE, retry with the same
+    /// key). A gift is announced before it commits, so that no gift that
+    /// answered OK is missing from its room's stream.
+    pub announce_timeout_ms: u64,
 }
 
 impl Default for GiftsConfig {
@@ -124,6 +132,8 @@ impl Default for GiftsConfig {
             batch_workers: 4,
             ongoing_query_url: String::new(),
             publish_url: String::new(),
+            max_transfer_amount: 1_000_000_000_000,
+            announce_timeout_ms: 2_000,
         }
     }
 }
@@ -483,12 +493,17 @@ pub struct ServerConfig {
     /// later") instead of queueing. A streaming call counts only until its
     /// stream starts; health checks and reflection are never shed.
     pub max_concurrent_requests: u32,
+    /// A second, plaintext address serving only `grpc.health.v1` (the same
+    /// statuses), for probes that speak no TLS (kubelet's gRPC probes).
+    /// Empty: none.
+    pub health_listen: String,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_concurrent_requests: 10_000,
+            health_listen: String::new(),
         }
     }
 }
@@ -645,6 +660,12 @@ impl Config {
         if self.gifts.platform_cut_bps > 10_000 {
             return invalid("gifts.platform_cut_bps is at most 10000 (100%)");
         }
+        if self.gifts.max_transfer_amount <= 0 {
+            return invalid("gifts.max_transfer_amount must be at least 1");
+        }
+        if self.gifts.announce_timeout_ms == 0 {
+            return invalid("gifts.announce_timeout_ms must be at least 1");
+        }
         if sub.lease_ms < 2 * sub.report_interval_ms {
             return invalid(
                 "subscribe.lease_ms must be at least twice subscribe.report_interval_ms, \
@@ -733,7 +754,7 @@ impl Config {
     }
 
     /// Every configured peer URL, with its key.
-    fn peer_urls(&self) -> Vec<(&'static str, &str)> {
+    pub(crate) fn peer_urls(&self) -> Vec<(&'static str, &str)> {
         let mut urls = vec![
             (
                 "counter.ongoing_query_url",
@@ -830,6 +851,12 @@ pub struct CommonArgs {
     /// one, "" turns it off [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Load and validate the configuration exactly as the service would
+    /// (defaults < file < environment < flags), read the secret and
+    /// certificate files it names, bind nothing, and exit: 0 when it is
+    /// usable, 2 with each wrong key named.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl CommonArgs {

@@ -806,10 +806,21 @@ where
         }
         let limited = self.limited.clone();
         let max = self.max;
+        let path = request.uri().path().to_owned();
         Box::pin(async move {
             match limited.oneshot(request).await {
                 Err(err) if err.is::<tower::load_shed::error::Overloaded>() => {
                     tracing::debug!(max, "call shed: the server is at its concurrency limit");
+                    // Looked up per shed call (rare), like the breaker's
+                    // instruments, so a provider installed later counts it.
+                    opentelemetry::global::meter("livemesh")
+                        .u64_counter("livemesh.server.shed")
+                        .with_description(
+                            "Calls answered UNAVAILABLE at once because the server was at \
+                             server.max_concurrent_requests",
+                        )
+                        .build()
+                        .add(1, &[KeyValue::new("rpc.method", path)]);
                     Ok(tonic::Status::unavailable(format!(
                         "server overloaded ({max} calls in flight), retry later"
                     ))

@@ -102,9 +102,15 @@ impl Ordered {
         self.bytes.is_empty()
     }
 
-    /// The message that carries this event alone.
+    /// The message that carries this event alone. A small one is copied
+    /// into the frame: every stream of a hot room cloning (and dropping)
+    /// the same `Bytes` made its reference count the hottest cache line of
+    /// a fan-out.
     pub fn frame(&self) -> Frame {
-        Frame(Inner::Whole(self.bytes.clone()))
+        match Inline::copy(&self.bytes) {
+            Some(inline) => Frame(Inner::Inline(inline)),
+            None => Frame(Inner::Whole(self.bytes.clone())),
+        }
     }
 }
 
@@ -144,9 +150,21 @@ impl Latest {
 
     /// The message that carries this event alone, at `position`.
     pub fn frame(&self, position: (u64, u64)) -> Frame {
+        let position = PositionFields::new(position);
+        let len = self.element_len(position);
+        if len <= INLINE_BYTES {
+            let mut inline = Inline {
+                bytes: [0; INLINE_BYTES],
+                len: 0,
+            };
+            let mut out = &mut inline.bytes[..];
+            self.write_element(position, &mut out);
+            inline.len = len as u8;
+            return Frame(Inner::Inline(inline));
+        }
         Frame(Inner::Latest {
             body: self.clone(),
-            position: PositionFields::new(position),
+            position,
         })
     }
 }
@@ -218,10 +236,41 @@ impl Default for BatchWriter {
 #[derive(Debug, Clone)]
 pub struct Frame(Inner);
 
+/// Frames up to this size are copied rather than shared.
+const INLINE_BYTES: usize = 120;
+
+/// A small message held in the frame itself.
+#[derive(Debug, Clone, Copy)]
+struct Inline {
+    bytes: [u8; INLINE_BYTES],
+    len: u8,
+}
+
+impl Inline {
+    fn copy(bytes: &[u8]) -> Option<Self> {
+        let len = bytes.len();
+        if len > INLINE_BYTES {
+            return None;
+        }
+        let mut inline = Self {
+            bytes: [0; INLINE_BYTES],
+            len: len as u8,
+        };
+        inline.bytes[..len].copy_from_slice(bytes);
+        Some(inline)
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Inner {
     /// A whole encoded message.
     Whole(Bytes),
+    /// A small whole message, copied.
+    Inline(Inline),
     /// `SubscribeResponse { event }` of a latest value at a stream's position.
     Latest {
         body: Latest,
@@ -238,6 +287,7 @@ impl Frame {
     pub fn encoded_len(&self) -> usize {
         match &self.0 {
             Inner::Whole(bytes) => bytes.len(),
+            Inner::Inline(inline) => inline.as_slice().len(),
             Inner::Latest { body, position } => body.element_len(*position),
         }
     }
@@ -245,6 +295,7 @@ impl Frame {
     fn write(&self, dst: &mut impl BufMut) {
         match &self.0 {
             Inner::Whole(bytes) => dst.put_slice(bytes),
+            Inner::Inline(inline) => dst.put_slice(inline.as_slice()),
             Inner::Latest { body, position } => body.write_element(*position, dst),
         }
     }
@@ -253,7 +304,7 @@ impl Frame {
     pub fn to_bytes(&self) -> Bytes {
         match &self.0 {
             Inner::Whole(bytes) => bytes.clone(),
-            Inner::Latest { .. } => {
+            Inner::Inline(_) | Inner::Latest { .. } => {
                 let mut buf = BytesMut::with_capacity(self.encoded_len());
                 self.write(&mut buf);
                 buf.freeze()
