@@ -438,7 +438,9 @@ mod tests {
 
     #[test]
     fn a_batch_decodes_to_its_events_in_order() {
-        let ordered: Vec<RoomEvent> = (1..=40).map(|i| comment(i, &"x".repeat(i as usize))).collect();
+        let ordered: Vec<RoomEvent> = (1..=40)
+            .map(|i| comment(i, &"x".repeat(i as usize)))
+            .collect();
         let count = RoomEvent {
             kind: Some(room_event::Kind::ViewerCount(ViewerCount { count: 3 })),
             ..total(0)

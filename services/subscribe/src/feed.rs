@@ -259,7 +259,11 @@ impl Feed {
             Delivery::Batches { max_bytes } => read_batch(&state, cursor, max_bytes),
         };
         let caught_up = cursor.next == state.head
-            && (0..KINDS).all(|k| state.latest[k].as_ref().is_none_or(|(v, _)| *v <= cursor.seen[k]));
+            && (0..KINDS).all(|k| {
+                state.latest[k]
+                    .as_ref()
+                    .is_none_or(|(v, _)| *v <= cursor.seen[k])
+            });
         match frame {
             Some(frame) => {
                 if caught_up && state.ended.is_none() {
@@ -471,7 +475,11 @@ mod tests {
         let mut cursor = feed.cursor((7, 2), (7, 0));
         feed.push_ordered([comment(1), comment(2), comment(3), comment(4)]);
         feed.set_latest(LatestKind::LoveTotal, total(5));
-        let batch = frame(read(&feed, &mut cursor, Delivery::Batches { max_bytes: 1 << 20 }));
+        let batch = frame(read(
+            &feed,
+            &mut cursor,
+            Delivery::Batches { max_bytes: 1 << 20 },
+        ));
         let offsets: Vec<u64> = batch.iter().map(|e| e.offset).collect();
         assert_eq!(offsets, [3, 4, 4], "comments 3 and 4, then the total at 4");
         assert!(read(&feed, &mut cursor, Delivery::Batches { max_bytes: 1 << 20 }).is_pending());
@@ -500,9 +508,20 @@ mod tests {
         let mut slow = feed.cursor((0, 0), (7, 0));
         let mut fast = feed.cursor((0, 0), (7, 0));
         feed.push_ordered((1..=4).map(comment));
-        assert_eq!(frame(read(&feed, &mut fast, Delivery::Batches { max_bytes: 1 << 20 })).len(), 4);
+        assert_eq!(
+            frame(read(
+                &feed,
+                &mut fast,
+                Delivery::Batches { max_bytes: 1 << 20 }
+            ))
+            .len(),
+            4
+        );
         feed.push_ordered([comment(5)]);
-        assert!(matches!(read(&feed, &mut slow, Delivery::Single), Poll::Ready(Read::Overflow)));
+        assert!(matches!(
+            read(&feed, &mut slow, Delivery::Single),
+            Poll::Ready(Read::Overflow)
+        ));
         assert_eq!(slow.last, (7, 0), "nothing sent: resume where it went live");
         assert_eq!(frame(read(&feed, &mut fast, Delivery::Single))[0].offset, 5);
     }
@@ -514,12 +533,21 @@ mod tests {
         let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let waker = counter.clone().into();
         let mut cx = Context::from_waker(&waker);
-        assert!(feed.poll_read(&mut cursor, Delivery::Single, &mut cx).is_pending());
-        assert!(feed.poll_read(&mut cursor, Delivery::Single, &mut cx).is_pending());
+        assert!(
+            feed.poll_read(&mut cursor, Delivery::Single, &mut cx)
+                .is_pending()
+        );
+        assert!(
+            feed.poll_read(&mut cursor, Delivery::Single, &mut cx)
+                .is_pending()
+        );
         assert_eq!(feed.lock().waiters.len(), 1, "registered once");
         feed.push_ordered([comment(1)]);
         assert_eq!(counter.0.load(Ordering::Relaxed), 1);
-        assert!(feed.poll_read(&mut cursor, Delivery::Single, &mut cx).is_ready());
+        assert!(
+            feed.poll_read(&mut cursor, Delivery::Single, &mut cx)
+                .is_ready()
+        );
         // Caught up: registered while reading, so the next change wakes it.
         feed.push_ordered([comment(2)]);
         assert_eq!(counter.0.load(Ordering::Relaxed), 2);
@@ -534,8 +562,14 @@ mod tests {
         feed.finish();
         feed.set_latest(LatestKind::LoveTotal, total(9));
         assert_eq!(frame(read(&feed, &mut a, Delivery::Single))[0].offset, 1);
-        assert!(matches!(read(&feed, &mut a, Delivery::Single), Poll::Ready(Read::Finished)));
+        assert!(matches!(
+            read(&feed, &mut a, Delivery::Single),
+            Poll::Ready(Read::Finished)
+        ));
         feed.shut_down();
-        assert!(matches!(read(&feed, &mut b, Delivery::Single), Poll::Ready(Read::Shutdown)));
+        assert!(matches!(
+            read(&feed, &mut b, Delivery::Single),
+            Poll::Ready(Read::Shutdown)
+        ));
     }
 }

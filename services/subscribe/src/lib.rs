@@ -27,8 +27,8 @@ use livemesh_mesh::auth::{Security, policy};
 use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
-use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::encoded::server::subscribe_service_server::SubscribeServiceServer;
+use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 
 pub use crate::table::{NodeInner, NodeSettings};
 

@@ -98,7 +98,11 @@ impl Stream for ViewerStream {
             this.done = true;
             return Poll::Ready(None);
         };
-        let read = std::task::ready!(live.room.feed.poll_read(&mut live.cursor, this.delivery, cx));
+        let read = std::task::ready!(
+            live.room
+                .feed
+                .poll_read(&mut live.cursor, this.delivery, cx)
+        );
         let last = live.cursor.last;
         let (epoch, offset) = last;
         match read {

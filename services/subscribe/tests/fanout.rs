@@ -1526,7 +1526,11 @@ async fn batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_du
     let mut resume = None;
     while (seen.len() as u64) < first {
         let batch = viewer.next_batch().await.unwrap();
-        let offsets: Vec<u64> = batch.iter().filter(|e| is_comment(e)).map(|e| e.offset).collect();
+        let offsets: Vec<u64> = batch
+            .iter()
+            .filter(|e| is_comment(e))
+            .map(|e| e.offset)
+            .collect();
         seen.extend(offsets);
         // Any position in a batch is a resume point; take its last event's.
         let last = batch.last().unwrap();
@@ -1604,7 +1608,10 @@ async fn batched_delivery_conflates_latest_values(backend: Backend) {
             .iter()
             .filter(|e| matches!(e.kind, Some(room_event::Kind::LoveTotal(_))))
             .collect();
-        assert!(in_batch.len() <= 1, "one value per kind per batch: {batch:?}");
+        assert!(
+            in_batch.len() <= 1,
+            "one value per kind per batch: {batch:?}"
+        );
         for event in in_batch {
             if let Some(room_event::Kind::LoveTotal(t)) = &event.kind {
                 totals.push(t.total);
@@ -1619,7 +1626,10 @@ async fn batched_delivery_conflates_latest_values(backend: Backend) {
             // Ordered events come first in a batch, then the latest values.
             let first_total = batch.iter().position(|e| !is_comment(e));
             let last_comment = batch.iter().rposition(is_comment);
-            assert!(first_total.is_none_or(|t| Some(t) > last_comment), "{batch:?}");
+            assert!(
+                first_total.is_none_or(|t| Some(t) > last_comment),
+                "{batch:?}"
+            );
             if totals.last() == Some(&500) {
                 break;
             }
@@ -1651,7 +1661,13 @@ async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: Ba
         match tokio::time::timeout(WAIT, stream.message()).await.unwrap() {
             Ok(Some(message)) => match message.message {
                 Some(subscribe_response::Message::Batch(batch)) => {
-                    seen.extend(batch.events.iter().filter(|e| is_comment(e)).map(|e| e.offset));
+                    seen.extend(
+                        batch
+                            .events
+                            .iter()
+                            .filter(|e| is_comment(e))
+                            .map(|e| e.offset),
+                    );
                 }
                 Some(subscribe_response::Message::Started(_)) => {}
                 other => panic!("expected a batch, got {other:?}"),
@@ -1663,7 +1679,10 @@ async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: Ba
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     let resume = resume_trailers(&status);
     assert_eq!(resume.offset, seen.last().copied().unwrap_or(0));
-    assert!((seen.len() as u64) < total, "the stream overflowed before the end");
+    assert!(
+        (seen.len() as u64) < total,
+        "the stream overflowed before the end"
+    );
     let stream = mesh
         .node(1)
         .subscribe(batched(room, Some(resume)))

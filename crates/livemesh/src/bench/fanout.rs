@@ -1264,7 +1264,10 @@ async fn run_livemesh(
 // ---------------------------------------------------------------------------
 // NATS.
 
-pub(super) async fn nats_connect(url: &str, slow: &Arc<AtomicU64>) -> anyhow::Result<async_nats::Client> {
+pub(super) async fn nats_connect(
+    url: &str,
+    slow: &Arc<AtomicU64>,
+) -> anyhow::Result<async_nats::Client> {
     let slow = slow.clone();
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))

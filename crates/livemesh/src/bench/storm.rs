@@ -243,19 +243,15 @@ impl Viewers {
                     .await?;
             }
             Side::Nats {
-                clients,
-                publisher,
-                ..
+                clients, publisher, ..
             } => {
                 let ready = Arc::new(AtomicU64::new(0));
                 for _ in 0..more {
                     let id = self.next_id;
                     self.next_id += 1;
                     let client = &clients[id as usize % clients.len()];
-                    let mut subscriber = client
-                        .subscribe(SUBJECT)
-                        .await
-                        .context("NATS subscribe")?;
+                    let mut subscriber =
+                        client.subscribe(SUBJECT).await.context("NATS subscribe")?;
                     let (rec, ready) = (self.rec.clone(), ready.clone());
                     self.open.push(self.tasks.spawn(async move {
                         let mut seen = false;
@@ -335,8 +331,7 @@ async fn level(
             calls.spawn(async move { side.publish(what).await });
         };
         while comments < due(COMMENTS_PER_S) {
-            rec.outstanding
-                .fetch_add(viewers as i64, Ordering::AcqRel);
+            rec.outstanding.fetch_add(viewers as i64, Ordering::AcqRel);
             comments += 1;
             publish(Publish::Comment);
         }
