@@ -195,6 +195,8 @@ const MAX_STREAMS_ENV: &str = "LIVEMESH_SUBSCRIBE__MAX_STREAMS_PER_CONNECTION";
 const MAX_STREAMS_DEFAULT: u64 = 100_000;
 /// Subscribe calls waiting for their `started` message at once.
 pub(super) const OPEN_CONCURRENCY: usize = 512;
+/// Times one Subscribe is retried after UNAVAILABLE while opening.
+const OPEN_RETRIES: u64 = 20;
 /// Latency histogram: 0.1 ms buckets up to 10 s, then one overflow bucket.
 const BUCKET_NS: u64 = 100_000;
 const BUCKETS: usize = 100_000;
@@ -1018,6 +1020,8 @@ pub(super) async fn connect(uri: &str) -> anyhow::Result<Channel> {
 #[derive(Default)]
 pub(super) struct Opening {
     opened: AtomicU64,
+    /// Subscribe calls retried after UNAVAILABLE.
+    retried: AtomicU64,
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
 }
@@ -1075,9 +1079,20 @@ pub(super) async fn viewer(
     opening: Arc<Opening>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let mut stream = match client.subscribe(request).await {
-        Ok(reply) => reply.into_inner(),
-        Err(status) => return opening.fail(format!("Subscribe: {status}")),
+    // UNAVAILABLE says "retry shortly" (a room lookup or the store was
+    // slow while the node opens hundreds of thousands of streams): a
+    // client does, with a pause; the retries are counted and printed.
+    let mut tries = 0;
+    let mut stream = loop {
+        match client.subscribe(request.clone()).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && tries < OPEN_RETRIES => {
+                tries += 1;
+                opening.retried.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+            Err(status) => return opening.fail(format!("Subscribe: {status}")),
+        }
     };
     match stream.message().await {
         Ok(Some(first)) if matches!(first.message, Some(Message::Started(_))) => {
@@ -1203,6 +1218,13 @@ async fn run_livemesh(
         .wait(args.streams, open_limit(args.streams), "Subscribe streams")
         .await?;
     let open_s = opened_at.elapsed().as_secs_f64();
+    let retried = opening.retried.load(Ordering::Relaxed);
+    if retried > 0 {
+        println!(
+            "  livemesh, {}: {retried} Subscribe calls answered UNAVAILABLE while opening and were retried",
+            layout.label
+        );
+    }
     let (rss_open, open_settled) = node.settled_rss().await?;
     let per_stream = (rss_open as f64 - rss_base as f64) / args.streams as f64;
     println!(
