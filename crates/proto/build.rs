@@ -32,5 +32,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+
+    // SubscribeService once more, server side only, with `Subscribe`'s
+    // responses written from pre-encoded bytes (src/encoded.rs): a node
+    // encodes each event once, not once per stream. Same routes, same wire
+    // format; the request side stays prost (with LeanCodec's decoder).
+    let encoded = out.join("encoded");
+    std::fs::create_dir_all(&encoded)?;
+    let method = |name: &str, route: &str, input: &str, output: &str, codec: &str| {
+        tonic_build::manual::Method::builder()
+            .name(name)
+            .route_name(route)
+            .input_type(input)
+            .output_type(output)
+            .codec_path(codec)
+    };
+    let subscribe = tonic_build::manual::Service::builder()
+        .name("SubscribeService")
+        .package("livemesh.v1")
+        .method(
+            method(
+                "subscribe",
+                "Subscribe",
+                "crate::v1::SubscribeRequest",
+                "crate::encoded::Frame",
+                "crate::encoded::FrameCodec",
+            )
+            .server_streaming()
+            .build(),
+        )
+        .method(
+            method(
+                "deliver",
+                "Deliver",
+                "crate::v1::DeliverRequest",
+                "crate::v1::DeliverResponse",
+                "crate::codec::LeanCodec",
+            )
+            .build(),
+        )
+        .build();
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .out_dir(&encoded)
+        .compile(&[subscribe]);
     Ok(())
 }

@@ -220,7 +220,7 @@ async fn script(
         audience.client.subscribe(SubscribeRequest {
             room_id: rooms[0].room_id,
             viewer_id: 7,
-            resume: None,
+            ..SubscribeRequest::default()
         }),
         tonic::Code::FailedPrecondition,
     )
@@ -856,6 +856,11 @@ impl Viewer {
                 return;
             }
             Some(Message::Event(event)) => event,
+            Some(Message::Batch(_)) => {
+                self.problems
+                    .push("a batch, though this viewer did not accept batches".into());
+                return;
+            }
             None => {
                 self.problems
                     .push("a message with neither started nor event".into());
@@ -986,6 +991,7 @@ impl Audience {
                 room_id: self.room_id,
                 viewer_id,
                 resume,
+                accept_batches: false,
             })
             .await
             .with_context(|| format!("viewer {viewer_id} subscribing to room {}", self.room_id))?
@@ -1089,7 +1095,7 @@ async fn follow(
                 Some(Message::Event(event)) => {
                     matches!(event.kind, Some(room_event::Kind::RoomEnded(_)))
                 }
-                None => true,
+                Some(Message::Batch(_)) | None => true,
             },
         };
         if prints == Prints::Everything || edge {
@@ -1130,6 +1136,7 @@ fn describe_seen(seen: &Seen) -> String {
             return text;
         }
         Some(Message::Event(event)) => event,
+        Some(Message::Batch(batch)) => return format!("a batch of {} events", batch.events.len()),
         None => return "an empty message".into(),
     };
     describe_event(event)

@@ -282,7 +282,7 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
                     SubscribeRequest {
                         room_id: plan.room_id,
                         viewer_id: viewer,
-                        resume: None,
+                        ..SubscribeRequest::default()
                     },
                 )?)
                 .await
@@ -759,7 +759,8 @@ impl Audience {
                                 Some(room_event::Kind::RoomEnded(_)) => log.ended = true,
                                 _ => {}
                             },
-                            None => {}
+                            // This viewer does not accept batches.
+                            Some(Message::Batch(_)) | None => {}
                         })
                     }
                     Ok(None) => {

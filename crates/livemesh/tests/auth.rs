@@ -338,7 +338,7 @@ async fn a_love_reaches_a_viewer_end_to_end_with_auth_enforced() {
             SubscribeRequest {
                 room_id,
                 viewer_id: 0,
-                resume: None,
+                ..SubscribeRequest::default()
             },
         ))
         .await

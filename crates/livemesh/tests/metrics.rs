@@ -186,7 +186,7 @@ async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
         .subscribe(SubscribeRequest {
             room_id,
             viewer_id: 3,
-            resume: None,
+            ..SubscribeRequest::default()
         })
         .await
         .unwrap()

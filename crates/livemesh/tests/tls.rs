@@ -194,7 +194,7 @@ async fn the_mesh_works_end_to_end_over_mutual_tls_with_auth_enforced() {
             SubscribeRequest {
                 room_id,
                 viewer_id: 0,
-                resume: None,
+                ..SubscribeRequest::default()
             },
         ))
         .await

@@ -99,7 +99,7 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
         .subscribe(SubscribeRequest {
             room_id,
             viewer_id: 7,
-            resume: None,
+            ..SubscribeRequest::default()
         })
         .await
         .unwrap()

@@ -181,8 +181,9 @@ pub struct SubscribeConfig {
     /// The dispatcher viewer counts are published through. Empty: this
     /// process's own address.
     pub publish_url: String,
-    /// Ordered events (comments, gifts) a stream may have waiting; a stream
-    /// further behind ends with RESOURCE_EXHAUSTED and its resume position.
+    /// Ordered events (comments, gifts) each room keeps for its streams (the
+    /// size of its feed's ring): a stream further behind ends with
+    /// RESOURCE_EXHAUSTED and its resume position.
     pub queue_len: usize,
     /// The node's registration for a room lives this long unless renewed
     /// (renewed every `report_interval_ms`); a dead node drops out after it.

@@ -4,6 +4,7 @@
 //! all-in-one binary depend on it.
 
 pub mod codec;
+pub mod encoded;
 
 /// Package `livemesh.v1`.
 pub mod v1 {

@@ -3,16 +3,17 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use futures::stream::BoxStream;
 use livemesh_mesh::rooms::LookupError;
-use livemesh_proto::v1::subscribe_service_server::SubscribeService;
+use livemesh_proto::encoded::server::subscribe_service_server::SubscribeService;
+use livemesh_proto::encoded::{BatchWriter, Frame, Ordered};
 use livemesh_proto::v1::{
-    DeliverRequest, DeliverResponse, StreamPosition, StreamStarted, SubscribeRequest,
+    DeliverRequest, DeliverResponse, RoomEvent, StreamPosition, StreamStarted, SubscribeRequest,
     SubscribeResponse, subscribe_response,
 };
 use tonic::{Request, Response, Status};
 
-use crate::stream::{Shared, ViewerStream};
+use crate::feed::Delivery;
+use crate::stream::{Live, ViewerStream};
 use crate::table::{JoinError, NodeInner, decode};
 
 /// Why a subscription was refused.
@@ -82,10 +83,17 @@ impl SubscribeApi {
             ));
         }
         let room_id = request.room_id;
+        let delivery = if request.accept_batches {
+            Delivery::Batches {
+                max_bytes: self.node.settings.max_batch_bytes,
+            }
+        } else {
+            Delivery::Single
+        };
         let info = self.node.rooms.get(room_id).await?;
         if info.ended {
             return match resume {
-                Some(resume) => self.replay_only(room_id, resume).await,
+                Some(resume) => self.replay_only(room_id, resume, delivery).await,
                 None => Err(SubscribeError::Ended(room_id)),
             };
         }
@@ -94,34 +102,34 @@ impl SubscribeApi {
             Err(JoinError::Store(err)) => return Err(err.into()),
             Err(JoinError::Ended) => {
                 return match resume {
-                    Some(resume) => self.replay_only(room_id, resume).await,
+                    Some(resume) => self.replay_only(room_id, resume, delivery).await,
                     None => Err(SubscribeError::Ended(room_id)),
                 };
             }
         };
-        let registration = (self.node.clone(), joined.room.clone(), joined.stream_id);
+        let (epoch, released) = (joined.epoch, joined.released);
+        let live = Live {
+            node: self.node.clone(),
+            room: joined.room,
+            cursor: joined.cursor,
+        };
         // From here the stream is registered; dropping `stream` on an error
         // below unregisters it.
-        let mut stream = ViewerStream::new(
-            VecDeque::new(),
-            joined.shared.clone(),
-            (joined.epoch, joined.released),
-            Some(registration),
-        );
-        if let Some((epoch, offset)) = resume
-            && epoch == joined.epoch
-            && offset > joined.released
+        let mut stream = ViewerStream::new(Some(live), delivery);
+        if let Some((resume_epoch, offset)) = resume
+            && resume_epoch == epoch
+            && offset > released
         {
             // This node may trail the history; only a position past the
             // history's head is refused (it would drop live events).
             let head = self
                 .node
                 .store
-                .history(room_id, joined.released, u64::MAX)
+                .history(room_id, released, u64::MAX)
                 .await?
                 .entries
                 .last()
-                .map_or(joined.released, |(offset, _)| *offset);
+                .map_or(released, |(offset, _)| *offset);
             if offset > head {
                 return Err(SubscribeError::AheadOfHead {
                     room_id,
@@ -132,12 +140,10 @@ impl SubscribeApi {
             }
         }
         let prefix = match resume {
-            None => start(joined.epoch, joined.released, None, Vec::new()),
+            None => start(epoch, released, None, Vec::new(), delivery),
             Some(resume) => {
-                let replay = self
-                    .replay(room_id, joined.epoch, resume, joined.released)
-                    .await?;
-                start(joined.epoch, joined.released, Some(resume), replay)
+                let replay = self.replay(room_id, epoch, resume, released).await?;
+                start(epoch, released, Some(resume), replay, delivery)
             }
         };
         stream.set_prefix(prefix);
@@ -151,7 +157,7 @@ impl SubscribeApi {
         epoch: u64,
         resume: (u64, u64),
         upto: u64,
-    ) -> Result<Vec<livemesh_proto::v1::RoomEvent>, SubscribeError> {
+    ) -> Result<Vec<RoomEvent>, SubscribeError> {
         let after = if resume.0 == epoch { resume.1 } else { 0 };
         if after >= upto {
             return Ok(Vec::new());
@@ -175,6 +181,7 @@ impl SubscribeApi {
         &self,
         room_id: u64,
         resume: (u64, u64),
+        delivery: Delivery,
     ) -> Result<ViewerStream, SubscribeError> {
         let history = self.node.store.history(room_id, 0, u64::MAX).await?;
         if history.epoch == 0 {
@@ -190,22 +197,22 @@ impl SubscribeApi {
             });
         }
         let replay = self.replay(room_id, history.epoch, resume, upto).await?;
-        let shared = Arc::new(Shared::default());
-        shared.finish();
-        let prefix = start(history.epoch, upto, Some(resume), replay);
-        let mut stream = ViewerStream::new(VecDeque::new(), shared, (history.epoch, upto), None);
+        let prefix = start(history.epoch, upto, Some(resume), replay, delivery);
+        let mut stream = ViewerStream::new(None, delivery);
         stream.set_prefix(prefix);
         Ok(stream)
     }
 }
 
-/// The start message and the replayed events.
+/// The start message and the replayed events (in batches for a
+/// subscriber that accepts them).
 fn start(
     epoch: u64,
     released: u64,
     resume: Option<(u64, u64)>,
-    replay: Vec<livemesh_proto::v1::RoomEvent>,
-) -> VecDeque<SubscribeResponse> {
+    replay: Vec<RoomEvent>,
+    delivery: Delivery,
+) -> VecDeque<Frame> {
     let (recovered, epoch_changed) = match resume {
         None => (false, false),
         Some((resume_epoch, _)) if resume_epoch != epoch => (false, true),
@@ -221,7 +228,7 @@ fn start(
         _ => released,
     };
     let mut prefix = VecDeque::with_capacity(replay.len() + 1);
-    prefix.push_back(SubscribeResponse {
+    prefix.push_back(Frame::message(&SubscribeResponse {
         message: Some(subscribe_response::Message::Started(StreamStarted {
             position: Some(StreamPosition {
                 epoch,
@@ -231,16 +238,27 @@ fn start(
             epoch_changed,
             replayed: replay.len() as u64,
         })),
-    });
-    prefix.extend(replay.into_iter().map(|event| SubscribeResponse {
-        message: Some(subscribe_response::Message::Event(event)),
     }));
+    let events = replay.iter().map(Ordered::new);
+    match delivery {
+        Delivery::Single => prefix.extend(events.map(|event| event.frame())),
+        Delivery::Batches { max_bytes } => {
+            let mut batch = BatchWriter::new();
+            for event in events {
+                if !batch.is_empty() && batch.len() + event.len() > max_bytes {
+                    prefix.extend(std::mem::take(&mut batch).finish());
+                }
+                batch.push_ordered(&event);
+            }
+            prefix.extend(batch.finish());
+        }
+    }
     prefix
 }
 
 #[tonic::async_trait]
 impl SubscribeService for SubscribeApi {
-    type SubscribeStream = BoxStream<'static, Result<SubscribeResponse, Status>>;
+    type SubscribeStream = ViewerStream;
 
     async fn subscribe(
         &self,
@@ -250,7 +268,7 @@ impl SubscribeService for SubscribeApi {
         request.viewer_id =
             livemesh_mesh::auth::viewer_id(&extensions, request.viewer_id, "viewer_id")?;
         let stream = self.open(request).await?;
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(stream))
     }
 
     async fn deliver(

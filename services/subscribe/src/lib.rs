@@ -6,12 +6,14 @@
 //! hot store (room -> nodes, with a lease the node renews); the last one
 //! leaving removes it, and a node that dies drops out when its lease ends.
 //! Dispatchers call `Deliver` on exactly the nodes registered for a room;
-//! the node hands each event to its local streams, ordered events in offset
-//! order through a bounded queue per stream, latest-value events conflated
-//! ([`stream`]). `Subscribe` with `resume` replays what the viewer missed
+//! the node encodes each event once and puts it in the room's feed
+//! ([`feed`]): ordered events in offset order in a bounded ring, latest
+//! values in one slot per kind; each local stream reads the feed at its own
+//! pace and writes its pre-encoded bytes ([`stream`]). `Subscribe` with `resume` replays what the viewer missed
 //! from the room's history, then goes live, with no gap and no duplicate at
 //! the seam.
 
+pub mod feed;
 pub mod grpc;
 pub mod stream;
 pub mod table;
@@ -25,8 +27,8 @@ use livemesh_mesh::auth::{Security, policy};
 use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
+use livemesh_proto::encoded::server::subscribe_service_server::SubscribeServiceServer;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::subscribe_service_server::SubscribeServiceServer;
 
 pub use crate::table::{NodeInner, NodeSettings};
 
@@ -59,6 +61,8 @@ impl SubscribeNode {
         let settings = NodeSettings {
             node_id: config.peer_url(&c.node_url),
             queue_len: c.queue_len,
+            // A batch stays within the message size every server allows.
+            max_batch_bytes: security.max_message_bytes().saturating_sub(64),
             lease: Duration::from_millis(c.lease_ms),
             report_interval: Duration::from_millis(c.report_interval_ms),
             gap_wait: Duration::from_millis(c.gap_wait_ms),

@@ -17,11 +17,12 @@ use std::time::Duration;
 use livemesh_fanout::{FanoutStore, Head, StoreError};
 use livemesh_mesh::MeshChannel;
 use livemesh_mesh::rooms::RoomDirectory;
+use livemesh_proto::encoded::{Latest, Ordered};
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::{PublishRequest, RoomEvent, ViewerCount, room_event};
 use prost::Message as _;
 
-use crate::stream::{Shared, is_latest};
+use crate::feed::{Cursor, Feed, LatestKind};
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct NodeSettings {
     /// in the hot store.
     pub node_id: String,
     pub queue_len: usize,
+    /// The largest `EventBatch` message a stream sends (bytes of events).
+    pub max_batch_bytes: usize,
     pub lease: Duration,
     pub report_interval: Duration,
     pub gap_wait: Duration,
@@ -40,7 +43,7 @@ pub struct NodeSettings {
 pub struct NodeStats {
     /// Deliver calls received (for any room).
     pub deliver_calls: AtomicU64,
-    /// Ordered events handed to streams (one per stream).
+    /// Ordered events released to the room's streams (one per stream).
     pub ordered_delivered: AtomicU64,
     /// Streams ended for falling behind.
     pub overflows: AtomicU64,
@@ -54,7 +57,7 @@ pub struct NodeStats {
 
 /// The node's OpenTelemetry instruments (exported with every other metric
 /// of the process). Recorded per Deliver call and per overflow, never per
-/// stream write: the fan-out path stays as cheap as it was.
+/// stream write: the fan-out path stays cheap.
 struct NodeMetrics {
     /// now − the event's server time, when a Deliver brings it here.
     lag: opentelemetry::metrics::Histogram<f64>,
@@ -110,7 +113,6 @@ pub struct NodeInner {
     pub stats: NodeStats,
     metrics: NodeMetrics,
     table: Mutex<HashMap<u64, Arc<Room>>>,
-    next_stream: AtomicU64,
 }
 
 impl std::fmt::Debug for NodeInner {
@@ -127,6 +129,10 @@ pub struct Room {
     pub id: u64,
     joined: tokio::sync::OnceCell<()>,
     state: Mutex<RoomState>,
+    /// What its streams read: released ordered events and latest values,
+    /// encoded once. Written under `state`'s lock, so that the feed's order
+    /// is the sequencer's.
+    pub feed: Feed,
 }
 
 #[derive(Debug, Default)]
@@ -141,7 +147,8 @@ struct RoomState {
     known_head: u64,
     /// Events delivered before the join finished.
     early: Vec<Arc<RoomEvent>>,
-    streams: HashMap<u64, Arc<Shared>>,
+    /// Local streams of the room.
+    streams: u64,
     love_total: Option<Arc<RoomEvent>>,
     viewer_count: Option<Arc<RoomEvent>>,
     gap_fill_running: bool,
@@ -161,8 +168,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A stream as it joined its room.
 pub struct Joined {
     pub room: Arc<Room>,
-    pub stream_id: u64,
-    pub shared: Arc<Shared>,
+    pub cursor: Cursor,
     pub epoch: u64,
     /// The last offset released when the stream joined: replay ends here.
     pub released: u64,
@@ -219,10 +225,10 @@ impl RoomState {
         (upto > self.released).then_some((self.released, upto))
     }
 
-    fn set_latest(&mut self, event: &Arc<RoomEvent>) -> bool {
-        let slot = match event.kind {
-            Some(room_event::Kind::LoveTotal(_)) => &mut self.love_total,
-            _ => &mut self.viewer_count,
+    fn set_latest(&mut self, kind: LatestKind, event: &Arc<RoomEvent>) -> bool {
+        let slot = match kind {
+            LatestKind::LoveTotal => &mut self.love_total,
+            LatestKind::ViewerCount => &mut self.viewer_count,
         };
         // Publishes may race: keep the newest by the dispatcher's clock.
         let newer = slot
@@ -232,6 +238,15 @@ impl RoomState {
             *slot = Some(event.clone());
         }
         newer
+    }
+}
+
+/// The slot of a latest-value event; `None` for an ordered one.
+pub fn latest_kind(event: &RoomEvent) -> Option<LatestKind> {
+    match event.kind {
+        Some(room_event::Kind::LoveTotal(_)) => Some(LatestKind::LoveTotal),
+        Some(room_event::Kind::ViewerCount(_)) => Some(LatestKind::ViewerCount),
+        _ => None,
     }
 }
 
@@ -266,8 +281,14 @@ impl NodeInner {
             stats: NodeStats::default(),
             metrics: NodeMetrics::new(),
             table: Mutex::new(HashMap::new()),
-            next_stream: AtomicU64::new(1),
         }
+    }
+
+    /// A stream fell too far behind and was ended (counted by the stream,
+    /// which notices it when it next reads the feed).
+    pub fn count_overflow(&self) {
+        self.stats.overflows.fetch_add(1, Ordering::Relaxed);
+        self.metrics.overflows.add(1, &[]);
     }
 
     /// Local streams per room.
@@ -275,7 +296,7 @@ impl NodeInner {
         let rooms: Vec<Arc<Room>> = lock(&self.table).values().cloned().collect();
         rooms
             .iter()
-            .map(|room| (room.id, lock(&room.state).streams.len() as u64))
+            .map(|room| (room.id, lock(&room.state).streams))
             .collect()
     }
 
@@ -294,6 +315,7 @@ impl NodeInner {
                         id: room_id,
                         joined: tokio::sync::OnceCell::new(),
                         state: Mutex::new(RoomState::default()),
+                        feed: Feed::new(self.settings.queue_len),
                     })
                 })
                 .clone();
@@ -325,28 +347,20 @@ impl NodeInner {
             if state.ended {
                 return Err(JoinError::Ended);
             }
-            let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-            // Live events from here on; those up to `released` are replayed,
-            // and a client ahead of this node (it resumed from a position
-            // another node had sent) gets nothing twice.
+            // Live events from here on (the feed's head is read under the
+            // room's lock, which every release holds): those up to
+            // `released` are replayed, and a client ahead of this node (it
+            // resumed from a position another node had sent) gets nothing
+            // twice. The room's newest latest values come first.
             let resume_offset = if skip.0 == state.epoch { skip.1 } else { 0 };
-            let shared = Arc::new(Shared::new((
-                state.epoch,
-                state.released.max(resume_offset),
-            )));
-            for event in [&state.love_total, &state.viewer_count]
-                .into_iter()
-                .flatten()
-            {
-                shared.push_latest(event);
-            }
-            state.streams.insert(stream_id, shared.clone());
+            let start = (state.epoch, state.released.max(resume_offset));
+            let cursor = room.feed.cursor(start, start);
+            state.streams += 1;
             let (epoch, released) = (state.epoch, state.released);
             drop(state);
             return Ok(Joined {
                 room,
-                stream_id,
-                shared,
+                cursor,
                 epoch,
                 released,
             });
@@ -361,8 +375,13 @@ impl NodeInner {
         state.released = head.offset;
         state.ended = head.ended;
         for (offset, payload) in &head.latest {
-            if let Some(event) = decode(room.id, head.epoch, *offset, payload) {
-                state.set_latest(&Arc::new(event));
+            if let Some(event) = decode(room.id, head.epoch, *offset, payload)
+                && let Some(kind) = latest_kind(&event)
+            {
+                let event = Arc::new(event);
+                if state.set_latest(kind, &event) {
+                    room.feed.set_latest(kind, Latest::new(&event));
+                }
             }
         }
         let early = std::mem::take(&mut state.early);
@@ -374,15 +393,18 @@ impl NodeInner {
 
     /// Removes a stream; the last one out takes the room off the table and
     /// out of the hot store.
-    pub fn remove_stream(self: &Arc<Self>, room: &Arc<Room>, stream_id: u64) {
-        lock(&room.state).streams.remove(&stream_id);
+    pub fn remove_stream(self: &Arc<Self>, room: &Arc<Room>) {
+        {
+            let mut state = lock(&room.state);
+            state.streams = state.streams.saturating_sub(1);
+        }
         self.remove_if_empty(room);
     }
 
     fn remove_if_empty(self: &Arc<Self>, room: &Arc<Room>) {
         let mut table = lock(&self.table);
         let mut state = lock(&room.state);
-        if !state.streams.is_empty() || state.removed {
+        if state.streams > 0 || state.removed {
             return;
         }
         state.removed = true;
@@ -418,7 +440,7 @@ impl NodeInner {
         for event in events {
             self.deliver_one(&room, Arc::new(event));
         }
-        lock(&room.state).streams.len() as u64
+        lock(&room.state).streams
     }
 
     fn deliver_one(self: &Arc<Self>, room: &Arc<Room>, event: Arc<RoomEvent>) {
@@ -426,13 +448,12 @@ impl NodeInner {
         if state.removed || state.ended {
             return;
         }
-        if is_latest(&event) {
+        if let Some(kind) = latest_kind(&event) {
             if state.epoch == 0 {
                 state.early.push(event);
-            } else if state.set_latest(&event) {
-                for stream in state.streams.values() {
-                    stream.push_latest(&event);
-                }
+            } else if state.set_latest(kind, &event) {
+                // Encoded once for every stream of the room.
+                room.feed.set_latest(kind, Latest::new(&event));
             }
             return;
         }
@@ -444,40 +465,39 @@ impl NodeInner {
         }
     }
 
-    /// Hands released ordered events to every stream of the room.
+    /// Hands released ordered events to the room's streams: each is
+    /// encoded once and pushed to the room's feed, which wakes the streams
+    /// waiting for it.
     fn release(
         self: &Arc<Self>,
         room: &Arc<Room>,
         state: &mut RoomState,
         ready: Vec<Arc<RoomEvent>>,
     ) {
-        let capacity = self.settings.queue_len;
-        for event in ready {
-            let mut overflows = 0;
-            for stream in state.streams.values() {
-                if !stream.push_ordered(&event, capacity) {
-                    overflows += 1;
-                }
-            }
-            self.stats
-                .ordered_delivered
-                .fetch_add(state.streams.len() as u64, Ordering::Relaxed);
-            if overflows > 0 {
-                self.stats.overflows.fetch_add(overflows, Ordering::Relaxed);
-                self.metrics.overflows.add(overflows, &[]);
-            }
-            if matches!(event.kind, Some(room_event::Kind::RoomEnded(_))) {
-                state.ended = true;
-                state.pending.clear();
-                for stream in state.streams.values() {
-                    stream.finish();
-                }
-                let node = self.clone();
-                let room = room.clone();
-                // Outside this lock: the table lock comes first.
-                tokio::spawn(async move { node.forget_ended(&room) });
-                return;
-            }
+        if ready.is_empty() {
+            return;
+        }
+        let ends = ready
+            .iter()
+            .position(|event| matches!(event.kind, Some(room_event::Kind::RoomEnded(_))));
+        // Nothing is released after the room-ended event.
+        let released = ends.map_or(ready.len(), |at| at + 1);
+        self.stats
+            .ordered_delivered
+            .fetch_add(released as u64 * state.streams, Ordering::Relaxed);
+        room.feed.push_ordered(
+            ready[..released]
+                .iter()
+                .map(|event| (event.epoch, event.offset, Ordered::new(event))),
+        );
+        if ends.is_some() {
+            state.ended = true;
+            state.pending.clear();
+            room.feed.finish();
+            let node = self.clone();
+            let room = room.clone();
+            // Outside this lock: the table lock comes first.
+            tokio::spawn(async move { node.forget_ended(&room) });
         }
     }
 
@@ -687,11 +707,8 @@ impl NodeInner {
     pub async fn shut_down(&self) {
         let rooms: Vec<Arc<Room>> = lock(&self.table).drain().map(|(_, room)| room).collect();
         for room in &rooms {
-            let mut state = lock(&room.state);
-            state.removed = true;
-            for stream in state.streams.values() {
-                stream.shut_down();
-            }
+            lock(&room.state).removed = true;
+            room.feed.shut_down();
         }
         let leaves = rooms
             .iter()

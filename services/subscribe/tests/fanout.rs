@@ -5,7 +5,7 @@
 // Helpers outside #[test] functions unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,9 @@ fanout_suite!(
     publishes_to_rooms_never_started_store_nothing_and_poison_nothing,
     only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts,
     a_resume_past_the_head_is_out_of_range,
+    batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_duplicate,
+    batched_delivery_conflates_latest_values,
+    an_overflowing_batched_stream_ends_with_its_resume_position,
 );
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -249,6 +252,10 @@ async fn publish_reply(
 struct Viewer {
     stream: Streaming<SubscribeResponse>,
     started: StreamStarted,
+    /// Events of a batch not handed out yet.
+    queued: VecDeque<RoomEvent>,
+    /// The number of events in each batch received so far.
+    batches: Vec<usize>,
 }
 
 async fn subscribe(
@@ -256,34 +263,86 @@ async fn subscribe(
     room_id: u64,
     resume: Option<StreamPosition>,
 ) -> Result<Viewer, tonic::Status> {
-    let mut stream = client
+    let stream = client
         .subscribe(SubscribeRequest {
             room_id,
             viewer_id: 7,
             resume,
+            accept_batches: false,
         })
         .await?
         .into_inner();
-    let first = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .expect("the start message in time")?
-        .expect("a start message");
-    let Some(subscribe_response::Message::Started(started)) = first.message else {
-        panic!("the first message must be `started`, got {first:?}");
-    };
-    Ok(Viewer { stream, started })
+    Viewer::started(stream).await
+}
+
+/// A subscriber that accepts batches.
+fn batched(room_id: u64, resume: Option<StreamPosition>) -> SubscribeRequest {
+    SubscribeRequest {
+        room_id,
+        viewer_id: 7,
+        resume,
+        accept_batches: true,
+    }
 }
 
 impl Viewer {
-    /// The next event; panics if none arrives in time.
+    /// Reads the start message of `stream`.
+    async fn started(mut stream: Streaming<SubscribeResponse>) -> Result<Viewer, tonic::Status> {
+        let first = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("the start message in time")?
+            .expect("a start message");
+        let Some(subscribe_response::Message::Started(started)) = first.message else {
+            panic!("the first message must be `started`, got {first:?}");
+        };
+        Ok(Viewer {
+            stream,
+            started,
+            queued: VecDeque::new(),
+            batches: Vec::new(),
+        })
+    }
+
+    /// The next event, from a single-event message or a batch; panics if
+    /// none arrives in time.
     async fn next(&mut self) -> Result<Option<RoomEvent>, tonic::Status> {
+        loop {
+            if let Some(event) = self.queued.pop_front() {
+                return Ok(Some(event));
+            }
+            let message = tokio::time::timeout(WAIT, self.stream.message())
+                .await
+                .expect("an event in time")?;
+            let Some(message) = message else {
+                return Ok(None);
+            };
+            match message.message {
+                Some(subscribe_response::Message::Event(event)) => return Ok(Some(event)),
+                Some(subscribe_response::Message::Batch(batch)) => {
+                    assert!(!batch.events.is_empty(), "an empty batch");
+                    self.batches.push(batch.events.len());
+                    self.queued.extend(batch.events);
+                }
+                other => panic!("expected an event, got {other:?}"),
+            }
+        }
+    }
+
+    /// The events of the next batch; panics on anything else.
+    async fn next_batch(&mut self) -> Result<Vec<RoomEvent>, tonic::Status> {
+        assert!(self.queued.is_empty(), "a batch was read in part");
         let message = tokio::time::timeout(WAIT, self.stream.message())
             .await
-            .expect("an event in time")?;
-        Ok(message.map(|m| match m.message {
-            Some(subscribe_response::Message::Event(event)) => event,
-            other => panic!("expected an event, got {other:?}"),
-        }))
+            .expect("a batch in time")?
+            .expect("the stream went on");
+        match message.message {
+            Some(subscribe_response::Message::Batch(batch)) => {
+                assert!(!batch.events.is_empty(), "an empty batch");
+                self.batches.push(batch.events.len());
+                Ok(batch.events)
+            }
+            other => panic!("expected a batch, got {other:?}"),
+        }
     }
 
     /// The next ordered event (skipping love totals and viewer counts).
@@ -484,7 +543,7 @@ async fn a_slow_consumer_gets_the_latest_love_total_not_a_backlog(backend: Backe
         .subscribe(SubscribeRequest {
             room_id: room,
             viewer_id: 7,
-            resume: None,
+            ..SubscribeRequest::default()
         })
         .await
         .unwrap()
@@ -548,7 +607,7 @@ async fn an_overflowing_stream_ends_with_its_resume_position(backend: Backend) {
         .subscribe(SubscribeRequest {
             room_id: room,
             viewer_id: 7,
-            resume: None,
+            ..SubscribeRequest::default()
         })
         .await
         .unwrap()
@@ -1421,4 +1480,224 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
             "nothing twice after the node came back"
         );
     }
+}
+
+fn is_comment(event: &RoomEvent) -> bool {
+    matches!(event.kind, Some(room_event::Kind::Comment(_)))
+}
+
+/// The resume position in an ended stream's trailers.
+fn resume_trailers(status: &tonic::Status) -> StreamPosition {
+    let read = |key: &str| -> u64 {
+        status
+            .metadata()
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} in the trailers"))
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    StreamPosition {
+        epoch: read(RESUME_EPOCH),
+        offset: read(RESUME_OFFSET),
+    }
+}
+
+async fn batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_duplicate(
+    backend: Backend,
+) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    // Tiny windows: once a few messages are in flight the node cannot send
+    // more, so the comments below wait for this stream in the room's feed.
+    let mut client = slow_client(&mesh.nodes[0].0).await;
+    let stream = client
+        .subscribe(batched(room, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut viewer = Viewer::started(stream).await.unwrap();
+    let first = 20; // the test queue holds 32
+    for i in 1..=first {
+        mesh.comment(0, room, &format!("c{i}")).await;
+    }
+    let mut seen = Vec::new();
+    let mut resume = None;
+    while (seen.len() as u64) < first {
+        let batch = viewer.next_batch().await.unwrap();
+        let offsets: Vec<u64> = batch
+            .iter()
+            .filter(|e| is_comment(e))
+            .map(|e| e.offset)
+            .collect();
+        seen.extend(offsets);
+        // Any position in a batch is a resume point; take its last event's.
+        let last = batch.last().unwrap();
+        resume = Some(StreamPosition {
+            epoch: last.epoch,
+            offset: last.offset,
+        });
+    }
+    assert!(
+        viewer.batches.iter().any(|&n| n > 1),
+        "the comments that waited came in one batch: {:?}",
+        viewer.batches
+    );
+    drop(viewer);
+    // More comments while the viewer is away, and while it resumes on
+    // another node, from the last position of its last batch.
+    let total = 60;
+    for i in first + 1..=40 {
+        mesh.comment(1, room, &format!("c{i}")).await;
+    }
+    let publisher = {
+        let dispatcher = mesh.dispatcher(0);
+        tokio::spawn(async move {
+            let mut dispatcher = dispatcher;
+            for i in 41..=total {
+                publish(&mut dispatcher, room, comment(&format!("c{i}")), None)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let stream = mesh
+        .node(1)
+        .subscribe(batched(room, resume))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut viewer = Viewer::started(stream).await.unwrap();
+    assert!(viewer.started.recovered, "{:?}", viewer.started);
+    while (seen.len() as u64) < total {
+        let event = viewer.next().await.unwrap().expect("the stream went on");
+        if is_comment(&event) {
+            seen.push(event.offset);
+        }
+    }
+    publisher.await.unwrap();
+    assert_eq!(
+        seen,
+        (1..=total).collect::<Vec<_>>(),
+        "every comment once, in offset order"
+    );
+}
+
+async fn batched_delivery_conflates_latest_values(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut client = slow_client(&mesh.nodes[0].0).await;
+    let stream = client
+        .subscribe(batched(room, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut viewer = Viewer::started(stream).await.unwrap();
+    // Not reading: every total below is published while the viewer stalls.
+    let mut dispatcher = mesh.dispatcher(0);
+    for total in 1..=500 {
+        let kind = room_event::Kind::LoveTotal(LoveTotal { total });
+        publish(&mut dispatcher, room, kind, None).await.unwrap();
+    }
+    let marker = mesh.comment(0, room, "marker").await;
+    let mut totals = Vec::new();
+    loop {
+        let batch = viewer.next_batch().await.unwrap();
+        let in_batch: Vec<&RoomEvent> = batch
+            .iter()
+            .filter(|e| matches!(e.kind, Some(room_event::Kind::LoveTotal(_))))
+            .collect();
+        assert!(
+            in_batch.len() <= 1,
+            "one value per kind per batch: {batch:?}"
+        );
+        for event in in_batch {
+            if let Some(room_event::Kind::LoveTotal(t)) = &event.kind {
+                totals.push(t.total);
+            }
+            // A latest value carries the position of the last ordered event
+            // sent before it.
+            if batch.iter().any(is_comment) {
+                assert_eq!(event.offset, marker.offset, "{batch:?}");
+            }
+        }
+        if batch.iter().any(is_comment) {
+            // Ordered events come first in a batch, then the latest values.
+            let first_total = batch.iter().position(|e| !is_comment(e));
+            let last_comment = batch.iter().rposition(is_comment);
+            assert!(
+                first_total.is_none_or(|t| Some(t) > last_comment),
+                "{batch:?}"
+            );
+            if totals.last() == Some(&500) {
+                break;
+            }
+        }
+    }
+    assert!(
+        totals.len() < 50,
+        "a stalled viewer gets a few totals, not the backlog of 500: {} arrived",
+        totals.len()
+    );
+    assert!(totals.windows(2).all(|w| w[0] < w[1]), "{totals:?}");
+}
+
+async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut client = slow_client(&mesh.nodes[0].0).await;
+    let mut stream = client
+        .subscribe(batched(room, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let total = 200; // the test queue holds 32
+    for i in 1..=total {
+        mesh.comment(0, room, &format!("c{i}")).await;
+    }
+    let mut seen = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(WAIT, stream.message()).await.unwrap() {
+            Ok(Some(message)) => match message.message {
+                Some(subscribe_response::Message::Batch(batch)) => {
+                    seen.extend(
+                        batch
+                            .events
+                            .iter()
+                            .filter(|e| is_comment(e))
+                            .map(|e| e.offset),
+                    );
+                }
+                Some(subscribe_response::Message::Started(_)) => {}
+                other => panic!("expected a batch, got {other:?}"),
+            },
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let resume = resume_trailers(&status);
+    assert_eq!(resume.offset, seen.last().copied().unwrap_or(0));
+    assert!(
+        (seen.len() as u64) < total,
+        "the stream overflowed before the end"
+    );
+    let stream = mesh
+        .node(1)
+        .subscribe(batched(room, Some(resume)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut viewer = Viewer::started(stream).await.unwrap();
+    assert!(viewer.started.recovered);
+    while (seen.len() as u64) < total {
+        seen.push(viewer.next_ordered().await.offset);
+    }
+    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+    assert!(
+        viewer.batches.iter().any(|&n| n > 1),
+        "the replay came in batches: {:?}",
+        viewer.batches
+    );
 }

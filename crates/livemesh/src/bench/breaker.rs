@@ -771,7 +771,7 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
                 SubscribeRequest {
                     room_id,
                     viewer_id: 1_000 + (node as u64) * 100_000 + v,
-                    resume: None,
+                    ..SubscribeRequest::default()
                 },
                 viewer,
                 opened_tx.clone(),

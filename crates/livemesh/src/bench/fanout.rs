@@ -1,7 +1,7 @@
 //! `bench fanout`: events delivered per second to many concurrent
 //! `Subscribe` streams on one subscribe node, against the same fan-out
 //! through NATS core pub/sub in the same run; publish→receive latency; and
-//! the node's memory per idle stream.
+//! the node's memory per idle stream; and a comment storm ([`super::storm`]).
 //!
 //! # Set-up
 //!
@@ -11,11 +11,17 @@
 //! `--connections C` HTTP/2 connections, one tonic `Channel` each, as BFFs
 //! would hold them (stream `i` on connection `i % C`). NATS gets the same:
 //! `N` subscriptions over `C` connections to a private `nats-server`
-//! (started by `scripts/bench fanout`), on subjects `room.<id>`.
+//! (started by `scripts/bench fanout`: the newest the registries offer,
+//! whose version is printed), on subjects `room.<id>`. By default `C` grows
+//! with `N`: 64, or one connection per 10,000 streams past 640,000.
 //!
-//! Two layouts, each on a fresh node: every stream in one hot room, then the
-//! streams spread over `--rooms R` rooms (stream `i` in room `i % R`). Per
-//! layout and side, in this order:
+//! Three layouts (`--layout`, all by default), each on a fresh node: every
+//! stream in one hot room, then the streams spread over `--rooms R` rooms
+//! (stream `i` in room `i % R`), then the storm (see [`super::storm`]:
+//! one room, 10,000 comments a minute, livemesh's viewers with
+//! `accept_batches`, ramped until p99 passes 75 ms). The streams of the
+//! first two are plain subscribers: one message per event, as NATS sends.
+//! Per layout and side, in this order:
 //!
 //! 1. (livemesh) start the rooms, open and close one warm-up stream per room
 //!    so lazily built per-room state is in place, wait until the node's RSS
@@ -91,7 +97,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::write_json;
+use super::{storm, write_json};
 
 /// Options of `bench fanout`.
 #[derive(Debug, clap::Args)]
@@ -107,9 +113,22 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 10_000)]
     pub streams: u64,
     /// HTTP/2 connections the streams are multiplexed over (and NATS
-    /// connections the subscriptions are spread over).
-    #[arg(long, default_value_t = 64)]
-    pub connections: u64,
+    /// connections the subscriptions are spread over). Default: 64, or one
+    /// per 10,000 streams when that is more.
+    #[arg(long)]
+    pub connections: Option<u64>,
+    /// Layouts to measure (repeat or comma-separate). Default: all three.
+    #[arg(long = "layout", value_enum, value_delimiter = ',')]
+    pub layouts: Vec<LayoutKind>,
+    /// Storm: viewers of the first level.
+    #[arg(long, default_value_t = 1_000)]
+    pub storm_start: u64,
+    /// Storm: the most viewers tried. Default: --streams.
+    #[arg(long)]
+    pub storm_max: Option<u64>,
+    /// Storm: seconds of each level's measured window (after a 1 s warm-up).
+    #[arg(long, default_value_t = 2.0)]
+    pub storm_window: f64,
     /// Rooms of the many-rooms layout. Default: streams / 100.
     #[arg(long)]
     pub rooms: Option<u64>,
@@ -133,6 +152,36 @@ pub struct FanoutArgs {
     pub only: Option<Only>,
 }
 
+/// The layouts of `bench fanout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutKind {
+    /// Every stream in one room.
+    Hot,
+    /// The streams spread over `--rooms` rooms.
+    Many,
+    /// One room in a comment storm, ramping viewers up.
+    Storm,
+}
+
+/// Streams per connection past which the default adds connections.
+const STREAMS_PER_CONNECTION: u64 = 10_000;
+
+impl FanoutArgs {
+    /// `--connections`, or its default for `--streams`.
+    pub(super) fn connections(&self) -> u64 {
+        self.connections
+            .unwrap_or_else(|| self.streams.div_ceil(STREAMS_PER_CONNECTION).max(64))
+    }
+
+    fn layout_kinds(&self) -> Vec<LayoutKind> {
+        if self.layouts.is_empty() {
+            vec![LayoutKind::Hot, LayoutKind::Many, LayoutKind::Storm]
+        } else {
+            self.layouts.clone()
+        }
+    }
+}
+
 /// The side `--only` keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Only {
@@ -145,12 +194,14 @@ pub enum Only {
 const MAX_STREAMS_ENV: &str = "LIVEMESH_SUBSCRIBE__MAX_STREAMS_PER_CONNECTION";
 const MAX_STREAMS_DEFAULT: u64 = 100_000;
 /// Subscribe calls waiting for their `started` message at once.
-const OPEN_CONCURRENCY: usize = 512;
+pub(super) const OPEN_CONCURRENCY: usize = 512;
+/// Times one Subscribe is retried after UNAVAILABLE while opening.
+const OPEN_RETRIES: u64 = 20;
 /// Latency histogram: 0.1 ms buckets up to 10 s, then one overflow bucket.
 const BUCKET_NS: u64 = 100_000;
 const BUCKETS: usize = 100_000;
 /// The viewer who writes the bench's comments.
-const PUBLISHER_VIEWER: u64 = 1;
+pub(super) const PUBLISHER_VIEWER: u64 = 1;
 
 /// One way to lay the streams out over rooms.
 struct Layout {
@@ -224,7 +275,7 @@ fn write_syscalls(pid: u32) -> Option<u64> {
 
 /// CPU use of the server and of this process, and the server's write
 /// syscalls, over a window.
-struct CpuMeter {
+pub(super) struct CpuMeter {
     server_pid: Option<u32>,
     server: Option<f64>,
     client: Option<f64>,
@@ -232,7 +283,7 @@ struct CpuMeter {
 }
 
 impl CpuMeter {
-    fn start(server_pid: Option<u32>) -> Self {
+    pub(super) fn start(server_pid: Option<u32>) -> Self {
         Self {
             server_pid,
             server: server_pid.and_then(|pid| cpu_seconds(Some(pid))),
@@ -252,7 +303,7 @@ impl CpuMeter {
     }
 
     /// Microseconds of CPU per delivery: (server, client); NaN when unknown.
-    fn per_delivery(&self, delivered: u64) -> (f64, f64) {
+    pub(super) fn per_delivery(&self, delivered: u64) -> (f64, f64) {
         let per = |before: Option<f64>, now: Option<f64>| match (before, now) {
             (Some(b), Some(n)) if delivered > 0 => (n - b) * 1e6 / delivered as f64,
             _ => f64::NAN,
@@ -285,8 +336,12 @@ struct Measured {
 
 pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     ensure!(
-        args.streams > 0 && args.connections > 0 && args.publishers > 0 && args.in_flight > 0,
+        args.streams > 0 && args.connections() > 0 && args.publishers > 0 && args.in_flight > 0,
         "--streams, --connections, --publishers and --in-flight must be positive"
+    );
+    ensure!(
+        args.storm_start > 0 && args.storm_window > 0.0,
+        "--storm-start and --storm-window must be positive"
     );
     ensure!(args.duration >= 4, "--duration must be at least 4");
     let rooms = args.rooms.unwrap_or((args.streams / 100).max(1));
@@ -313,11 +368,20 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         })
     };
     let sides = usize::from(livemesh) + usize::from(nats_url.is_some());
-    let layouts = [
-        Layout::new("hot", "one hot room".into(), args.streams, 1),
-        Layout::new("many", format!("{rooms} rooms"), args.streams, rooms),
-    ];
-    let window = Duration::from_secs(args.duration) / (layouts.len() * sides * 2) as u32;
+    let kinds = args.layout_kinds();
+    let mut layouts = Vec::new();
+    if kinds.contains(&LayoutKind::Hot) {
+        layouts.push(Layout::new("hot", "one hot room".into(), args.streams, 1));
+    }
+    if kinds.contains(&LayoutKind::Many) {
+        layouts.push(Layout::new(
+            "many",
+            format!("{rooms} rooms"),
+            args.streams,
+            rooms,
+        ));
+    }
+    let window = Duration::from_secs(args.duration) / (layouts.len().max(1) * sides * 2) as u32;
     let mut payload = estimated_event_len();
     let compared = match (livemesh, nats_url.is_some()) {
         (true, true) => "livemesh (one node) vs NATS",
@@ -329,7 +393,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
          layout; {} windows of {:.2} s; saturation keeps {} fan-out(s) in flight from {} \
          publishers; paced rate {}",
         args.streams,
-        args.connections,
+        args.connections(),
         rooms,
         layouts.len() * sides * 2,
         window.as_secs_f64(),
@@ -341,6 +405,14 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         ),
     );
 
+    if let Some(url) = &nats_url {
+        let client = nats_connect(url, &Arc::new(AtomicU64::new(0))).await?;
+        let info = client.server_info();
+        println!(
+            "  NATS: nats-server {} (go {}) at {url}",
+            info.version, info.go
+        );
+    }
     let load_before = load_average();
     let mut results = Vec::new();
     for layout in &layouts {
@@ -357,32 +429,53 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         };
         results.push((layout, lm, nats));
     }
+    let mut storms = (None, None);
+    if kinds.contains(&LayoutKind::Storm) {
+        let settings = storm::settings(&args, args.connections());
+        println!(
+            "  storm: one room, {:.0} comments/s + {} love totals/s + {} viewer count/s; \
+             livemesh viewers accept batches, NATS gets a message each; viewers from {} \
+             doubling up to {}, then bisected; a level passes at p99 <= {} ms with nothing lost",
+            storm::COMMENTS_PER_S,
+            storm::TOTALS_PER_S,
+            storm::COUNTS_PER_S,
+            settings.start,
+            settings.max,
+            storm::STORM_P99_MS,
+        );
+        if livemesh {
+            storms.0 = Some(storm::livemesh(&settings).await?);
+        }
+        if let Some(url) = &nats_url {
+            storms.1 = Some(storm::nats(&settings, url, payload).await?);
+        }
+    }
 
     let load = (load_before, load_average());
-    print_and_save(&args, rooms, payload, window, load, &results)
+    print_and_save(&args, rooms, payload, window, load, &results, &storms)
 }
 
 // ---------------------------------------------------------------------------
 // Receivers' shared counters.
 
 /// What every receiver of one side reports into.
-struct Recorder {
-    delivered: AtomicU64,
+pub(super) struct Recorder {
+    pub(super) delivered: AtomicU64,
     /// Deliveries published but not yet received.
-    outstanding: AtomicI64,
+    pub(super) outstanding: AtomicI64,
     /// While saturating: publishers wait while `outstanding >= limit`.
     limit: AtomicI64,
     wake: Notify,
     histogram: Box<[AtomicU64]>,
     /// Streams that ended before the bench closed them.
-    ended: AtomicU64,
+    pub(super) ended: AtomicU64,
     first_end: Mutex<Option<String>>,
     /// livemesh: the encoded size of a received comment event.
     event_len: AtomicUsize,
 }
 
 impl Recorder {
-    fn new() -> Arc<Self> {
+    pub(super) fn new() -> Arc<Self> {
         Arc::new(Self {
             delivered: AtomicU64::new(0),
             outstanding: AtomicI64::new(0),
@@ -396,7 +489,7 @@ impl Recorder {
     }
 
     /// One event received, sent at `sent_ns`.
-    fn received(&self, sent_ns: u64) {
+    pub(super) fn received(&self, sent_ns: u64) {
         let latency = now_ns().saturating_sub(sent_ns);
         let bucket = ((latency / BUCKET_NS) as usize).min(BUCKETS);
         self.histogram[bucket].fetch_add(1, Ordering::Relaxed);
@@ -407,7 +500,7 @@ impl Recorder {
         }
     }
 
-    fn stream_ended(&self, why: String) {
+    pub(super) fn stream_ended(&self, why: String) {
         self.ended.fetch_add(1, Ordering::Relaxed);
         let mut first = self
             .first_end
@@ -416,14 +509,14 @@ impl Recorder {
         first.get_or_insert(why);
     }
 
-    fn reset_histogram(&self) {
+    pub(super) fn reset_histogram(&self) {
         for bucket in &self.histogram {
             bucket.store(0, Ordering::Relaxed);
         }
     }
 
     /// The `q` quantile of the histogram in milliseconds (bucket upper bound).
-    fn quantile_ms(&self, q: f64) -> f64 {
+    pub(super) fn quantile_ms(&self, q: f64) -> f64 {
         let counts: Vec<u64> = self
             .histogram
             .iter()
@@ -482,7 +575,7 @@ impl Recorder {
 
     /// Waits until nothing is outstanding, for at most `limit`; what is
     /// still missing then.
-    async fn drain(&self, limit: Duration) -> i64 {
+    pub(super) async fn drain(&self, limit: Duration) -> i64 {
         let deadline = Instant::now() + limit;
         loop {
             let left = self.outstanding.load(Ordering::Acquire);
@@ -504,14 +597,14 @@ fn load_average() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn now_ns() -> u64 {
+pub(super) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// The send time at the start of a comment's text or a NATS payload.
-fn parse_sent(bytes: &[u8]) -> Option<u64> {
+pub(super) fn parse_sent(bytes: &[u8]) -> Option<u64> {
     let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || digits > 20 {
         return None;
@@ -780,16 +873,16 @@ fn first_end(rec: &Recorder) -> String {
 // livemesh.
 
 /// `livemesh up` as a child process on a fresh data dir.
-struct Node {
+pub(super) struct Node {
     child: tokio::process::Child,
-    pid: u32,
+    pub(super) pid: u32,
     addr: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Node {
-    async fn start(streams_per_connection: u64) -> anyhow::Result<Self> {
+    pub(super) async fn start(streams_per_connection: u64) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let addr = {
             let probe = std::net::TcpListener::bind(("127.0.0.1", 0))?;
@@ -830,7 +923,7 @@ impl Node {
         Ok(node)
     }
 
-    fn uri(&self) -> String {
+    pub(super) fn uri(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -887,7 +980,7 @@ impl Node {
         Ok((previous, false))
     }
 
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub(super) async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "`livemesh up` exited during the bench with {status}{}",
@@ -912,7 +1005,7 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// One BFF-like HTTP/2 connection.
-async fn connect(uri: &str) -> anyhow::Result<Channel> {
+pub(super) async fn connect(uri: &str) -> anyhow::Result<Channel> {
     Endpoint::from_shared(uri.to_owned())?
         .initial_connection_window_size(16 << 20)
         .initial_stream_window_size(1 << 20)
@@ -925,8 +1018,10 @@ async fn connect(uri: &str) -> anyhow::Result<Channel> {
 
 /// Streams that are being opened: how many made it, the first failure.
 #[derive(Default)]
-struct Opening {
+pub(super) struct Opening {
     opened: AtomicU64,
+    /// Subscribe calls retried after UNAVAILABLE.
+    retried: AtomicU64,
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
 }
@@ -942,7 +1037,7 @@ impl Opening {
     }
 
     /// Waits until `n` streams opened; fails on the first failure or after `limit`.
-    async fn wait(&self, n: u64, limit: Duration, what: &str) -> anyhow::Result<()> {
+    pub(super) async fn wait(&self, n: u64, limit: Duration, what: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         loop {
             let (opened, failed) = (
@@ -972,21 +1067,32 @@ impl Opening {
     }
 }
 
-fn open_limit(streams: u64) -> Duration {
+pub(super) fn open_limit(streams: u64) -> Duration {
     Duration::from_secs(30) + Duration::from_millis(streams)
 }
 
 /// One viewer's stream: open it, report `started`, then count events.
-async fn viewer(
+pub(super) async fn viewer(
     mut client: SubscribeServiceClient<Channel>,
     request: SubscribeRequest,
     rec: Arc<Recorder>,
     opening: Arc<Opening>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let mut stream = match client.subscribe(request).await {
-        Ok(reply) => reply.into_inner(),
-        Err(status) => return opening.fail(format!("Subscribe: {status}")),
+    // UNAVAILABLE says "retry shortly" (a room lookup or the store was
+    // slow while the node opens hundreds of thousands of streams): a
+    // client does, with a pause; the retries are counted and printed.
+    let mut tries = 0;
+    let mut stream = loop {
+        match client.subscribe(request.clone()).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && tries < OPEN_RETRIES => {
+                tries += 1;
+                opening.retried.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+            Err(status) => return opening.fail(format!("Subscribe: {status}")),
+        }
     };
     match stream.message().await {
         Ok(Some(first)) if matches!(first.message, Some(Message::Started(_))) => {
@@ -1002,19 +1108,23 @@ async fn viewer(
         Err(status) => return opening.fail(format!("Subscribe stream: {status}")),
     }
     drop(permit);
+    let comment = |event: &RoomEvent| {
+        if let Some(room_event::Kind::Comment(comment)) = &event.kind
+            && let Some(sent) = parse_sent(comment.text.as_bytes())
+        {
+            if rec.event_len.load(Ordering::Relaxed) == 0 {
+                rec.event_len.store(event.encoded_len(), Ordering::Relaxed);
+            }
+            rec.received(sent);
+        }
+    };
     loop {
         match stream.message().await {
-            Ok(Some(reply)) => {
-                if let Some(Message::Event(event)) = reply.message
-                    && let Some(room_event::Kind::Comment(comment)) = &event.kind
-                    && let Some(sent) = parse_sent(comment.text.as_bytes())
-                {
-                    if rec.event_len.load(Ordering::Relaxed) == 0 {
-                        rec.event_len.store(event.encoded_len(), Ordering::Relaxed);
-                    }
-                    rec.received(sent);
-                }
-            }
+            Ok(Some(reply)) => match &reply.message {
+                Some(Message::Event(event)) => comment(event),
+                Some(Message::Batch(batch)) => batch.events.iter().for_each(comment),
+                _ => {}
+            },
             Ok(None) => return rec.stream_ended("the server ended a stream".into()),
             Err(status) => return rec.stream_ended(format!("a stream failed: {status}")),
         }
@@ -1027,8 +1137,8 @@ async fn run_livemesh(
     window: Duration,
     payload: &mut usize,
 ) -> anyhow::Result<Measured> {
-    let connections = args.connections as usize;
-    let per_connection = args.streams.div_ceil(args.connections);
+    let connections = args.connections() as usize;
+    let per_connection = args.streams.div_ceil(args.connections());
     let node = Node::start(per_connection).await?;
     let uri = node.uri();
     let control = connect(&uri).await?;
@@ -1064,7 +1174,7 @@ async fn run_livemesh(
                 SubscribeRequest {
                     room_id,
                     viewer_id: 100_000_000 + r as u64,
-                    resume: None,
+                    ..SubscribeRequest::default()
                 },
                 rec.clone(),
                 opening.clone(),
@@ -1094,7 +1204,7 @@ async fn run_livemesh(
             SubscribeRequest {
                 room_id: room_ids[i as usize % room_ids.len()],
                 viewer_id: 1_000_000 + i,
-                resume: None,
+                ..SubscribeRequest::default()
             },
             rec.clone(),
             opening.clone(),
@@ -1108,6 +1218,13 @@ async fn run_livemesh(
         .wait(args.streams, open_limit(args.streams), "Subscribe streams")
         .await?;
     let open_s = opened_at.elapsed().as_secs_f64();
+    let retried = opening.retried.load(Ordering::Relaxed);
+    if retried > 0 {
+        println!(
+            "  livemesh, {}: {retried} Subscribe calls answered UNAVAILABLE while opening and were retried",
+            layout.label
+        );
+    }
     let (rss_open, open_settled) = node.settled_rss().await?;
     let per_stream = (rss_open as f64 - rss_base as f64) / args.streams as f64;
     println!(
@@ -1169,7 +1286,10 @@ async fn run_livemesh(
 // ---------------------------------------------------------------------------
 // NATS.
 
-async fn nats_connect(url: &str, slow: &Arc<AtomicU64>) -> anyhow::Result<async_nats::Client> {
+pub(super) async fn nats_connect(
+    url: &str,
+    slow: &Arc<AtomicU64>,
+) -> anyhow::Result<async_nats::Client> {
     let slow = slow.clone();
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
@@ -1188,7 +1308,7 @@ async fn nats_connect(url: &str, slow: &Arc<AtomicU64>) -> anyhow::Result<async_
 }
 
 /// nats-server's pid, when `scripts/bench fanout` started it.
-fn nats_pid() -> Option<u32> {
+pub(super) fn nats_pid() -> Option<u32> {
     std::env::var("LIVEMESH_TEST_NATS_PID").ok()?.parse().ok()
 }
 
@@ -1201,8 +1321,8 @@ async fn run_nats(
     rate: Option<f64>,
 ) -> anyhow::Result<Measured> {
     let slow = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::with_capacity(args.connections as usize);
-    for _ in 0..args.connections {
+    let mut clients = Vec::with_capacity(args.connections() as usize);
+    for _ in 0..args.connections() {
         clients.push(nats_connect(url, &slow).await?);
     }
     let publisher = nats_connect(url, &slow).await?;
@@ -1303,6 +1423,7 @@ fn print_and_save(
     window: Duration,
     load: (f64, f64),
     results: &[(&Layout, Option<Measured>, Option<Measured>)],
+    storms: &(Option<storm::Storm>, Option<storm::Storm>),
 ) -> anyhow::Result<()> {
     println!(
         "  machine load average (1 min) before {:.1}, after {:.1}, on {} cores: other work \
@@ -1367,7 +1488,7 @@ fn print_and_save(
         figures.insert(key, value);
     };
     put("streams".into(), args.streams as f64);
-    put("connections".into(), args.connections as f64);
+    put("connections".into(), args.connections() as f64);
     put("rooms".into(), rooms as f64);
     put("payload_bytes".into(), payload as f64);
     put("window_s".into(), window.as_secs_f64());
@@ -1475,6 +1596,63 @@ fn print_and_save(
                 .get("nats_latency_p99_ms")
                 .map(|n| format!("; NATS p99 {n:.1} ms at the same rate"))
                 .unwrap_or_default()
+        );
+    }
+    // The headline per-delivery figures are the hot room's, where a fan-out
+    // is widest.
+    let hot = |key: &str| figures.get(&format!("hot_{key}")).copied();
+    let (cpu, nats_cpu) = (
+        hot("server_cpu_us_per_delivery"),
+        hot("nats_server_cpu_us_per_delivery"),
+    );
+    let (p99, nats_p99) = (hot("latency_p99_ms"), hot("nats_latency_p99_ms"));
+    if let Some(ours) = cpu {
+        figures.insert("server_cpu_us_per_delivery".into(), ours);
+    }
+    if let Some(theirs) = nats_cpu {
+        figures.insert("nats_server_cpu_us_per_delivery".into(), theirs);
+    }
+    if let (Some(ours), Some(theirs)) = (cpu, nats_cpu) {
+        figures.insert("cpu_ratio_vs_nats".into(), ours / theirs);
+        println!(
+            "  hot room, server CPU per delivery while saturating: livemesh {ours:.2} µs, \
+             NATS {theirs:.2} µs ({:.2}x)",
+            ours / theirs
+        );
+    }
+    if let (Some(ours), Some(theirs)) = (p99, nats_p99) {
+        figures.insert("p99_ratio_vs_nats".into(), ours / theirs);
+        println!(
+            "  hot room, paced p99 at the same rate: livemesh {ours:.1} ms, NATS {theirs:.1} ms \
+             ({:.2}x)",
+            ours / theirs
+        );
+    }
+    for (prefix, storm) in [("", &storms.0), ("nats_", &storms.1)] {
+        let Some(storm) = storm else { continue };
+        figures.insert(format!("{prefix}storm_viewers"), storm.viewers as f64);
+        figures.insert(format!("{prefix}storm_levels"), storm.levels.len() as f64);
+        if let Some(best) = storm.best() {
+            figures.insert(format!("{prefix}storm_latency_p50_ms"), best.p50_ms);
+            figures.insert(format!("{prefix}storm_latency_p99_ms"), best.p99_ms);
+            figures.insert(
+                format!("{prefix}storm_server_cpu_us_per_delivery"),
+                best.server_cpu_us,
+            );
+            figures.insert(
+                format!("{prefix}storm_delivered_per_s"),
+                best.delivered_per_s,
+            );
+        }
+    }
+    if let (Some(ours), Some(theirs)) = (&storms.0, &storms.1) {
+        let ratio = ours.viewers as f64 / theirs.viewers as f64;
+        figures.insert("storm_ratio_vs_nats".into(), ratio);
+        println!(
+            "  storm: viewers held at p99 <= {} ms: livemesh {} (batched), NATS {} ({ratio:.2}x)",
+            storm::STORM_P99_MS,
+            ours.viewers,
+            theirs.viewers
         );
     }
     if let Some(bytes) = figures.get("bytes_per_idle_stream") {

@@ -9,6 +9,7 @@ mod fanout;
 mod gifts;
 mod loves;
 mod rooms;
+mod storm;
 
 use std::collections::BTreeMap;
 use std::future::Future;
