@@ -13,7 +13,7 @@ use tower::{ServiceBuilder, ServiceExt as _};
 
 use crate::BoxError;
 use crate::config::ClientConfig;
-use crate::resilience::{self, Breaker, BreakerSettings, Deadline, InvalidBreaker, RetryPolicy};
+use crate::resilience::{Breaker, BreakerSettings, InvalidBreaker, PeerGuardLayer, RetryPolicy};
 
 /// A channel to one peer, wrapped in the mesh's middleware. Generated
 /// clients take it as their transport: `CounterServiceClient::new(channel)`.
@@ -156,13 +156,11 @@ impl ClientStack {
         S::Future: Send + 'static,
     {
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
-        let (breaker_layer, breaker) = resilience::grpc_breaker(&self.breaker, peer)?;
-        let breaker_error = resilience::breaker_error(peer);
+        let (guard, breaker) = PeerGuardLayer::new(&self.breaker, peer, timeout)?;
         let guarded = BoxCloneSyncService::new(
             ServiceBuilder::new()
-                .map_err(move |err| MeshError(breaker_error(err)))
-                .layer(breaker_layer)
-                .layer_fn(|inner| Deadline::new(inner, timeout, peer))
+                .map_err(MeshError)
+                .layer(guard)
                 .service(transport),
         );
         let retrying = ServiceBuilder::new()

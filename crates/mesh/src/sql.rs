@@ -133,6 +133,10 @@ impl Db {
                 MySql::create_database(&url).await.map_err(open_err)?;
                 tracing::info!(url = %redact(&url), "created database");
             }
+            // Nagle must stay off on these sockets (sqlx sets TCP_NODELAY
+            // since 0.9.1; 0.9.0 did not, so keep sqlx >= 0.9.1): a
+            // transaction is a run of small back-to-back writes, and with
+            // Nagle each waits for the server's delayed ACK, tens of ms.
             let pool = MySqlPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(5))
