@@ -199,8 +199,9 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     let length = Duration::from_secs(args.duration) / 5;
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
 
+    // A fresh secret per run, longer than the 32 bytes a secret needs.
     let secret = format!(
-        "bench-rpc-{:x}-{}",
+        "bench-rpc-secret-{:016x}-{:016x}",
         std::process::id(),
         livemesh_mesh::now_ms()
     );
