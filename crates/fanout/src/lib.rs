@@ -280,6 +280,15 @@ impl FanoutStore {
         }
     }
 
+    /// Whether the store holds anything for the room (a publish to a room
+    /// the rooms service does not know must leave nothing behind).
+    pub async fn holds(&self, room_id: u64) -> Result<bool, StoreError> {
+        match self {
+            FanoutStore::Memory(store) => Ok(store.holds(room_id)),
+            FanoutStore::Redis(store) => store.holds(room_id).await,
+        }
+    }
+
     /// Checks that the store answers; always `Ok` in memory.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {

@@ -53,6 +53,18 @@ impl MemoryFanout {
         }
     }
 
+    /// Whether anything is stored for the room.
+    pub fn holds(&self, room_id: u64) -> bool {
+        let state = self.lock();
+        state.rooms.contains_key(&room_id)
+            || state.idempotency.keys().any(|(room, _)| *room == room_id)
+    }
+
+    /// How many rooms have state here.
+    pub fn room_count(&self) -> usize {
+        self.lock().rooms.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the maps consistent before it can
         // panic, so a poisoned lock still holds valid data.

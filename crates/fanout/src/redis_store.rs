@@ -121,6 +121,12 @@ if first == ARGV[1] then reporter = 1 end
 return {total, reporter, redis.call('GET', KEYS[4]) or '0', redis.call('GET', KEYS[3]) or '0'}
 ";
 
+/// The names of every key a room may have; they share the room's hash tag,
+/// so one `EXISTS` sees them all, on a Cluster too.
+const ROOM_KEYS: [&str; 8] = [
+    "nodes", "counts", "seq", "epoch", "history", "ended", "idem", "latest",
+];
+
 /// The fan-out store on Redis; clones share the pool.
 #[derive(Clone)]
 pub struct RedisFanout {
@@ -370,6 +376,18 @@ impl RedisFanout {
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.conn.ping().await
+    }
+
+    pub async fn holds(&self, room_id: u64) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("EXISTS");
+        for name in ROOM_KEYS {
+            cmd.arg(self.key(room_id, name));
+        }
+        let found: u64 = self
+            .conn
+            .query(&format!("keys of room {room_id}"), &cmd)
+            .await?;
+        Ok(found > 0)
     }
 
     fn number(&self, what: &str, value: Option<Value>) -> Result<u64, StoreError> {

@@ -83,7 +83,15 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         data_dir.display()
     );
     let channel = ClientStack::new(&config.client).channel(&server.uri())?;
-    let result = script(channel, config.gifts.platform_cut_bps).await;
+    // The demo also plays the gift-settler once, to show what a committed
+    // gift's event looks like before the real gifts further down.
+    let as_gift_settler = ClientStack::new(&config.client)
+        .secured(
+            &livemesh_mesh::auth::Security::dev(),
+            livemesh_mesh::auth::policy::GIFT_SETTLER,
+        )?
+        .channel(&server.uri())?;
+    let result = script(channel, as_gift_settler, config.gifts.platform_cut_bps).await;
     server.stop().await?;
     match &result {
         Ok(()) => println!("\ndemo complete: every step got the answer it expected."),
@@ -92,7 +100,11 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     result
 }
 
-async fn script(channel: MeshChannel, platform_cut_bps: u32) -> anyhow::Result<()> {
+async fn script(
+    channel: MeshChannel,
+    as_gift_settler: MeshChannel,
+    platform_cut_bps: u32,
+) -> anyhow::Result<()> {
     let mut health = HealthClient::new(channel.clone());
     let mut admin = RoomAdminServiceClient::new(channel.clone());
     let mut query = OngoingQueryServiceClient::new(channel.clone());
@@ -264,16 +276,30 @@ async fn script(channel: MeshChannel, platform_cut_bps: u32) -> anyhow::Result<(
     );
     let wow = comment(&mut publish, &mut audience, 502, "that jump!", "c-502-1").await?;
     published.push(wow.offset);
-    println!("  viewer 503's gift 12 (500) is committed; the gift-settler publishes it");
-    let gift = publish_seen(
-        &mut publish,
-        &mut audience,
-        room_event::Kind::Gift(GiftSent {
-            viewer_id: 503,
-            gift_id: 12,
-            amount: 500,
-            transfer_id: "t-503-1".into(),
+    let gift_event = room_event::Kind::Gift(GiftSent {
+        viewer_id: 503,
+        gift_id: 12,
+        amount: 500,
+        transfer_id: "t-503-1".into(),
+    });
+    expect_error(
+        "viewer 503's app publishes a gift event itself",
+        publish.publish(PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(gift_event.clone()),
+                ..RoomEvent::default()
+            }),
+            ..PublishRequest::default()
         }),
+        tonic::Code::PermissionDenied,
+    )
+    .await?;
+    println!("  viewer 503's gift 12 (500) is paid; the gift-settler publishes it");
+    let gift = publish_seen(
+        &mut PublishServiceClient::new(as_gift_settler),
+        &mut audience,
+        gift_event,
         "gift-t-503-1",
     )
     .await?;

@@ -253,6 +253,14 @@ struct Up {
     channel: MeshChannel,
 }
 
+/// A test that fails before `terminate` must not leave the process behind.
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Up {
     async fn start(dir: &std::path::Path) -> Self {
         // Reserve a free port, then hand it to the process.
@@ -270,11 +278,19 @@ impl Up {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn livemesh up");
-        let channel = ClientStack::new(&ClientConfig::default())
-            .channel(&format!("http://127.0.0.1:{port}"))
-            .unwrap();
-        let mut up = Self { child, channel };
+        let channel = || {
+            ClientStack::new(&ClientConfig::default())
+                .channel(&format!("http://127.0.0.1:{port}"))
+                .unwrap()
+        };
+        // The refused connections while the process starts count against
+        // the waiting channel's breaker; the test's calls get a fresh one.
+        let mut up = Self {
+            child,
+            channel: channel(),
+        };
         up.wait_serving().await;
+        up.channel = channel();
         up
     }
 
@@ -304,9 +320,13 @@ impl Up {
         let pid = self.child.id().to_string();
         let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(killed.success());
-        tokio::task::spawn_blocking(move || self.child.wait().unwrap())
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            let status = self.child.wait().unwrap();
+            std::mem::forget(self); // waited for: nothing left to kill
+            status
+        })
+        .await
+        .unwrap()
     }
 }
 

@@ -75,9 +75,11 @@ impl ClientStack {
         service: &str,
     ) -> Result<Self, crate::auth::AuthError> {
         Ok(Self {
-            credential: security
-                .service_credential(service)?
-                .map(crate::auth::Credential::Service),
+            // A dev-mode service without a secret still names itself.
+            credential: match security.service_credential(service)? {
+                Some(credential) => Some(crate::auth::Credential::Service(credential)),
+                None => crate::auth::Credential::dev(service),
+            },
             tls: security.client_tls(),
             ..self
         })

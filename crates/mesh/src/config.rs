@@ -111,6 +111,14 @@ pub struct GiftsConfig {
     /// The dispatcher committed gifts are published through. Empty: this
     /// process's own address.
     pub publish_url: String,
+    /// The largest amount of one deposit or gift, in the smallest currency
+    /// unit; larger ones are refused (INVALID_ARGUMENT).
+    pub max_transfer_amount: i64,
+    /// How long a gift batch waits for the dispatcher to take a gift's
+    /// event before the gift is refused (UNAVAILABLE, retry with the same
+    /// key). A gift is announced before it commits, so that no gift that
+    /// answered OK is missing from its room's stream.
+    pub announce_timeout_ms: u64,
 }
 
 impl Default for GiftsConfig {
@@ -124,6 +132,8 @@ impl Default for GiftsConfig {
             batch_workers: 4,
             ongoing_query_url: String::new(),
             publish_url: String::new(),
+            max_transfer_amount: 1_000_000_000_000,
+            announce_timeout_ms: 2_000,
         }
     }
 }
@@ -660,6 +670,12 @@ impl Config {
         }
         if self.gifts.platform_cut_bps > 10_000 {
             return invalid("gifts.platform_cut_bps is at most 10000 (100%)");
+        }
+        if self.gifts.max_transfer_amount <= 0 {
+            return invalid("gifts.max_transfer_amount must be at least 1");
+        }
+        if self.gifts.announce_timeout_ms == 0 {
+            return invalid("gifts.announce_timeout_ms must be at least 1");
         }
         if sub.lease_ms < 2 * sub.report_interval_ms {
             return invalid(

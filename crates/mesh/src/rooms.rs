@@ -50,27 +50,43 @@ pub enum LookupError {
 /// Room lookups with a short-lived cache.
 #[derive(Debug)]
 pub struct RoomDirectory {
-    client: OngoingQueryServiceClient<MeshChannel>,
+    /// `None`: a fixed set of rooms (see [`Self::fixed`]).
+    client: Option<OngoingQueryServiceClient<MeshChannel>>,
     cache: Mutex<HashMap<u64, (RoomInfo, Instant)>>,
 }
 
 impl RoomDirectory {
     pub fn new(channel: MeshChannel) -> Self {
         Self {
-            client: OngoingQueryServiceClient::new(channel),
+            client: Some(OngoingQueryServiceClient::new(channel)),
             cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A directory that knows exactly `rooms` and asks no one (for a
+    /// component tested or benchmarked without ongoing-query).
+    pub fn fixed(rooms: impl IntoIterator<Item = RoomInfo>) -> Self {
+        let now = Instant::now();
+        Self {
+            client: None,
+            cache: Mutex::new(rooms.into_iter().map(|r| (r.room_id, (r, now))).collect()),
         }
     }
 
     /// The room, from the cache or from ongoing-query.
     pub async fn get(&self, room_id: u64) -> Result<RoomInfo, LookupError> {
-        if let Some((info, at)) = self.lock().get(&room_id).copied()
+        let cached = self.lock().get(&room_id).copied();
+        let Some(client) = &self.client else {
+            return cached
+                .map(|(info, _)| info)
+                .ok_or(LookupError::NotFound(room_id));
+        };
+        if let Some((info, at)) = cached
             && (info.ended || at.elapsed() < ONGOING_TTL)
         {
             return Ok(info);
         }
-        let reply = self
-            .client
+        let reply = client
             .clone()
             .get_room(GetRoomRequest { room_id })
             .await

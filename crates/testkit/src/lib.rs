@@ -340,6 +340,17 @@ impl TestServer {
             .expect("loopback uri")
     }
 
+    /// A channel whose calls come from the mesh service `service` (dev
+    /// mode: the unsigned `Dev <service>` credential), for calls only a
+    /// service may make (a gift's event, as the gift-settler).
+    pub fn channel_as(&self, service: &str) -> MeshChannel {
+        ClientStack::new(&ClientConfig::default())
+            .secured(&livemesh_mesh::auth::Security::dev(), service)
+            .expect("dev mode needs no secret")
+            .channel(&self.server.uri())
+            .expect("loopback uri")
+    }
+
     /// Stops the server and waits until it has drained.
     pub async fn stop(self) {
         self.server

@@ -10,9 +10,11 @@
 //! takes whatever is waiting, up to `max_batch`, applies it, answers every
 //! caller, and goes on; under no load a batch is one transfer.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ledger::{Applied, LedgerError, Shard, Transfer};
+use crate::ledger::{Announce, Applied, LedgerError, Shard, Transfer};
 
 type Reply = oneshot::Sender<Result<Applied, LedgerError>>;
 
@@ -28,15 +30,21 @@ const QUEUE: usize = 4_096;
 
 impl Batcher {
     /// Starts `workers` batch workers per shard (tokio tasks that end when
-    /// the batcher is dropped).
-    pub fn start(shards: &[Shard], workers: usize, max_batch: usize) -> Self {
+    /// the batcher is dropped); gifts are announced through `announce`
+    /// before their batch commits.
+    pub fn start(
+        shards: &[Shard],
+        workers: usize,
+        max_batch: usize,
+        announce: Arc<dyn Announce>,
+    ) -> Self {
         let queues = shards
             .iter()
             .map(|shard| {
                 (0..workers.max(1))
                     .map(|_| {
                         let (tx, rx) = mpsc::channel(QUEUE);
-                        tokio::spawn(work(shard.clone(), rx, max_batch.max(1)));
+                        tokio::spawn(work(shard.clone(), rx, max_batch.max(1), announce.clone()));
                         tx
                     })
                     .collect()
@@ -64,7 +72,12 @@ impl Batcher {
     }
 }
 
-async fn work(shard: Shard, mut queue: mpsc::Receiver<(Transfer, Reply)>, max_batch: usize) {
+async fn work(
+    shard: Shard,
+    mut queue: mpsc::Receiver<(Transfer, Reply)>,
+    max_batch: usize,
+    announce: Arc<dyn Announce>,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut batch, max_batch).await > 0 {
         // Every batch takes its debit rows' locks in one order, so two
@@ -72,7 +85,7 @@ async fn work(shard: Shard, mut queue: mpsc::Receiver<(Transfer, Reply)>, max_ba
         // is stable: one account's transfers keep their order.
         batch.sort_by(|(a, _), (b, _)| a.debit.cmp(&b.debit));
         let (transfers, replies): (Vec<Transfer>, Vec<Reply>) = batch.drain(..).unzip();
-        match shard.apply_batch(&transfers).await {
+        match shard.apply_batch(&transfers, announce.as_ref()).await {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -84,8 +97,34 @@ async fn work(shard: Shard, mut queue: mpsc::Receiver<(Transfer, Reply)>, max_ba
                     let _ = reply.send(Err(LedgerError::Unavailable(open.clone())));
                 }
             }
+            Err(err) if err.is_permanent() && transfers.len() > 1 => {
+                // The database refused the whole batch for one of its
+                // transfers (a constraint): each goes again alone, so only
+                // that one is refused and the rest are applied.
+                tracing::warn!(shard = shard.index, %err, transfers = transfers.len(),
+                    "a gift batch was refused; applying its transfers one by one");
+                for (transfer, reply) in transfers.iter().zip(replies) {
+                    let result = match shard
+                        .apply_batch(std::slice::from_ref(transfer), announce.as_ref())
+                        .await
+                    {
+                        Ok(mut results) => results.pop().unwrap_or(Err(LedgerError::Conflict)),
+                        Err(err) => Err(refusal(&shard, transfer, err)),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            Err(err) if err.is_permanent() => {
+                // A batch of one transfer, refused for good.
+                if let (Some(transfer), Some(reply)) =
+                    (transfers.first(), replies.into_iter().next())
+                {
+                    let _ = reply.send(Err(refusal(&shard, transfer, err)));
+                }
+            }
             Err(err) => {
-                // Nothing of the batch was applied: every caller retries.
+                // Nothing of the batch was applied and the cause passes
+                // (a conflict, a lost connection): every caller retries.
                 tracing::debug!(shard = shard.index, %err, "a gift batch failed");
                 for reply in replies {
                     let _ = reply.send(Err(LedgerError::Conflict));
@@ -93,6 +132,16 @@ async fn work(shard: Shard, mut queue: mpsc::Receiver<(Transfer, Reply)>, max_ba
             }
         }
     }
+}
+
+/// Logs a transfer the database refused (at warn: the ledger's checks
+/// should have caught it first) and passes the refusal on.
+fn refusal(shard: &Shard, transfer: &Transfer, err: LedgerError) -> LedgerError {
+    if err.is_permanent() {
+        tracing::warn!(shard = shard.index, transfer_id = %transfer.transfer_id, %err,
+            "the balance database refused a transfer");
+    }
+    err
 }
 
 /// A user's lane: a stable hash (FNV-1a) of the user id. Deposits and gifts

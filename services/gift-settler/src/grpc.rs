@@ -10,18 +10,17 @@ use livemesh_proto::v1::gifts_service_server::GiftsService;
 use livemesh_proto::v1::settlement_service_server::SettlementService;
 use livemesh_proto::v1::{
     DepositRequest, DepositResponse, ExportLedgerRequest, ExportLedgerResponse, GetBalanceRequest,
-    GetBalanceResponse, GetSettlementRequest, GetSettlementResponse, GiftSent, LedgerEntry,
-    PublishRequest, ReconcileRequest, ReconcileResponse, RoomEvent, SendGiftRequest,
-    SendGiftResponse, SettleRoomRequest, SettleRoomResponse, Settlement, SettlementState,
-    ShardStatement, room_event,
+    GetBalanceResponse, GetSettlementRequest, GetSettlementResponse, LedgerEntry, ReconcileRequest,
+    ReconcileResponse, SendGiftRequest, SendGiftResponse, SettleRoomRequest, SettleRoomResponse,
+    Settlement, SettlementState, ShardStatement,
 };
 use tonic::{Request, Response, Status};
 
 use crate::Inner;
 use crate::ledger::{
-    EXTERNAL, EntryRow, LedgerError, SettlementRow, Transfer, room_account, user_account,
+    EXTERNAL, EntryRow, GiftNotice, LedgerError, SettlementRow, Transfer, room_account,
+    user_account,
 };
-use tracing::Instrument as _;
 const MAX_KEY_BYTES: usize = 128;
 /// Tries of one transfer against concurrent conflicts (deadlocks, a racing
 /// request with the same key) before answering UNAVAILABLE.
@@ -48,8 +47,32 @@ impl From<GiftError> for Status {
             GiftError::Ledger(LedgerError::Insufficient { .. } | LedgerError::RoomEnded(_)) => {
                 Status::failed_precondition(err.to_string())
             }
+            GiftError::Ledger(LedgerError::BalanceLimit { .. }) => {
+                Status::out_of_range(err.to_string())
+            }
+            GiftError::Ledger(LedgerError::Constraint(_)) => {
+                // Logged with the transfer id where the database refused it.
+                Status::failed_precondition(
+                    "the transfer would break a rule of the ledger (a balance below zero or \
+                     out of range); it was not applied and a retry is refused the same way",
+                )
+            }
+            GiftError::Ledger(LedgerError::Rejected(_)) => {
+                tracing::error!(%err, "the balance database refused a transfer");
+                Status::internal(
+                    "the balance database refused the transfer; it was not applied (the \
+                     operators have the cause in the log)",
+                )
+            }
             GiftError::Ledger(LedgerError::KeyReused { .. }) => {
                 Status::already_exists(err.to_string())
+            }
+            GiftError::Ledger(LedgerError::Unannounced(_)) => {
+                tracing::warn!(%err, "a gift was not applied: its event was not taken");
+                Status::unavailable(
+                    "the room's event stream did not take the gift, so it was not applied; \
+                     retry with the same idempotency_key",
+                )
             }
             GiftError::Lookup(LookupError::Unavailable(_))
             | GiftError::Ledger(
@@ -89,10 +112,16 @@ fn check_key(key: &str) -> Result<(), GiftError> {
     Ok(())
 }
 
-fn check_amount(amount: i64) -> Result<(), GiftError> {
+fn check_amount(amount: i64, max: i64) -> Result<(), GiftError> {
     if amount <= 0 {
         return Err(GiftError::Invalid(format!(
             "amount must be positive (in the smallest currency unit), not {amount}"
+        )));
+    }
+    if amount > max {
+        return Err(GiftError::Invalid(format!(
+            "amount {amount} is above the largest single transfer, {max} \
+             (gifts.max_transfer_amount); send a smaller amount"
         )));
     }
     Ok(())
@@ -134,7 +163,7 @@ impl GiftsApi {
 
     async fn send_gift_inner(&self, r: SendGiftRequest) -> Result<SendGiftResponse, GiftError> {
         check_key(&r.idempotency_key)?;
-        check_amount(r.amount)?;
+        check_amount(r.amount, self.inner.max_transfer_amount)?;
         if r.viewer_id == 0 || r.room_id == 0 {
             return Err(GiftError::Invalid(
                 "viewer_id and room_id are required".into(),
@@ -161,48 +190,22 @@ impl GiftsApi {
             debit_may_go_negative: false,
             now_ms: livemesh_mesh::now_ms(),
             transfer_id,
+            // Announced to the room before the gift commits (see `Announce`).
+            gift: Some(GiftNotice {
+                viewer_id: r.viewer_id,
+                gift_id: r.gift_id,
+            }),
         };
         let applied = self.apply(r.viewer_id, &transfer).await?;
-        if !applied.replayed {
-            self.publish_gift(&r, &applied.transfer_id);
-        }
         Ok(SendGiftResponse {
             transfer_id: applied.transfer_id,
             balance: applied.balance,
         })
     }
 
-    /// Tells the room's viewers, in the background: a failure to publish
-    /// never undoes a committed gift.
-    fn publish_gift(&self, r: &SendGiftRequest, transfer_id: &str) {
-        let request = PublishRequest {
-            room_id: r.room_id,
-            event: Some(RoomEvent {
-                kind: Some(room_event::Kind::Gift(GiftSent {
-                    viewer_id: r.viewer_id,
-                    gift_id: r.gift_id,
-                    amount: r.amount,
-                    transfer_id: transfer_id.to_owned(),
-                })),
-                ..RoomEvent::default()
-            }),
-            idempotency_key: Some(transfer_id.to_owned()),
-            forwarded_from: None,
-        };
-        let mut publish = self.inner.publish.clone();
-        tokio::spawn(
-            async move {
-                if let Err(status) = publish.publish(request).await {
-                    tracing::debug!(%status, "publishing a gift event failed");
-                }
-            }
-            .in_current_span(),
-        );
-    }
-
     async fn deposit_inner(&self, r: DepositRequest) -> Result<DepositResponse, GiftError> {
         check_key(&r.idempotency_key)?;
-        check_amount(r.amount)?;
+        check_amount(r.amount, self.inner.max_transfer_amount)?;
         if r.user_id == 0 {
             return Err(GiftError::Invalid("user_id is required".into()));
         }
@@ -218,6 +221,7 @@ impl GiftsApi {
             report: user,
             debit_may_go_negative: true,
             now_ms: livemesh_mesh::now_ms(),
+            gift: None,
         };
         let applied = self.apply(r.user_id, &transfer).await?;
         Ok(DepositResponse {
@@ -416,6 +420,17 @@ fn settlement(row: &SettlementRow) -> Settlement {
     }
 }
 
+/// `from` minus each of `minus`, checked: a statement's differences are
+/// sums of i64 amounts and must not wrap.
+fn difference(from: i64, minus: &[i64]) -> Result<i64, sqlx::Error> {
+    minus
+        .iter()
+        .try_fold(from, |acc, m| acc.checked_sub(*m))
+        .ok_or_else(|| {
+            sqlx::Error::Protocol("a statement's difference does not fit a 64-bit amount".into())
+        })
+}
+
 impl GiftsApi {
     async fn room(&self, room_id: u64) -> Result<livemesh_mesh::rooms::RoomInfo, GiftError> {
         if room_id == 0 {
@@ -462,13 +477,13 @@ impl GiftsApi {
                 settled: swept,
                 platform_cut,
                 streamer_credit,
-                gift_difference: gifts_debited - virtual_credited,
+                gift_difference: difference(gifts_debited, &[virtual_credited])?,
                 // Credited to the room but neither still in its virtual
                 // account nor paid to the streamer and the platform.
-                settlement_difference: virtual_credited
-                    - virtual_balance
-                    - platform_cut
-                    - streamer_credit,
+                settlement_difference: difference(
+                    virtual_credited,
+                    &[virtual_balance, platform_cut, streamer_credit],
+                )?,
                 virtual_balance,
             });
         }

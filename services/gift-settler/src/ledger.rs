@@ -76,6 +76,43 @@ pub struct Transfer {
     /// The debit may take the balance below zero (the external account).
     pub debit_may_go_negative: bool,
     pub now_ms: i64,
+    /// Gifts: what the room's viewers are told. A batch announces its
+    /// gifts before it commits (see [`Announce`]).
+    pub gift: Option<GiftNotice>,
+}
+
+/// The viewer-facing part of a gift, announced to the room before the
+/// gift commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GiftNotice {
+    pub viewer_id: u64,
+    pub gift_id: u64,
+}
+
+/// Tells a room's viewers of gifts before the batch that applies them
+/// commits. A gift whose announcement is refused (the room's stream has
+/// ended) or fails is left out of the batch and answered with the error
+/// given here; so no gift commits without its event in the room's
+/// history, and a gift's event is never refused after it committed.
+pub trait Announce: Send + Sync {
+    /// One result per transfer, in order.
+    fn announce<'a>(
+        &'a self,
+        gifts: &'a [&'a Transfer],
+    ) -> futures::future::BoxFuture<'a, Vec<Result<(), LedgerError>>>;
+}
+
+/// Announces nothing (deposits, settlement, tests of the ledger alone).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Silent;
+
+impl Announce for Silent {
+    fn announce<'a>(
+        &'a self,
+        gifts: &'a [&'a Transfer],
+    ) -> futures::future::BoxFuture<'a, Vec<Result<(), LedgerError>>> {
+        Box::pin(std::future::ready(gifts.iter().map(|_| Ok(())).collect()))
+    }
 }
 
 /// What an applied (or replayed) transfer reports.
@@ -99,6 +136,30 @@ pub enum LedgerError {
     /// The room's virtual accounts are not open in this shard yet.
     #[error("room {0} is not open in this shard")]
     RoomNotOpen(u64),
+    /// The transfer would take a balance past what an account can hold.
+    #[error(
+        "the transfer would take the balance of {account} {direction} {limit}, the {what} an \
+         account can hold; it was not applied"
+    )]
+    BalanceLimit {
+        account: String,
+        direction: &'static str,
+        limit: i64,
+        what: &'static str,
+    },
+    /// The database refused the transfer for one of the ledger's
+    /// constraints: permanent, a retry cannot help.
+    #[error("the transfer breaks the ledger's constraint ({0}); it was not applied")]
+    Constraint(String),
+    /// The database refused the statement for another reason than a
+    /// constraint or a conflict (a schema or permission problem): a retry
+    /// cannot help, and it is the server's fault, not the caller's.
+    #[error("the balance database refused the transfer: {0}")]
+    Rejected(String),
+    /// The room's viewers could not be told of the gift (the dispatcher
+    /// did not answer); nothing was applied.
+    #[error("the room's event stream did not take the gift's event: {0}")]
+    Unannounced(String),
     /// A concurrent transaction won (same transfer id, a deadlock): try again.
     #[error("a concurrent transaction conflicted; try again")]
     Conflict,
@@ -107,6 +168,13 @@ pub enum LedgerError {
     /// The shard's circuit breaker is open: it failed repeatedly just now.
     #[error(transparent)]
     Unavailable(BreakerOpen),
+}
+
+impl LedgerError {
+    /// A refusal of the database that the same transfer would meet again.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Constraint(_) | Self::Rejected(_))
+    }
 }
 
 impl StoreFailure for LedgerError {
@@ -123,11 +191,32 @@ impl StoreFailure for LedgerError {
 fn is_conflict(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Database(db) => {
+            // MySQL's error numbers (its `code()` is the SQLSTATE): 1213
+            // deadlock, 1205 lock wait timeout.
+            let mysql_number = db
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(sqlx::mysql::MySqlDatabaseError::number);
             db.is_unique_violation()
-                // MySQL: deadlock, lock wait timeout; SQLite: busy.
-                || matches!(db.code().as_deref(), Some("40001" | "1213" | "1205" | "5" | "517"))
+                || matches!(mysql_number, Some(1213 | 1205))
+                // SQLSTATE serialization failure; SQLite: busy, busy snapshot.
+                || matches!(db.code().as_deref(), Some("40001" | "5" | "517"))
                 || db.message().contains("Deadlock")
                 || db.message().contains("database is locked")
+        }
+        _ => false,
+    }
+}
+
+/// A constraint of the schema refused a write (a CHECK: sqlx maps
+/// SQLite's, MySQL's 3819 and MariaDB's 4025): the same transfer would be
+/// refused again.
+fn is_constraint(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.is_check_violation()
+                || db.is_foreign_key_violation()
+                // SQLSTATE 22003: a value out of a column's range.
+                || db.code().as_deref() == Some("22003")
         }
         _ => false,
     }
@@ -136,9 +225,37 @@ fn is_conflict(err: &sqlx::Error) -> bool {
 fn classify(err: sqlx::Error) -> LedgerError {
     if is_conflict(&err) {
         LedgerError::Conflict
+    } else if is_constraint(&err) {
+        LedgerError::Constraint(err.to_string())
+    } else if matches!(err, sqlx::Error::Database(_)) {
+        LedgerError::Rejected(err.to_string())
     } else {
         LedgerError::Db(err)
     }
+}
+
+/// `a + b`, or the refusal that names the limit it would pass.
+fn credited(account: &str, balance: i64, amount: i64) -> Result<i64, LedgerError> {
+    balance
+        .checked_add(amount)
+        .ok_or_else(|| LedgerError::BalanceLimit {
+            account: account.to_owned(),
+            direction: "above",
+            limit: i64::MAX,
+            what: "most",
+        })
+}
+
+/// `a - b`, or the refusal that names the limit it would pass.
+fn debited(account: &str, balance: i64, amount: i64) -> Result<i64, LedgerError> {
+    balance
+        .checked_sub(amount)
+        .ok_or_else(|| LedgerError::BalanceLimit {
+            account: account.to_owned(),
+            direction: "below",
+            limit: i64::MIN,
+            what: "least",
+        })
 }
 
 /// One balance shard.
@@ -185,7 +302,7 @@ impl Shard {
 
     /// Applies `t` in one transaction, or replays its first result.
     pub async fn apply(&self, t: &Transfer) -> Result<Applied, LedgerError> {
-        let mut results = self.apply_batch(std::slice::from_ref(t)).await?;
+        let mut results = self.apply_batch(std::slice::from_ref(t), &Silent).await?;
         results.pop().unwrap_or(Err(LedgerError::Conflict))
     }
 
@@ -193,10 +310,12 @@ impl Shard {
     /// log flush for all) with a few set-based statements whatever the
     /// batch's size: the batch's transfer ids, rooms and accounts are read
     /// (accounts locked, in key order), every transfer is decided in order
-    /// in memory, then the new balances, transfers and entries are written
-    /// in one multi-row statement each. A transfer refused for its own
-    /// reason (funds, key reuse, room) is left out and reported in its
-    /// place; a database failure fails the whole batch.
+    /// in memory with checked arithmetic, the gifts among them are
+    /// announced to their rooms (`announce`), then the new balances,
+    /// transfers and entries are written in one multi-row statement each.
+    /// A transfer refused for its own reason (funds, a balance limit, key
+    /// reuse, room, a refused announcement) is left out and reported in
+    /// its place; a database failure fails the whole batch.
     ///
     /// The batch runs behind the shard's circuit breaker: while it is open
     /// the batch fails at once with [`LedgerError::Unavailable`].
@@ -204,8 +323,13 @@ impl Shard {
     pub async fn apply_batch(
         &self,
         batch: &[Transfer],
+        announce: &dyn Announce,
     ) -> Result<Vec<Result<Applied, LedgerError>>, LedgerError> {
-        match self.breaker.run(self.apply_batch_unguarded(batch)).await {
+        match self
+            .breaker
+            .run(self.apply_batch_unguarded(batch, announce))
+            .await
+        {
             Ok(results) => Ok(results),
             Err(Guarded::Failed(err)) => Err(err),
             Err(Guarded::Open(open)) => Err(LedgerError::Unavailable(open)),
@@ -215,8 +339,9 @@ impl Shard {
     async fn apply_batch_unguarded(
         &self,
         batch: &[Transfer],
+        announce: &dyn Announce,
     ) -> Result<Vec<Result<Applied, LedgerError>>, LedgerError> {
-        use std::collections::{BTreeMap, BTreeSet, HashMap};
+        use std::collections::{BTreeSet, HashMap, HashSet};
         let mysql = self.db.is_mysql();
         let placeholders = |n: usize| vec!["?"; n].join(", ");
         let ids: BTreeSet<&str> = batch.iter().map(|t| t.transfer_id.as_str()).collect();
@@ -251,7 +376,7 @@ impl Shard {
             for id in &ids {
                 query = query.bind(*id);
             }
-            let mut seen: HashMap<String, (String, i64)> = query
+            let seen: HashMap<String, (String, i64)> = query
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(classify)?
@@ -270,55 +395,48 @@ impl Shard {
             for account in &accounts {
                 query = query.bind(*account);
             }
-            // account -> (balance, may go negative, changed)
-            let mut held: BTreeMap<String, (i64, bool, bool)> = query
+            let stored: Held = query
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(classify)?
                 .into_iter()
                 .map(|(account, balance, negative)| (account, (balance, negative != 0, false)))
                 .collect();
-            let mut results = Vec::with_capacity(batch.len());
-            let mut applied: Vec<(&Transfer, i64)> = Vec::new();
-            for t in batch {
-                if let Some((request, balance)) = seen.get(&t.transfer_id) {
-                    results.push(if *request == t.request {
-                        Ok(Applied { transfer_id: t.transfer_id.clone(), balance: *balance, replayed: true })
-                    } else {
-                        Err(LedgerError::KeyReused { first: request.clone() })
-                    });
-                    continue;
+            // Decide, announce the gifts decided, and decide again without
+            // the gifts whose announcement was refused, until every gift
+            // applied has been announced. Leaving a transfer out never
+            // lowers another's balance, so the rounds end (at most one per
+            // refused gift).
+            let mut refused: HashMap<usize, LedgerError> = HashMap::new();
+            let mut announced: HashSet<usize> = HashSet::new();
+            let (results, applied, held) = loop {
+                let decided = decide(batch, &seen, &status, stored.clone(), &mut refused);
+                let pending: Vec<usize> = decided
+                    .1
+                    .iter()
+                    .map(|(i, _)| *i)
+                    .filter(|i| batch[*i].gift.is_some() && !announced.contains(i))
+                    .collect();
+                if pending.is_empty() {
+                    break decided;
                 }
-                if let Some(room_id) = t.room_id {
-                    match status.get(&sql_id(room_id)).map(String::as_str) {
-                        None => {
-                            results.push(Err(LedgerError::RoomNotOpen(room_id)));
-                            continue;
+                let gifts: Vec<&Transfer> = pending.iter().map(|i| &batch[*i]).collect();
+                let outcomes = announce.announce(&gifts).await;
+                for (i, outcome) in pending.into_iter().zip(
+                    outcomes.into_iter().chain(std::iter::repeat_with(|| {
+                        Err(LedgerError::Unannounced("no answer for this gift".into()))
+                    })),
+                ) {
+                    match outcome {
+                        Ok(()) => {
+                            announced.insert(i);
                         }
-                        Some("open") => {}
-                        Some(_) => {
-                            results.push(Err(LedgerError::RoomEnded(room_id)));
-                            continue;
+                        Err(err) => {
+                            refused.insert(i, err);
                         }
                     }
                 }
-                let debit = held
-                    .entry(t.debit.clone())
-                    .or_insert((0, t.debit_may_go_negative, false));
-                if !debit.1 && debit.0 < t.amount {
-                    results.push(Err(LedgerError::Insufficient { balance: debit.0, amount: t.amount }));
-                    continue;
-                }
-                debit.0 -= t.amount;
-                debit.2 = true;
-                let credit = held.entry(t.credit.clone()).or_insert((0, false, false));
-                credit.0 += t.amount;
-                credit.2 = true;
-                let balance = held.get(&t.report).map_or(0, |h| h.0);
-                seen.insert(t.transfer_id.clone(), (t.request.clone(), balance));
-                applied.push((t, balance));
-                results.push(Ok(Applied { transfer_id: t.transfer_id.clone(), balance, replayed: false }));
-            }
+            };
             if !applied.is_empty() {
                 let changed: Vec<(&String, &(i64, bool, bool))> =
                     held.iter().filter(|(_, h)| h.2).collect();
@@ -342,7 +460,8 @@ impl Shard {
                     vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; applied.len()].join(", ")
                 );
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(transfers));
-                for (t, balance) in &applied {
+                for (i, balance) in &applied {
+                    let t = &batch[*i];
                     query = query
                         .bind(&t.transfer_id)
                         .bind(t.kind)
@@ -360,7 +479,10 @@ impl Shard {
                     vec!["(?, ?, ?, ?, ?)"; 2 * applied.len()].join(", ")
                 );
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(entries));
-                for (t, _) in &applied {
+                for (i, _) in &applied {
+                    let t = &batch[*i];
+                    // `decide` checked that the amount is positive, so its
+                    // negation cannot overflow.
                     for (account, amount) in [(&t.debit, -t.amount), (&t.credit, t.amount)] {
                         query = query
                             .bind(&t.transfer_id)
@@ -467,13 +589,148 @@ impl Shard {
 
     /// The sum of every balance in the shard (zero: money is conserved).
     pub async fn total(&self) -> Result<i64, sqlx::Error> {
-        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
-            sqlx::query_as("SELECT CAST(SUM(balance) AS SIGNED) FROM accounts")
-                .fetch_one(pool)
-                .await?
+        let sql = format!("SELECT {} FROM accounts", self.split_sum("balance"));
+        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await?
         });
-        Ok(sum.unwrap_or(0))
+        joined_sum(halves)
     }
+
+    /// `SUM(column)` as two sums that cannot overflow whatever the rows
+    /// hold (SQLite fails a sum past i64, MySQL's cast would clamp it): of
+    /// the column's high half (`column / 2^32`, below 2^31 in size) and of
+    /// its low half (the remainder, below 2^32), joined by [`joined_sum`].
+    fn split_sum(&self, column: &str) -> String {
+        if self.db.is_mysql() {
+            format!(
+                "CAST(SUM({column} DIV 4294967296) AS SIGNED), CAST(SUM({column} MOD 4294967296) AS SIGNED)"
+            )
+        } else {
+            format!("SUM({column} / 4294967296), SUM({column} % 4294967296)")
+        }
+    }
+}
+
+/// account -> (balance, may go negative, changed).
+type Held = std::collections::BTreeMap<String, (i64, bool, bool)>;
+
+/// What [`decide`] makes of a batch: the result per transfer, the applied
+/// ones (index, reported balance), the balances after them.
+type Decided = (Vec<Result<Applied, LedgerError>>, Vec<(usize, i64)>, Held);
+
+/// Decides a batch in order against the balances read (`held`), leaving out
+/// the transfers in `refused` (answered with their error): the result per
+/// transfer, the applied ones (index, reported balance) and the balances
+/// after them. Every balance is computed with checked arithmetic: a
+/// transfer that would take one past what an i64 holds is refused alone.
+fn decide(
+    batch: &[Transfer],
+    seen: &std::collections::HashMap<String, (String, i64)>,
+    status: &std::collections::HashMap<i64, String>,
+    mut held: Held,
+    refused: &mut std::collections::HashMap<usize, LedgerError>,
+) -> Decided {
+    let mut done: std::collections::HashMap<&str, (&str, i64)> = std::collections::HashMap::new();
+    let mut results = Vec::with_capacity(batch.len());
+    let mut applied = Vec::new();
+    for (i, t) in batch.iter().enumerate() {
+        if let Some(err) = refused.remove(&i) {
+            // Kept for the next round too.
+            let answer = clone_refusal(&err);
+            refused.insert(i, err);
+            results.push(Err(answer));
+            continue;
+        }
+        let first = seen
+            .get(&t.transfer_id)
+            .map(|(request, balance)| (request.as_str(), *balance))
+            .or_else(|| done.get(t.transfer_id.as_str()).copied());
+        if let Some((request, balance)) = first {
+            results.push(if request == t.request {
+                Ok(Applied {
+                    transfer_id: t.transfer_id.clone(),
+                    balance,
+                    replayed: true,
+                })
+            } else {
+                Err(LedgerError::KeyReused {
+                    first: request.to_owned(),
+                })
+            });
+            continue;
+        }
+        if let Some(room_id) = t.room_id {
+            match status.get(&sql_id(room_id)).map(String::as_str) {
+                None => {
+                    results.push(Err(LedgerError::RoomNotOpen(room_id)));
+                    continue;
+                }
+                Some("open") => {}
+                Some(_) => {
+                    results.push(Err(LedgerError::RoomEnded(room_id)));
+                    continue;
+                }
+            }
+        }
+        if t.amount <= 0 {
+            results.push(Err(LedgerError::Constraint(format!(
+                "amount must be positive, not {}",
+                t.amount
+            ))));
+            continue;
+        }
+        let debit = held
+            .get(&t.debit)
+            .copied()
+            .unwrap_or((0, t.debit_may_go_negative, false));
+        if !debit.1 && debit.0 < t.amount {
+            results.push(Err(LedgerError::Insufficient {
+                balance: debit.0,
+                amount: t.amount,
+            }));
+            continue;
+        }
+        let credit = held.get(&t.credit).copied().unwrap_or((0, false, false));
+        let balances = debited(&t.debit, debit.0, t.amount)
+            .and_then(|d| credited(&t.credit, credit.0, t.amount).map(|c| (d, c)));
+        let (debit_after, credit_after) = match balances {
+            Ok(balances) => balances,
+            Err(err) => {
+                tracing::warn!(transfer_id = %t.transfer_id, %err, "transfer refused at a balance limit");
+                results.push(Err(err));
+                continue;
+            }
+        };
+        held.insert(t.debit.clone(), (debit_after, debit.1, true));
+        held.insert(t.credit.clone(), (credit_after, credit.1, true));
+        let balance = held.get(&t.report).map_or(0, |h| h.0);
+        done.insert(&t.transfer_id, (&t.request, balance));
+        applied.push((i, balance));
+        results.push(Ok(Applied {
+            transfer_id: t.transfer_id.clone(),
+            balance,
+            replayed: false,
+        }));
+    }
+    (results, applied, held)
+}
+
+/// The same refusal again (the error holds no source that cannot be copied).
+fn clone_refusal(err: &LedgerError) -> LedgerError {
+    match err {
+        LedgerError::RoomEnded(room) => LedgerError::RoomEnded(*room),
+        LedgerError::Unannounced(why) => LedgerError::Unannounced(why.clone()),
+        other => LedgerError::Unannounced(other.to_string()),
+    }
+}
+
+/// The sum that [`Shard::split_sum`]'s two halves stand for, or an error
+/// when it does not fit an i64 (the contract's amounts are i64).
+fn joined_sum((high, low): (Option<i64>, Option<i64>)) -> Result<i64, sqlx::Error> {
+    let sum = i128::from(high.unwrap_or(0)) * (1 << 32) + i128::from(low.unwrap_or(0));
+    i64::try_from(sum).map_err(|_| {
+        sqlx::Error::Protocol(format!("a ledger sum, {sum}, does not fit a 64-bit amount"))
+    })
 }
 
 /// Ids are u64 in the contract and BIGINT (signed) in SQL; ids stay below 2^63.
@@ -609,16 +866,18 @@ impl Shard {
 
     /// The sum of the amounts of this shard's transfers of `kind` for the room.
     pub async fn room_transfers(&self, room_id: u64, kind: &str) -> Result<i64, sqlx::Error> {
-        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT CAST(SUM(amount) AS SIGNED) FROM transfers WHERE room_id = ? AND kind = ?",
-            )
-            .bind(sql_id(room_id))
-            .bind(kind)
-            .fetch_one(pool)
-            .await?
+        let sql = format!(
+            "SELECT {} FROM transfers WHERE room_id = ? AND kind = ?",
+            self.split_sum("amount")
+        );
+        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(sql_id(room_id))
+                .bind(kind)
+                .fetch_one(pool)
+                .await?
         });
-        Ok(sum.unwrap_or(0))
+        joined_sum(halves)
     }
 
     /// The amount of one transfer (0 if it does not exist).
@@ -635,27 +894,33 @@ impl Shard {
     /// Credits to the room's virtual sub-accounts here (ledger entries).
     pub async fn room_credits(&self, room_id: u64) -> Result<i64, sqlx::Error> {
         let pattern = format!("room:{room_id}:%");
-        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT CAST(SUM(amount) AS SIGNED) FROM entries WHERE account LIKE ? AND amount > 0",
-            )
-            .bind(&pattern)
-            .fetch_one(pool)
-            .await?
+        let sql = format!(
+            "SELECT {} FROM entries WHERE account LIKE ? AND amount > 0",
+            self.split_sum("amount")
+        );
+        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(&pattern)
+                .fetch_one(pool)
+                .await?
         });
-        Ok(sum.unwrap_or(0))
+        joined_sum(halves)
     }
 
     /// What the room's virtual sub-accounts hold here now.
     pub async fn room_balance(&self, room_id: u64) -> Result<i64, sqlx::Error> {
         let pattern = format!("room:{room_id}:%");
-        let (sum,): (Option<i64>,) = on_db!(&self.db, pool => {
-            sqlx::query_as("SELECT CAST(SUM(balance) AS SIGNED) FROM accounts WHERE account LIKE ?")
+        let sql = format!(
+            "SELECT {} FROM accounts WHERE account LIKE ?",
+            self.split_sum("balance")
+        );
+        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(&pattern)
                 .fetch_one(pool)
                 .await?
         });
-        Ok(sum.unwrap_or(0))
+        joined_sum(halves)
     }
 
     /// Records that the room's settlement started (once; the first record stays).

@@ -29,11 +29,11 @@ use livemesh_mesh::resilience::BreakerSettings;
 use livemesh_mesh::rooms::{RoomDirectory, RoomInfo};
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
-use livemesh_proto::v1::RoomChangeKind;
 use livemesh_proto::v1::gifts_service_server::GiftsServiceServer;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::settlement_service_server::SettlementServiceServer;
+use livemesh_proto::v1::{GiftSent, PublishRequest, RoomChangeKind, RoomEvent, room_event};
 
 use crate::ledger::Shard;
 use tracing::Instrument as _;
@@ -58,9 +58,76 @@ pub struct Inner {
     pub subaccounts: u32,
     /// The platform's cut of a room's gifts, in basis points.
     pub platform_cut_bps: u32,
+    /// The largest amount of one deposit or gift.
+    pub max_transfer_amount: i64,
     pub rooms: RoomDirectory,
-    publish: PublishServiceClient<MeshChannel>,
     watch: OngoingQueryServiceClient<MeshChannel>,
+}
+
+/// Announces gifts to their rooms through the dispatcher, before their
+/// batch commits (see [`ledger::Announce`]): a gift's event is published
+/// with the gift's transfer id as its idempotency key, so a batch that
+/// announces again (a retry, a batch split after a refusal) shows the
+/// event once.
+#[derive(Debug, Clone)]
+pub struct Announcer {
+    publish: PublishServiceClient<MeshChannel>,
+    /// How long one announcement may take; the batch holds its rows' locks
+    /// meanwhile.
+    timeout: Duration,
+}
+
+impl Announcer {
+    pub fn new(publish: PublishServiceClient<MeshChannel>, timeout: Duration) -> Self {
+        Self { publish, timeout }
+    }
+
+    async fn one(&self, t: &ledger::Transfer) -> Result<(), ledger::LedgerError> {
+        let (Some(gift), Some(room_id)) = (t.gift, t.room_id) else {
+            return Ok(());
+        };
+        let mut request = tonic::Request::new(PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(room_event::Kind::Gift(GiftSent {
+                    viewer_id: gift.viewer_id,
+                    gift_id: gift.gift_id,
+                    amount: t.amount,
+                    transfer_id: t.transfer_id.clone(),
+                })),
+                ..RoomEvent::default()
+            }),
+            idempotency_key: Some(t.transfer_id.clone()),
+            forwarded_from: None,
+        });
+        request.set_timeout(self.timeout);
+        match self.publish.clone().publish(request).await {
+            Ok(_) => Ok(()),
+            // The room's stream has ended (or the rooms service says the
+            // room did): the gift comes too late to be shown, so it is not
+            // taken either.
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                Err(ledger::LedgerError::RoomEnded(room_id))
+            }
+            Err(status) => {
+                tracing::debug!(room_id, %status, "announcing a gift failed");
+                let message: String = status.message().chars().take(200).collect();
+                Err(ledger::LedgerError::Unannounced(format!(
+                    "{:?}: {message}",
+                    status.code()
+                )))
+            }
+        }
+    }
+}
+
+impl ledger::Announce for Announcer {
+    fn announce<'a>(
+        &'a self,
+        gifts: &'a [&'a ledger::Transfer],
+    ) -> futures::future::BoxFuture<'a, Vec<Result<(), ledger::LedgerError>>> {
+        Box::pin(futures::future::join_all(gifts.iter().map(|t| self.one(t))))
+    }
 }
 
 impl Inner {
@@ -140,14 +207,23 @@ impl GiftSettler {
         let publish = stack
             .channel(&config.peer_url(&g.publish_url))
             .context("gifts.publish_url")?;
+        let announcer = Announcer::new(
+            PublishServiceClient::new(publish),
+            Duration::from_millis(g.announce_timeout_ms),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
-                batcher: batch::Batcher::start(&shards, g.batch_workers, g.max_batch),
+                batcher: batch::Batcher::start(
+                    &shards,
+                    g.batch_workers,
+                    g.max_batch,
+                    Arc::new(announcer),
+                ),
                 shards,
                 subaccounts: g.room_subaccounts,
                 platform_cut_bps: g.platform_cut_bps,
+                max_transfer_amount: g.max_transfer_amount,
                 rooms: RoomDirectory::new(ongoing.clone()),
-                publish: PublishServiceClient::new(publish),
                 watch: OngoingQueryServiceClient::new(ongoing),
             }),
             security,

@@ -43,6 +43,8 @@ pub enum SettleError {
     Db(#[from] sqlx::Error),
     #[error("injected crash before {0:?}")]
     Crash(Step),
+    #[error("room {0}'s gifts add up to more than a balance can hold")]
+    Overflow(u64),
 }
 
 /// The platform's share of `amount` at `bps` basis points, rounded down
@@ -120,6 +122,7 @@ impl Inner {
                 room_id: None,
                 debit_may_go_negative: true,
                 now_ms: now(),
+                gift: None,
             };
             if cut > 0 {
                 payer
@@ -141,9 +144,10 @@ impl Inner {
                     ))
                     .await?;
             }
-            gross += swept;
-            cut_total += cut;
-            credit_total += credit;
+            let overflow = || SettleError::Overflow(room_id);
+            gross = gross.checked_add(swept).ok_or_else(overflow)?;
+            cut_total = cut_total.checked_add(cut).ok_or_else(overflow)?;
+            credit_total = credit_total.checked_add(credit).ok_or_else(overflow)?;
         }
         check(Step::Finish)?;
         coordinator

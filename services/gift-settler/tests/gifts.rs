@@ -5,6 +5,7 @@
 // Helpers outside #[test] functions unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
 use livemesh_gift_settler::ledger::{LedgerError, PLATFORM, Transfer, room_account, user_account};
 use livemesh_gift_settler::settle::{Step, cut_of};
@@ -19,6 +20,7 @@ use livemesh_proto::v1::{
 use livemesh_proto::v1::{
     ExportLedgerRequest, GetSettlementRequest, ReconcileRequest, SettlementState,
 };
+use livemesh_publish::Dispatcher;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +39,9 @@ livemesh_testkit::sql_backend_suite!(
     a_room_end_settles_by_itself_and_reconciles_to_zero,
     a_refused_transfer_in_a_group_commit_is_rolled_back_alone,
     random_concurrent_deposits_and_gifts_conserve_money,
+    balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone,
+    a_transfer_the_database_refuses_is_refused_alone_and_never_unavailable,
+    every_gift_that_answered_ok_is_in_the_rooms_stream_before_its_end,
 );
 
 const SHARDS: usize = 4;
@@ -45,6 +50,9 @@ const SUBACCOUNTS: u32 = 8;
 struct Mesh {
     _dir: tempfile::TempDir,
     _rooms: TestServer,
+    _dispatcher: TestServer,
+    /// The dispatcher's fan-out store: the room histories viewers are served.
+    store: FanoutStore,
     _gifts_server: TestServer,
     settler: GiftSettler,
     admin: RoomAdminServiceClient<MeshChannel>,
@@ -52,15 +60,24 @@ struct Mesh {
 }
 
 async fn mesh(backend: &SqlBackend) -> Mesh {
+    mesh_with(backend, |_| {}).await
+}
+
+/// [`mesh`] with `tune` applied to the gift-settler's config.
+async fn mesh_with(backend: &SqlBackend, tune: impl FnOnce(&mut Config)) -> Mesh {
     let mut shard_urls = Vec::new();
     for shard in 0..SHARDS {
         shard_urls.push(backend.database_url(&format!("shard{shard}")).await);
     }
-    mesh_on(shard_urls).await
+    mesh_on_with(shard_urls, tune).await
 }
 
 /// The mesh with its balance shards at `shard_urls`.
 async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
+    mesh_on_with(shard_urls, |_| {}).await
+}
+
+async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let rooms_config = Config {
         data_dir: dir.path().to_owned(),
@@ -74,8 +91,13 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
     config.gifts.shard_urls = shard_urls;
     config.gifts.room_subaccounts = SUBACCOUNTS;
     config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
-    // No dispatcher here: publishing gift events fails, which never undoes a gift.
-    config.gifts.publish_url = format!("http://{}", rooms.addr);
+    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    // A dispatcher takes each gift's event before the gift commits.
+    let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
+    let dispatcher =
+        TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;
+    config.gifts.publish_url = format!("http://{}", dispatcher.addr);
+    tune(&mut config);
     let settler = GiftSettler::from_config(&config).await.unwrap();
     let gifts_server = TestServer::start(settler.clone()).await;
     Mesh {
@@ -83,6 +105,8 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
         gifts: GiftsServiceClient::new(gifts_server.channel()),
         _dir: dir,
         _rooms: rooms,
+        _dispatcher: dispatcher,
+        store,
         _gifts_server: gifts_server,
         settler,
     }
@@ -565,6 +589,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
         report: user_account(viewer),
         debit_may_go_negative: false,
         now_ms: livemesh_mesh::now_ms(),
+        gift: None,
     };
     let batch = [
         gift("a", 30),
@@ -573,7 +598,10 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
         gift("b", 60),
         gift("c", 20), // 99 - 30 - 60 = 9 left: refused
     ];
-    let results = shard.apply_batch(&batch).await.unwrap();
+    let results = shard
+        .apply_batch(&batch, &livemesh_gift_settler::ledger::Silent)
+        .await
+        .unwrap();
     assert!(matches!(results[0], Ok(ref a) if !a.replayed && a.balance == 69));
     assert!(matches!(
         results[1],
@@ -591,6 +619,263 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
     assert_eq!(mesh.balance(viewer).await, 9);
     assert_eq!(mesh.room_total(room).await, 1 + 30 + 60);
     mesh.assert_conserved().await;
+}
+
+/// Users other than `user` whose balance lives in the same shard and whose
+/// transfers take the same batch worker, so they share its batches.
+fn same_lane_as(user: u64, count: usize) -> Vec<u64> {
+    use livemesh_gift_settler::{batch::lane, shard_of};
+    let workers = Config::default().gifts.batch_workers as u64;
+    (user + 1..)
+        .filter(|u| {
+            shard_of(*u, SHARDS) == shard_of(user, SHARDS)
+                && lane(*u) % workers == lane(user) % workers
+        })
+        .take(count)
+        .collect()
+}
+
+/// Defects 2 and 3 of issue 12: concurrent deposits of i64::MAX wrapped the
+/// balance around (all answered OK); 2^62 twice failed as UNAVAILABLE, with
+/// the unrelated deposits batched with it.
+async fn balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone(backend: SqlBackend) {
+    let mut mesh = mesh_with(&backend, |config| {
+        config.gifts.max_transfer_amount = i64::MAX
+    })
+    .await;
+    let rich = 1_000;
+    // The 2^62 case below runs in another shard: this one's funding
+    // account is spent down to i64::MIN + 1 by the first part.
+    let twice = (rich + 1..)
+        .find(|u| {
+            livemesh_gift_settler::shard_of(*u, SHARDS)
+                != livemesh_gift_settler::shard_of(rich, SHARDS)
+        })
+        .unwrap();
+    let others = same_lane_as(twice, 40);
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..4 {
+        let mut gifts = mesh.gifts.clone();
+        calls.spawn(async move {
+            let reply = gifts
+                .deposit(DepositRequest {
+                    idempotency_key: format!("max-{n}"),
+                    user_id: rich,
+                    amount: i64::MAX,
+                })
+                .await;
+            (true, reply.map(|r| r.into_inner().balance))
+        });
+    }
+    let result = calls.join_all().await;
+    let ok = result.iter().filter(|(_, r)| r.is_ok()).count();
+    assert_eq!(ok, 1, "exactly one i64::MAX deposit fits: {result:?}");
+    for (_, reply) in &result {
+        match reply {
+            Ok(balance) => assert_eq!(*balance, i64::MAX),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+                // The user's balance above i64::MAX or the funding
+                // account's below i64::MIN: the limit is named.
+                assert!(
+                    status.message().contains("922337203685477580"),
+                    "{}",
+                    status.message()
+                );
+            }
+        }
+    }
+    assert_eq!(mesh.balance(rich).await, i64::MAX);
+    mesh.assert_conserved().await;
+
+    // 2^62 twice: the second would pass i64::MAX. It is refused for good
+    // (OUT_OF_RANGE, not "retry"), and the deposits batched with it go in.
+    mesh.deposit("big-1", twice, 1 << 62).await.unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for (n, user) in others.iter().copied().enumerate() {
+        let mut gifts = mesh.gifts.clone();
+        calls.spawn(async move {
+            gifts
+                .deposit(DepositRequest {
+                    idempotency_key: format!("small-{n}"),
+                    user_id: user,
+                    amount: 5,
+                })
+                .await
+                .map(|_| ())
+        });
+    }
+    let err = mesh.deposit("big-2", twice, 1 << 62).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    for reply in calls.join_all().await {
+        reply.unwrap();
+    }
+    assert_eq!(mesh.balance(twice).await, 1 << 62);
+    for user in &others {
+        assert_eq!(mesh.balance(*user).await, 5);
+    }
+    mesh.assert_conserved().await;
+
+    // The ledger's sums hold whatever the balances: two accounts at
+    // i64::MAX and two at -i64::MAX sum to 0, where a plain SQL SUM fails
+    // (SQLite: "integer overflow") or clamps (MySQL's cast).
+    let shard = mesh.settler.inner().shards[0].clone();
+    livemesh_mesh::on_db!(shard.db(), pool => {
+        sqlx::query(
+            "INSERT INTO accounts (account, balance, may_go_negative) VALUES \
+             ('test:max-a', 9223372036854775807, 0), ('test:max-b', 9223372036854775807, 0), \
+             ('test:min-a', -9223372036854775807, 1), ('test:min-b', -9223372036854775807, 1)",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+    });
+    mesh.assert_conserved().await;
+}
+
+/// Defect 3 of issue 12: a transfer the database refuses failed its whole
+/// batch, and every caller was told UNAVAILABLE ("retry"), which could
+/// never succeed for it.
+async fn a_transfer_the_database_refuses_is_refused_alone_and_never_unavailable(
+    backend: SqlBackend,
+) {
+    let mut mesh = mesh(&backend).await;
+    let user = 2_000;
+    let others = same_lane_as(user, 30);
+    let shard = mesh.settler.inner().shard(user).clone();
+    // A trigger stands in for any rule of the database the ledger's own
+    // checks do not know.
+    livemesh_mesh::on_db!(shard.db(), pool => {
+        let trigger = if shard.db().is_mysql() {
+            "CREATE TRIGGER poison BEFORE INSERT ON transfers FOR EACH ROW BEGIN \
+             IF NEW.transfer_id LIKE '%poison%' THEN \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poisoned'; END IF; END"
+        } else {
+            "CREATE TRIGGER poison BEFORE INSERT ON transfers \
+             WHEN NEW.transfer_id LIKE '%poison%' BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+        };
+        sqlx::query(trigger).execute(pool).await.unwrap();
+    });
+    let mut calls = tokio::task::JoinSet::new();
+    for (n, other) in others.iter().copied().enumerate() {
+        let mut gifts = mesh.gifts.clone();
+        calls.spawn(async move {
+            gifts
+                .deposit(DepositRequest {
+                    idempotency_key: format!("ok-{n}"),
+                    user_id: other,
+                    amount: 7,
+                })
+                .await
+                .map(|_| ())
+        });
+    }
+    let err = mesh.deposit("poison", user, 10).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Internal,
+        "a permanent refusal: {err:?}"
+    );
+    assert!(err.message().contains("not applied"), "{}", err.message());
+    for reply in calls.join_all().await {
+        reply.unwrap();
+    }
+    for other in &others {
+        assert_eq!(mesh.balance(*other).await, 7);
+    }
+    assert_eq!(mesh.balance(user).await, 0);
+    mesh.assert_conserved().await;
+}
+
+/// Defect 9 of issue 12: gift events were published after the gift
+/// committed, in the background, and refused once the room's end was
+/// stored: paid gifts that answered OK never reached the viewers.
+async fn every_gift_that_answered_ok_is_in_the_rooms_stream_before_its_end(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    let viewers: Vec<u64> = (3_001..=3_012).collect();
+    for viewer in &viewers {
+        mesh.deposit("fund", *viewer, 1_000_000).await.unwrap();
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut senders = tokio::task::JoinSet::new();
+    for viewer in viewers.iter().copied() {
+        let mut gifts = mesh.gifts.clone();
+        let sent = sent.clone();
+        senders.spawn(async move {
+            let mut ok = Vec::new();
+            for n in 0.. {
+                let reply = gifts
+                    .send_gift(SendGiftRequest {
+                        idempotency_key: format!("race-{n}"),
+                        viewer_id: viewer,
+                        room_id: room,
+                        gift_id: 1,
+                        amount: 1,
+                    })
+                    .await;
+                match reply {
+                    Ok(reply) => {
+                        ok.push(reply.into_inner().transfer_id);
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => break,
+                    Err(status) if status.code() == tonic::Code::Unavailable => {}
+                    Err(status) => panic!("unexpected {status:?}"),
+                }
+            }
+            ok
+        });
+    }
+    // End the room while the gifts pour in.
+    until("100 gifts in", || sent.load(Ordering::SeqCst) >= 100).await;
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    let answered: Vec<String> = senders.join_all().await.into_iter().flatten().collect();
+    // The dispatcher stores the end once its Watch tells it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let history = loop {
+        let history = mesh.store.history(room, 0, u64::MAX).await.unwrap();
+        let ended = history.entries.iter().any(|(_, payload)| {
+            matches!(
+                event_kind(payload),
+                Some(livemesh_proto::v1::room_event::Kind::RoomEnded(_))
+            )
+        });
+        if ended {
+            break history;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the room's end was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut shown = Vec::new();
+    let mut after_end = false;
+    for (_, payload) in &history.entries {
+        match event_kind(payload) {
+            Some(livemesh_proto::v1::room_event::Kind::RoomEnded(_)) => after_end = true,
+            Some(livemesh_proto::v1::room_event::Kind::Gift(gift)) => {
+                assert!(!after_end, "gift {} after the room's end", gift.transfer_id);
+                shown.push(gift.transfer_id);
+            }
+            _ => {}
+        }
+    }
+    let mut expected = answered.clone();
+    expected.sort();
+    shown.sort();
+    assert!(answered.len() >= 100, "{}", answered.len());
+    assert_eq!(shown, expected, "every OK gift shown once, no other");
+    mesh.assert_conserved().await;
+}
+
+fn event_kind(payload: &[u8]) -> Option<livemesh_proto::v1::room_event::Kind> {
+    use prost::Message as _;
+    livemesh_proto::v1::RoomEvent::decode(payload).unwrap().kind
 }
 
 /// One operation of the property test.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use livemesh_fanout::{Append, Appended, FanoutStore, ROOM_ENDED_KEY, Slot};
 use livemesh_mesh::resilience::{Breaker, BreakerState};
+use livemesh_mesh::rooms::{LookupError, RoomDirectory};
 use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::time::timestamp_from_ms;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
@@ -48,6 +49,14 @@ pub struct DispatchStats {
 pub enum PublishError {
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Text(#[from] crate::comment::TextError),
+    #[error("room {0} does not exist; start it first (RoomAdminService.StartRoom)")]
+    UnknownRoom(u64),
+    #[error("room {0} has ended; nothing more can be published to it")]
+    RoomOver(u64),
+    #[error("the rooms service did not answer: {0}")]
+    Rooms(String),
     #[error(
         "room {room_id} has ended (its last event is at offset {offset}); nothing more can be published to it"
     )]
@@ -62,6 +71,9 @@ pub struct DispatcherInner {
     pub store: FanoutStore,
     pub stats: DispatchStats,
     stack: ClientStack,
+    /// Which rooms exist and have not ended: nothing is stored for a room
+    /// the rooms service does not know.
+    rooms: RoomDirectory,
     nodes: Mutex<HashMap<String, (SubscribeServiceClient<MeshChannel>, Breaker)>>,
     peers: Vec<(String, PublishServiceClient<MeshChannel>)>,
     /// Makes forwarded publishes' idempotency keys unique to this process.
@@ -93,6 +105,7 @@ impl DispatcherInner {
         settings: DispatcherSettings,
         store: FanoutStore,
         stack: ClientStack,
+        rooms: RoomDirectory,
     ) -> anyhow::Result<Self> {
         let peers = settings
             .peers
@@ -106,6 +119,7 @@ impl DispatcherInner {
             store,
             stats: DispatchStats::default(),
             stack,
+            rooms,
             nodes: Mutex::new(HashMap::new()),
             peers,
             instance,
@@ -144,16 +158,7 @@ impl DispatcherInner {
         };
         match kind {
             room_event::Kind::Comment(comment) => {
-                let chars = comment.text.chars().count();
-                if chars == 0 {
-                    return invalid("comment.text is empty".into());
-                }
-                if chars > self.settings.max_comment_chars {
-                    return invalid(format!(
-                        "comment.text has {chars} characters; at most {} are allowed",
-                        self.settings.max_comment_chars
-                    ));
-                }
+                crate::comment::check(&comment.text, self.settings.max_comment_chars)?;
             }
             room_event::Kind::Gift(gift) if gift.amount <= 0 => {
                 return invalid(format!("gift.amount must be positive, not {}", gift.amount));
@@ -164,12 +169,54 @@ impl DispatcherInner {
     }
 
     /// Publishes one event (see `PublishService.Publish` in the proto for
-    /// what OK guarantees).
+    /// what OK guarantees) to a room the rooms service knows and that has
+    /// not ended.
     pub async fn publish(
         self: &Arc<Self>,
         request: PublishRequest,
     ) -> Result<PublishResponse, PublishError> {
-        let mut kind = self.validate(&request)?;
+        let kind = self.validate(&request)?;
+        self.check_room(request.room_id, &kind).await?;
+        self.append(request, kind).await
+    }
+
+    /// Refuses rooms the rooms service does not know, and rooms it says
+    /// have ended (a room-ended event only needs the room to exist). A
+    /// dispatcher that learns of an end this way, before its Watch told it,
+    /// stores the room-ended event itself.
+    async fn check_room(
+        self: &Arc<Self>,
+        room_id: u64,
+        kind: &room_event::Kind,
+    ) -> Result<(), PublishError> {
+        let info = match self.rooms.get(room_id).await {
+            Ok(info) => info,
+            Err(LookupError::NotFound(_)) => return Err(PublishError::UnknownRoom(room_id)),
+            Err(LookupError::Unavailable(why)) => return Err(PublishError::Rooms(why)),
+        };
+        if info.ended && !matches!(kind, room_event::Kind::RoomEnded(_)) {
+            let this = self.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(err) = this.end_room(room_id, None).await
+                        && !matches!(err, PublishError::Ended { .. })
+                    {
+                        tracing::warn!(room_id, %err, "storing a late room-ended event failed");
+                    }
+                }
+                .in_current_span(),
+            );
+            return Err(PublishError::RoomOver(room_id));
+        }
+        Ok(())
+    }
+
+    /// Positions, stores and fans out a validated event of a checked room.
+    async fn append(
+        self: &Arc<Self>,
+        request: PublishRequest,
+        mut kind: room_event::Kind,
+    ) -> Result<PublishResponse, PublishError> {
         let now = livemesh_mesh::now_ms();
         if let room_event::Kind::RoomEnded(RoomEnded {
             ended_at: ended_at @ None,
@@ -397,22 +444,24 @@ impl DispatcherInner {
         false
     }
 
-    /// Publishes the room-ended event (once, whoever asks).
+    /// Publishes the room-ended event (once, whoever asks) of a room the
+    /// rooms service reported ended.
     pub async fn end_room(
         self: &Arc<Self>,
         room_id: u64,
         ended_at: Option<prost_types::Timestamp>,
     ) -> Result<PublishResponse, PublishError> {
-        self.publish(PublishRequest {
+        let kind = room_event::Kind::RoomEnded(RoomEnded { ended_at });
+        let request = PublishRequest {
             room_id,
             event: Some(RoomEvent {
-                kind: Some(room_event::Kind::RoomEnded(RoomEnded { ended_at })),
+                kind: Some(kind.clone()),
                 ..RoomEvent::default()
             }),
             idempotency_key: Some(ROOM_ENDED_KEY.to_owned()),
             forwarded_from: None,
-        })
-        .await
+        };
+        self.append(request, kind).await
     }
 }
 

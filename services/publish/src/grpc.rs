@@ -13,8 +13,19 @@ use crate::dispatch::{DispatcherInner, PublishError};
 impl From<PublishError> for Status {
     fn from(err: PublishError) -> Self {
         match &err {
-            PublishError::Invalid(_) => Status::invalid_argument(err.to_string()),
-            PublishError::Ended { .. } => Status::failed_precondition(err.to_string()),
+            PublishError::Invalid(_) | PublishError::Text(_) => {
+                Status::invalid_argument(err.to_string())
+            }
+            PublishError::UnknownRoom(_) => Status::not_found(err.to_string()),
+            PublishError::Ended { .. } | PublishError::RoomOver(_) => {
+                Status::failed_precondition(err.to_string())
+            }
+            PublishError::Rooms(cause) => {
+                tracing::warn!(%cause, "a publish's room lookup failed");
+                Status::unavailable(
+                    "the rooms service did not answer; retry with the same idempotency_key",
+                )
+            }
             PublishError::Store(cause) => {
                 tracing::warn!(%cause, "publish failed");
                 Status::unavailable(
@@ -29,11 +40,34 @@ impl From<PublishError> for Status {
 #[derive(Debug, Clone)]
 pub struct PublishApi {
     inner: Arc<DispatcherInner>,
+    security: auth::Security,
 }
 
 impl PublishApi {
-    pub fn new(inner: Arc<DispatcherInner>) -> Self {
-        Self { inner }
+    pub fn new(inner: Arc<DispatcherInner>, security: auth::Security) -> Self {
+        Self { inner, security }
+    }
+}
+
+/// Who may publish what, beyond the RPC's policy, in every auth mode:
+/// a room-ended event only a peer dispatcher forwarding its own (a
+/// dispatcher stores the local one itself, when the rooms service reports
+/// the end), a gift only the gift-settler (which announces a gift before
+/// committing it) or a peer dispatcher forwarding one.
+fn check_origin(kind: Option<&Kind>, forwarded: bool, caller: Option<&str>) -> Result<(), Status> {
+    let from_peer = forwarded && caller == Some(auth::policy::PUBLISH);
+    match kind {
+        Some(Kind::RoomEnded(_)) if !from_peer => Err(Status::permission_denied(
+            "room_ended is published by the dispatcher itself when the rooms service reports \
+             the room's end; end a room with RoomAdminService.EndRoom",
+        )),
+        Some(Kind::Gift(_)) if !from_peer && caller != Some(auth::policy::GIFT_SETTLER) => {
+            Err(Status::permission_denied(
+                "gift events are published by the gift-settler when a gift is paid; send the \
+                 gift with GiftsService.SendGift",
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -43,7 +77,12 @@ impl PublishService for PublishApi {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let (_, extensions, mut request) = request.into_parts();
+        let (metadata, extensions, mut request) = request.into_parts();
+        let kind = request.event.as_ref().and_then(|e| e.kind.as_ref());
+        if matches!(kind, Some(Kind::RoomEnded(_) | Kind::Gift(_))) {
+            let caller = auth::mesh_caller(&extensions, &metadata, &self.security);
+            check_origin(kind, request.forwarded_from.is_some(), caller.as_deref())?;
+        }
         // A comment is a viewer's: its viewer comes from the viewer token.
         // Every other event is the mesh's own (totals, counts, gifts).
         match request.event.as_mut().and_then(|e| e.kind.as_mut()) {

@@ -11,6 +11,7 @@
 //! Room ends come from ongoing-query's Watch: the dispatcher publishes the
 //! room-ended event, once whoever else also does.
 
+pub mod comment;
 pub mod dispatch;
 pub mod grpc;
 
@@ -20,6 +21,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use livemesh_fanout::FanoutStore;
 use livemesh_mesh::auth::{Security, policy};
+use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
 use livemesh_proto::v1::RoomChangeKind;
@@ -45,18 +47,18 @@ impl Dispatcher {
         let c = &config.publish;
         let security = Security::from_config(&config.auth)?;
         let stack = ClientStack::new(&config.client).secured(&security, policy::PUBLISH)?;
-        let watch = OngoingQueryServiceClient::new(
-            stack
-                .channel(&config.peer_url(&c.ongoing_query_url))
-                .context("publish.ongoing_query_url")?,
-        );
+        let ongoing = stack
+            .channel(&config.peer_url(&c.ongoing_query_url))
+            .context("publish.ongoing_query_url")?;
+        let watch = OngoingQueryServiceClient::new(ongoing.clone());
         let settings = DispatcherSettings {
             datacenter: c.datacenter.clone(),
             peers: c.peers.clone(),
             deliver_timeout: Duration::from_millis(c.deliver_timeout_ms),
             max_comment_chars: c.max_comment_chars as usize,
         };
-        let inner = DispatcherInner::new(settings, store, stack).context("publish.peers")?;
+        let inner = DispatcherInner::new(settings, store, stack, RoomDirectory::new(ongoing))
+            .context("publish.peers")?;
         Ok(Self {
             inner: Arc::new(inner),
             watch,
@@ -74,9 +76,12 @@ impl ServiceSet for Dispatcher {
         server.secure(&self.security);
         let max_message = self.security.max_message_bytes();
         server.add_service(
-            PublishServiceServer::new(grpc::PublishApi::new(self.inner.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
+            PublishServiceServer::new(grpc::PublishApi::new(
+                self.inner.clone(),
+                self.security.clone(),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
         );
         let inner = self.inner.clone();
         let watch = self.watch.clone();

@@ -12,6 +12,7 @@ use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::ClientStack;
 use livemesh_mesh::config::{ClientConfig, FanoutConfig};
 use livemesh_mesh::resilience::BreakerState;
+use livemesh_mesh::rooms::{RoomDirectory, RoomInfo};
 use livemesh_mesh::server::{ServerBuilder, ServiceSet};
 use livemesh_proto::v1::subscribe_service_server::{SubscribeService, SubscribeServiceServer};
 use livemesh_proto::v1::{
@@ -101,6 +102,12 @@ async fn an_open_breaker_keeps_a_black_holed_node_from_slowing_publishes() {
             },
             store,
             ClientStack::new(&client),
+            RoomDirectory::fixed([RoomInfo {
+                room_id: room,
+                anchor_id: 1,
+                started_at_ms: now,
+                ended: false,
+            }]),
         )
         .unwrap(),
     );

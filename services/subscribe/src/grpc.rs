@@ -26,6 +26,16 @@ pub enum SubscribeError {
         "room {0} has ended; subscribe to an ongoing room, or pass `resume` to replay what you missed before its end"
     )]
     Ended(u64),
+    #[error(
+        "resume position (epoch {epoch}, offset {offset}) is past room {room_id}'s newest event \
+         (offset {head}); resume from a position this stream gave you"
+    )]
+    AheadOfHead {
+        room_id: u64,
+        epoch: u64,
+        offset: u64,
+        head: u64,
+    },
     #[error("{0}")]
     Store(#[from] livemesh_fanout::StoreError),
 }
@@ -42,6 +52,7 @@ impl From<SubscribeError> for Status {
                 )
             }
             SubscribeError::Ended(_) => Status::failed_precondition(err.to_string()),
+            SubscribeError::AheadOfHead { .. } => Status::out_of_range(err.to_string()),
         }
     }
 }
@@ -97,6 +108,29 @@ impl SubscribeApi {
             (joined.epoch, joined.released),
             Some(registration),
         );
+        if let Some((epoch, offset)) = resume
+            && epoch == joined.epoch
+            && offset > joined.released
+        {
+            // This node may trail the history; only a position past the
+            // history's head is refused (it would drop live events).
+            let head = self
+                .node
+                .store
+                .history(room_id, joined.released, u64::MAX)
+                .await?
+                .entries
+                .last()
+                .map_or(joined.released, |(offset, _)| *offset);
+            if offset > head {
+                return Err(SubscribeError::AheadOfHead {
+                    room_id,
+                    epoch,
+                    offset,
+                    head,
+                });
+            }
+        }
         let prefix = match resume {
             None => start(joined.epoch, joined.released, None, Vec::new()),
             Some(resume) => {
@@ -147,6 +181,14 @@ impl SubscribeApi {
             return Err(SubscribeError::Ended(room_id));
         }
         let upto = history.entries.last().map_or(0, |(offset, _)| *offset);
+        if resume.0 == history.epoch && resume.1 > upto {
+            return Err(SubscribeError::AheadOfHead {
+                room_id,
+                epoch: resume.0,
+                offset: resume.1,
+                head: upto,
+            });
+        }
         let replay = self.replay(room_id, history.epoch, resume, upto).await?;
         let shared = Arc::new(Shared::default());
         shared.finish();

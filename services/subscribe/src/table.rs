@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use livemesh_fanout::{FanoutStore, Head, ROOM_ENDED_KEY, StoreError};
+use livemesh_fanout::{FanoutStore, Head, StoreError};
 use livemesh_mesh::MeshChannel;
 use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::{PublishRequest, RoomEnded, RoomEvent, ViewerCount, room_event};
+use livemesh_proto::v1::{PublishRequest, RoomEvent, ViewerCount, room_event};
 use prost::Message as _;
 
 use crate::stream::{Shared, is_latest};
@@ -624,7 +624,7 @@ impl NodeInner {
                 }
             };
             if renewed.reporter {
-                self.check_ended(room_id).await;
+                self.check_ended(room_id, renewed.viewers).await;
             }
             if report {
                 self.publish_count(room_id, renewed.viewers).await;
@@ -653,8 +653,11 @@ impl NodeInner {
 
     /// The dispatchers end rooms when ongoing-query's Watch says so; a room
     /// that ended while they were not watching is caught here: the
-    /// reporter asks for the room-ended event (idempotent).
-    async fn check_ended(&self, room_id: u64) {
+    /// reporter publishes the room's viewer count once more, and the
+    /// dispatcher, finding the room ended at the rooms service, refuses the
+    /// count and stores the room-ended event itself (only a dispatcher
+    /// publishes it).
+    async fn check_ended(&self, room_id: u64, viewers: u64) {
         let Ok(info) = self.rooms.get(room_id).await else {
             return;
         };
@@ -664,14 +667,19 @@ impl NodeInner {
         let request = PublishRequest {
             room_id,
             event: Some(RoomEvent {
-                kind: Some(room_event::Kind::RoomEnded(RoomEnded { ended_at: None })),
+                kind: Some(room_event::Kind::ViewerCount(ViewerCount {
+                    count: viewers,
+                })),
                 ..RoomEvent::default()
             }),
-            idempotency_key: Some(ROOM_ENDED_KEY.to_owned()),
-            forwarded_from: None,
+            ..PublishRequest::default()
         };
-        if let Err(status) = self.publish.clone().publish(request).await {
-            tracing::debug!(room_id, %status, "asking for the room-ended event failed");
+        match self.publish.clone().publish(request).await {
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
+            Err(status) => {
+                tracing::debug!(room_id, %status, "telling the dispatcher of an ended room failed");
+            }
+            Ok(_) => tracing::debug!(room_id, "the dispatcher took a count for an ended room"),
         }
     }
 

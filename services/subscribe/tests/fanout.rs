@@ -53,6 +53,9 @@ fanout_suite!(
     bad_requests_get_precise_codes,
     a_dead_nodes_registration_expires,
     the_last_viewer_leaving_takes_the_node_out_of_the_room,
+    publishes_to_rooms_never_started_store_nothing_and_poison_nothing,
+    only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts,
+    a_resume_past_the_head_is_out_of_range,
 );
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -173,6 +176,15 @@ impl Mesh {
 
     fn dispatcher(&self, i: usize) -> PublishServiceClient<MeshChannel> {
         PublishServiceClient::new(self.dispatchers[i].0.channel())
+    }
+
+    /// Dispatcher `i` as the gift-settler calls it (only it publishes gifts).
+    fn dispatcher_as_gift_settler(&self, i: usize) -> PublishServiceClient<MeshChannel> {
+        PublishServiceClient::new(
+            self.dispatchers[i]
+                .0
+                .channel_as(livemesh_mesh::auth::policy::GIFT_SETTLER),
+        )
     }
 
     async fn comment(&self, via: usize, room_id: u64, text: &str) -> StreamPosition {
@@ -388,7 +400,7 @@ async fn a_killed_stream_resumes_with_every_ordered_event_once_in_order(backend:
     }
     // A gift is ordered too, and nothing else is pending.
     publish(
-        &mut mesh.dispatcher(1),
+        &mut mesh.dispatcher_as_gift_settler(1),
         room,
         room_event::Kind::Gift(GiftSent {
             viewer_id: 3,
@@ -835,10 +847,19 @@ async fn bad_requests_get_precise_codes(backend: Backend) {
         code(subscribe(&mut node, room, zero_epoch).await),
         tonic::Code::InvalidArgument
     );
-    let mut dispatcher = mesh.dispatcher(0);
+    // As the gift-settler: the gift below is refused for its amount, not
+    // for who sent it.
+    let mut dispatcher = mesh.dispatcher_as_gift_settler(0);
     let cases: Vec<(Option<room_event::Kind>, &str)> = vec![
         (None, "kind"),
         (Some(comment("")), "empty"),
+        (Some(comment(" \t\n")), "empty"),
+        (Some(comment("\u{200B}")), "empty"),
+        (Some(comment("\u{FEFF}")), "empty"),
+        (Some(comment("\u{3000}\u{2060}")), "empty"),
+        (Some(comment("\0")), "U+0000"),
+        (Some(comment("hi\u{202E}dlrow")), "U+202E"),
+        (Some(comment("\u{2067}x")), "U+2067"),
         (Some(comment(&"x".repeat(2_001))), "2001 characters"),
         (
             Some(room_event::Kind::Gift(GiftSent {
@@ -879,6 +900,169 @@ async fn bad_requests_get_precise_codes(backend: Backend) {
         .unwrap();
     assert_eq!(a, b);
     assert_eq!(mesh.comment(1, room, "next").await.offset, a.offset + 1);
+}
+
+/// Defect 1 of issue 12: a publish to a room id that was never started
+/// stored its events, poisoning the room that later got the id.
+async fn publishes_to_rooms_never_started_store_nothing_and_poison_nothing(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let started = mesh.start_room().await;
+    let mut dispatcher = mesh.dispatcher(0);
+    let long = "x".repeat(2_000);
+    for room in started + 1..=started + 1_000 {
+        let err = publish(&mut dispatcher, room, comment(&long), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "room {room}: {err:?}");
+        assert!(
+            err.message().contains("does not exist"),
+            "{}",
+            err.message()
+        );
+    }
+    for room in started + 1..=started + 1_000 {
+        assert!(
+            !mesh.store.holds(room).await.unwrap(),
+            "state was stored for room {room}, which was never started"
+        );
+    }
+    if let FanoutStore::Memory(store) = &mesh.store {
+        // Only the started room (nothing published to it yet holds state).
+        assert!(
+            store.room_count() <= 1,
+            "{} rooms stored",
+            store.room_count()
+        );
+    }
+    // The id that was published to comes to a real room: it starts clean.
+    let next = mesh.start_room().await;
+    assert_eq!(next, started + 1);
+    let mut viewer = subscribe(&mut mesh.node(0), next, None).await.unwrap();
+    assert_eq!(
+        viewer.started.position.unwrap().offset,
+        0,
+        "nothing replayed"
+    );
+    mesh.comment(1, next, "the first real comment").await;
+    let event = viewer.next_ordered().await;
+    assert_eq!(text_of(&event), "the first real comment");
+    assert_eq!(event.offset, 1);
+}
+
+/// Defect 1 of issue 12: anyone could publish `room_ended` (ending a room's
+/// streams for good, even before it started) and gift events.
+async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let ended = room_event::Kind::RoomEnded(livemesh_proto::v1::RoomEnded { ended_at: None });
+    let gift = room_event::Kind::Gift(GiftSent {
+        viewer_id: 3,
+        gift_id: 1,
+        amount: 50,
+        transfer_id: "t-1".into(),
+    });
+    // Not from a viewer's app, nor from another mesh service: the room's
+    // end comes from the rooms service through the dispatcher's Watch.
+    for mut client in [
+        mesh.dispatcher(0),
+        mesh.dispatcher_as_gift_settler(0),
+        PublishServiceClient::new(
+            mesh.dispatchers[0]
+                .0
+                .channel_as(livemesh_mesh::auth::policy::SUBSCRIBE),
+        ),
+    ] {
+        for target in [room, room + 1] {
+            let err = publish(&mut client, target, ended.clone(), Some("room-ended"))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+            assert!(err.message().contains("EndRoom"), "{}", err.message());
+        }
+    }
+    let err = publish(&mut mesh.dispatcher(1), room, gift.clone(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("SendGift"), "{}", err.message());
+    // The room goes on, and the next room starts unharmed.
+    let mut viewer = subscribe(&mut mesh.node(1), room, None).await.unwrap();
+    publish(&mut mesh.dispatcher_as_gift_settler(1), room, gift, None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        viewer.next_ordered().await.kind,
+        Some(room_event::Kind::Gift(_))
+    ));
+    let next = mesh.start_room().await;
+    subscribe(&mut mesh.node(2), next, None).await.unwrap();
+    // A publish to an ended room is refused, and the room's viewers get its end.
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    let end = viewer
+        .until(|e| matches!(e.kind, Some(room_event::Kind::RoomEnded(_))))
+        .await;
+    assert!(end.offset > 1);
+    let err = publish(&mut mesh.dispatcher(0), room, comment("too late"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+}
+
+/// Defect 5 of issue 12: a resume position past the room's newest event was
+/// accepted as `recovered`, and the next live event was then dropped.
+async fn a_resume_past_the_head_is_out_of_range(backend: Backend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let head = mesh.comment(0, room, "one").await;
+    let mut node = mesh.node(1);
+    for offset in [head.offset + 1, u64::MAX] {
+        let err = subscribe(
+            &mut node,
+            room,
+            Some(StreamPosition {
+                epoch: head.epoch,
+                offset,
+            }),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+        assert!(
+            err.message()
+                .contains(&format!("newest event (offset {})", head.offset)),
+            "{}",
+            err.message()
+        );
+    }
+    // At the head: accepted, and the next live event arrives.
+    let mut viewer = subscribe(&mut node, room, Some(head)).await.unwrap();
+    assert!(viewer.started.recovered);
+    mesh.comment(0, room, "two").await;
+    assert_eq!(text_of(&viewer.next_ordered().await), "two");
+    // An ended room: the same rule for a replay-only resume.
+    mesh.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    viewer
+        .until(|e| matches!(e.kind, Some(room_event::Kind::RoomEnded(_))))
+        .await;
+    let err = subscribe(
+        &mut mesh.node(2),
+        room,
+        Some(StreamPosition {
+            epoch: head.epoch,
+            offset: u64::MAX,
+        }),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
 }
 
 async fn a_dead_nodes_registration_expires(backend: Backend) {

@@ -158,8 +158,17 @@ async fn bench(
     };
     config.gifts.shard_urls = shard_dbs.iter().map(|db| format!("{base}/{db}")).collect();
     config.gifts.ongoing_query_url = rooms_server.uri();
-    // No dispatcher: publishing gift events fails, which never undoes a gift.
-    config.gifts.publish_url = rooms_server.uri();
+    // A dispatcher (in-process fan-out store, no viewers) takes each gift's
+    // event before the gift commits, as in production.
+    config.publish.ongoing_query_url = rooms_server.uri();
+    let fanout =
+        livemesh_fanout::FanoutStore::memory(livemesh_fanout::FanoutSettings::from(&config.fanout));
+    let publish_server = LocalServer::start(
+        livemesh_publish::Dispatcher::from_config(&config, fanout)?,
+        any,
+    )
+    .await?;
+    config.gifts.publish_url = publish_server.uri();
     let subaccounts = config.gifts.room_subaccounts;
     let gifts_server = LocalServer::start(GiftSettler::from_config(&config).await?, any).await?;
     let stack = ClientStack::new(&config.client);

@@ -227,6 +227,37 @@ pub fn require_mesh_service(extensions: &http::Extensions, what: &str) -> Result
     }
 }
 
+/// The mesh service making a call, if it is one. In enforce mode its
+/// verified token says so. In dev mode nothing is verified, and the
+/// `authorization` the caller sent is taken at its word: `Dev <service>`
+/// (what a dev-mode service's client stack sends, see
+/// [`Credential::dev`]) or, when a secret is configured, a service token.
+/// Dev mode trusts every caller; this only keeps a careless one (a test
+/// tool, a BFF without credentials) from doing what only a service does.
+pub fn mesh_caller(
+    extensions: &http::Extensions,
+    metadata: &tonic::metadata::MetadataMap,
+    security: &Security,
+) -> Option<String> {
+    let is_service = |role: &str| policy::MESH_SERVICES.contains(&role);
+    if let Some(caller) = extensions.get::<Caller>() {
+        return caller.roles.iter().find(|role| is_service(role)).cloned();
+    }
+    if security.mode() == AuthMode::Enforce {
+        return None;
+    }
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    if let Some(service) = value.strip_prefix(token::DEV_SCHEME) {
+        let service = service.trim();
+        return is_service(service).then(|| service.to_owned());
+    }
+    let claims = security
+        .keys()?
+        .verify(value.strip_prefix("Bearer ")?.trim())
+        .ok()?;
+    claims.roles.into_iter().find(|role| is_service(role))
+}
+
 /// The per-room publish limit, for publishes that do not come from a mesh
 /// service (viewers' comments through the BFF). No-op in dev mode.
 pub fn check_room_publish(extensions: &http::Extensions, room_id: u64) -> Result<(), Status> {

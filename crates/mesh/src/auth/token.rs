@@ -181,12 +181,20 @@ impl ServiceCredential {
     }
 }
 
+/// The `authorization` scheme a dev-mode service sends with its name.
+pub(super) const DEV_SCHEME: &str = "Dev ";
+
 /// What a client sends in `authorization`: a service's own renewing
 /// token, or a fixed token (a BFF's, an operator's, a test's).
 #[derive(Clone, Debug)]
 pub enum Credential {
     Service(ServiceCredential),
     Fixed(FixedToken),
+    /// `Dev <service>`: a dev-mode service names itself, unsigned (no
+    /// secret is configured). A dev-mode server takes it at its word for
+    /// what only a service may do (see [`super::mesh_caller`]); an
+    /// enforcing server refuses it like a missing token.
+    Dev(HeaderValue),
 }
 
 /// A fixed bearer token; its Debug form is redacted.
@@ -208,11 +216,19 @@ impl Credential {
         Some(Self::Fixed(FixedToken(value)))
     }
 
+    /// A dev-mode service's unsigned name; `None` when `service` cannot
+    /// be a header value.
+    pub fn dev(service: &str) -> Option<Self> {
+        HeaderValue::try_from(format!("{DEV_SCHEME}{service}"))
+            .ok()
+            .map(Self::Dev)
+    }
+
     /// The header value to send now.
     pub fn header(&self) -> HeaderValue {
         match self {
             Self::Service(service) => service.header(),
-            Self::Fixed(FixedToken(value)) => value.clone(),
+            Self::Fixed(FixedToken(value)) | Self::Dev(value) => value.clone(),
         }
     }
 }
