@@ -103,7 +103,10 @@ pub struct GiftsConfig {
     /// Group commit: deposits and gifts to one shard that arrive together
     /// are applied in one transaction of up to this many.
     pub max_batch: usize,
-    /// Batch workers (transactions in flight) per shard.
+    /// Batch workers (transactions in flight) per shard. One by default:
+    /// while its transaction commits, the gifts that arrive wait and make
+    /// the next batch, so batches grow with the load (more workers split
+    /// the waiting gifts into smaller batches that cost more per gift).
     pub batch_workers: usize,
     /// ongoing-query, for room lookups and the Watch of starts and ends.
     /// Empty: this process's own address.
@@ -129,7 +132,7 @@ impl Default for GiftsConfig {
             room_subaccounts: 8,
             platform_cut_bps: 3_000,
             max_batch: 128,
-            batch_workers: 4,
+            batch_workers: 1,
             ongoing_query_url: String::new(),
             publish_url: String::new(),
             max_transfer_amount: 1_000_000_000_000,

@@ -420,6 +420,26 @@ async fn bench(
             "baseline_statements_per_gift",
             naive_use.per(STATUS[0], naive_gifts),
         ),
+        (
+            "gifts_per_commit",
+            service_gifts as f64
+                / service_use
+                    .status
+                    .get("Binlog_commits")
+                    .copied()
+                    .unwrap_or(0.0)
+                    .max(1.0),
+        ),
+        (
+            "baseline_gifts_per_commit",
+            naive_gifts as f64
+                / naive_use
+                    .status
+                    .get("Binlog_commits")
+                    .copied()
+                    .unwrap_or(0.0)
+                    .max(1.0),
+        ),
         ("concurrency", args.concurrency as f64),
         ("shards", args.shards as f64),
     ]);
