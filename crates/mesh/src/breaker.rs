@@ -530,7 +530,8 @@ where
                 Box::new(tonic::Status::unavailable(open.to_string())) as BoxError,
             )));
         };
-        let limit = grpc_timeout(request.headers()).map_or(self.layer.limit, |t| t.min(self.layer.limit));
+        let limit =
+            grpc_timeout(request.headers()).map_or(self.layer.limit, |t| t.min(self.layer.limit));
         let call = self.inner.call(request);
         let peer = self.layer.peer.clone();
         Box::pin(async move {

@@ -33,11 +33,11 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::HasherRng;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::BoxError;
 pub use crate::breaker::{
     Breaker, BreakerOpen, BreakerSettings, BreakerState, CallBreaker, CircuitOpen, Guarded,
     InvalidBreaker, PeerGuard, PeerGuardLayer, breaker_state,
 };
-use crate::BoxError;
 use crate::client::MeshError;
 use crate::config::ClientConfig;
 
@@ -234,7 +234,7 @@ impl StoreFailure for sqlx::Error {
 /// The server side: at most `max` calls in flight over all connections;
 /// past it a call is answered at once with UNAVAILABLE ("server overloaded,
 /// retry later"), a proper gRPC status the client's retry budget and
-/// breaker understand. Built from tower's concurrency limit and load shed.
+/// breaker understand. A semaphore's permit per call, taken at once or not.
 ///
 /// A call holds its permit until its response headers are ready: a unary
 /// call for its whole work, a streaming call (Subscribe, Watch,
@@ -261,13 +261,8 @@ impl<S: Clone> Layer<S> for ShedLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         Shed {
-            limited: tower::load_shed::LoadShed::new(
-                tower::limit::ConcurrencyLimit::with_semaphore(
-                    inner.clone(),
-                    self.semaphore.clone(),
-                ),
-            ),
             inner,
+            semaphore: self.semaphore.clone(),
             max: self.max,
         }
     }
@@ -277,7 +272,7 @@ impl<S: Clone> Layer<S> for ShedLayer {
 #[derive(Clone)]
 pub struct Shed<S> {
     inner: S,
-    limited: tower::load_shed::LoadShed<tower::limit::ConcurrencyLimit<S>>,
+    semaphore: Arc<Semaphore>,
     max: usize,
 }
 
@@ -298,29 +293,32 @@ where
     type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Readiness is taken per call below (a clone each), so that the
-        // limit is checked when the call arrives, not held while idle.
+        // The limit is checked when a call arrives (a permit taken or
+        // not, at once), not held while idle.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
         if never_shed(request.uri().path()) {
-            let inner = self.inner.clone();
             return Box::pin(async move { inner.oneshot(request).await.map_err(Into::into) });
         }
-        let limited = self.limited.clone();
-        let max = self.max;
+        // A permit now or never: a call past the limit is answered at once
+        // (tower's load shed over a concurrency limit, in one step: no
+        // per-call semaphore future to build).
+        let Ok(permit) = self.semaphore.clone().try_acquire_owned() else {
+            let max = self.max;
+            tracing::debug!(max, "call shed: the server is at its concurrency limit");
+            return Box::pin(std::future::ready(Ok(tonic::Status::unavailable(format!(
+                "server overloaded ({max} calls in flight), retry later"
+            ))
+            .into_http())));
+        };
         Box::pin(async move {
-            match limited.oneshot(request).await {
-                Err(err) if err.is::<tower::load_shed::error::Overloaded>() => {
-                    tracing::debug!(max, "call shed: the server is at its concurrency limit");
-                    Ok(tonic::Status::unavailable(format!(
-                        "server overloaded ({max} calls in flight), retry later"
-                    ))
-                    .into_http())
-                }
-                other => other,
-            }
+            let response = inner.oneshot(request).await.map_err(Into::into);
+            // Held until the response headers are ready.
+            drop(permit);
+            response
         })
     }
 }

@@ -211,8 +211,14 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
         "peer: redis-benchmark -t incr (mean)", "-", incrby_ops, "-"
     );
     if let (Ok(before), Ok(after)) = (&benchmark_before, &benchmark_after) {
-        println!("  {:<40} {:>12} {:>10.0} {:>9}", "  before the livemesh phases", "-", before, "-");
-        println!("  {:<40} {:>12} {:>10.0} {:>9}", "  after them", "-", after, "-");
+        println!(
+            "  {:<40} {:>12} {:>10.0} {:>9}",
+            "  before the livemesh phases", "-", before, "-"
+        );
+        println!(
+            "  {:<40} {:>12} {:>10.0} {:>9}",
+            "  after them", "-", after, "-"
+        );
     }
     println!(
         "  {:<40} {:>12} {:>10.0} {:>9.2}",

@@ -13,8 +13,8 @@
 //! cost what they cost in production.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -215,8 +215,9 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     let (bare_addr, bare_shutdown) = bare_server().await?;
 
     let client_config = ClientConfig::default();
-    let dev_client =
-        OngoingQueryServiceClient::new(ClientStack::new(&client_config).channel(&dev_server.uri())?);
+    let dev_client = OngoingQueryServiceClient::new(
+        ClientStack::new(&client_config).channel(&dev_server.uri())?,
+    );
     // A mesh service's own stack: its token on every call.
     let enforce_client = OngoingQueryServiceClient::new(
         ClientStack::new(&client_config)
@@ -235,7 +236,11 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         "bench rpc: GetRoom (a small body), {} callers then 1, {:.1} s per phase; load {}",
         args.concurrency,
         length.as_secs_f64(),
-        loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        loadavg
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let bare = {
         let client = bare_client.clone();
