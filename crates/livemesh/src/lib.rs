@@ -4,7 +4,9 @@
 
 pub mod bench;
 pub mod demo;
+pub mod health;
 pub mod ledger_csv;
+pub mod topology;
 
 use livemesh_counter::Counter;
 use livemesh_gift_settler::GiftSettler;

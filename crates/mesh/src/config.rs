@@ -512,12 +512,17 @@ pub struct ServerConfig {
     /// later") instead of queueing. A streaming call counts only until its
     /// stream starts; health checks and reflection are never shed.
     pub max_concurrent_requests: u32,
+    /// A second, plaintext address serving only `grpc.health.v1` (the same
+    /// statuses), for probes that speak no TLS (kubelet's gRPC probes).
+    /// Empty: none.
+    pub health_listen: String,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_concurrent_requests: 10_000,
+            health_listen: String::new(),
         }
     }
 }
@@ -768,7 +773,7 @@ impl Config {
     }
 
     /// Every configured peer URL, with its key.
-    fn peer_urls(&self) -> Vec<(&'static str, &str)> {
+    pub(crate) fn peer_urls(&self) -> Vec<(&'static str, &str)> {
         let mut urls = vec![
             (
                 "counter.ongoing_query_url",
@@ -865,6 +870,12 @@ pub struct CommonArgs {
     /// one, "" turns it off [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Load and validate the configuration exactly as the service would
+    /// (defaults < file < environment < flags), read the secret and
+    /// certificate files it names, bind nothing, and exit: 0 when it is
+    /// usable, 2 with each wrong key named.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl CommonArgs {

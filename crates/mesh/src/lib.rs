@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod breaker;
+pub mod check;
 pub mod client;
 pub mod coalesce;
 pub mod config;

@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::{CommonArgs, Config};
-use crate::server::{ServiceSet, bind, serve_set_with};
+use crate::server::{ServerBuilder, ServiceSet, bind};
 use crate::shutdown::{os_signal, run_with_drain};
 
 /// Runs one service as its own process. `build` turns the loaded config into
 /// the service (connecting to its databases); any failure is printed with
-/// its cause and the process exits non-zero.
+/// its cause and the process exits non-zero. With `--check-config` it only
+/// checks the configuration ([`crate::check`]) and exits.
 pub async fn run_service_main<S, F>(
     name: &'static str,
     args: &CommonArgs,
@@ -21,6 +22,9 @@ where
     S: ServiceSet + Send + 'static,
     F: Future<Output = anyhow::Result<S>>,
 {
+    if args.check_config {
+        return crate::check::run(name, args);
+    }
     let config = match args.load() {
         Ok(config) => config,
         Err(err) => {
@@ -59,9 +63,28 @@ where
         ..config
     };
     let limits = config.server.clone();
+    let health = match limits.health_listen.as_str() {
+        "" => None,
+        addr => {
+            let addr = addr.parse().map_err(|e| {
+                anyhow::anyhow!(
+                    "server.health_listen {addr:?} is not an address like 0.0.0.0:50052: {e}"
+                )
+            })?;
+            Some(bind(addr).await?)
+        }
+    };
     let service = build(config).await?;
     run_with_drain(
-        |signal| async move { serve_set_with(service, listener, signal, &limits).await },
+        |signal| async move {
+            let mut server = ServerBuilder::new();
+            server.limits(&limits);
+            if let Some(health) = health {
+                server.health_listener(health);
+            }
+            service.register(&mut server);
+            server.serve(listener, signal).await
+        },
         os_signal(),
         drain,
     )

@@ -309,6 +309,22 @@ where
         let Ok(permit) = self.semaphore.clone().try_acquire_owned() else {
             let max = self.max;
             tracing::debug!(max, "call shed: the server is at its concurrency limit");
+            // Looked up per shed call (rare), like the breaker's
+            // instruments, so a provider installed later counts it.
+            opentelemetry::global::meter("livemesh")
+                .u64_counter("livemesh.server.shed")
+                .with_description(
+                    "Calls answered UNAVAILABLE at once because the server was at \
+                     server.max_concurrent_requests",
+                )
+                .build()
+                .add(
+                    1,
+                    &[opentelemetry::KeyValue::new(
+                        "rpc.method",
+                        request.uri().path().to_owned(),
+                    )],
+                );
             return Box::pin(std::future::ready(Ok(tonic::Status::unavailable(format!(
                 "server overloaded ({max} calls in flight), retry later"
             ))

@@ -32,6 +32,8 @@ pub struct ServerBuilder {
     limits: crate::config::ServerConfig,
     // auth: the first service set's security settings (one process has one).
     security: Option<crate::auth::Security>,
+    // prod: a plaintext listener serving only grpc.health.v1 (kubelet probes).
+    health_listener: Option<TcpListener>,
 }
 
 impl ServerBuilder {
@@ -65,6 +67,14 @@ impl ServerBuilder {
         if self.security.is_none() {
             self.security = Some(security.clone());
         }
+        self
+    }
+
+    /// Also serves `grpc.health.v1`, and nothing else, in plaintext on
+    /// `listener` (`server.health_listen`): kubelet's gRPC probes speak no
+    /// TLS, so with mutual TLS on the main port they probe this one.
+    pub fn health_listener(&mut self, listener: TcpListener) -> &mut Self {
+        self.health_listener = Some(listener);
         self
     }
 
@@ -152,6 +162,19 @@ impl ServerBuilder {
                 loop {
                     tick.tick().await;
                     limits.forget_idle();
+                }
+            });
+        }
+        if let Some(listener) = self.health_listener {
+            let health_only = health_service.clone();
+            background.spawn(async move {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                if let Err(err) = tonic::transport::Server::builder()
+                    .add_service(health_only)
+                    .serve_with_incoming(incoming)
+                    .await
+                {
+                    tracing::warn!(%err, "the plaintext health endpoint stopped");
                 }
             });
         }

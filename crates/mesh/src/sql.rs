@@ -130,8 +130,12 @@ impl Db {
             if options.get_database().is_some()
                 && !MySql::database_exists(&url).await.map_err(open_err)?
             {
-                MySql::create_database(&url).await.map_err(open_err)?;
-                tracing::info!(url = %redact(&url), "created database");
+                match MySql::create_database(&url).await {
+                    Ok(()) => tracing::info!(url = %redact(&url), "created database"),
+                    // Another replica starting at the same time made it first.
+                    Err(_) if MySql::database_exists(&url).await.map_err(open_err)? => {}
+                    Err(err) => return Err(open_err(err)),
+                }
             }
             // Nagle must stay off on these sockets (sqlx sets TCP_NODELAY
             // since 0.9.1; 0.9.0 did not, so keep sqlx >= 0.9.1): a
@@ -150,7 +154,7 @@ impl Db {
         let migrator = migrations.migrator(db.is_mysql());
         let migrated = match &db {
             Db::Sqlite(pool) => migrator.run(pool).await,
-            Db::MySql(pool) => migrator.run(pool).await,
+            Db::MySql(pool) => migrate_mysql(pool, migrator, migrations.table).await,
         };
         migrated.map_err(|source| SqlError::Migrate {
             url: redact(url),
@@ -169,6 +173,52 @@ impl Db {
     }
 }
 
+/// How long a replica waits for another one's migration of the same
+/// database to finish.
+const MIGRATION_LOCK_SECS: i64 = 120;
+
+/// Runs `migrator` on MySQL/MariaDB under a named lock, so replicas that
+/// start together (a Deployment rolling out, `scripts/topology`) apply a
+/// database's migrations one at a time. sqlx's own lock asks for
+/// `GET_LOCK(name, -1)`, which MariaDB answers with NULL at once instead of
+/// waiting, and sqlx ignores the answer: the second replica then finds the
+/// first one's migration half-done and fails with "partially applied".
+async fn migrate_mysql(
+    pool: &MySqlPool,
+    mut migrator: Migrator,
+    table: &str,
+) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut conn = pool.acquire().await?;
+    let (database,): (Option<String>,) = sqlx::query_as("SELECT DATABASE()")
+        .fetch_one(&mut *conn)
+        .await?;
+    let lock = format!(
+        "livemesh-migrate-{:016x}",
+        crate::fnv1a(format!("{}/{table}", database.unwrap_or_default()).as_bytes())
+    );
+    let (got,): (Option<i64>,) = sqlx::query_as("SELECT GET_LOCK(?, ?)")
+        .bind(&lock)
+        .bind(MIGRATION_LOCK_SECS)
+        .fetch_one(&mut *conn)
+        .await?;
+    if got != Some(1) {
+        return Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Protocol(
+            format!(
+                "another replica held the migration lock for {MIGRATION_LOCK_SECS}s; \
+                 is one stuck migrating?"
+            ),
+        )));
+    }
+    // The lock above is the one that works; sqlx's would be a no-op.
+    migrator.set_locking(false);
+    let result = migrator.run(&mut *conn).await;
+    let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
+        .bind(&lock)
+        .execute(&mut *conn)
+        .await;
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +232,45 @@ mod tests {
         assert_eq!(redact("sqlite://data/rooms.db"), "sqlite://data/rooms.db");
         let err = SqlError::Unsupported(redact("postgres://u:pw@h/db")).to_string();
         assert!(!err.contains("pw@"), "{err}");
+    }
+
+    /// Replicas starting together against a fresh MariaDB database: every
+    /// one opens it, the migration runs once.
+    #[tokio::test]
+    async fn concurrent_opens_of_a_fresh_mysql_database_migrate_it_once() {
+        const SET: Migrations = Migrations {
+            table: "_test_migrations",
+            sqlite: &[],
+            mysql: &[(
+                1,
+                "t",
+                "CREATE TABLE t (id BIGINT PRIMARY KEY); CREATE TABLE u (id BIGINT PRIMARY KEY); \
+                 INSERT INTO t VALUES (1)",
+            )],
+        };
+        let server = std::env::var("LIVEMESH_TEST_MYSQL_URL")
+            .expect("LIVEMESH_TEST_MYSQL_URL is unset: run the tests through scripts/test");
+        let url = format!("{server}/mesh_migrate_race_{}", std::process::id());
+        let opens = (0..6).map(|_| Db::open(&url, &SET));
+        let dbs: Vec<Db> = futures::future::try_join_all(opens).await.unwrap();
+        let Db::MySql(pool) = &dbs[0] else {
+            panic!("expected mysql")
+        };
+        let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 1, "the migration ran more than once");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE mesh_migrate_race_{}",
+            std::process::id()
+        )))
+        .execute(pool)
+        .await
+        .unwrap();
+        for db in dbs {
+            db.close().await;
+        }
     }
 
     #[tokio::test]

@@ -352,6 +352,7 @@ async fn past_the_limit_a_call_is_shed_with_unavailable_and_streams_hold_no_perm
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let limits = ServerConfig {
         max_concurrent_requests: 1,
+        ..ServerConfig::default()
     };
     let (server, addr) = serve(scripted.clone(), any, limits).await;
     let uri = format!("http://{addr}");

@@ -18,6 +18,7 @@
 pub mod batch;
 pub mod grpc;
 pub mod ledger;
+pub mod pending;
 pub mod settle;
 
 use std::sync::Arc;
@@ -253,9 +254,11 @@ where
 /// Settles the room, retrying until it is done (each step is idempotent).
 async fn settle_until_done(inner: &Inner, room_id: u64, streamer_id: u64) {
     let mut backoff = Duration::from_millis(100);
+    pending::begin(room_id);
     loop {
         match inner.settle(room_id, streamer_id, &|_| false).await {
             Ok(row) => {
+                pending::finish(room_id);
                 tracing::info!(
                     room_id,
                     gross = row.gross,
@@ -276,6 +279,7 @@ async fn settle_until_done(inner: &Inner, room_id: u64, streamer_id: u64) {
 
 impl ServiceSet for GiftSettler {
     fn register(&self, server: &mut ServerBuilder) {
+        pending::install_metrics();
         // A settler that stopped mid-settlement finishes what it started.
         let inner = self.inner.clone();
         server.add_background("unfinished settlements", async move {
