@@ -13,7 +13,7 @@ use tower::{ServiceBuilder, ServiceExt as _};
 
 use crate::BoxError;
 use crate::config::ClientConfig;
-use crate::resilience::{self, Breaker, BreakerSettings, Deadline, InvalidBreaker, RetryPolicy};
+use crate::resilience::{Breaker, BreakerSettings, InvalidBreaker, PeerGuardLayer, RetryPolicy};
 
 /// A channel to one peer, wrapped in the mesh's middleware. Generated
 /// clients take it as their transport: `CounterServiceClient::new(channel)`.
@@ -137,7 +137,7 @@ impl ClientStack {
     /// 0b. the caller's credential (`authorization`), unless the call
     ///    brought its own ([`crate::auth`]);
     /// 1. buffer the (unary) request body once, so that a retry can send it
-    ///    again;
+    ///    again (not at all with `max_retries = 0`: then no retry is taken);
     /// 2. retry within the budget what is safe to retry
     ///    ([`RetryPolicy`]), with jittered backoff;
     /// 3. the peer's circuit breaker: rejects at once (UNAVAILABLE) while
@@ -158,35 +158,39 @@ impl ClientStack {
         S::Future: Send + 'static,
     {
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
-        let (breaker_layer, breaker) = resilience::grpc_breaker(&self.breaker, peer)?;
-        let breaker_error = resilience::breaker_error(peer);
+        let (guard, breaker) = PeerGuardLayer::new(&self.breaker, peer, timeout)?;
         let guarded = BoxCloneSyncService::new(
             ServiceBuilder::new()
-                .map_err(move |err| MeshError(breaker_error(err)))
-                .layer(breaker_layer)
-                .layer_fn(|inner| Deadline::new(inner, timeout, peer))
+                .map_err(MeshError)
+                .layer(guard)
                 .service(transport),
         );
-        let retrying = ServiceBuilder::new()
-            .retry(RetryPolicy::new(&self.config))
-            .map_request(|request: http::Request<Bytes>| {
-                request.map(|bytes| Body::new(Full::new(bytes)))
-            })
-            .service(guarded);
-        let channel = tower::service_fn(move |request: http::Request<Body>| {
-            let retrying = retrying.clone();
-            async move {
-                let (parts, body) = request.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|status| MeshError(Box::new(status)))?
-                    .to_bytes();
-                retrying
-                    .oneshot(http::Request::from_parts(parts, bytes))
-                    .await
-            }
-        });
+        // Without retries nothing is sent twice, so the body goes through
+        // as it comes: no buffering, no copy kept per call.
+        let channel: MeshChannel = if self.config.max_retries == 0 {
+            guarded
+        } else {
+            let retrying = ServiceBuilder::new()
+                .retry(RetryPolicy::new(&self.config))
+                .map_request(|request: http::Request<Bytes>| {
+                    request.map(|bytes| Body::new(Full::new(bytes)))
+                })
+                .service(guarded);
+            BoxCloneSyncService::new(tower::service_fn(move |request: http::Request<Body>| {
+                let retrying = retrying.clone();
+                async move {
+                    let (parts, body) = request.into_parts();
+                    let bytes = body
+                        .collect()
+                        .await
+                        .map_err(|status| MeshError(Box::new(status)))?
+                        .to_bytes();
+                    retrying
+                        .oneshot(http::Request::from_parts(parts, bytes))
+                        .await
+                }
+            }))
+        };
         let credential = self.credential.clone();
         let channel = ServiceBuilder::new()
             .layer(crate::rpc_telemetry::ClientTelemetryLayer::new(peer))

@@ -103,7 +103,10 @@ pub struct GiftsConfig {
     /// Group commit: deposits and gifts to one shard that arrive together
     /// are applied in one transaction of up to this many.
     pub max_batch: usize,
-    /// Batch workers (transactions in flight) per shard.
+    /// Batch workers (transactions in flight) per shard. One by default:
+    /// while its transaction commits, the gifts that arrive wait and make
+    /// the next batch, so batches grow with the load (more workers split
+    /// the waiting gifts into smaller batches that cost more per gift).
     pub batch_workers: usize,
     /// ongoing-query, for room lookups and the Watch of starts and ends.
     /// Empty: this process's own address.
@@ -129,7 +132,7 @@ impl Default for GiftsConfig {
             room_subaccounts: 8,
             platform_cut_bps: 3_000,
             max_batch: 128,
-            batch_workers: 4,
+            batch_workers: 1,
             ongoing_query_url: String::new(),
             publish_url: String::new(),
             max_transfer_amount: 1_000_000_000_000,
@@ -394,20 +397,23 @@ pub struct ClientConfig {
     /// A call that takes at least this long counts as slow.
     pub breaker_slow_call_ms: u64,
     /// A peer's breaker opens when at least this share of the calls in the
-    /// window were slow.
+    /// window were slow (or abandoned by their callers). At least
+    /// `breaker_failure_rate`: once this share is reached, slow calls count
+    /// as failed ones.
     pub breaker_slow_call_rate: f64,
-    /// The sliding window the rates are computed over. Every call in it is
-    /// kept, and the breaker re-counts the window at each call (about 1 ns
-    /// per call held): for a peer called more than ~10,000 times a second
-    /// through one channel, shorten the window.
+    /// The sliding window the rates are computed over (at least 1000): ten
+    /// buckets of a tenth of it, each a running count, so a call costs the
+    /// same whatever the traffic.
     pub breaker_window_ms: u64,
     /// Rates are judged only once the window holds this many calls.
     pub breaker_min_calls: u32,
     /// An open breaker rejects every call (UNAVAILABLE, at once) this long,
     /// then lets probes through (half-open).
     pub breaker_open_ms: u64,
-    /// Probes a half-open breaker lets through; that many successes close
-    /// it, one failure opens it again.
+    /// Probes a half-open breaker lets through at a time: 1 (seatbelt's
+    /// quick half-open mode; a probe's success closes the breaker, its
+    /// failure opens it again, and another probe goes only after
+    /// `breaker_open_ms` if one never answers).
     pub breaker_half_open_calls: u32,
     /// Retries a client may add on top of its calls, in percent of the calls
     /// (the retry budget: a dead peer gets at most this much extra load).
@@ -433,7 +439,7 @@ impl Default for ClientConfig {
             breaker_window_ms: 1_000,
             breaker_min_calls: 5,
             breaker_open_ms: 2_000,
-            breaker_half_open_calls: 2,
+            breaker_half_open_calls: 1,
             retry_budget_percent: 20,
             retry_min_per_sec: 10,
             max_retries: 2,
@@ -468,9 +474,23 @@ impl ClientConfig {
                     .to_owned(),
             );
         }
-        if self.breaker_window_ms < 100 {
+        if self.breaker_slow_call_rate < self.breaker_failure_rate {
             return invalid(format!(
-                "client.breaker_window_ms must be at least 100 (a window that short holds too few calls to judge), not {}",
+                "client.breaker_slow_call_rate ({}) must be at least client.breaker_failure_rate \
+                 ({}): once the slow share is reached, slow calls count as failed ones",
+                self.breaker_slow_call_rate, self.breaker_failure_rate
+            ));
+        }
+        if self.breaker_half_open_calls != 1 {
+            return invalid(format!(
+                "client.breaker_half_open_calls must be 1 (a half-open breaker lets one probe \
+                 through at a time), not {}",
+                self.breaker_half_open_calls
+            ));
+        }
+        if self.breaker_window_ms < 1_000 {
+            return invalid(format!(
+                "client.breaker_window_ms must be at least 1000 (a window that short holds too few calls to judge), not {}",
                 self.breaker_window_ms
             ));
         }

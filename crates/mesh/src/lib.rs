@@ -7,6 +7,7 @@
 //! that every inter-service client goes through ([`client`]).
 
 pub mod auth;
+pub mod breaker;
 pub mod check;
 pub mod client;
 pub mod coalesce;

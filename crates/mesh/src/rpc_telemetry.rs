@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -117,7 +117,59 @@ fn error_code(err: &(dyn std::error::Error + 'static)) -> i64 {
 struct Side {
     calls: Counter<u64>,
     duration: Histogram<f64>,
-    methods: RwLock<HashMap<String, Arc<[KeyValue; 3]>>>,
+    methods: RwLock<HashMap<String, Arc<MethodAttributes>>>,
+}
+
+/// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
+const CODES: usize = 17;
+
+/// A method's attribute sets, one per final status code, each built the
+/// first time a call ends with that code: recording a call clones and
+/// allocates nothing.
+struct MethodAttributes {
+    base: [KeyValue; 3],
+    by_code: [OnceLock<[KeyValue; 4]>; CODES],
+}
+
+impl MethodAttributes {
+    fn new(service: &str, method: &str) -> Self {
+        Self {
+            base: [
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", service.to_owned()),
+                KeyValue::new("rpc.method", method.to_owned()),
+            ],
+            by_code: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn build(&self, code: i64) -> [KeyValue; 4] {
+        let [system, service, method] = &self.base;
+        [
+            system.clone(),
+            service.clone(),
+            method.clone(),
+            KeyValue::new("rpc.grpc.status_code", code),
+        ]
+    }
+
+    /// Counts a call that ended with `code` after `seconds`.
+    fn record(&self, side: &Side, code: i64, seconds: f64) {
+        let prebuilt = usize::try_from(code)
+            .ok()
+            .and_then(|index| self.by_code.get(index))
+            .map(|slot| slot.get_or_init(|| self.build(code)));
+        let built;
+        let attributes = match prebuilt {
+            Some(attributes) => attributes,
+            None => {
+                built = self.build(code);
+                &built
+            }
+        };
+        side.calls.add(1, attributes);
+        side.duration.record(seconds, attributes);
+    }
 }
 
 /// Methods whose attributes are kept; any beyond (a client calling made-up
@@ -152,18 +204,14 @@ impl Side {
     }
 
     /// The attributes of calls to `path` (`/pkg.Service/Method`).
-    fn attributes(&self, path: &str) -> Arc<[KeyValue; 3]> {
+    fn attributes(&self, path: &str) -> Arc<MethodAttributes> {
         let read = self.methods.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(attributes) = read.get(path) {
             return attributes.clone();
         }
         drop(read);
         let (service, method) = split_path(path);
-        let attributes = Arc::new([
-            KeyValue::new("rpc.system", "grpc"),
-            KeyValue::new("rpc.service", service.to_owned()),
-            KeyValue::new("rpc.method", method.to_owned()),
-        ]);
+        let attributes = Arc::new(MethodAttributes::new(service, method));
         let mut write = self.methods.write().unwrap_or_else(PoisonError::into_inner);
         if write.len() < MAX_METHODS {
             write.insert(path.to_owned(), attributes.clone());
@@ -175,7 +223,7 @@ impl Side {
 /// What is recorded when a call's final status is known.
 struct CallEnd {
     side: Arc<Side>,
-    attributes: Arc<[KeyValue; 3]>,
+    attributes: Arc<MethodAttributes>,
     started: Instant,
     /// The client span, which lasts until the final status. (A server span
     /// ends when the handler has answered, so that a viewer's stream open
@@ -185,17 +233,8 @@ struct CallEnd {
 
 impl CallEnd {
     fn finish(self, code: i64) {
-        let [system, service, method] = &*self.attributes;
-        let attributes = [
-            system.clone(),
-            service.clone(),
-            method.clone(),
-            KeyValue::new("rpc.grpc.status_code", code),
-        ];
-        self.side.calls.add(1, &attributes);
-        self.side
-            .duration
-            .record(self.started.elapsed().as_secs_f64(), &attributes);
+        self.attributes
+            .record(&self.side, code, self.started.elapsed().as_secs_f64());
         if let Some(span) = self.span {
             record_code(&span, code);
         }

@@ -137,6 +137,10 @@ impl Db {
                     Err(err) => return Err(open_err(err)),
                 }
             }
+            // Nagle must stay off on these sockets (sqlx sets TCP_NODELAY
+            // since 0.9.1; 0.9.0 did not, so keep sqlx >= 0.9.1): a
+            // transaction is a run of small back-to-back writes, and with
+            // Nagle each waits for the server's delayed ACK, tens of ms.
             let pool = MySqlPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(5))

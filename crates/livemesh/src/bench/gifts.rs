@@ -27,7 +27,7 @@ use livemesh_proto::v1::{
 };
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
-use super::{Side, measure, write_json};
+use super::{Side, cpu_seconds, measure, write_json};
 
 /// Options of `bench gifts`.
 #[derive(Debug, clap::Args)]
@@ -420,6 +420,26 @@ async fn bench(
             "baseline_statements_per_gift",
             naive_use.per(STATUS[0], naive_gifts),
         ),
+        (
+            "gifts_per_commit",
+            service_gifts as f64
+                / service_use
+                    .status
+                    .get("Binlog_commits")
+                    .copied()
+                    .unwrap_or(0.0)
+                    .max(1.0),
+        ),
+        (
+            "baseline_gifts_per_commit",
+            naive_gifts as f64
+                / naive_use
+                    .status
+                    .get("Binlog_commits")
+                    .copied()
+                    .unwrap_or(0.0)
+                    .max(1.0),
+        ),
         ("concurrency", args.concurrency as f64),
         ("shards", args.shards as f64),
     ]);
@@ -461,7 +481,9 @@ async fn naive_setup(
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
         .execute(admin)
         .await?;
-    // As the service's shard pools are configured.
+    // As the service's shard pools are configured (sqlx >= 0.9.1, which
+    // keeps Nagle off: with it every statement after the first of a
+    // transaction would wait for the server's delayed ACK).
     let pool = MySqlPoolOptions::new()
         .max_connections(NAIVE_POOL)
         .acquire_timeout(Duration::from_secs(5))
@@ -668,20 +690,4 @@ fn host_ticks() -> Option<(f64, f64)> {
     let all: f64 = ticks.iter().take(8).sum();
     let idle = ticks.get(3)? + ticks.get(4)?;
     Some((all - idle, all))
-}
-
-/// CPU seconds a process has used so far (user + system); this process
-/// when `pid` is `None`.
-fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".into(),
-    };
-    let stat = std::fs::read_to_string(path).ok()?;
-    // After the command name: utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ, 100 on Linux.
-    Some(ticks as f64 / 100.0)
 }

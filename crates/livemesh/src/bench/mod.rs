@@ -9,6 +9,7 @@ mod fanout;
 mod gifts;
 mod loves;
 mod rooms;
+mod rpc;
 mod storm;
 
 use std::collections::BTreeMap;
@@ -82,6 +83,24 @@ pub enum BenchCommand {
     /// (ratio_publish_rpc_degraded_vs_healthy), open_reject_p99_ms (target
     /// <= 1), warm-up, counts and settings.
     Breaker(breaker::BreakerArgs),
+    /// RPC: one unary call with a small body (GetRoom of a fixed room)
+    /// through the mesh's whole client stack (client span and metrics,
+    /// credential, body buffering, retry budget, breaker, deadline) and
+    /// server stack (server span and metrics, load shedding, auth), against
+    /// the same call through a bare tonic channel and a bare tonic server,
+    /// both in this process over loopback, in the same run. Needs no
+    /// Redis or MariaDB.
+    ///
+    /// Five phases of `--duration`/5 each: bare, mesh (auth dev) and mesh
+    /// (auth enforce, a service token verified on every call) with
+    /// `--concurrency` callers for throughput, then bare and mesh (dev)
+    /// with one caller for latency.
+    ///
+    /// Figures: ratio_vs_bare (calls/s, dev; target >= 0.85),
+    /// enforce_ratio_vs_bare, p99_ms and bare_p99_ms (one caller),
+    /// cpu_us_per_call and bare_cpu_us_per_call (this process's CPU, client
+    /// and server together, per call at `--concurrency`).
+    Rpc(rpc::RpcArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -91,6 +110,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fanout(args) => fanout::run(args).await,
         BenchCommand::Gifts(args) => gifts::run(args).await,
         BenchCommand::Breaker(args) => breaker::run(args).await,
+        BenchCommand::Rpc(args) => rpc::run(args).await,
     }
 }
 
@@ -159,4 +179,20 @@ pub(crate) fn write_json(
         .with_context(|| format!("writing {}", path.display()))?;
     println!("  figures written to {}", path.display());
     Ok(())
+}
+
+/// CPU seconds a process has used so far (user + system); this process
+/// when `pid` is `None`.
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".into(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // After the command name: utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ, 100 on Linux.
+    Some(ticks as f64 / 100.0)
 }
