@@ -1084,7 +1084,7 @@ pub(super) async fn viewer(
     // client does, with a pause; the retries are counted and printed.
     let mut tries = 0;
     let mut stream = loop {
-        match client.subscribe(request.clone()).await {
+        match client.subscribe(request).await {
             Ok(reply) => break reply.into_inner(),
             Err(status) if status.code() == tonic::Code::Unavailable && tries < OPEN_RETRIES => {
                 tries += 1;
