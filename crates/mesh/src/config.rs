@@ -517,6 +517,32 @@ pub struct ServerConfig {
     /// statuses), for probes that speak no TLS (kubelet's gRPC probes).
     /// Empty: none.
     pub health_listen: String,
+    /// Connections one server holds at once (each listener); a connection
+    /// past it is closed as soon as it is accepted, logged and counted
+    /// (`livemesh.server.connections.refused`). Keep it below the process's
+    /// file limit.
+    pub max_connections: u32,
+    /// A connection must make its first request (TLS and HTTP/2 handshakes
+    /// included) within this long, or it is closed.
+    pub handshake_timeout_ms: u64,
+    /// A connection with no call open for this long is closed (a stream,
+    /// such as Subscribe or Watch, is a call for as long as it lasts).
+    /// 0: never.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keepalive: a PING after this long without a frame from the
+    /// peer; the connection is closed when its answer does not come within
+    /// `keepalive_timeout_ms`. 0: no keepalive.
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    /// The metadata one request may carry (HTTP/2 header list size: each
+    /// header's name and value plus 32 bytes); a request over it is refused
+    /// alone with RESOURCE_EXHAUSTED.
+    pub max_header_bytes: u32,
+    /// The header list size the server announces to HTTP/2 peers: past it
+    /// the HTTP/2 layer resets the stream or, for a header block this large,
+    /// the whole connection with every call on it. Kept well above
+    /// `max_header_bytes`, so an oversized request is refused by itself.
+    pub http2_max_header_list_bytes: u32,
 }
 
 impl Default for ServerConfig {
@@ -524,7 +550,51 @@ impl Default for ServerConfig {
         Self {
             max_concurrent_requests: 10_000,
             health_listen: String::new(),
+            max_connections: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            keepalive_interval_ms: 60_000,
+            keepalive_timeout_ms: 20_000,
+            max_header_bytes: 16 * 1024,
+            http2_max_header_list_bytes: 256 * 1024,
         }
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if self.max_concurrent_requests == 0 {
+            return invalid("server.max_concurrent_requests must be at least 1".into());
+        }
+        if self.max_connections == 0 || self.handshake_timeout_ms == 0 {
+            return invalid(
+                "server.max_connections and server.handshake_timeout_ms must be at least 1".into(),
+            );
+        }
+        if self.keepalive_interval_ms > 0 && self.keepalive_timeout_ms == 0 {
+            return invalid(
+                "server.keepalive_timeout_ms must be at least 1 when \
+                 server.keepalive_interval_ms is set"
+                    .into(),
+            );
+        }
+        if self.max_header_bytes < 1024 {
+            return invalid(format!(
+                "server.max_header_bytes is {}; at least 1024 are needed for a call's own \
+                 headers (path, content type, deadline, credentials, trace context)",
+                self.max_header_bytes
+            ));
+        }
+        if self.http2_max_header_list_bytes < self.max_header_bytes.saturating_mul(2) {
+            return invalid(format!(
+                "server.http2_max_header_list_bytes ({}) must be at least twice \
+                 server.max_header_bytes ({}): requests between the two are refused one by one, \
+                 past the first HTTP/2 resets the connection",
+                self.http2_max_header_list_bytes, self.max_header_bytes
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -745,9 +815,7 @@ impl Config {
                 self.publish.deliver_timeout_ms, self.client.breaker_slow_call_ms
             )));
         }
-        if self.server.max_concurrent_requests == 0 {
-            return invalid("server.max_concurrent_requests must be at least 1");
-        }
+        self.server.validate()?;
         self.auth.validate().map_err(ConfigError::Invalid)?;
         // auth: with TLS on, servers speak nothing else, so every peer is https.
         if self.auth.tls_enabled()

@@ -12,6 +12,7 @@ pub mod check;
 pub mod client;
 pub mod coalesce;
 pub mod config;
+pub mod conn;
 pub mod metrics;
 pub mod resilience;
 pub mod rooms;
@@ -67,4 +68,57 @@ pub fn not_yet_implemented(rpc: &str, owner: &str) -> tonic::Status {
     tonic::Status::unimplemented(format!(
         "{rpc} is not implemented in this build yet; it arrives with {owner}"
     ))
+}
+
+/// How much of a client's input an error message may quote: at most this
+/// many characters, and at most [`EXCERPT_BYTES`] bytes once escaped.
+pub const EXCERPT_CHARS: usize = 64;
+/// See [`EXCERPT_CHARS`].
+pub const EXCERPT_BYTES: usize = 256;
+
+/// A short, quoted excerpt of client input for an error message: at most
+/// [`EXCERPT_CHARS`] characters (escaped like `{:?}`, cut on a character
+/// boundary, at most [`EXCERPT_BYTES`] bytes), followed by the input's size
+/// when it was cut. Whatever a client sends, the message stays short: a
+/// status travels in a response header, and echoing a 100 KB field there
+/// makes clients fail on the header's size instead of reading the error.
+pub fn excerpt(input: &str) -> String {
+    let mut out = String::from("\"");
+    for (taken, c) in input.chars().enumerate() {
+        let escaped = c.escape_debug();
+        if taken == EXCERPT_CHARS || out.len() + escaped.len() > EXCERPT_BYTES {
+            out.push_str(&format!("\"… ({} bytes)", input.len()));
+            return out;
+        }
+        out.extend(escaped);
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod excerpt_tests {
+    use super::*;
+
+    #[test]
+    fn short_input_is_quoted_whole() {
+        assert_eq!(excerpt("abc"), "\"abc\"");
+        assert_eq!(excerpt(""), "\"\"");
+    }
+
+    #[test]
+    fn long_input_is_cut_on_a_character_boundary_with_its_size() {
+        let long = "é".repeat(100_000);
+        let shown = excerpt(&long);
+        assert!(
+            shown.starts_with(&format!("\"{}\"…", "é".repeat(EXCERPT_CHARS))),
+            "{shown}"
+        );
+        assert!(shown.ends_with("(200000 bytes)"), "{shown}");
+        assert!(shown.len() < 200, "{}", shown.len());
+        // Escapes count once per character: a cut input never grows past
+        // a few hundred bytes.
+        let controls = "\u{10ffff}".repeat(10_000);
+        assert!(excerpt(&controls).len() <= EXCERPT_BYTES + 24, "{}", excerpt(&controls));
+    }
 }

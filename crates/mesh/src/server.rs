@@ -165,11 +165,16 @@ impl ServerBuilder {
                 }
             });
         }
+        // One set of connection limits per listener (see `conn`).
+        let connections = crate::conn::Connections::new((&self.limits).into());
         if let Some(listener) = self.health_listener {
             let health_only = health_service.clone();
+            let probes = crate::conn::Connections::new((&self.limits).into());
+            let limits = self.limits.clone();
             background.spawn(async move {
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
-                if let Err(err) = tonic::transport::Server::builder()
+                let incoming = probes.incoming(listener);
+                if let Err(err) = transport(&limits)
+                    .layer(probes.layer())
                     .add_service(health_only)
                     .serve_with_incoming(incoming)
                     .await
@@ -206,6 +211,7 @@ impl ServerBuilder {
         let hooks = self.hooks;
         let background = std::sync::Arc::new(std::sync::Mutex::new(background));
         let cancel = background.clone();
+        let closing = connections.clone();
         let shutdown = async move {
             shutdown.await;
             stopping.trigger();
@@ -227,20 +233,18 @@ impl ServerBuilder {
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
+            // tonic's graceful shutdown starts now: connections without a
+            // call close at once instead of holding the drain (a silent
+            // socket held it for the whole drain timeout).
+            closing.close_idle();
         };
-        // Nagle's algorithm must be off on every accepted socket: with it, a
-        // reply written in several frames waits for the peer's delayed ACK
-        // (~40 ms). The builder's `tcp_nodelay` does not reach sockets from
-        // our own listener; `TcpIncoming` sets it per connection.
-        // Writes are coalesced per connection (see `coalesce`).
-        let incoming = futures::StreamExt::map(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            |accepted| accepted.map(crate::coalesce::Coalesce::new),
-        );
+        // Connections within `[server]`'s limits, Nagle off, writes
+        // coalesced (see `conn` and `coalesce`).
+        let incoming = connections.incoming(listener);
         // Load shedding (see `resilience::ShedLayer`): past the limit a call
         // gets UNAVAILABLE at once; streams hold a permit only until they start.
         let shed = crate::resilience::ShedLayer::new(self.limits.max_concurrent_requests as usize);
-        let mut server = tonic::transport::Server::builder();
+        let mut server = transport(&self.limits);
         // auth: TLS (mutual with a CA) when certificates are configured.
         if let Some(tls) = security.server_tls() {
             server = server.tls_config(tls)?;
@@ -250,6 +254,9 @@ impl ServerBuilder {
             // telem: the server span (child of the caller's trace context) and
             // per-RPC server metrics, for every service of the server.
             .layer(crate::rpc_telemetry::ServerTelemetryLayer::new())
+            // Calls open per connection (idle timeout) and the per-request
+            // metadata limit (see `conn`).
+            .layer(connections.layer())
             .layer(shed)
             // auth: authenticate and authorise every call (see `crate::auth`).
             .layer(auth)
@@ -265,6 +272,16 @@ impl ServerBuilder {
             .abort_all();
         result.map_err(ServeError::from)
     }
+}
+
+/// The HTTP/2 settings of `[server]` every listener uses.
+fn transport(limits: &crate::config::ServerConfig) -> tonic::transport::Server {
+    let ms = std::time::Duration::from_millis;
+    let keepalive = (limits.keepalive_interval_ms > 0).then(|| ms(limits.keepalive_interval_ms));
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(ms(limits.keepalive_timeout_ms)))
+        .http2_max_header_list_size(limits.http2_max_header_list_bytes)
 }
 
 /// Why a server could not serve.

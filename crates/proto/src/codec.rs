@@ -10,8 +10,9 @@
 
 use std::marker::PhantomData;
 
-use tonic::codec::{BufferSettings, Codec};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic_prost::ProstEncoder;
 
 /// Initial size of each call's encode and decode buffer.
 pub const BUFFER_BYTES: usize = 512;
@@ -36,13 +37,40 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = LeanDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstEncoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_BYTES))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_BYTES))
+        LeanDecoder(PhantomData)
+    }
+}
+
+/// prost decoding with [`BUFFER_BYTES`] buffers; malformed bytes are
+/// `INVALID_ARGUMENT` (see the module doc).
+#[derive(Debug)]
+pub struct LeanDecoder<U>(PhantomData<U>);
+
+impl<U: prost::Message + Default> Decoder for LeanDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(buf).map(Some).map_err(|err| {
+            let name = std::any::type_name::<U>();
+            let name = name.rsplit("::").next().unwrap_or(name);
+            // prost's error names the field path and the wire problem, never
+            // the bytes, so it stays short whatever was sent.
+            Status::invalid_argument(format!(
+                "the message is not a valid livemesh.v1.{name} ({err}); send a {name} \
+                 encoded as protobuf"
+            ))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(BUFFER_BYTES, YIELD_BYTES)
     }
 }

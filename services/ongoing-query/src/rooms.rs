@@ -233,8 +233,9 @@ impl Rooms {
         } else {
             Some(page_token.parse::<u64>().map_err(|_| {
                 RoomError::InvalidArgument(format!(
-                    "page_token {page_token:?} was not issued by ListOngoing; pass the previous \
-                     response's next_page_token, or leave it empty for the first page"
+                    "page_token {} was not issued by ListOngoing; pass the previous \
+                     response's next_page_token, or leave it empty for the first page",
+                    livemesh_mesh::excerpt(page_token)
                 ))
             })?)
         };

@@ -41,9 +41,9 @@ pub fn start_for(rooms: &Rooms, from: Option<&ChangePosition>) -> Result<Start, 
     };
     let position = Position::parse(&from.token).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "from.token {:?} is not a position this service issued; pass the token of the last \
+            "from.token {} is not a position this service issued; pass the token of the last \
              RoomChange received, or leave `from` unset to start with a snapshot",
-            from.token
+            livemesh_mesh::excerpt(&from.token)
         ))
     })?;
     let log = rooms.cache().log();
@@ -53,9 +53,9 @@ pub fn start_for(rooms: &Rooms, from: Option<&ChangePosition>) -> Result<Start, 
     }
     if position.seq > log.head().seq {
         return Err(Status::invalid_argument(format!(
-            "from.token {:?} is ahead of this service's newest change; pass a token received \
+            "from.token {} is ahead of this service's newest change; pass a token received \
              from it",
-            from.token
+            livemesh_mesh::excerpt(&from.token)
         )));
     }
     Ok(Start::After(position.seq))

@@ -108,7 +108,8 @@ impl Check {
         let claims = self.bearer(request)?;
         let Some(rule) = policy::rule_for(path) else {
             return Err(Status::permission_denied(format!(
-                "{path} has no access rule; no one may call it"
+                "{} has no access rule; no one may call it",
+                crate::excerpt(path)
             )));
         };
         if !claims
@@ -118,7 +119,9 @@ impl Check {
         {
             return Err(Status::permission_denied(format!(
                 "{} (roles {:?}) may not call {path}; it is allowed for the roles {:?}",
-                claims.sub, claims.roles, rule.roles
+                crate::excerpt(&claims.sub),
+                claims.roles,
+                rule.roles
             )));
         }
         let viewer = match rule.viewer {
