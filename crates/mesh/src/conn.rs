@@ -378,7 +378,10 @@ impl<T> Tracked<T> {
                 return Some(Close::Shutdown);
             }
             let (deadline, why) = if !state.active.load(Ordering::SeqCst) {
-                (state.accepted + self.shared.limits.handshake_timeout, Close::Handshake)
+                (
+                    state.accepted + self.shared.limits.handshake_timeout,
+                    Close::Handshake,
+                )
             } else if let Some(idle_timeout) = self.shared.limits.idle_timeout {
                 let since = Duration::from_nanos(state.idle_since_ns.load(Ordering::SeqCst));
                 (state.accepted + since + idle_timeout, Close::Idle)
@@ -505,7 +508,8 @@ fn header_list_size<B>(request: &http::Request<B>) -> usize {
         + uri.scheme_str().map_or(0, str::len)
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.path_and_query().map_or(0, |p| p.as_str().len());
-    let pseudo_size: usize = pseudo.iter().map(|name| name.len() + 32).sum::<usize>() + pseudo_values;
+    let pseudo_size: usize =
+        pseudo.iter().map(|name| name.len() + 32).sum::<usize>() + pseudo_values;
     request
         .headers()
         .iter()
@@ -518,6 +522,7 @@ impl<S> Service<http::Request<Body>> for ConnService<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;

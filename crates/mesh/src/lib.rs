@@ -119,6 +119,10 @@ mod excerpt_tests {
         // Escapes count once per character: a cut input never grows past
         // a few hundred bytes.
         let controls = "\u{10ffff}".repeat(10_000);
-        assert!(excerpt(&controls).len() <= EXCERPT_BYTES + 24, "{}", excerpt(&controls));
+        assert!(
+            excerpt(&controls).len() <= EXCERPT_BYTES + 24,
+            "{}",
+            excerpt(&controls)
+        );
     }
 }

@@ -103,7 +103,11 @@ async fn raw_call(addr: SocketAddr, method: &str) -> TcpStream {
     let mut block = Vec::new();
     header(&mut block, ":method", "POST");
     header(&mut block, ":scheme", "http");
-    header(&mut block, ":path", &format!("/grpc.health.v1.Health/{method}"));
+    header(
+        &mut block,
+        ":path",
+        &format!("/grpc.health.v1.Health/{method}"),
+    );
     header(&mut block, ":authority", "localhost");
     header(&mut block, "content-type", "application/grpc");
     header(&mut block, "te", "trailers");
@@ -122,7 +126,8 @@ async fn frame_within(socket: &mut TcpStream, kind: u8, within: Duration) -> Opt
         let mut head = [0u8; 9];
         loop {
             socket.read_exact(&mut head).await.ok()?;
-            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
             let mut payload = vec![0u8; len];
             socket.read_exact(&mut payload).await.ok()?;
             if head[3] == kind {
@@ -299,6 +304,12 @@ async fn a_request_with_too_much_metadata_is_refused_alone() {
         .expect("the stream ended with an error")
         .expect("the stream ended without its last status");
     assert_eq!(last.status(), ServingStatus::NotServing);
+    drop((watch, client));
+    tokio::time::timeout(PATIENCE, server.task)
+        .await
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
@@ -336,13 +347,21 @@ async fn stopping_with_a_silent_connection_open_finishes_at_once() {
 fn the_limits_are_validated() {
     use livemesh_mesh::config::{Config, Sources};
     for (var, value, named) in [
-        ("LIVEMESH_SERVER__MAX_CONNECTIONS", "0", "server.max_connections"),
+        (
+            "LIVEMESH_SERVER__MAX_CONNECTIONS",
+            "0",
+            "server.max_connections",
+        ),
         (
             "LIVEMESH_SERVER__HANDSHAKE_TIMEOUT_MS",
             "0",
             "server.handshake_timeout_ms",
         ),
-        ("LIVEMESH_SERVER__MAX_HEADER_BYTES", "100", "server.max_header_bytes"),
+        (
+            "LIVEMESH_SERVER__MAX_HEADER_BYTES",
+            "100",
+            "server.max_header_bytes",
+        ),
         (
             "LIVEMESH_SERVER__HTTP2_MAX_HEADER_LIST_BYTES",
             "20000",

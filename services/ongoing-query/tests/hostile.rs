@@ -116,7 +116,9 @@ async fn a_body_that_is_not_protobuf_gets_invalid_argument() {
         let err = grpc
             .unary(
                 tonic::Request::new(garbage.clone()),
-                tonic::codegen::http::uri::PathAndQuery::from_static("/livemesh.v1.OngoingQueryService/GetRoom"),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/livemesh.v1.OngoingQueryService/GetRoom",
+                ),
                 RawCodec,
             )
             .await
