@@ -14,7 +14,10 @@
 //!   within `server.handshake_timeout_ms` (TLS and HTTP/2 handshakes
 //!   included), or that has had no call open for `server.idle_timeout_ms`,
 //!   reads end-of-file, and hyper closes it. A long-lived stream (Subscribe,
-//!   Watch) is an open call: its connection is never idle.
+//!   Watch) is an open call: its connection is never idle. When the server
+//!   stops, a connection that never made a request is closed at once, and
+//!   one without an open call shortly after (HTTP/2's graceful shutdown
+//!   usually closes it first).
 //! - [`ConnLayer`], the server layer that tells the watchdog when calls open
 //!   and close (a call is open until its response body ends), and refuses a
 //!   request whose metadata is over `server.max_header_bytes` with
@@ -53,6 +56,11 @@ use crate::shutdown::ShutdownSignal;
 /// descriptors (or the kernel out of buffers): retrying at once would spin a
 /// core while nothing can be accepted.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// When the server stops, a connection that has made requests and has no
+/// call open is closed this long after the stop (or its last call's end),
+/// if HTTP/2's graceful shutdown has not closed it by then.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 /// A warning about refused connections is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -113,8 +121,9 @@ impl Connections {
         self.shared.open.load(Ordering::SeqCst)
     }
 
-    /// Closes every connection without an open call, now and whenever one's
-    /// last call ends. The server calls it when its graceful shutdown
+    /// Closes every connection without an open call, now (or, for one that
+    /// has made requests, within [`DRAIN_GRACE`]) and after each one's last
+    /// call ends. The server calls it when its graceful shutdown
     /// starts (after the shutdown hooks, which may still make calls through
     /// this very server), so idle connections do not hold the drain.
     pub fn close_idle(&self) {
@@ -322,8 +331,8 @@ pub struct Tracked<T> {
     timer: Pin<Box<Sleep>>,
     /// Fires when the server closes its idle connections; `None` once it has.
     closing: Option<ShutdownSignal>,
-    /// The server is closing its idle connections.
-    draining: bool,
+    /// Since when the server is closing its idle connections.
+    draining: Option<Instant>,
     /// The watchdog closed the connection: every read is end-of-file.
     closed: bool,
     peer: Option<std::net::SocketAddr>,
@@ -351,7 +360,7 @@ impl<T> Tracked<T> {
             closing: Some(shared.closing.signal()),
             shared,
             timer: Box::pin(tokio::time::sleep_until(accepted)),
-            draining: false,
+            draining: None,
             closed: false,
             peer,
         }
@@ -366,7 +375,7 @@ impl<T> Tracked<T> {
             && closing.as_mut().poll(cx).is_ready()
         {
             self.closing = None;
-            self.draining = true;
+            self.draining = Some(Instant::now());
         }
         loop {
             let state = &self.state;
@@ -374,19 +383,27 @@ impl<T> Tracked<T> {
             if !idle {
                 return None;
             }
-            if self.draining {
-                return Some(Close::Shutdown);
-            }
-            let (deadline, why) = if !state.active.load(Ordering::SeqCst) {
-                (
+            let active = state.active.load(Ordering::SeqCst);
+            let idle_since =
+                state.accepted + Duration::from_nanos(state.idle_since_ns.load(Ordering::SeqCst));
+            let (deadline, why) = match (self.draining, active) {
+                // Nothing in HTTP/2 ends a connection still in its handshake
+                // (hyper waits for it to finish): it goes now.
+                (Some(_), false) => return Some(Close::Shutdown),
+                // HTTP/2's graceful shutdown (GOAWAY, a PING, close once the
+                // calls end) closes the others, unless the peer never
+                // answers the PING. Ending reads the moment the last call
+                // ends could drop its trailers, still queued in h2: a
+                // moment's grace, then it goes.
+                (Some(draining), true) => (draining.max(idle_since) + DRAIN_GRACE, Close::Shutdown),
+                (None, false) => (
                     state.accepted + self.shared.limits.handshake_timeout,
                     Close::Handshake,
-                )
-            } else if let Some(idle_timeout) = self.shared.limits.idle_timeout {
-                let since = Duration::from_nanos(state.idle_since_ns.load(Ordering::SeqCst));
-                (state.accepted + since + idle_timeout, Close::Idle)
-            } else {
-                return None;
+                ),
+                (None, true) => match self.shared.limits.idle_timeout {
+                    Some(idle_timeout) => (idle_since + idle_timeout, Close::Idle),
+                    None => return None,
+                },
             };
             if Instant::now() >= deadline {
                 return Some(why);
