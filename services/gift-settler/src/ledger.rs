@@ -587,6 +587,16 @@ impl Shard {
         Ok(row.map(|(s,)| s))
     }
 
+    /// Every account below zero, with its balance (only those that may go
+    /// negative: the funding and clearing accounts).
+    pub async fn negative_balances(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT account, balance FROM accounts WHERE balance < 0 ORDER BY account")
+                .fetch_all(pool)
+                .await?
+        }))
+    }
+
     /// The sum of every balance in the shard (zero: money is conserved).
     pub async fn total(&self) -> Result<i64, sqlx::Error> {
         let sql = format!("SELECT {} FROM accounts", self.split_sum("balance"));
