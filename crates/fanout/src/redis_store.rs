@@ -437,4 +437,3 @@ impl RedisFanout {
 fn expiry(now_ms: i64, lease_ms: u64) -> i64 {
     now_ms.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX))
 }
-

@@ -759,7 +759,10 @@ async fn stored_rooms_counts_each_room_with_state_once(backend: Backend) {
     append_new(&store, &latest(ROOM, "love_total", b"7", T0)).await;
     store.join(ROOM, "node-a", 1, 10_000, T0).await.unwrap();
     assert_eq!(store.stored_rooms().await.unwrap(), 1);
-    store.join(OTHER_ROOM, "node-a", 1, 10_000, T0).await.unwrap();
+    store
+        .join(OTHER_ROOM, "node-a", 1, 10_000, T0)
+        .await
+        .unwrap();
     assert_eq!(store.stored_rooms().await.unwrap(), 2);
     // Another phase on the same server is not counted.
     let other = backend.store(settings(100));

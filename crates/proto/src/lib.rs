@@ -87,9 +87,15 @@ mod tests {
     #[test]
     fn extreme_timestamps_saturate_instead_of_overflowing() {
         let ts = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
-        assert_eq!(time::ms_from_timestamp(&ts(i64::MAX, 999_999_999)), i64::MAX);
+        assert_eq!(
+            time::ms_from_timestamp(&ts(i64::MAX, 999_999_999)),
+            i64::MAX
+        );
         assert_eq!(time::ms_from_timestamp(&ts(i64::MIN, -1)), i64::MIN);
-        assert_eq!(time::ms_from_timestamp(&ts(i64::MAX / 1000, i32::MAX)), i64::MAX);
+        assert_eq!(
+            time::ms_from_timestamp(&ts(i64::MAX / 1000, i32::MAX)),
+            i64::MAX
+        );
         assert_eq!(time::ms_from_timestamp(&ts(-1, i32::MIN)), -1000 - 2148);
     }
 }

@@ -157,7 +157,7 @@ fn excerpt(text: &str) -> String {
 
 /// Ids: 0, the ends of u64 and of i64 (ids are stored as signed 64-bit
 /// integers), small ones, and any.
-pub fn id() -> impl Strategy<Value = u64> + Clone {
+pub fn id() -> BoxedStrategy<u64> {
     prop_oneof![
         Just(0),
         Just(1),
@@ -167,20 +167,22 @@ pub fn id() -> impl Strategy<Value = u64> + Clone {
         1..1_000u64,
         any::<u64>(),
     ]
+    .boxed()
 }
 
 /// One of `known` most of the time, else any [`id`]: most cases then reach
 /// past the existence checks.
-pub fn id_from(known: Vec<u64>) -> impl Strategy<Value = u64> + Clone {
+pub fn id_from(known: Vec<u64>) -> BoxedStrategy<u64> {
     prop_oneof![
         2 => proptest::sample::select(known),
         1 => id(),
     ]
+    .boxed()
 }
 
 /// Signed amounts: 0, ±1, the ends of i64 and values next to them, small
 /// ones, and any.
-pub fn amount() -> impl Strategy<Value = i64> + Clone {
+pub fn amount() -> BoxedStrategy<i64> {
     prop_oneof![
         Just(0),
         Just(1),
@@ -193,12 +195,13 @@ pub fn amount() -> impl Strategy<Value = i64> + Clone {
         -1_000..1_000i64,
         any::<i64>(),
     ]
+    .boxed()
 }
 
 /// Text: empty, only whitespace or invisible characters, control and
 /// bidirectional characters, non-ASCII, long, and any; at most a few
 /// thousand characters (a request stays far below the message limit).
-pub fn text() -> impl Strategy<Value = String> + Clone {
+pub fn text() -> BoxedStrategy<String> {
     prop_oneof![
         Just(String::new()),
         Just(" \t\n".to_owned()),
@@ -211,12 +214,13 @@ pub fn text() -> impl Strategy<Value = String> + Clone {
         (0..5_000usize).prop_map(|n| "x".repeat(n)),
         any::<String>(),
     ]
+    .boxed()
 }
 
 /// Idempotency keys and other client-chosen ids: like [`text`], with
 /// lengths around the usual limits (128 and 200 bytes) and case and
 /// spacing variants of one key.
-pub fn key() -> impl Strategy<Value = String> + Clone {
+pub fn key() -> BoxedStrategy<String> {
     prop_oneof![
         3 => "[a-zA-Z0-9:|_-]{1,12}",
         1 => Just("k".to_owned()),
@@ -225,11 +229,12 @@ pub fn key() -> impl Strategy<Value = String> + Clone {
         1 => (120..210usize).prop_map(|n| "k".repeat(n)),
         2 => text(),
     ]
+    .boxed()
 }
 
 /// A protobuf timestamp: unset, ordinary, or with seconds and nanos at the
 /// ends of their types (nanos outside 0..1e9 too: clients may send them).
-pub fn timestamp() -> impl Strategy<Value = Option<prost_types::Timestamp>> + Clone {
+pub fn timestamp() -> BoxedStrategy<Option<prost_types::Timestamp>> {
     let seconds = prop_oneof![
         Just(0i64),
         Just(i64::MAX),
@@ -249,6 +254,7 @@ pub fn timestamp() -> impl Strategy<Value = Option<prost_types::Timestamp>> + Cl
     ];
     proptest::option::weighted(0.8, (seconds, nanos))
         .prop_map(|t| t.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }))
+        .boxed()
 }
 
 #[cfg(test)]
@@ -257,7 +263,11 @@ mod tests {
 
     #[test]
     fn internal_and_unknown_are_never_allowed() {
-        let allowed = [tonic::Code::Internal, tonic::Code::Unknown, tonic::Code::NotFound];
+        let allowed = [
+            tonic::Code::Internal,
+            tonic::Code::Unknown,
+            tonic::Code::NotFound,
+        ];
         assert!(check_code("R", &tonic::Status::internal("x"), &allowed).is_err());
         assert!(check_code("R", &tonic::Status::unknown("x"), &allowed).is_err());
         assert!(check_code("R", &tonic::Status::not_found("x"), &allowed).is_ok());

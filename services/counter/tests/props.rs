@@ -120,7 +120,11 @@ fn the_counter_answers_any_request_precisely_and_counts_each_accepted_love_once(
                 Call::Get(request) => {
                     let room = request.room_id;
                     let answer = client.get_loves(request).await;
-                    props::check("GetLoves", &answer, &[Code::InvalidArgument, Code::NotFound])?;
+                    props::check(
+                        "GetLoves",
+                        &answer,
+                        &[Code::InvalidArgument, Code::NotFound],
+                    )?;
                     room
                 }
                 Call::Top(request) => {

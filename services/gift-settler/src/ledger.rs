@@ -45,6 +45,11 @@ pub const MIGRATIONS: Migrations = Migrations {
             "settlements",
             include_str!("../migrations/mysql/0002_settlements.sql"),
         ),
+        (
+            3,
+            "transfer ids exact",
+            include_str!("../migrations/mysql/0003_transfer_ids_exact.sql"),
+        ),
     ],
 };
 

@@ -42,6 +42,7 @@ livemesh_testkit::sql_backend_suite!(
     balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone,
     a_transfer_the_database_refuses_is_refused_alone_and_never_unavailable,
     every_gift_that_answered_ok_is_in_the_rooms_stream_before_its_end,
+    keys_differing_in_case_or_trailing_spaces_are_different_transfers,
 );
 
 const SHARDS: usize = 4;
@@ -1487,5 +1488,28 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         .await
         .unwrap();
     assert_settled_once(&mut mesh, room_b, gross_b, cut_b, before).await;
+    mesh.assert_conserved().await;
+}
+
+/// Found by the property test: on MariaDB the transfer ids compared with
+/// the server's case-insensitive, space-padding collation, so deposits
+/// with the keys `k`, `K` and `k ` were one transfer id, and the second
+/// answered UNAVAILABLE forever.
+async fn keys_differing_in_case_or_trailing_spaces_are_different_transfers(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    let keys = ["k", "K", "k ", "k  "];
+    for (n, key) in keys.iter().enumerate() {
+        let balance = mesh.deposit(key, 41, 10).await.unwrap();
+        assert_eq!(balance, 10 * (n as i64 + 1), "deposit with key {key:?}");
+    }
+    for (n, key) in keys.iter().enumerate() {
+        let (transfer_id, balance) = mesh.gift(key, 41, room, 1).await.unwrap();
+        assert_eq!(transfer_id, format!("gift:41:{key}"));
+        assert_eq!(balance, 40 - (n as i64 + 1), "gift with key {key:?}");
+    }
+    // Replays still find their own transfer.
+    assert_eq!(mesh.deposit("K", 41, 10).await.unwrap(), 20);
+    assert_eq!(mesh.balance(41).await, 36);
     mesh.assert_conserved().await;
 }

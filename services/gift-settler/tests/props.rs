@@ -172,7 +172,13 @@ fn every_rpc_keeps_the_ledger_balanced(backend: SqlBackend, cases: u32) {
                     )?;
                     if let Ok(reply) = answer {
                         let id = format!("deposit:{}:{}", request.user_id, request.idempotency_key);
-                        applied(model, &id, &reply.into_inner().transfer_id, request.user_id, request.amount)?;
+                        applied(
+                            model,
+                            &id,
+                            &reply.into_inner().transfer_id,
+                            request.user_id,
+                            request.amount,
+                        )?;
                         touched = Some(request.user_id);
                     }
                 }
@@ -190,29 +196,51 @@ fn every_rpc_keeps_the_ledger_balanced(backend: SqlBackend, cases: u32) {
                         ],
                     )?;
                     if let Ok(reply) = answer {
-                        prop_assert_eq!(request.room_id, mesh.rooms[0], "a gift to a room not ongoing");
+                        prop_assert_eq!(
+                            request.room_id,
+                            mesh.rooms[0],
+                            "a gift to a room not ongoing"
+                        );
                         let id = format!("gift:{}:{}", request.viewer_id, request.idempotency_key);
-                        applied(model, &id, &reply.into_inner().transfer_id, request.viewer_id, -request.amount)?;
+                        applied(
+                            model,
+                            &id,
+                            &reply.into_inner().transfer_id,
+                            request.viewer_id,
+                            -request.amount,
+                        )?;
                         touched = Some(request.viewer_id);
                     }
                 }
                 Call::Balance(request) => {
-                    let answer = gifts.get_balance(request.clone()).await;
+                    let answer = gifts.get_balance(request).await;
                     props::check("GetBalance", &answer, &[Code::InvalidArgument])?;
                     touched = answer.is_ok().then_some(request.user_id);
                 }
                 Call::Settle(request) => {
                     let answer = settlement.settle_room(request).await;
-                    let allowed = [Code::InvalidArgument, Code::NotFound, Code::FailedPrecondition];
+                    let allowed = [
+                        Code::InvalidArgument,
+                        Code::NotFound,
+                        Code::FailedPrecondition,
+                    ];
                     props::check("SettleRoom", &answer, &allowed)?;
                 }
                 Call::Settlement(request) => {
                     let answer = settlement.get_settlement(request).await;
-                    props::check("GetSettlement", &answer, &[Code::InvalidArgument, Code::NotFound])?;
+                    props::check(
+                        "GetSettlement",
+                        &answer,
+                        &[Code::InvalidArgument, Code::NotFound],
+                    )?;
                 }
                 Call::Reconcile(request) => {
                     let answer = settlement.reconcile(request).await;
-                    props::check("Reconcile", &answer, &[Code::InvalidArgument, Code::NotFound])?;
+                    props::check(
+                        "Reconcile",
+                        &answer,
+                        &[Code::InvalidArgument, Code::NotFound],
+                    )?;
                 }
                 Call::Export(request) => {
                     let answer = settlement.export_ledger(request).await;
@@ -239,7 +267,11 @@ fn applied(
     user: u64,
     delta: i64,
 ) -> Result<(), TestCaseError> {
-    prop_assert_eq!(transfer_id, expected_id, "the answer names another transfer");
+    prop_assert_eq!(
+        transfer_id,
+        expected_id,
+        "the answer names another transfer"
+    );
     let mut model = model.lock().unwrap();
     if model.applied.insert(expected_id.to_owned()) {
         let balance = model.balances.entry(user).or_default();
@@ -276,7 +308,13 @@ async fn check_ledger(
             .balance(&livemesh_gift_settler::ledger::user_account(user))
             .await
             .unwrap();
-        let expected = model.lock().unwrap().balances.get(&user).copied().unwrap_or(0);
+        let expected = model
+            .lock()
+            .unwrap()
+            .balances
+            .get(&user)
+            .copied()
+            .unwrap_or(0);
         prop_assert_eq!(held, expected, "user {}'s balance", user);
     }
     Ok(())

@@ -116,7 +116,11 @@ fn room_services_answer_any_request_precisely_and_agree_with_each_other() {
                     props::check(
                         "EndRoom",
                         &answer,
-                        &[Code::InvalidArgument, Code::NotFound, Code::FailedPrecondition],
+                        &[
+                            Code::InvalidArgument,
+                            Code::NotFound,
+                            Code::FailedPrecondition,
+                        ],
                     )?;
                     let mut model = model.lock().unwrap();
                     let expected = match model.get(&room_id) {
@@ -136,9 +140,16 @@ fn room_services_answer_any_request_precisely_and_agree_with_each_other() {
                     let room_id = request.room_id;
                     let answer = query.get_room(request).await;
                     props::check("GetRoom", &answer, &[Code::InvalidArgument, Code::NotFound])?;
-                    let status = answer.ok().and_then(|r| r.into_inner().room).map(|r| r.status());
+                    let status = answer
+                        .ok()
+                        .and_then(|r| r.into_inner().room)
+                        .map(|r| r.status());
                     let expected = model.lock().unwrap().get(&room_id).map(|ended| {
-                        if *ended { RoomStatus::Ended } else { RoomStatus::Ongoing }
+                        if *ended {
+                            RoomStatus::Ended
+                        } else {
+                            RoomStatus::Ongoing
+                        }
                     });
                     if room_id != 0 {
                         prop_assert_eq!(status, expected, "GetRoom of room {}", room_id);

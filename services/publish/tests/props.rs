@@ -32,7 +32,7 @@ use tonic::Code;
 
 const CASES: u32 = 192;
 
-fn kind() -> impl Strategy<Value = Option<room_event::Kind>> {
+fn kind() -> BoxedStrategy<Option<room_event::Kind>> {
     prop_oneof![
         1 => Just(None),
         1 => any::<u64>().prop_map(|total| Some(room_event::Kind::LoveTotal(LoveTotal { total }))),
@@ -45,6 +45,7 @@ fn kind() -> impl Strategy<Value = Option<room_event::Kind>> {
         1 => any::<u64>().prop_map(|count| Some(room_event::Kind::ViewerCount(ViewerCount { count }))),
         1 => timestamp().prop_map(|ended_at| Some(room_event::Kind::RoomEnded(RoomEnded { ended_at }))),
     ]
+    .boxed()
 }
 
 /// Who calls: an outside client, the gift-settler, a peer dispatcher.
@@ -56,7 +57,7 @@ fn caller() -> impl Strategy<Value = Option<&'static str>> {
     ]
 }
 
-fn request(rooms: Vec<u64>) -> impl Strategy<Value = PublishRequest> {
+fn request(rooms: Vec<u64>) -> BoxedStrategy<PublishRequest> {
     let event = (
         prop_oneof![Just(0u64), id()],
         id(),
@@ -85,6 +86,7 @@ fn request(rooms: Vec<u64>) -> impl Strategy<Value = PublishRequest> {
                 forwarded_from,
             },
         )
+        .boxed()
 }
 
 fn kind_name(kind: &room_event::Kind) -> &'static str {
@@ -175,8 +177,15 @@ fn publish_answers_any_request_precisely_and_stores_only_known_rooms() {
         let ended = mesh.started[3];
         let (epoch, last) = model.heads[&ended];
         model.keys.insert(
-            (ended, "room_ended", livemesh_fanout::ROOM_ENDED_KEY.to_owned()),
-            StreamPosition { epoch, offset: last },
+            (
+                ended,
+                "room_ended",
+                livemesh_fanout::ROOM_ENDED_KEY.to_owned(),
+            ),
+            StreamPosition {
+                epoch,
+                offset: last,
+            },
         );
     }
     let strategy = (request(mesh.started.clone()), caller());
@@ -200,7 +209,10 @@ fn publish_answers_any_request_precisely_and_stores_only_known_rooms() {
             let room = request.room_id;
             let known = mesh.started.contains(&room);
             if !known {
-                prop_assert!(answer.is_err(), "a publish to unknown room {room} answered OK");
+                prop_assert!(
+                    answer.is_err(),
+                    "a publish to unknown room {room} answered OK"
+                );
                 prop_assert!(
                     !mesh.store.holds(room).await.unwrap(),
                     "state was stored for room {room}, which was never started"
@@ -257,8 +269,7 @@ async fn one_key_on_a_comment_and_a_gift_publishes_both() {
         ..RoomEvent::default()
     };
     let mut outside = PublishServiceClient::new(mesh.dispatcher.channel());
-    let mut settler =
-        PublishServiceClient::new(mesh.dispatcher.channel_as(policy::GIFT_SETTLER));
+    let mut settler = PublishServiceClient::new(mesh.dispatcher.channel_as(policy::GIFT_SETTLER));
     let comment = outside
         .publish(PublishRequest {
             room_id: room,

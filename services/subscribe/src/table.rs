@@ -763,12 +763,18 @@ mod tests {
             released: u64::MAX - 2,
             ..RoomState::default()
         };
-        assert!(state.sequence(ordered(7, u64::MAX)).is_empty(), "a gap first");
+        assert!(
+            state.sequence(ordered(7, u64::MAX)).is_empty(),
+            "a gap first"
+        );
         let ready = state.sequence(ordered(7, u64::MAX - 1));
         let offsets: Vec<u64> = ready.iter().map(|e| e.offset).collect();
         assert_eq!(offsets, [u64::MAX - 1, u64::MAX]);
         assert_eq!(state.released, u64::MAX);
-        assert!(state.sequence(ordered(7, u64::MAX)).is_empty(), "released once");
+        assert!(
+            state.sequence(ordered(7, u64::MAX)).is_empty(),
+            "released once"
+        );
         assert_eq!(state.gap(), None);
     }
 

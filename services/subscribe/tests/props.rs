@@ -77,7 +77,9 @@ async fn mesh() -> Mesh {
         started.push(livemesh_testkit::start_room(rooms.channel(), 7).await);
     }
     RoomAdminServiceClient::new(rooms.channel())
-        .end_room(EndRoomRequest { room_id: started[2] })
+        .end_room(EndRoomRequest {
+            room_id: started[2],
+        })
         .await
         .unwrap();
     let watched = started[0];
@@ -127,7 +129,7 @@ async fn keep_watching(channel: MeshChannel, room: u64) -> u64 {
         .expect("the viewer's stream started")
 }
 
-fn kind() -> impl Strategy<Value = Option<room_event::Kind>> {
+fn kind() -> BoxedStrategy<Option<room_event::Kind>> {
     prop_oneof![
         1 => Just(None),
         2 => any::<u64>().prop_map(|total| Some(room_event::Kind::LoveTotal(LoveTotal { total }))),
@@ -140,6 +142,7 @@ fn kind() -> impl Strategy<Value = Option<room_event::Kind>> {
         1 => any::<u64>().prop_map(|count| Some(room_event::Kind::ViewerCount(ViewerCount { count }))),
         1 => timestamp().prop_map(|ended_at| Some(room_event::Kind::RoomEnded(RoomEnded { ended_at }))),
     ]
+    .boxed()
 }
 
 fn epoch(real: u64) -> impl Strategy<Value = u64> + Clone {
@@ -173,10 +176,8 @@ fn call(rooms: Vec<u64>, real_epoch: u64) -> impl Strategy<Value = Call> {
         id_from(rooms.clone()),
         id(),
         proptest::option::of(
-            (epoch(real_epoch), offset()).prop_map(|(epoch, offset)| StreamPosition {
-                epoch,
-                offset,
-            }),
+            (epoch(real_epoch), offset())
+                .prop_map(|(epoch, offset)| StreamPosition { epoch, offset }),
         ),
         any::<bool>(),
     )
@@ -248,7 +249,9 @@ fn subscribe_and_deliver_answer_any_request_precisely_and_store_only_known_rooms
                             Ok(None) => {
                                 return Err(TestCaseError::fail("the stream ended at once"));
                             }
-                            Err(status) => props::check_code("Subscribe stream", &status, &allowed)?,
+                            Err(status) => {
+                                props::check_code("Subscribe stream", &status, &allowed)?
+                            }
                         }
                     }
                     room
