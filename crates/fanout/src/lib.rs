@@ -289,6 +289,16 @@ impl FanoutStore {
         }
     }
 
+    /// How many rooms have anything stored (for tests and diagnostics: on
+    /// Redis this is a `KEYS` over the store's phase, on every master of a
+    /// Cluster, which walks the whole keyspace).
+    pub async fn stored_rooms(&self) -> Result<usize, StoreError> {
+        match self {
+            FanoutStore::Memory(store) => Ok(store.stored_rooms()),
+            FanoutStore::Redis(store) => store.stored_rooms().await,
+        }
+    }
+
     /// Checks that the store answers; always `Ok` in memory.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {

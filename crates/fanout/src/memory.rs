@@ -65,6 +65,15 @@ impl MemoryFanout {
         self.lock().rooms.len()
     }
 
+    /// How many rooms have anything stored here: a room entry or an
+    /// idempotency key.
+    pub fn stored_rooms(&self) -> usize {
+        let state = self.lock();
+        let mut rooms: std::collections::HashSet<u64> = state.rooms.keys().copied().collect();
+        rooms.extend(state.idempotency.keys().map(|(room, _)| *room));
+        rooms.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the maps consistent before it can
         // panic, so a poisoned lock still holds valid data.

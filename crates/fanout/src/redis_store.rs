@@ -390,6 +390,19 @@ impl RedisFanout {
         Ok(found > 0)
     }
 
+    pub async fn stored_rooms(&self) -> Result<usize, StoreError> {
+        let prefix = format!("fanout|{}|{{room:", self.settings.phase);
+        let mut cmd = redis::cmd("KEYS");
+        cmd.arg(format!("{}*", livemesh_redis::glob_escape(&prefix)));
+        // On a Cluster, KEYS goes to every master and the replies are joined.
+        let keys: Vec<String> = self.conn.query("keys of every room", &cmd).await?;
+        let rooms: std::collections::HashSet<&str> = keys
+            .iter()
+            .filter_map(|key| key.strip_prefix(&prefix)?.split('}').next())
+            .collect();
+        Ok(rooms.len())
+    }
+
     fn number(&self, what: &str, value: Option<Value>) -> Result<u64, StoreError> {
         let value = value.ok_or_else(|| self.conn.unavailable(what, "short reply"))?;
         redis::from_redis_value(value).map_err(|e| self.conn.unavailable(what, e))

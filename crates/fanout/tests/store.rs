@@ -159,6 +159,7 @@ fanout_store_suite!(
     join_creates_the_epoch_that_appends_continue,
     rooms_are_independent,
     concurrent_appends_get_distinct_gap_free_offsets,
+    stored_rooms_counts_each_room_with_state_once,
 );
 
 async fn ordered_appends_are_numbered_and_read_back_by_range(backend: Backend) {
@@ -747,4 +748,25 @@ async fn every_call_is_unavailable_quickly(store: &FanoutStore) {
         matches!(pinged, Err(StoreError::Unavailable(_))),
         "{pinged:?}"
     );
+}
+
+/// `stored_rooms` counts rooms, not keys: a room with history, latest
+/// values, nodes and idempotency keys is one; a room only joined is one.
+async fn stored_rooms_counts_each_room_with_state_once(backend: Backend) {
+    let store = backend.store(settings(100));
+    assert_eq!(store.stored_rooms().await.unwrap(), 0);
+    append_new(&store, &keyed(ordered(ROOM, b"a", T0), "k")).await;
+    append_new(&store, &latest(ROOM, "love_total", b"7", T0)).await;
+    store.join(ROOM, "node-a", 1, 10_000, T0).await.unwrap();
+    assert_eq!(store.stored_rooms().await.unwrap(), 1);
+    store
+        .join(OTHER_ROOM, "node-a", 1, 10_000, T0)
+        .await
+        .unwrap();
+    assert_eq!(store.stored_rooms().await.unwrap(), 2);
+    // Another phase on the same server is not counted.
+    let other = backend.store(settings(100));
+    append_new(&other, &ordered(ROOM, b"elsewhere", T0)).await;
+    assert_eq!(store.stored_rooms().await.unwrap(), 2);
+    assert_eq!(other.stored_rooms().await.unwrap(), 1);
 }

@@ -39,9 +39,14 @@ pub mod time {
         }
     }
 
-    /// Milliseconds since the Unix epoch of `ts`, rounding towards the past.
+    /// Milliseconds since the Unix epoch of `ts`, rounding towards the past,
+    /// saturating at `i64::MIN` / `i64::MAX`: a timestamp is client input,
+    /// and one with `seconds` near either end of i64 must not overflow
+    /// (a panic in debug builds, a wrapped time in release builds).
     pub fn ms_from_timestamp(ts: &prost_types::Timestamp) -> i64 {
-        ts.seconds * 1000 + i64::from(ts.nanos).div_euclid(1_000_000)
+        ts.seconds
+            .saturating_mul(1000)
+            .saturating_add(i64::from(ts.nanos).div_euclid(1_000_000))
     }
 }
 
@@ -75,5 +80,22 @@ mod tests {
         for ms in [0, 1, 999, 1000, 1_700_000_000_123, -1, -1001] {
             assert_eq!(time::ms_from_timestamp(&time::timestamp_from_ms(ms)), ms);
         }
+    }
+
+    /// Found by the property tests: `seconds * 1000` overflowed (a panic in
+    /// debug builds) for timestamps a client may send.
+    #[test]
+    fn extreme_timestamps_saturate_instead_of_overflowing() {
+        let ts = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        assert_eq!(
+            time::ms_from_timestamp(&ts(i64::MAX, 999_999_999)),
+            i64::MAX
+        );
+        assert_eq!(time::ms_from_timestamp(&ts(i64::MIN, -1)), i64::MIN);
+        assert_eq!(
+            time::ms_from_timestamp(&ts(i64::MAX / 1000, i32::MAX)),
+            i64::MAX
+        );
+        assert_eq!(time::ms_from_timestamp(&ts(-1, i32::MIN)), -1000 - 2148);
     }
 }

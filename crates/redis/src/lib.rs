@@ -203,6 +203,19 @@ fn check_url(url: &str) -> Result<(), RedisError> {
         .map_err(|e| RedisError::Unavailable(format!("bad Redis URL {}: {e}", redact(url))))
 }
 
+/// `text` with the glob characters of a `KEYS`/`SCAN` pattern escaped, so
+/// that a key prefix matches only itself.
+pub fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// A Lua script and its SHA1, for [`RedisConn::eval`].
 #[derive(Debug, Clone)]
 pub struct Script {
@@ -431,6 +444,12 @@ impl RedisConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("a|{room:1}|x"), "a|{room:1}|x");
+        assert_eq!(glob_escape("p*?[x]\\"), "p\\*\\?\\[x\\]\\\\");
+    }
 
     #[test]
     fn malformed_urls_are_config_errors() {

@@ -8,6 +8,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod mariadb;
+pub mod props;
 mod proxy;
 
 pub use mariadb::PrivateMariadb;

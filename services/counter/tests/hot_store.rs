@@ -138,6 +138,7 @@ hot_store_suite!(
     delete_room_removes_the_counters,
     many_rooms_flushed_at_once_all_apply,
     concurrent_flushes_sum_exactly,
+    stored_rooms_counts_rooms_of_its_phase,
 );
 
 async fn flushes_add_up_over_sharded_totals(backend: Backend) {
@@ -552,4 +553,31 @@ async fn hung_redis_is_unavailable_in_bounded_time() {
         assert!(elapsed < Duration::from_secs(6), "{urls}: {elapsed:?}");
         eprintln!("{urls}: flush + total failed after {elapsed:?}");
     }
+}
+
+/// `stored_rooms` counts each room with counters or flush markers once,
+/// and only rooms of the store's own phase.
+async fn stored_rooms_counts_rooms_of_its_phase(backend: Backend) {
+    let config = HotConfig {
+        phase: livemesh_testkit::unique_name("rooms"),
+        ..HotConfig::default()
+    };
+    let store = backend.store(config.clone()).await;
+    assert_eq!(store.stored_rooms().await.unwrap(), 0);
+    let (room, other) = (unique_room(), unique_room());
+    apply(&store, &[flush(room, "n1:1", 3, &[(7, 3), (8, 1)])]).await;
+    apply(&store, &[flush(room, "n1:2", 1, &[])]).await;
+    assert_eq!(store.stored_rooms().await.unwrap(), 1);
+    apply(&store, &[flush(other, "n1:1", 1, &[(7, 1)])]).await;
+    assert_eq!(store.stored_rooms().await.unwrap(), 2);
+    // The flush markers stay after a delete (a late replay stays a replay).
+    store.delete_room(room).await.unwrap();
+    assert_eq!(store.stored_rooms().await.unwrap(), 2);
+    let elsewhere = backend
+        .store(HotConfig {
+            phase: livemesh_testkit::unique_name("rooms"),
+            ..config
+        })
+        .await;
+    assert_eq!(elsewhere.stored_rooms().await.unwrap(), 0);
 }

@@ -45,6 +45,11 @@ pub const MIGRATIONS: Migrations = Migrations {
             "settlements",
             include_str!("../migrations/mysql/0002_settlements.sql"),
         ),
+        (
+            3,
+            "transfer ids exact",
+            include_str!("../migrations/mysql/0003_transfer_ids_exact.sql"),
+        ),
     ],
 };
 
@@ -585,6 +590,16 @@ impl Shard {
                 .await?
         });
         Ok(row.map(|(s,)| s))
+    }
+
+    /// Every account below zero, with its balance (only those that may go
+    /// negative: the funding and clearing accounts).
+    pub async fn negative_balances(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT account, balance FROM accounts WHERE balance < 0 ORDER BY account")
+                .fetch_all(pool)
+                .await?
+        }))
     }
 
     /// The sum of every balance in the shard (zero: money is conserved).

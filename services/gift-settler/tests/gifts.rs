@@ -42,6 +42,8 @@ livemesh_testkit::sql_backend_suite!(
     balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone,
     a_transfer_the_database_refuses_is_refused_alone_and_never_unavailable,
     every_gift_that_answered_ok_is_in_the_rooms_stream_before_its_end,
+    keys_differing_in_case_or_trailing_spaces_are_different_transfers,
+    an_export_with_timestamps_at_the_ends_of_i64_is_answered,
 );
 
 const SHARDS: usize = 4;
@@ -1488,4 +1490,56 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         .unwrap();
     assert_settled_once(&mut mesh, room_b, gross_b, cut_b, before).await;
     mesh.assert_conserved().await;
+}
+
+/// Found by the property test: on MariaDB the transfer ids compared with
+/// the server's case-insensitive, space-padding collation, so deposits
+/// with the keys `k`, `K` and `k ` were one transfer id, and the second
+/// answered UNAVAILABLE forever.
+async fn keys_differing_in_case_or_trailing_spaces_are_different_transfers(backend: SqlBackend) {
+    let mut mesh = mesh(&backend).await;
+    let room = mesh.start_room().await;
+    let keys = ["k", "K", "k ", "k  "];
+    for (n, key) in keys.iter().enumerate() {
+        let balance = mesh.deposit(key, 41, 10).await.unwrap();
+        assert_eq!(balance, 10 * (n as i64 + 1), "deposit with key {key:?}");
+    }
+    for (n, key) in keys.iter().enumerate() {
+        let (transfer_id, balance) = mesh.gift(key, 41, room, 1).await.unwrap();
+        assert_eq!(transfer_id, format!("gift:41:{key}"));
+        assert_eq!(balance, 40 - (n as i64 + 1), "gift with key {key:?}");
+    }
+    // Replays still find their own transfer.
+    assert_eq!(mesh.deposit("K", 41, 10).await.unwrap(), 20);
+    assert_eq!(mesh.balance(41).await, 36);
+    mesh.assert_conserved().await;
+}
+
+/// Found by the property test: ExportLedger turned `from`/`to` into
+/// milliseconds with `seconds * 1000`, which overflowed (a panic in the
+/// handler in debug builds) for seconds near the ends of i64.
+async fn an_export_with_timestamps_at_the_ends_of_i64_is_answered(backend: SqlBackend) {
+    use futures::StreamExt as _;
+    let mut mesh = mesh(&backend).await;
+    mesh.deposit("export", 42, 10).await.unwrap();
+    let channel = mesh._gifts_server.channel();
+    let mut settlement = SettlementServiceClient::new(channel);
+    let ts = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let export = |from, to| ExportLedgerRequest { from, to };
+    let mut all = settlement
+        .export_ledger(export(ts(i64::MIN), ts(i64::MAX)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut entries = 0;
+    while let Some(entry) = all.next().await {
+        entry.unwrap();
+        entries += 1;
+    }
+    assert_eq!(entries, 2, "the deposit's two entries");
+    let err = settlement
+        .export_ledger(export(ts(i64::MAX), ts(i64::MIN)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 }

@@ -237,13 +237,20 @@ impl DispatcherInner {
             ..RoomEvent::default()
         };
         let payload = stored.encode_to_vec();
+        // Keys are scoped by the event's kind: a comment and a gift sent
+        // with the same key are two publishes (unscoped, the gift answered
+        // as a duplicate of the comment and its event was never stored).
+        let scoped_key = request
+            .idempotency_key
+            .as_deref()
+            .map(|key| scoped_key(&kind, key));
         let appended = self
             .store
             .append(&Append {
                 room_id,
                 payload: &payload,
                 slot: slot_of(&kind),
-                idempotency_key: request.idempotency_key.as_deref(),
+                idempotency_key: scoped_key.as_deref(),
                 ends_room: matches!(kind, room_event::Kind::RoomEnded(_)),
                 now_ms: now,
             })
@@ -465,9 +472,39 @@ impl DispatcherInner {
     }
 }
 
+/// The store's idempotency key of a publish: `<kind>|<key>`.
+fn scoped_key(kind: &room_event::Kind, key: &str) -> String {
+    let kind = match kind {
+        room_event::Kind::LoveTotal(_) => "love_total",
+        room_event::Kind::Comment(_) => "comment",
+        room_event::Kind::Gift(_) => "gift",
+        room_event::Kind::ViewerCount(_) => "viewer_count",
+        room_event::Kind::RoomEnded(_) => "room_ended",
+    };
+    format!("{kind}|{key}")
+}
+
 fn response(epoch: u64, offset: u64, nodes: u64) -> PublishResponse {
     PublishResponse {
         position: Some(StreamPosition { epoch, offset }),
         nodes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemesh_proto::v1::{Comment, GiftSent};
+
+    /// Found by the property tests: one key on a comment and on a gift
+    /// named one store entry, so the gift was answered as the comment's
+    /// duplicate and never stored.
+    #[test]
+    fn idempotency_keys_are_scoped_by_kind() {
+        let comment = room_event::Kind::Comment(Comment::default());
+        let gift = room_event::Kind::Gift(GiftSent::default());
+        assert_eq!(scoped_key(&comment, "k"), "comment|k");
+        assert_eq!(scoped_key(&gift, "k"), "gift|k");
+        assert_ne!(scoped_key(&comment, "gift|k"), scoped_key(&gift, "k"));
     }
 }

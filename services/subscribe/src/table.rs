@@ -96,12 +96,18 @@ impl NodeMetrics {
         let now_ms = livemesh_mesh::now_ms();
         for event in events {
             if let Some(time) = &event.server_time {
-                let at_ms = time.seconds * 1_000 + i64::from(time.nanos) / 1_000_000;
-                let lag_ms = now_ms.saturating_sub(at_ms).max(0);
-                self.lag.record(lag_ms as f64 / 1_000.0, &[]);
+                self.lag.record(lag_secs(now_ms, time), &[]);
             }
         }
     }
+}
+
+/// Seconds from `server_time` to `now_ms`, 0 for a time in the future. A
+/// Deliver's events carry any timestamp the caller put in them: the
+/// conversion saturates rather than overflow.
+fn lag_secs(now_ms: i64, server_time: &prost_types::Timestamp) -> f64 {
+    let at_ms = livemesh_proto::time::ms_from_timestamp(server_time);
+    now_ms.saturating_sub(at_ms).max(0) as f64 / 1_000.0
 }
 
 /// The node's shared state.
@@ -206,8 +212,12 @@ impl RoomState {
 
     fn drain(&mut self) -> Vec<Arc<RoomEvent>> {
         let mut ready = Vec::new();
-        while let Some(event) = self.pending.remove(&(self.released + 1)) {
-            self.released += 1;
+        // Offsets come from Deliver calls: one at u64::MAX must end the
+        // run, not overflow (the room has no offset after it).
+        while let Some(next) = self.released.checked_add(1)
+            && let Some(event) = self.pending.remove(&next)
+        {
+            self.released = next;
             ready.push(event);
         }
         ready
@@ -289,6 +299,11 @@ impl NodeInner {
     pub fn count_overflow(&self) {
         self.stats.overflows.fetch_add(1, Ordering::Relaxed);
         self.metrics.overflows.add(1, &[]);
+    }
+
+    /// How many rooms this node holds state for (its room table).
+    pub fn stored_rooms(&self) -> usize {
+        lock(&self.table).len()
     }
 
     /// Local streams per room.
@@ -719,4 +734,61 @@ impl NodeInner {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ordered(epoch: u64, offset: u64) -> Arc<RoomEvent> {
+        Arc::new(RoomEvent {
+            room_id: 1,
+            epoch,
+            offset,
+            kind: Some(room_event::Kind::Comment(livemesh_proto::v1::Comment {
+                viewer_id: 1,
+                text: "x".into(),
+            })),
+            ..RoomEvent::default()
+        })
+    }
+
+    /// Found by the property tests: releasing the event at offset u64::MAX
+    /// overflowed `released + 1` (a panic in debug builds, a wrap to 0 and
+    /// events released again in release builds).
+    #[test]
+    fn the_sequencer_stops_at_the_last_offset_instead_of_overflowing() {
+        let mut state = RoomState {
+            epoch: 7,
+            released: u64::MAX - 2,
+            ..RoomState::default()
+        };
+        assert!(
+            state.sequence(ordered(7, u64::MAX)).is_empty(),
+            "a gap first"
+        );
+        let ready = state.sequence(ordered(7, u64::MAX - 1));
+        let offsets: Vec<u64> = ready.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, [u64::MAX - 1, u64::MAX]);
+        assert_eq!(state.released, u64::MAX);
+        assert!(
+            state.sequence(ordered(7, u64::MAX)).is_empty(),
+            "released once"
+        );
+        assert_eq!(state.gap(), None);
+    }
+
+    /// Found by the property tests: the lag metric computed
+    /// `seconds * 1000` of a delivered event's time, which overflows for
+    /// extreme timestamps a Deliver may carry.
+    #[test]
+    fn the_lag_of_extreme_timestamps_does_not_overflow() {
+        let ts = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        let now = 1_700_000_000_000;
+        assert_eq!(lag_secs(now, &ts(i64::MAX, i32::MAX)), 0.0);
+        assert_eq!(lag_secs(now, &ts(1_700_000_000, 0)), 0.0);
+        assert_eq!(lag_secs(now, &ts(1_699_999_999, 500_000_000)), 0.5);
+        let oldest = lag_secs(now, &ts(i64::MIN, i32::MIN));
+        assert!(oldest.is_finite() && oldest > 9.0e15, "{oldest}");
+    }
 }

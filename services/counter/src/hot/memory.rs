@@ -269,6 +269,14 @@ impl MemoryStore {
             .map_or_else(Vec::new, |room| room.lovers.top(limit as usize))
     }
 
+    pub(super) fn stored_rooms(&self) -> usize {
+        self.inner
+            .stripes
+            .iter()
+            .map(|stripe| lock(stripe).rooms.len())
+            .sum()
+    }
+
     pub(super) fn delete_room(&self, room_id: u64) {
         let mut stripe = self.stripe(room_id);
         if let Some(room) = stripe.rooms.get_mut(&room_id) {

@@ -231,6 +231,16 @@ impl HotStore {
         }
     }
 
+    /// How many rooms have anything stored (for tests and diagnostics: on
+    /// Redis this is a `KEYS` over the store's phase, on every master of a
+    /// Cluster, which walks the whole keyspace).
+    pub async fn stored_rooms(&self) -> Result<usize, HotError> {
+        match self {
+            HotStore::Memory(store) => Ok(store.stored_rooms()),
+            HotStore::Redis(store) | HotStore::Cluster(store) => store.stored_rooms().await,
+        }
+    }
+
     /// Checks that the store answers (a readiness probe); always `Ok` in memory.
     pub async fn ping(&self) -> Result<(), HotError> {
         match self {
