@@ -102,6 +102,15 @@ async fn command<T: ::redis::FromRedisValue>(redis: &PrivateRedis, cmd: &mut ::r
 
 /// Makes `replica` replicate `master` and waits until its link is up.
 async fn replicate(replica: &PrivateRedis, master: &PrivateRedis) {
+    // A master waits 5 s for more replicas before a diskless full sync.
+    let _: () = command(
+        master,
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("repl-diskless-sync-delay")
+            .arg(0),
+    )
+    .await;
     let _: () = command(
         replica,
         ::redis::cmd("REPLICAOF").arg("127.0.0.1").arg(master.port),
