@@ -212,13 +212,16 @@ impl MemoryFanout {
 
     pub fn head(&self, room_id: u64) -> Position {
         let state = self.lock();
-        state
-            .rooms
-            .get(&room_id)
-            .map_or(Position { epoch: 0, offset: 0 }, |room| Position {
+        state.rooms.get(&room_id).map_or(
+            Position {
+                epoch: 0,
+                offset: 0,
+            },
+            |room| Position {
                 epoch: room.epoch,
                 offset: room.seq,
-            })
+            },
+        )
     }
 
     pub fn nodes(&self, room_id: u64, now_ms: i64) -> Vec<String> {

@@ -6,9 +6,7 @@ use futures::future::join_all;
 use livemesh_redis::{RedisConn, RedisOptions, Script};
 use redis::Value;
 
-use crate::{
-    Append, Appended, FanoutSettings, Head, History, Position, Renewed, Slot, StoreError,
-};
+use crate::{Append, Appended, FanoutSettings, Head, History, Position, Renewed, Slot, StoreError};
 
 /// Appends an ordered event, or sets a latest value; returns the live nodes.
 ///

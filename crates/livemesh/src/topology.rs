@@ -169,15 +169,13 @@ pub async fn run(common: &CommonArgs, topology: &Path, workload: Workload) -> an
         topology,
     };
     let started = Instant::now();
-    let mut chaos = workload
-        .chaos
-        .then(|| {
-            Chaos::new(
-                started,
-                ClientStack::new(&config.client),
-                mesh.topology.chaos_replaced.clone(),
-            )
-        });
+    let mut chaos = workload.chaos.then(|| {
+        Chaos::new(
+            started,
+            ClientStack::new(&config.client),
+            mesh.topology.chaos_replaced.clone(),
+        )
+    });
     let mut outcome = drive(&mesh, workload, chaos.as_mut()).await;
     if let Some(chaos) = &mut chaos {
         let stopped = chaos.stop().await;
@@ -262,11 +260,12 @@ fn viewer_request<T>(
 }
 
 /// A status a client retries with the same request: the call may not have
-/// been applied, or its answer was lost.
+/// been applied, or its answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED),
+/// or a rate limit asks to come back later (RESOURCE_EXHAUSTED).
 fn retry_later(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
     )
 }
 
@@ -634,19 +633,27 @@ async fn drive(mesh: &Mesh, w: Workload, chaos: Option<&mut Chaos>) -> anyhow::R
     for plan in &plans {
         let room_id = plan.room_id;
         let mut tries = 0;
-        let ended = retrying(&format!("EndRoom {room_id}"), &admin, 0, &retries.calls, |mut admin| {
-            tries += 1;
-            let retried = tries > 1;
-            async move {
-                match admin.end_room(EndRoomRequest { room_id }).await {
-                    // A retry of an end that was applied, its answer lost.
-                    Err(status) if retried && status.code() == tonic::Code::FailedPrecondition => {
-                        Ok(tonic::Response::new(Default::default()))
+        let ended = retrying(
+            &format!("EndRoom {room_id}"),
+            &admin,
+            0,
+            &retries.calls,
+            |mut admin| {
+                tries += 1;
+                let retried = tries > 1;
+                async move {
+                    match admin.end_room(EndRoomRequest { room_id }).await {
+                        // A retry of an end that was applied, its answer lost.
+                        Err(status)
+                            if retried && status.code() == tonic::Code::FailedPrecondition =>
+                        {
+                            Ok(tonic::Response::new(Default::default()))
+                        }
+                        other => other,
                     }
-                    other => other,
                 }
-            }
-        })
+            },
+        )
         .await;
         ended?;
     }
@@ -796,12 +803,16 @@ async fn disrupt(
 ) -> anyhow::Result<()> {
     let after = |seen: u64| {
         let mut rounds = rounds.clone();
-        async move {
-            rounds.wait_for(|&done| done > seen).await.map(|done| *done)
-        }
+        async move { rounds.wait_for(|&done| done > seen).await.map(|done| *done) }
     };
     let mut seen = after(0).await?;
-    for service in ["subscribe", "publish", "counter", "gift-settler", "ongoing-query"] {
+    for service in [
+        "subscribe",
+        "publish",
+        "counter",
+        "gift-settler",
+        "ongoing-query",
+    ] {
         let mut process = topology
             .processes(service)?
             .last()
@@ -1120,7 +1131,13 @@ fn resumable(code: tonic::Code) -> bool {
 impl Audience {
     /// Opens `viewer_id`'s stream on subscribe node `node` and follows it
     /// (resuming on another node when it breaks).
-    async fn join(&self, room_id: u64, viewer_id: u64, node: usize, late: bool) -> anyhow::Result<()> {
+    async fn join(
+        &self,
+        room_id: u64,
+        viewer_id: u64,
+        node: usize,
+        late: bool,
+    ) -> anyhow::Result<()> {
         let node = node % self.subscribers.len();
         let stream = self
             .open(room_id, viewer_id, node, None)
@@ -1181,9 +1198,8 @@ impl Audience {
                     self.update(viewer_id, |log| match response.message {
                         Some(Message::Started(started)) => {
                             if resuming && !started.recovered {
-                                log.unrecovered.push(format!(
-                                    "on node {node} from {last:?}: {started:?}"
-                                ));
+                                log.unrecovered
+                                    .push(format!("on node {node} from {last:?}: {started:?}"));
                             }
                             if !log.started {
                                 log.start_offset =
@@ -1239,7 +1255,11 @@ impl Audience {
                         node = (node + 1) % self.subscribers.len();
                         match self.open(room_id, viewer_id, node, last).await {
                             Ok(resumed) => break Ok(resumed),
-                            Err(status) if resumable(status.code()) && Instant::now() < deadline => {
+                            Err(status)
+                                if (resumable(status.code())
+                                    || status.code() == tonic::Code::ResourceExhausted)
+                                    && Instant::now() < deadline =>
+                            {
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                             }
                             Err(status) => break Err(status),

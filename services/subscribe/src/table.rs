@@ -649,7 +649,13 @@ impl NodeInner {
     /// The history's head as the store reported it: a newer epoch restarts
     /// the room's sequence, and a head past what was released starts a gap
     /// fill. Returns whether the node was behind.
-    fn saw_head(self: &Arc<Self>, room: &Arc<Room>, state: &mut RoomState, epoch: u64, offset: u64) -> bool {
+    fn saw_head(
+        self: &Arc<Self>,
+        room: &Arc<Room>,
+        state: &mut RoomState,
+        epoch: u64,
+        offset: u64,
+    ) -> bool {
         if state.removed || state.ended || state.epoch == 0 {
             return false;
         }

@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use livemesh_fanout::{Append, Appended, FanoutSettings, FanoutStore, Slot};
-use prost::Message as _;
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
@@ -25,6 +24,7 @@ use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_subscribe::stream::{RESUME_EPOCH, RESUME_OFFSET};
 use livemesh_testkit::{ProxyMode, TcpProxy, TestServer};
+use prost::Message as _;
 use tonic::Streaming;
 
 #[derive(Debug, Clone, Copy)]
@@ -1739,9 +1739,8 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
     }
     // The bound the configuration promises, plus room for two store round
     // trips on a busy CI machine.
-    let bound = Duration::from_millis(
-        config.subscribe.head_check_ms + config.subscribe.gap_wait_ms + 700,
-    );
+    let bound =
+        Duration::from_millis(config.subscribe.head_check_ms + config.subscribe.gap_wait_ms + 700);
     for n in 0..3u64 {
         let text = format!("appended {n}, never delivered");
         let payload = RoomEvent {
@@ -1780,7 +1779,10 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
         .iter()
         .map(|(_, node)| node.inner().stats.heads_behind.load(Ordering::Relaxed))
         .sum();
-    assert!(behind >= 6, "each node noticed each event by its head check: {behind}");
+    assert!(
+        behind >= 6,
+        "each node noticed each event by its head check: {behind}"
+    );
     // A normal publish continues the sequence; nothing came twice.
     let after = publish(&mut publisher, room, comment("after"), None)
         .await

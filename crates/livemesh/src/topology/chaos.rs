@@ -120,8 +120,10 @@ impl Chaos {
                     service: String::new(),
                 })
                 .await;
-            if matches!(answer.as_ref().map(|r| r.get_ref().status()), Ok(ServingStatus::Serving))
-            {
+            if matches!(
+                answer.as_ref().map(|r| r.get_ref().status()),
+                Ok(ServingStatus::Serving)
+            ) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -140,14 +142,14 @@ impl Chaos {
     /// master and waits until it is that replica's replica.
     pub async fn fail_over_master(&mut self, nodes: &[RedisNode], key: &str) -> anyhow::Result<()> {
         let any = nodes.first().context("the topology lists no Redis node")?;
-        let slot: u16 = redis_query(any.port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await?;
+        let slot: u16 =
+            redis_query(any.port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await?;
         let owner = slot_owner(any.port, slot)
             .await?
             .with_context(|| format!("no master serves slot {slot}"))?;
-        let victim = nodes
-            .iter()
-            .find(|n| n.port == owner)
-            .with_context(|| format!("the master of slot {slot} (port {owner}) is not in the topology"))?;
+        let victim = nodes.iter().find(|n| n.port == owner).with_context(|| {
+            format!("the master of slot {slot} (port {owner}) is not in the topology")
+        })?;
         let witness = nodes
             .iter()
             .find(|n| n.port != owner)
@@ -182,7 +184,11 @@ impl Chaos {
             .status()
             .await
             .context("restarting redis-server")?;
-        ensure!(status.success(), "redis-server {}: {status}", victim.dir.display());
+        ensure!(
+            status.success(),
+            "redis-server {}: {status}",
+            victim.dir.display()
+        );
         let deadline = Instant::now() + BACK_WITHIN;
         loop {
             let info: anyhow::Result<String> =
@@ -271,7 +277,11 @@ impl Chaos {
                 }
             }
         }
-        ensure!(failed.is_empty(), "restarted processes: {}", failed.join("; "));
+        ensure!(
+            failed.is_empty(),
+            "restarted processes: {}",
+            failed.join("; ")
+        );
         if !names.is_empty() {
             println!(
                 "the restarted processes ({}) drained and exited 0 on SIGTERM",
@@ -287,7 +297,11 @@ impl Chaos {
     /// script must know even if the check fails later).
     fn record_replaced(&self) -> anyhow::Result<()> {
         if let Some(file) = &self.replaced_file {
-            let names: String = self.children.iter().map(|(n, _)| format!("{n}\n")).collect();
+            let names: String = self
+                .children
+                .iter()
+                .map(|(n, _)| format!("{n}\n"))
+                .collect();
             std::fs::write(file, names).with_context(|| format!("writing {}", file.display()))?;
         }
         Ok(())
@@ -312,19 +326,26 @@ async fn until_gone(pid: u32) -> anyhow::Result<()> {
             Err(_) => return Ok(()),
             Ok(stat) => {
                 // The state follows the parenthesised command name.
-                let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|rest| rest.split_whitespace().next());
                 if matches!(state, Some("Z" | "X")) {
                     return Ok(());
                 }
             }
         }
-        ensure!(Instant::now() < deadline, "pid {pid} still runs 10 s after SIGKILL");
+        ensure!(
+            Instant::now() < deadline,
+            "pid {pid} still runs 10 s after SIGKILL"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn read_pid(file: &Path) -> anyhow::Result<u32> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     text.trim()
         .parse()
         .with_context(|| format!("{}: not a pid: {text:?}", file.display()))
@@ -347,7 +368,10 @@ fn read_env(file: &Path) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-async fn redis_query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) -> anyhow::Result<T> {
+async fn redis_query<T: redis::FromRedisValue>(
+    port: u16,
+    cmd: &mut redis::Cmd,
+) -> anyhow::Result<T> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
     let mut conn = tokio::time::timeout(
         Duration::from_secs(2),
@@ -355,9 +379,11 @@ async fn redis_query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) 
     )
     .await
     .context("connecting to Redis timed out")??;
-    Ok(tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
-        .await
-        .context("a Redis command timed out")??)
+    Ok(
+        tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
+            .await
+            .context("a Redis command timed out")??,
+    )
 }
 
 /// The port of the live master serving `slot`, as the node at `port` sees it.
@@ -369,7 +395,10 @@ async fn slot_owner(port: u16, slot: u16) -> anyhow::Result<Option<u16>> {
             continue;
         };
         let flags: Vec<&str> = flags.split(',').collect();
-        if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) || link != "connected" {
+        if !flags.contains(&"master")
+            || flags.iter().any(|f| f.starts_with("fail"))
+            || link != "connected"
+        {
             continue;
         }
         let serves = fields.iter().skip(8).any(|range| {
