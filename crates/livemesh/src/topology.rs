@@ -453,18 +453,26 @@ async fn drive(mesh: &Mesh, w: Workload, chaos: Option<&mut Chaos>) -> anyhow::R
         gifts: &gifts,
         retries: &retries,
     };
-    let rounds_done = watch::channel(0u64).0;
-    let rounds_seen = rounds_done.subscribe();
+    let rounds_started = watch::channel(0u64).0;
+    let rounds_seen = rounds_started.subscribe();
     let chaos_over = AtomicBool::new(chaos.is_none());
     let mut round = 0u64;
     let traffic = async {
         // Owned here: when the traffic stops (done or failed), the chaos
         // waiting for a round learns it.
-        let rounds_done = rounds_done;
+        let rounds_started = rounds_started;
         while round < w.rounds || !chaos_over.load(Ordering::Acquire) {
-            run_round(mesh, &peers, &mut plans, round, rooms_started, w).await?;
+            run_round(
+                mesh,
+                &peers,
+                &mut plans,
+                round,
+                rooms_started,
+                w,
+                &rounds_started,
+            )
+            .await?;
             round += 1;
-            rounds_done.send_replace(round);
         }
         anyhow::Ok(())
     };
@@ -494,7 +502,16 @@ async fn drive(mesh: &Mesh, w: Workload, chaos: Option<&mut Chaos>) -> anyhow::R
             all.len() == streams && all.values().all(|v| v.started)
         })
         .await?;
-    run_round(mesh, &peers, &mut plans, round, rooms_started, w).await?;
+    run_round(
+        mesh,
+        &peers,
+        &mut plans,
+        round,
+        rooms_started,
+        w,
+        &watch::channel(0).0,
+    )
+    .await?;
     round += 1;
     ensure!(
         plans.iter().all(|p| p.loves > 0),
@@ -791,9 +808,9 @@ async fn drive(mesh: &Mesh, w: Workload, chaos: Option<&mut Chaos>) -> anyhow::R
     Ok(())
 }
 
-/// The chaos, one disruption after the other, each once the workload has
-/// completed another round since the last one (so each strikes under
-/// traffic): one replica of every service SIGKILLed and restarted, the
+/// The chaos, one disruption after the other, each in a round that began
+/// after the previous disruption was over (so each strikes under traffic,
+/// with calls in flight): one replica of every service SIGKILLed and restarted, the
 /// Redis master of the first room's slot, MariaDB.
 async fn disrupt(
     chaos: &mut Chaos,
@@ -801,9 +818,18 @@ async fn disrupt(
     room_ids: &[u64],
     rounds: watch::Receiver<u64>,
 ) -> anyhow::Result<()> {
+    // Each disruption strikes 50 ms into a round that started after the
+    // previous one was over: while that round's calls are in flight.
     let after = |seen: u64| {
         let mut rounds = rounds.clone();
-        async move { rounds.wait_for(|&done| done > seen).await.map(|done| *done) }
+        async move {
+            let round = rounds
+                .wait_for(|&started| started > seen)
+                .await
+                .map(|r| *r)?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            anyhow::Ok(round)
+        }
     };
     let mut seen = after(0).await?;
     for service in [
@@ -844,11 +870,14 @@ async fn run_round(
     round: u64,
     rooms_started: Instant,
     w: Workload,
+    started: &watch::Sender<u64>,
 ) -> anyhow::Result<()> {
     // A human's pace: round n taps at video seconds n..n+1, so it starts
     // no earlier than n + 1 s after the rooms started.
     let not_before = rooms_started + Duration::from_secs(round + 1);
     tokio::time::sleep_until(not_before.into()).await;
+    // Rounds count from 1 for the chaos, which strikes in them.
+    started.send_replace(round + 1);
     let outcomes = futures::future::try_join_all(
         plans
             .iter()

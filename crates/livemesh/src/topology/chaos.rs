@@ -25,6 +25,18 @@ use super::Process;
 /// How long a restarted process or server may take to serve again.
 const BACK_WITHIN: Duration = Duration::from_secs(60);
 
+/// A restarted process exited before it served.
+#[derive(Debug)]
+struct Exited(String);
+
+impl std::fmt::Display for Exited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Exited {}
+
 /// One Redis Cluster node of the topology.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct RedisNode {
@@ -83,38 +95,75 @@ impl Chaos {
             }
         }
         let env = read_env(Path::new(&process.env_file))?;
+        let restarted_at = self.at();
+        // As a kubelet would: a restart that exits at once (a port of the
+        // dead process still taken, say) is restarted again.
+        let mut starts = 0;
+        loop {
+            starts += 1;
+            let mut child = self.spawn(process, &env)?;
+            process.pid = child.id().context("the restarted process has no pid")?;
+            let serving = self.serving(process, &mut child).await;
+            self.children.retain(|(n, _)| *n != process.name);
+            self.children.push((process.name.clone(), child));
+            self.record_replaced()?;
+            match serving {
+                Ok(()) => break,
+                Err(exited) if starts < 10 && exited.is::<Exited>() => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        let serving_at = self.at();
+        self.note(format!(
+            "+{killed_at:.1}s SIGKILL {} (pid {old_pid}); restarted at +{restarted_at:.1}s as pid {}{}, SERVING at +{serving_at:.1}s",
+            process.name,
+            process.pid,
+            if starts > 1 { format!(" (start {starts}: the earlier ones exited at once)") } else { String::new() }
+        ));
+        Ok(())
+    }
+
+    fn spawn(
+        &self,
+        process: &Process,
+        env: &[(String, String)],
+    ) -> anyhow::Result<tokio::process::Child> {
         let log = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(&process.log)
             .with_context(|| format!("opening {}", process.log))?;
-        let child = tokio::process::Command::new(&process.bin)
+        tokio::process::Command::new(&process.bin)
             .env_clear()
-            .envs(env)
+            .envs(env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("restarting {} ({})", process.name, process.bin))?;
-        process.pid = child.id().context("the restarted process has no pid")?;
-        self.children.retain(|(n, _)| *n != process.name);
-        self.children.push((process.name.clone(), child));
-        self.record_replaced()?;
-        let restarted_at = self.at();
-        self.serving(process).await?;
-        let serving_at = self.at();
-        self.note(format!(
-            "+{killed_at:.1}s SIGKILL {} (pid {old_pid}); restarted at +{restarted_at:.1}s as pid {}, SERVING at +{serving_at:.1}s",
-            process.name, process.pid
-        ));
-        Ok(())
+            .with_context(|| format!("restarting {} ({})", process.name, process.bin))
     }
 
-    async fn serving(&self, process: &Process) -> anyhow::Result<()> {
-        let mut client = HealthClient::new(self.health.channel(&process.health)?);
+    /// Waits until the restarted `process` says SERVING on its health port;
+    /// fails with [`Exited`] if it exits first.
+    async fn serving(
+        &self,
+        process: &Process,
+        child: &mut tokio::process::Child,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + BACK_WITHIN;
         loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(anyhow::Error::new(Exited(format!(
+                    "{} exited with {status} right after its restart; see {}",
+                    process.name, process.log
+                ))));
+            }
+            // A fresh channel each time: no breaker remembers the refusals
+            // of the process's start-up.
+            let mut client = HealthClient::new(self.health.channel(&process.health)?);
             let answer = client
                 .check(HealthCheckRequest {
                     service: String::new(),
