@@ -260,13 +260,18 @@ fn viewer_request<T>(
 }
 
 /// A status a client retries with the same request: the call may not have
-/// been applied, or its answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED),
-/// or a rate limit asks to come back later (RESOURCE_EXHAUSTED).
+/// been applied, or its answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED, a
+/// broken connection), or a rate limit asks to come back later
+/// (RESOURCE_EXHAUSTED).
 fn retry_later(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
     )
+    // The connection broke mid-call (its server was SIGKILLed): the mesh's
+    // client reports it as UNKNOWN "transport error"; applied or not, the
+    // same request again is safe.
+    || (status.code() == tonic::Code::Unknown && status.message().contains("transport error"))
 }
 
 /// Calls `call` on `replicas[first]`, and while it answers "retry later"
@@ -485,8 +490,9 @@ async fn drive(mesh: &Mesh, w: Workload, chaos: Option<&mut Chaos>) -> anyhow::R
         outcome
     };
     let (traffic, disruption) = tokio::join!(traffic, disruption);
-    disruption.context("the chaos")?;
+    // The traffic's failure first: the chaos fails too when it stops.
     traffic?;
+    disruption.context("the chaos")?;
 
     // Viewers that join after the chaos, one per room on every node (the
     // restarted one included), and one more round for them to see.
@@ -519,7 +525,7 @@ async fn drive(mesh: &Mesh, w: Workload, chaos: Option<&mut Chaos>) -> anyhow::R
         plans.iter().map(|p| p.loves).collect::<Vec<_>>()
     );
     println!(
-        "{round} rounds in {:.1}s; {} calls retried with the same request after UNAVAILABLE or DEADLINE_EXCEEDED",
+        "{round} rounds in {:.1}s; {} calls retried with the same request (idempotency key, batch id) after a retry-later answer or a broken connection",
         started.elapsed().as_secs_f64(),
         retries.calls.load(Ordering::Relaxed)
     );
