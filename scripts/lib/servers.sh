@@ -6,7 +6,7 @@
 # scripts/bench.  It starts, inside one fresh temp dir (mktemp -d):
 #
 #   * one standalone Redis,
-#   * one 3-master Redis Cluster (no replicas),
+#   * one Redis Cluster of 3 masters, each with one replica (6 nodes),
 #   * one MariaDB with the binlog on (ROW format, FULL row image and FULL row
 #     metadata, so CDC / binlog-tailing code can be tested for real),
 #
@@ -33,11 +33,15 @@
 #   LIVEMESH_TEST_REDIS_PIDFILE          always holds the CURRENT pid
 #   LIVEMESH_TEST_REDIS_CONF             config file: `redis-server CONF` restarts it
 #   LIVEMESH_TEST_REDIS_LOG              its log file
-#   LIVEMESH_TEST_REDIS_CLUSTER_URLS     redis://127.0.0.1:P1,redis://...:P2,redis://...:P3
+#   LIVEMESH_TEST_REDIS_CLUSTER_URLS     redis://127.0.0.1:P1,redis://...:P2,redis://...:P3 (the masters)
 #   LIVEMESH_TEST_REDIS_CLUSTER_PORTS    P1,P2,P3
 #   LIVEMESH_TEST_REDIS_CLUSTER_PIDS     pid1,pid2,pid3 (at start-up)
 #   LIVEMESH_TEST_REDIS_CLUSTER_PIDFILES f1,f2,f3 (current pids)
 #   LIVEMESH_TEST_REDIS_CLUSTER_CONFS    c1,c2,c3 (`redis-server cN` restarts node N)
+#   LIVEMESH_TEST_REDIS_CLUSTER_REPLICA_PORTS    R1,R2,R3 (Ri replicates master Pi)
+#   LIVEMESH_TEST_REDIS_CLUSTER_REPLICA_PIDFILES g1,g2,g3 (current pids)
+#   LIVEMESH_TEST_REDIS_CLUSTER_REPLICA_CONFS    d1,d2,d3
+#   (roles as at start-up: after a failover a replica is a master.)
 #   LIVEMESH_TEST_MYSQL_URL              mysql://livemesh:livemesh@127.0.0.1:P (no db path)
 #   LIVEMESH_TEST_MYSQL_HOST             127.0.0.1
 #   LIVEMESH_TEST_MYSQL_PORT             P
@@ -276,7 +280,7 @@ _lm_redis_ready() {
 _lm_cluster_ok_on() {
     local info
     info=$(redis-cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null) || return 1
-    [[ $info == *cluster_state:ok* && $info == *cluster_known_nodes:3* \
+    [[ $info == *cluster_state:ok* && $info == *cluster_known_nodes:6* \
         && $info == *cluster_slots_assigned:16384* ]]
 }
 
@@ -285,49 +289,60 @@ _lm_cluster_ok_all() {
     for p in "$@"; do _lm_cluster_ok_on "$p" || return 1; done
 }
 
+# A replica whose link to its master is up (so WAIT can count it).
+_lm_replica_up_on() {
+    local info
+    info=$(redis-cli -h 127.0.0.1 -p "$1" info replication 2>/dev/null) || return 1
+    [[ $info == *role:slave* && $info == *master_link_status:up* ]]
+}
+
+_lm_replicas_up_all() {
+    local p
+    for p in "$@"; do _lm_replica_up_on "$p" || return 1; done
+}
+
 start_redis_cluster() { _lm_cluster_launch && _lm_cluster_ready; }
 
-# Launch the three nodes (no waiting).  A fresh master only reports
+# Launch the six nodes (no waiting).  A fresh master only reports
 # cluster_state:ok 2 s after it started, so launching early pays off.
 _lm_cluster_launch() {
     local base="$_LM_TMPDIR/redis-cluster" ports=() i dir
     mkdir -p "$base"
-    # 3 client ports + 3 cluster-bus ports.
-    mapfile -t ports < <(livemesh_pick_ports 6)
-    if ((${#ports[@]} != 6)); then _lm_fail "redis cluster (no free ports)"; return 1; fi
-    _LM_CLUSTER_PORTS=("${ports[@]:0:3}")
+    # 6 client ports + 6 cluster-bus ports.
+    mapfile -t ports < <(livemesh_pick_ports 12)
+    if ((${#ports[@]} != 12)); then _lm_fail "redis cluster (no free ports)"; return 1; fi
+    _LM_CLUSTER_PORTS=("${ports[@]:0:6}")
     _LM_CLUSTER_PIDS=()
-    for i in 0 1 2; do
+    for i in 0 1 2 3 4 5; do
         dir="$base/${ports[i]}"
         mkdir -p "$dir"
-        _lm_write_redis_conf "$dir" "${ports[i]}" "${ports[i + 3]}"
+        _lm_write_redis_conf "$dir" "${ports[i]}" "${ports[i + 6]}"
         _lm_spawn "$dir/redis.pid" "$dir/redis.log" \
             redis-server "$dir/redis.conf" --daemonize no || return 1
         _LM_CLUSTER_PIDS+=("$_LM_LAST_PID")
     done
 }
 
-# Wait for the nodes, form the cluster, wait until all three agree it is ok.
+# Wait for the nodes, form the cluster (the first three given are the
+# masters, the others their replicas), wait until all six agree it is ok and
+# every replica is linked to its master.
 _lm_cluster_ready() {
-    local base="$_LM_TMPDIR/redis-cluster" i dir
+    local base="$_LM_TMPDIR/redis-cluster" i j dir info
     local ports=("${_LM_CLUSTER_PORTS[@]}") pids=("${_LM_CLUSTER_PIDS[@]}")
-    local urls=() pidfiles=() confs=() addrs=()
-    for i in 0 1 2; do
+    local addrs=()
+    for i in 0 1 2 3 4 5; do
         dir="$base/${ports[i]}"
         _lm_wait_up "redis cluster node 127.0.0.1:${ports[i]}" "${pids[i]}" \
             "$dir/redis.log" _lm_redis_ping "${ports[i]}" || return 1
-        pidfiles+=("$dir/redis.pid")
-        confs+=("$dir/redis.conf")
-        urls+=("redis://127.0.0.1:${ports[i]}")
         addrs+=("127.0.0.1:${ports[i]}")
     done
-    # Assign the 16384 slots over the three masters.  Bounded with timeout:
-    # redis-cli waits for the nodes to join with no limit of its own, so a
-    # node dying at this point would otherwise hang the run forever.
-    # --foreground keeps redis-cli in our process group, so a Ctrl-C or a
-    # TERM to the group reaches it (and our trap runs) at once.
+    # Assign the 16384 slots over three masters, one replica each.  Bounded
+    # with timeout: redis-cli waits for the nodes to join with no limit of
+    # its own, so a node dying at this point would otherwise hang the run
+    # forever.  --foreground keeps redis-cli in our process group, so a
+    # Ctrl-C or a TERM to the group reaches it (and our trap runs) at once.
     if ! timeout --foreground "$LIVEMESH_TEST_SERVER_START_TIMEOUT" \
-        redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes \
+        redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
         >"$base/create.log" 2>&1; then
         _lm_fail "redis cluster (redis-cli --cluster create)" "$base/create.log"
         return 1
@@ -335,7 +350,7 @@ _lm_cluster_ready() {
     # `create` returns once slots are assigned; the nodes still have to gossip
     # until every one of them sees the full, healthy cluster.
     if ! _lm_wait_for "$LIVEMESH_TEST_SERVER_START_TIMEOUT" _lm_cluster_ok_all "${ports[@]}"; then
-        for i in 0 1 2; do
+        for i in 0 1 2 3 4 5; do
             _lm_log "cluster info on ${ports[i]}:"
             redis-cli -p "${ports[i]}" cluster info 2>&1 | head -8 >&2 || true
         done
@@ -343,12 +358,59 @@ _lm_cluster_ready() {
             "$base/${ports[0]}/redis.log"
         return 1
     fi
+    # Who replicates whom, as redis-cli arranged it.
+    local masters=() replicas=() master_of=()
+    for i in 0 1 2 3 4 5; do
+        info=$(redis-cli -p "${ports[i]}" info replication 2>/dev/null | tr -d '\r')
+        if [[ $info == *role:master* ]]; then
+            masters+=("$i")
+        else
+            master_of[i]=$(sed -n 's/^master_port://p' <<<"$info")
+            replicas+=("$i")
+        fi
+    done
+    if ((${#masters[@]} != 3 || ${#replicas[@]} != 3)); then
+        _lm_fail "redis cluster (expected 3 masters and 3 replicas, got ${#masters[@]} and ${#replicas[@]})" \
+            "$base/create.log"
+        return 1
+    fi
+    local replica_ports=()
+    for i in "${replicas[@]}"; do replica_ports+=("${ports[i]}"); done
+    if ! _lm_wait_for "$LIVEMESH_TEST_SERVER_START_TIMEOUT" _lm_replicas_up_all "${replica_ports[@]}"; then
+        _lm_fail "redis cluster (replicas not linked to their masters in ${LIVEMESH_TEST_SERVER_START_TIMEOUT}s)" \
+            "$base/${replica_ports[0]}/redis.log"
+        return 1
+    fi
+    local urls=() mports=() mpids=() pidfiles=() confs=() rports=() rpidfiles=() rconfs=()
+    for i in "${masters[@]}"; do
+        dir="$base/${ports[i]}"
+        urls+=("redis://127.0.0.1:${ports[i]}")
+        mports+=("${ports[i]}")
+        mpids+=("${pids[i]}")
+        pidfiles+=("$dir/redis.pid")
+        confs+=("$dir/redis.conf")
+        for j in "${replicas[@]}"; do
+            if [[ ${master_of[j]} == "${ports[i]}" ]]; then
+                dir="$base/${ports[j]}"
+                rports+=("${ports[j]}")
+                rpidfiles+=("$dir/redis.pid")
+                rconfs+=("$dir/redis.conf")
+            fi
+        done
+    done
+    if ((${#rports[@]} != 3)); then
+        _lm_fail "redis cluster (not one replica per master)" "$base/create.log"
+        return 1
+    fi
     local IFS=,
     export LIVEMESH_TEST_REDIS_CLUSTER_URLS="${urls[*]}"
-    export LIVEMESH_TEST_REDIS_CLUSTER_PORTS="${ports[*]}"
-    export LIVEMESH_TEST_REDIS_CLUSTER_PIDS="${pids[*]}"
+    export LIVEMESH_TEST_REDIS_CLUSTER_PORTS="${mports[*]}"
+    export LIVEMESH_TEST_REDIS_CLUSTER_PIDS="${mpids[*]}"
     export LIVEMESH_TEST_REDIS_CLUSTER_PIDFILES="${pidfiles[*]}"
     export LIVEMESH_TEST_REDIS_CLUSTER_CONFS="${confs[*]}"
+    export LIVEMESH_TEST_REDIS_CLUSTER_REPLICA_PORTS="${rports[*]}"
+    export LIVEMESH_TEST_REDIS_CLUSTER_REPLICA_PIDFILES="${rpidfiles[*]}"
+    export LIVEMESH_TEST_REDIS_CLUSTER_REPLICA_CONFS="${rconfs[*]}"
 }
 
 # Run SQL as the server's all-powerful socket-authenticated account.

@@ -250,7 +250,8 @@ EOF
             "LIVEMESH_REDIS_URL=$TOPO_REDIS_URLS" \
             "LIVEMESH_COUNTER__DATABASE_URL=$(_topo_db_url "$TOPO_DB_LOVES")" \
             "LIVEMESH_COUNTER__ONGOING_QUERY_URL=$oq" \
-            "LIVEMESH_COUNTER__PUBLISH_URL=$(_topo_publish_of "$i")"
+            "LIVEMESH_COUNTER__PUBLISH_URL=$(_topo_publish_of "$i")" \
+            "LIVEMESH_COUNTER__WAIT_REPLICAS=1"
     done
     for i in 0 1; do
         _topo_spawn "$bin_dir" "gift-settler-$i" \

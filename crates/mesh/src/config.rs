@@ -305,6 +305,21 @@ pub struct CounterConfig {
     /// After a room ends, how long to wait for every replica's last writes
     /// before the final total goes to SQL and the hot keys are deleted.
     pub end_grace_ms: u64,
+    /// How long the hot store remembers a counted SendLoves batch id: a
+    /// retry within this window counts nothing again, on any replica.
+    pub batch_ttl_secs: u64,
+    /// The finaliser's lease on an ended room (one replica finalises it;
+    /// another takes over once the lease lapses).
+    pub finaliser_lease_ms: u64,
+    /// How long an ended room stays closed in the hot store: flushes that
+    /// arrive meanwhile go to the final total in SQL.
+    pub closed_ttl_secs: u64,
+    /// A flush leaves the retry buffer only once this many Redis replicas
+    /// have it (`WAIT`). 0: do not wait (a Redis without replicas).
+    pub wait_replicas: u32,
+    /// How long `WAIT` waits for those replicas before the flush is kept
+    /// for retry.
+    pub wait_timeout_ms: u64,
     /// Directory of the analytics log (JSON lines). Empty: `analytics`
     /// under the data dir.
     pub analytics_dir: String,
@@ -335,6 +350,11 @@ impl Default for CounterConfig {
             top_length: 1_000,
             max_pending_loves: 10_000_000,
             end_grace_ms: 1_000,
+            batch_ttl_secs: 600,
+            finaliser_lease_ms: 10_000,
+            closed_ttl_secs: 7 * 86_400,
+            wait_replicas: 0,
+            wait_timeout_ms: 100,
             analytics_dir: String::new(),
             analytics_max_bytes: 64 * 1024 * 1024,
             analytics_files: 5,

@@ -1,5 +1,6 @@
 //! The harness's private servers are what later work relies on: Redis
-//! standalone, a 3-master Redis Cluster whose state is ok, and MariaDB with
+//! standalone, a Redis Cluster of 3 masters with one replica each whose state
+//! is ok, and MariaDB with
 //! the binlog on in ROW format with full row images and metadata.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -54,6 +55,13 @@ async fn redis_cluster_has_three_masters_and_is_ok() {
         let info = redis(url, "CLUSTER INFO").await;
         assert!(info.contains("cluster_state:ok"), "{url}: {info}");
         assert!(info.contains("cluster_size:3"), "{url}: {info}");
+        assert!(info.contains("cluster_known_nodes:6"), "{url}: {info}");
+        let replication = redis(url, "INFO replication").await;
+        assert!(replication.contains("role:master"), "{url}: {replication}");
+        assert!(
+            replication.contains("connected_slaves:1"),
+            "{url}: {replication}"
+        );
     }
 }
 

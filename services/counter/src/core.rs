@@ -1,8 +1,10 @@
 //! The counter's heart: validate a batch, remember it for retries, and add
 //! what counts to the room's pending increments; a flusher writes each
-//! room's increments of a tick to the hot store as one idempotent flush,
-//! keeps failed flushes (same ids) until the store is back, and refuses new
-//! loves only when too many wait.
+//! room's increments of a tick, with the ids of the batches they came from,
+//! to the hot store as one idempotent flush (the store leaves out batches
+//! any replica counted before), keeps failed flushes (same ids) until the
+//! store is back, and refuses new loves only when too many wait. A caller
+//! may await its batch's fate: counted, a duplicate, or kept for retry.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -10,11 +12,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::hot::{HotError, HotStore, RoomFlush};
+use tokio::sync::oneshot;
+
+use crate::hot::{Applied, BatchMark, HotError, HotStore, RoomFlush};
 use crate::validate::{Bucket, Limits, Reason, Verdict, validate};
 
 const STRIPES: usize = 64;
-/// Batch ids remembered per viewer, and for how long.
+/// Batch ids remembered per viewer in process, and for how long: a fast
+/// path only; the hot store remembers every counted batch id (for
+/// `batch_ttl_secs`), whichever replica counted it.
 const RECENT_BATCHES: usize = 64;
 const RECENT_FOR_MS: i64 = 10 * 60 * 1000;
 
@@ -30,15 +36,56 @@ pub struct BatchOutcome {
 #[derive(Debug)]
 struct ViewerState {
     bucket: Bucket,
-    /// (room, batch id, outcome, when), newest last.
-    recent: VecDeque<(u64, String, BatchOutcome, i64)>,
+    /// (room, batch id, when), newest last.
+    recent: VecDeque<(u64, String, i64)>,
     seen_ms: i64,
 }
+
+/// What became of a batch's loves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchFate {
+    /// In the hot store (or in the room's final total), counted once.
+    Counted,
+    /// Another take of the same batch id was counted before: nothing counted now.
+    Duplicate,
+    /// The store did not take them yet: kept here and retried.
+    Buffered,
+}
+
+/// A batch taken by [`CounterCore::send`].
+#[derive(Debug)]
+pub enum Taken {
+    /// This replica took the same batch id from the viewer before.
+    Duplicate,
+    /// Validated; the accepted taps wait for the next flush.
+    New {
+        outcome: BatchOutcome,
+        accepted: Vec<u64>,
+        /// Told once the flush carrying the batch was tried (none when
+        /// nothing was accepted).
+        fate: Option<oneshot::Receiver<BatchFate>>,
+    },
+}
+
+type Waiter = Option<oneshot::Sender<BatchFate>>;
 
 #[derive(Debug, Default)]
 struct Pending {
     total: u64,
     viewers: HashMap<u64, u64>,
+    batches: Vec<BatchMark>,
+    waiters: Vec<Waiter>,
+}
+
+/// What one flush round did.
+#[derive(Debug, Default)]
+pub struct FlushReport {
+    /// Rooms whose flushes the store took.
+    pub rooms: Vec<u64>,
+    /// Flushes the store refused because their room is closed, with the
+    /// indexes of their batches counted before the close: the rest must go
+    /// to the room's final total ([`CounterCore::settle_late`]).
+    pub closed: Vec<(RoomFlush, Vec<usize>)>,
 }
 
 /// Figures about the counter.
@@ -70,6 +117,8 @@ pub struct CounterCore {
     pending: Vec<Mutex<HashMap<u64, Pending>>>,
     /// Flushes the store has not confirmed, oldest first; retried as they are.
     unflushed: Mutex<Vec<RoomFlush>>,
+    /// Per flush id, the callers waiting for their batches (in batch order).
+    waiters: Mutex<HashMap<String, Vec<Waiter>>>,
     /// Loves in `pending` plus in `unflushed`.
     waiting: AtomicU64,
     max_waiting: u64,
@@ -104,6 +153,7 @@ impl CounterCore {
             viewers: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             pending: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             unflushed: Mutex::new(Vec::new()),
+            waiters: Mutex::new(HashMap::new()),
             waiting: AtomicU64::new(0),
             max_waiting,
             // Flush ids must never repeat across restarts: time plus pid.
@@ -113,6 +163,12 @@ impl CounterCore {
             total_ttl,
             stats: CounterStats::default(),
         }
+    }
+
+    /// This process's id (unique across restarts): flush ids start with
+    /// it, and it names the finaliser's lease.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     pub fn stats(&self) -> &CounterStats {
@@ -132,8 +188,9 @@ impl CounterCore {
         self.waiting.load(Ordering::Acquire)
     }
 
-    /// Validates and takes a batch; a batch id seen before from this viewer
-    /// returns the first answer and counts nothing again.
+    /// Validates and takes a batch. A batch id this replica took from the
+    /// viewer recently is [`Taken::Duplicate`] at once; any other repeat is
+    /// caught by the store when the batch is flushed ([`BatchFate::Duplicate`]).
     pub fn send(
         &self,
         room_id: u64,
@@ -142,7 +199,7 @@ impl CounterCore {
         taps: &[u64],
         video_now_ms: u64,
         now_ms: i64,
-    ) -> Result<(BatchOutcome, Option<Vec<u64>>), SendError> {
+    ) -> Result<Taken, SendError> {
         let waiting = self.waiting();
         if waiting >= self.max_waiting {
             self.stats
@@ -160,13 +217,13 @@ impl CounterCore {
             seen_ms: now_ms,
         });
         state.seen_ms = now_ms;
-        if let Some((_, _, outcome, _)) = state
+        if state
             .recent
             .iter()
-            .find(|(room, id, _, _)| *room == room_id && id == batch_id)
+            .any(|(room, id, _)| *room == room_id && id == batch_id)
         {
             self.stats.duplicate_batches.fetch_add(1, Ordering::Relaxed);
-            return Ok((outcome.clone(), None));
+            return Ok(Taken::Duplicate);
         }
         let verdict: Verdict =
             validate(taps, video_now_ms, now_ms, &self.limits, &mut state.bucket);
@@ -180,20 +237,29 @@ impl CounterCore {
             || state
                 .recent
                 .front()
-                .is_some_and(|(_, _, _, at)| now_ms - at > RECENT_FOR_MS)
+                .is_some_and(|(_, _, at)| now_ms - at > RECENT_FOR_MS)
         {
             state.recent.pop_front();
         }
         state
             .recent
-            .push_back((room_id, batch_id.to_owned(), outcome.clone(), now_ms));
+            .push_back((room_id, batch_id.to_owned(), now_ms));
+        let mut fate = None;
         if outcome.accepted > 0 {
             // Still under the viewer's stripe: a concurrent retry of the
             // same batch waits here and then finds it in `recent`.
+            let (tell, told) = oneshot::channel();
             let mut pending = lock(&self.pending[stripe_of(room_id)]);
             let room = pending.entry(room_id).or_default();
             room.total += outcome.accepted;
             *room.viewers.entry(viewer_id).or_default() += outcome.accepted;
+            room.batches.push(BatchMark {
+                viewer_id,
+                batch_id: batch_id.to_owned(),
+                loves: outcome.accepted,
+            });
+            room.waiters.push(Some(tell));
+            fate = Some(told);
             self.waiting.fetch_add(outcome.accepted, Ordering::AcqRel);
         }
         self.stats
@@ -202,7 +268,11 @@ impl CounterCore {
         self.stats
             .rejected
             .fetch_add(outcome.rejected, Ordering::Relaxed);
-        Ok((outcome, Some(verdict.accepted)))
+        Ok(Taken::New {
+            outcome,
+            accepted: verdict.accepted,
+            fate,
+        })
     }
 
     /// Loves of `room_id` accepted here and not yet confirmed by the store.
@@ -218,20 +288,40 @@ impl CounterCore {
         pending + unflushed
     }
 
+    /// Per viewer, the loves of `room_id` accepted here and not yet
+    /// confirmed by the store.
+    pub fn local_waiting_viewers(&self, room_id: u64) -> HashMap<u64, u64> {
+        let mut viewers = lock(&self.pending[stripe_of(room_id)])
+            .get(&room_id)
+            .map(|p| p.viewers.clone())
+            .unwrap_or_default();
+        for flush in lock(&self.unflushed)
+            .iter()
+            .filter(|f| f.room_id == room_id)
+        {
+            for (viewer, loves) in &flush.viewers {
+                *viewers.entry(*viewer).or_default() += loves;
+            }
+        }
+        viewers
+    }
+
     /// Writes every room's pending increments as one flush per room, after
-    /// the flushes still waiting from earlier ticks. Returns the rooms whose
-    /// writes the store confirmed.
-    pub async fn flush(&self) -> Vec<u64> {
+    /// the flushes still waiting from earlier ticks.
+    pub async fn flush(&self) -> FlushReport {
         let mut drained = Vec::new();
         for stripe in &self.pending {
             let taken = std::mem::take(&mut *lock(stripe));
             for (room_id, p) in taken {
                 let seq = self.flush_seq.fetch_add(1, Ordering::Relaxed);
+                let flush_id = format!("{}:{seq}", self.node_id);
+                lock(&self.waiters).insert(flush_id.clone(), p.waiters);
                 drained.push(RoomFlush {
                     room_id,
-                    flush_id: format!("{}:{seq}", self.node_id),
+                    flush_id,
                     total_delta: p.total,
                     viewers: p.viewers.into_iter().collect(),
+                    batches: p.batches,
                 });
             }
         }
@@ -240,20 +330,34 @@ impl CounterCore {
             unflushed.extend(drained);
             unflushed.clone()
         };
+        let mut report = FlushReport::default();
         if batch.is_empty() {
-            return Vec::new();
+            return report;
         }
         let results = self.store.flush(&batch).await;
-        let mut done_rooms = Vec::new();
-        let mut done_ids = Vec::new();
+        let mut done: HashMap<&str, u64> = HashMap::new();
+        // Callers are told after the totals below include their loves, so
+        // that whatever they read next shows them.
+        let mut told: Vec<(&str, Vec<usize>, BatchFate)> = Vec::new();
         let mut failures = 0;
         for (flush, (_, result)) in batch.iter().zip(&results) {
             match result {
-                Ok(()) => {
-                    done_ids.push(flush.flush_id.clone());
-                    done_rooms.push(flush.room_id);
+                Ok(applied @ (Applied::Counted { .. } | Applied::Replayed)) => {
+                    done.insert(&flush.flush_id, applied.added(flush));
+                    report.rooms.push(flush.room_id);
+                    let duplicates = match applied {
+                        Applied::Counted { duplicates } => duplicates.clone(),
+                        _ => Vec::new(),
+                    };
+                    told.push((&flush.flush_id, duplicates, BatchFate::Counted));
                 }
-                Err(HotError::Unavailable(_)) => failures += 1,
+                Ok(Applied::Closed { counted }) => {
+                    report.closed.push((flush.clone(), counted.clone()));
+                }
+                Err(HotError::Unavailable(_)) => {
+                    failures += 1;
+                    told.push((&flush.flush_id, Vec::new(), BatchFate::Buffered));
+                }
             }
         }
         if failures > 0 {
@@ -268,33 +372,86 @@ impl CounterCore {
         }
         let mut confirmed = 0;
         let mut added: HashMap<u64, u64> = HashMap::new();
+        let mut flushes = 0;
         {
-            let mut unflushed = lock(&self.unflushed);
-            unflushed.retain(|f| {
-                let done = done_ids.contains(&f.flush_id);
-                if done {
-                    confirmed += f.total_delta;
-                    *added.entry(f.room_id).or_default() += f.total_delta;
+            // The cached totals and the waiting loves change under the
+            // totals' lock, so a reader never sees loves in neither or both.
+            let mut totals = lock(&self.totals);
+            {
+                let mut unflushed = lock(&self.unflushed);
+                unflushed.retain(|f| match done.get(f.flush_id.as_str()) {
+                    Some(delta) => {
+                        confirmed += f.total_delta;
+                        flushes += 1;
+                        *added.entry(f.room_id).or_default() += delta;
+                        false
+                    }
+                    None => true,
+                });
+            }
+            self.waiting.fetch_sub(confirmed, Ordering::AcqRel);
+            // The store now holds what we wrote: move it from "waiting" into
+            // the cached total instead of dropping the cache (which would
+            // send every request of the next moment to the store).
+            for (room, delta) in added {
+                if let Some((total, _)) = totals.get_mut(&room) {
+                    *total += delta;
                 }
-                !done
-            });
-        }
-        self.waiting.fetch_sub(confirmed, Ordering::AcqRel);
-        self.stats
-            .flushes
-            .fetch_add(done_ids.len() as u64, Ordering::Relaxed);
-        done_rooms.sort_unstable();
-        done_rooms.dedup();
-        // The store now holds what we wrote: move it from "waiting" into the
-        // cached total instead of dropping the cache (which would send every
-        // request of the next moment to the store).
-        let mut totals = lock(&self.totals);
-        for (room, delta) in added {
-            if let Some((total, _)) = totals.get_mut(&room) {
-                *total += delta;
             }
         }
-        done_rooms
+        self.stats.flushes.fetch_add(flushes, Ordering::Relaxed);
+        report.rooms.sort_unstable();
+        report.rooms.dedup();
+        for (flush_id, duplicates, fate) in told {
+            self.tell(flush_id, |i| {
+                if duplicates.contains(&i) {
+                    BatchFate::Duplicate
+                } else {
+                    fate
+                }
+            });
+        }
+        report
+    }
+
+    /// Tells the callers waiting on `flush_id`'s batches their fate (once).
+    fn tell(&self, flush_id: &str, fate: impl Fn(usize) -> BatchFate) {
+        if let Some(waiters) = lock(&self.waiters).remove(flush_id) {
+            for (i, waiter) in waiters.into_iter().enumerate() {
+                if let Some(waiter) = waiter {
+                    // The caller may have gone: nothing to tell then.
+                    let _ = waiter.send(fate(i));
+                }
+            }
+        }
+    }
+
+    /// A flush of a closed room ([`FlushReport::closed`]) after its late
+    /// batches went to the final total (`stored`), or failed to (`!stored`:
+    /// kept and retried). True if this call took the flush out of the
+    /// buffer (two concurrent flush rounds may both have stored it).
+    pub fn settle_late(&self, flush_id: &str, counted: &[usize], stored: bool) -> bool {
+        if !stored {
+            self.tell(flush_id, |_| BatchFate::Buffered);
+            return false;
+        }
+        self.tell(flush_id, |i| {
+            if counted.contains(&i) {
+                BatchFate::Duplicate
+            } else {
+                BatchFate::Counted
+            }
+        });
+        let mut settled = 0;
+        lock(&self.unflushed).retain(|f| {
+            let this = f.flush_id == flush_id;
+            if this {
+                settled += f.total_delta;
+            }
+            !this
+        });
+        self.waiting.fetch_sub(settled, Ordering::AcqRel);
+        settled > 0
     }
 
     /// The room's total: the hot store's (reused for a moment) plus what this
@@ -311,6 +468,10 @@ impl CounterCore {
                 // meanwhile instead of all asking the store at once.
                 totals.insert(room_id, (total, Instant::now()));
                 cached.map(|(t, _)| (t, at))
+            } else if let Some((total, _)) = cached {
+                // Read with what waits under the totals' lock, which a flush
+                // holds while it moves loves from one to the other.
+                return Ok(total + self.local_waiting(room_id));
             } else {
                 cached
             }

@@ -1,7 +1,10 @@
 //! Room ends, told by ongoing-query's Watch stream: the room's last writes
-//! are flushed, its final total and top lovers go to SQL once, and its hot
-//! keys are deleted. Every step is idempotent, so a retry (or another
-//! replica doing the same) never counts twice.
+//! are flushed, the room is closed in the hot store (one atomic step that
+//! also takes the finaliser's lease, so one replica finalises), its final
+//! total and top lovers go to SQL once, and its hot keys are deleted.
+//! Flushes that reach the store after the close are refused by it and
+//! added to the final total in SQL by their replica (`room_late_loves`), so
+//! no love is lost and none counts twice. Every step is idempotent.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -89,17 +92,37 @@ pub fn end_room(inner: &Arc<Inner>, room_id: u64) {
     }.in_current_span());
 }
 
-/// One attempt: flush what waits, write SQL once, delete the hot keys.
-/// Returns whether this attempt wrote the SQL row.
+/// One attempt: flush what waits, close the room and take the lease, write
+/// SQL once, delete the hot keys. Returns whether this attempt wrote the SQL
+/// row; fails (to be retried) while another replica holds the lease and has
+/// not written the final total yet.
 pub async fn finalize(inner: &Inner, room_id: u64) -> anyhow::Result<bool> {
+    if inner.db.get(room_id).await?.is_some() {
+        // Finalised before (by us or another replica): late loves, if any,
+        // reach SQL through the flusher.
+        inner.flush_once().await;
+        return Ok(false);
+    }
+    // Our own loves first, so that they count before the close.
     if inner.core.local_waiting(room_id) > 0 {
-        inner.core.flush().await;
-        anyhow::ensure!(
-            inner.core.local_waiting(room_id) == 0,
-            "loves of the room still wait for the hot store"
-        );
+        inner.flush_once().await;
     }
     let store = inner.core.store();
+    let owner = store
+        .close(room_id, inner.core.node_id(), inner.finaliser_lease)
+        .await?;
+    if !owner {
+        anyhow::ensure!(
+            inner.db.get(room_id).await?.is_some(),
+            "another replica holds the room's finaliser lease and has not written its final total yet"
+        );
+        return Ok(false);
+    }
+    // The room is closed: its total and ranking no longer change. Loves of
+    // ours still waiting (the store was unreachable) go to SQL as late ones.
+    if inner.core.local_waiting(room_id) > 0 {
+        inner.flush_once().await;
+    }
     let total = store.total(room_id).await?;
     let top_lovers = store.top(room_id, TOP_IN_SQL).await?;
     let written = inner
@@ -113,5 +136,12 @@ pub async fn finalize(inner: &Inner, room_id: u64) -> anyhow::Result<bool> {
         .await?;
     store.delete_room(room_id).await?;
     inner.core.forget_room(room_id);
+    inner
+        .finalised_here
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    anyhow::ensure!(
+        inner.core.local_waiting(room_id) == 0,
+        "late loves of the room still wait for SQL"
+    );
     Ok(written)
 }

@@ -12,8 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::Inner;
 use crate::analytics::LoveLine;
-use crate::core::SendError;
+use crate::core::{BatchFate, SendError, Taken};
 use crate::hot::HotError;
+use crate::sql::FinalLoves;
 use crate::validate::Reason;
 use livemesh_mesh::rooms::{LookupError, RoomInfo};
 
@@ -33,6 +34,8 @@ pub enum CounterError {
     Backlogged(#[from] SendError),
     #[error(transparent)]
     Hot(#[from] HotError),
+    #[error("the room's final loves cannot be read right now; retry later")]
+    Final,
 }
 
 impl From<CounterError> for Status {
@@ -46,6 +49,7 @@ impl From<CounterError> for Status {
                 Status::unavailable("rooms cannot be looked up right now; retry later")
             }
             CounterError::Backlogged(_) => Status::unavailable(err.to_string()),
+            CounterError::Final => Status::unavailable(err.to_string()),
             CounterError::Hot(cause) => {
                 tracing::warn!(%cause, "hot store call failed");
                 Status::unavailable("love totals cannot be read right now; retry later")
@@ -95,7 +99,7 @@ impl CounterApi {
         let room = self.ongoing_room(request.room_id).await?;
         let now = livemesh_mesh::now_ms();
         let video_now = u64::try_from(now.saturating_sub(room.started_at_ms)).unwrap_or(0);
-        let (outcome, accepted_taps) = self.inner.core.send(
+        let taken = self.inner.core.send(
             room.room_id,
             request.viewer_id,
             &request.batch_id,
@@ -103,21 +107,55 @@ impl CounterApi {
             video_now,
             now,
         )?;
-        if let Some(taps_ms) = accepted_taps.filter(|t| !t.is_empty()) {
-            self.inner.touch(room.room_id);
-            self.inner.remember_origin(room.room_id);
-            self.inner.analytics.record(LoveLine {
-                room_id: room.room_id,
-                viewer_id: request.viewer_id,
-                batch_id: request.batch_id,
-                taps_ms,
-                at_ms: now,
-            });
-        }
+        let outcome = match taken {
+            Taken::Duplicate => None,
+            Taken::New {
+                outcome,
+                accepted,
+                fate,
+            } => {
+                if !accepted.is_empty() {
+                    self.inner.touch(room.room_id);
+                    self.inner.remember_origin(room.room_id);
+                }
+                // Answer once the store took the batch (or could not, and it
+                // waits here for a retry): then GetLoves and TopLovers show it.
+                let fate = match fate {
+                    Some(told) => told.await.unwrap_or(BatchFate::Buffered),
+                    None => BatchFate::Counted,
+                };
+                if fate == BatchFate::Duplicate {
+                    None
+                } else {
+                    if !accepted.is_empty() {
+                        self.inner.analytics.record(LoveLine {
+                            room_id: room.room_id,
+                            viewer_id: request.viewer_id,
+                            batch_id: request.batch_id.clone(),
+                            taps_ms: accepted,
+                            at_ms: now,
+                        });
+                    }
+                    Some(outcome)
+                }
+            }
+        };
         // The loves are taken even when the store cannot tell the total now.
         let room_total = match self.inner.core.total(room.room_id).await {
             Ok(total) => total,
             Err(_) => self.inner.core.local_waiting(room.room_id),
+        };
+        let Some(outcome) = outcome else {
+            return Ok(SendLovesResponse {
+                accepted: 0,
+                rejected: request.taps_ms.len() as u64,
+                reason: RejectReason::DuplicateBatch.into(),
+                detail: format!(
+                    "batch {:?} was taken before; it counts once, so nothing was counted now",
+                    request.batch_id
+                ),
+                room_total,
+            });
         };
         Ok(SendLovesResponse {
             accepted: outcome.accepted,
@@ -135,14 +173,25 @@ impl CounterApi {
         })
     }
 
-    async fn room_exists(&self, room_id: u64) -> Result<(), CounterError> {
+    async fn room_exists(&self, room_id: u64) -> Result<RoomInfo, CounterError> {
         if room_id == 0 {
             return Err(CounterError::InvalidArgument(
                 "room_id must be a room id from StartRoom; 0 is not one".into(),
             ));
         }
-        self.inner.rooms.get(room_id).await?;
-        Ok(())
+        Ok(self.inner.rooms.get(room_id).await?)
+    }
+
+    /// The final numbers of an ended room, once they are in SQL (until then
+    /// the hot store still holds them).
+    async fn final_of(&self, room: &RoomInfo) -> Result<Option<FinalLoves>, CounterError> {
+        if !room.ended {
+            return Ok(None);
+        }
+        self.inner.final_loves(room.room_id).await.map_err(|e| {
+            tracing::warn!(room_id = room.room_id, %e, "reading a final total failed");
+            CounterError::Final
+        })
     }
 }
 
@@ -162,7 +211,13 @@ impl CounterService for CounterApi {
         request: Request<GetLovesRequest>,
     ) -> Result<Response<GetLovesResponse>, Status> {
         let room_id = request.into_inner().room_id;
-        self.room_exists(room_id).await?;
+        let room = self.room_exists(room_id).await?;
+        if let Some(fin) = self.final_of(&room).await? {
+            return Ok(Response::new(GetLovesResponse {
+                room_id,
+                total: fin.total,
+            }));
+        }
         let total = self
             .inner
             .core
@@ -177,18 +232,44 @@ impl CounterService for CounterApi {
         request: Request<TopLoversRequest>,
     ) -> Result<Response<TopLoversResponse>, Status> {
         let request = request.into_inner();
-        self.room_exists(request.room_id).await?;
+        let room = self.room_exists(request.room_id).await?;
         let limit = match request.limit {
             0 => DEFAULT_TOP,
             n => n.min(MAX_TOP),
         };
-        let top = self
+        if let Some(fin) = self.final_of(&room).await? {
+            return Ok(Response::new(TopLoversResponse {
+                lovers: fin
+                    .top_lovers
+                    .into_iter()
+                    .take(limit as usize)
+                    .map(|(viewer_id, loves)| Lover { viewer_id, loves })
+                    .collect(),
+            }));
+        }
+        let mut top = self
             .inner
             .core
             .store()
             .top(request.room_id, limit)
             .await
             .map_err(CounterError::from)?;
+        // Loves this replica accepted and the store has not confirmed yet
+        // count here too, as they do in GetLoves.
+        let waiting = self.inner.core.local_waiting_viewers(request.room_id);
+        if !waiting.is_empty() {
+            for (viewer, loves) in waiting {
+                match top.iter_mut().find(|(v, _)| *v == viewer) {
+                    Some(entry) => entry.1 += loves,
+                    None => top.push((viewer, loves)),
+                }
+            }
+            top.sort_by(|a, b| {
+                b.1.cmp(&a.1)
+                    .then_with(|| b.0.to_string().cmp(&a.0.to_string()))
+            });
+            top.truncate(limit as usize);
+        }
         Ok(Response::new(TopLoversResponse {
             lovers: top
                 .into_iter()

@@ -61,10 +61,15 @@ pub struct Inner {
     /// publish: the publish tick's span continues their trace.
     origins: Mutex<HashMap<u64, Origins>>,
     end_grace: Duration,
+    finaliser_lease: Duration,
     flush_tick: Duration,
     publish_tick: Duration,
     pub publish_failures: AtomicU64,
     pub published: AtomicU64,
+    /// Rooms this replica finalised as the lease holder.
+    pub finalised_here: AtomicU64,
+    /// Late batches (their room was closed) this replica added to final totals.
+    pub late_batches: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +103,11 @@ impl Inner {
         lock(&self.ending).insert(room_id)
     }
 
+    /// True while this replica is finalising `room_id`.
+    pub fn is_ending(&self, room_id: u64) -> bool {
+        lock(&self.ending).contains(&room_id)
+    }
+
     pub(crate) fn done_ending(&self, room_id: u64) {
         lock(&self.ending).remove(&room_id);
         lock(&self.touched).remove(&room_id);
@@ -105,12 +115,44 @@ impl Inner {
         lock(&self.origins).remove(&room_id);
     }
 
-    /// One flush tick: write pending increments; mark the rooms for publishing.
+    /// One flush tick: write pending increments; mark the rooms for
+    /// publishing; add flushes that found their room closed to its final
+    /// total in SQL.
     pub async fn flush_once(&self) {
-        let rooms = self.core.flush().await;
-        if !rooms.is_empty() {
-            lock(&self.dirty).extend(rooms);
+        let report = self.core.flush().await;
+        if !report.rooms.is_empty() {
+            lock(&self.dirty).extend(report.rooms);
         }
+        for (flush, counted) in report.closed {
+            let late: Vec<_> = flush
+                .batches
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !counted.contains(i))
+                .map(|(_, b)| b.clone())
+                .collect();
+            let stored = match self.db.add_late(flush.room_id, &late).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(room_id = flush.room_id, %e, "adding late loves to the final total failed; kept for retry");
+                    false
+                }
+            };
+            if self.core.settle_late(&flush.flush_id, &counted, stored) {
+                self.late_batches
+                    .fetch_add(late.len() as u64, Ordering::Relaxed);
+                tracing::info!(
+                    room_id = flush.room_id,
+                    batches = late.len(),
+                    "late loves of an ended room added to its final total"
+                );
+            }
+        }
+    }
+
+    /// The final numbers of an ended room, once written (late batches added).
+    pub async fn final_loves(&self, room_id: u64) -> Result<Option<sql::FinalLoves>, sqlx::Error> {
+        self.db.final_with_late(room_id).await
     }
 
     /// One publish tick: each changed room's new total, once, to its viewers.
@@ -188,6 +230,10 @@ impl Counter {
             phase: c.phase.clone(),
             total_shards: c.total_shards,
             top_length: c.top_length,
+            batch_ttl_secs: c.batch_ttl_secs,
+            closed_ttl_secs: c.closed_ttl_secs,
+            wait_replicas: c.wait_replicas,
+            wait_timeout_ms: c.wait_timeout_ms,
             ..HotConfig::default()
         };
         let store = match &config.redis_url {
@@ -253,10 +299,13 @@ impl Counter {
             dirty: Mutex::new(HashSet::new()),
             origins: Mutex::new(HashMap::new()),
             end_grace: Duration::from_millis(c.end_grace_ms),
+            finaliser_lease: Duration::from_millis(c.finaliser_lease_ms),
             flush_tick: Duration::from_millis(c.flush_tick_ms),
             publish_tick: Duration::from_millis(c.publish_tick_ms),
             publish_failures: AtomicU64::new(0),
             published: AtomicU64::new(0),
+            finalised_here: AtomicU64::new(0),
+            late_batches: AtomicU64::new(0),
         };
         Ok(Self {
             inner: Arc::new(inner),

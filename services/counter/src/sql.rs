@@ -3,18 +3,34 @@
 
 use livemesh_mesh::sql::{Db, Migrations, SqlError};
 
+use crate::hot::BatchMark;
+
 pub const MIGRATIONS: Migrations = Migrations {
     table: "_livemesh_counter_migrations",
-    sqlite: &[(
-        1,
-        "room loves",
-        include_str!("../migrations/sqlite/0001_room_loves.sql"),
-    )],
-    mysql: &[(
-        1,
-        "room loves",
-        include_str!("../migrations/mysql/0001_room_loves.sql"),
-    )],
+    sqlite: &[
+        (
+            1,
+            "room loves",
+            include_str!("../migrations/sqlite/0001_room_loves.sql"),
+        ),
+        (
+            2,
+            "room late loves",
+            include_str!("../migrations/sqlite/0002_room_late_loves.sql"),
+        ),
+    ],
+    mysql: &[
+        (
+            1,
+            "room loves",
+            include_str!("../migrations/mysql/0001_room_loves.sql"),
+        ),
+        (
+            2,
+            "room late loves",
+            include_str!("../migrations/mysql/0002_room_late_loves.sql"),
+        ),
+    ],
 };
 
 /// A room's final count.
@@ -93,6 +109,70 @@ impl LovesDb {
                 finalized_at_ms: at,
             }
         }))
+    }
+
+    /// Adds late batches of an ended room to its final count, each batch
+    /// once (a batch already there is ignored).
+    #[tracing::instrument(name = "counter.sql.add_late", skip_all, fields(room_id = room_id))]
+    pub async fn add_late(&self, room_id: u64, batches: &[BatchMark]) -> Result<(), sqlx::Error> {
+        let sql = if self.db.is_mysql() {
+            "INSERT IGNORE INTO room_late_loves (room_id, viewer_id, batch_id, loves) VALUES (?, ?, ?, ?)"
+        } else {
+            "INSERT INTO room_late_loves (room_id, viewer_id, batch_id, loves) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (room_id, viewer_id, batch_id) DO NOTHING"
+        };
+        let room = i64::try_from(room_id).unwrap_or(i64::MAX);
+        livemesh_mesh::on_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            for batch in batches {
+                sqlx::query(sql)
+                    .bind(room)
+                    .bind(i64::try_from(batch.viewer_id).unwrap_or(i64::MAX))
+                    .bind(&batch.batch_id)
+                    .bind(i64::try_from(batch.loves).unwrap_or(i64::MAX))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// An ended room's final count with its late batches added: the total,
+    /// and the ranking with each late lover's loves added (a late lover
+    /// outside the stored ranking enters it with its late loves only).
+    #[tracing::instrument(name = "counter.sql.final_with_late", skip_all, fields(room_id = room_id))]
+    pub async fn final_with_late(&self, room_id: u64) -> Result<Option<FinalLoves>, sqlx::Error> {
+        let Some(mut fin) = self.get(room_id).await? else {
+            return Ok(None);
+        };
+        let room = i64::try_from(room_id).unwrap_or(i64::MAX);
+        let late: Vec<(i64, i64)> = livemesh_mesh::on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT viewer_id, loves FROM room_late_loves WHERE room_id = ?",
+            )
+            .bind(room)
+            .fetch_all(pool)
+            .await?
+        });
+        if late.is_empty() {
+            return Ok(Some(fin));
+        }
+        for (viewer, loves) in late {
+            let (viewer, loves) = (viewer.unsigned_abs(), loves.unsigned_abs());
+            fin.total = fin.total.saturating_add(loves);
+            match fin.top_lovers.iter_mut().find(|(v, _)| *v == viewer) {
+                Some(entry) => entry.1 = entry.1.saturating_add(loves),
+                None => fin.top_lovers.push((viewer, loves)),
+            }
+        }
+        // Highest first; ties by the viewer id's decimal string, descending,
+        // as the hot store ranks them.
+        fin.top_lovers.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| b.0.to_string().cmp(&a.0.to_string()))
+        });
+        Ok(Some(fin))
     }
 
     pub fn db(&self) -> &Db {

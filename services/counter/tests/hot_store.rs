@@ -10,7 +10,7 @@ use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use ::redis::AsyncCommands as _;
-use livemesh_counter::hot::{HotConfig, HotError, HotStore, RoomFlush, keys};
+use livemesh_counter::hot::{Applied, BatchMark, HotConfig, HotError, HotStore, RoomFlush, keys};
 
 /// Which hot store a case runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +102,7 @@ fn flush(room_id: u64, flush_id: &str, total_delta: u64, viewers: &[(u64, u64)])
         flush_id: flush_id.to_owned(),
         total_delta,
         viewers: viewers.to_vec(),
+        batches: vec![],
     }
 }
 
@@ -138,7 +139,200 @@ hot_store_suite!(
     delete_room_removes_the_counters,
     many_rooms_flushed_at_once_all_apply,
     concurrent_flushes_sum_exactly,
+    a_batch_counts_once_whichever_replica_flushes_it,
+    a_closed_room_refuses_flushes_and_has_one_finaliser,
 );
+
+/// A flush made of SendLoves batches `(viewer, batch id, loves)`.
+fn batches_flush(room_id: u64, flush_id: &str, batches: &[(u64, &str, u64)]) -> RoomFlush {
+    let mut viewers: Vec<(u64, u64)> = Vec::new();
+    for (viewer, _, loves) in batches {
+        match viewers.iter_mut().find(|(v, _)| v == viewer) {
+            Some(entry) => entry.1 += loves,
+            None => viewers.push((*viewer, *loves)),
+        }
+    }
+    RoomFlush {
+        room_id,
+        flush_id: flush_id.to_owned(),
+        total_delta: batches.iter().map(|(_, _, loves)| loves).sum(),
+        viewers,
+        batches: batches
+            .iter()
+            .map(|(viewer_id, batch_id, loves)| BatchMark {
+                viewer_id: *viewer_id,
+                batch_id: (*batch_id).to_owned(),
+                loves: *loves,
+            })
+            .collect(),
+    }
+}
+
+/// Two replicas' stores: two connections to the same Redis, or the same
+/// in-process store.
+async fn two_replicas(backend: Backend) -> (HotStore, HotStore) {
+    let a = backend.store(HotConfig::default()).await;
+    let b = match backend {
+        Backend::Memory => a.clone(),
+        _ => backend.store(HotConfig::default()).await,
+    };
+    (a, b)
+}
+
+async fn applied(store: &HotStore, flush: RoomFlush) -> Applied {
+    let mut results = store.flush(std::slice::from_ref(&flush)).await;
+    results.pop().unwrap().1.unwrap()
+}
+
+async fn a_batch_counts_once_whichever_replica_flushes_it(backend: Backend) {
+    let (a, b) = two_replicas(backend).await;
+    let room = unique_room();
+    assert_eq!(
+        applied(&a, batches_flush(room, "a:1", &[(7, "A", 5), (8, "X", 1)])).await,
+        Applied::Counted { duplicates: vec![] }
+    );
+    // 100 other batches of the same viewer in between.
+    for i in 0..100 {
+        let id = format!("other-{i}");
+        applied(
+            &a,
+            batches_flush(room, &format!("a:{}", i + 2), &[(7, &id, 1)]),
+        )
+        .await;
+    }
+    // The retry of A reaches the other replica, in one flush with a new batch
+    // and with A's viewer's other loves: only A is left out.
+    assert_eq!(
+        applied(
+            &b,
+            batches_flush(room, "b:1", &[(9, "B", 2), (7, "A", 5), (7, "C", 3)])
+        )
+        .await,
+        Applied::Counted {
+            duplicates: vec![1]
+        }
+    );
+    assert_eq!(b.total(room).await.unwrap(), 5 + 1 + 100 + 2 + 3);
+    assert_eq!(
+        a.top(room, 3).await.unwrap(),
+        vec![(7, 5 + 100 + 3), (9, 2), (8, 1)]
+    );
+    // A flush made only of a retried batch changes nothing.
+    assert_eq!(
+        applied(&a, batches_flush(room, "a:500", &[(7, "A", 5)])).await,
+        Applied::Counted {
+            duplicates: vec![0]
+        }
+    );
+    assert_eq!(a.total(room).await.unwrap(), 111);
+    assert_eq!(a.top(room, 1).await.unwrap(), vec![(7, 108)]);
+    if let Some(mut raw) = backend.raw().await {
+        let ttl: i64 = raw
+            .query(::redis::cmd("TTL").arg(keys::batch("release", room, 7, "A")))
+            .await;
+        let configured = HotConfig::default().batch_ttl_secs as i64;
+        assert!(
+            (configured - 60..=configured).contains(&ttl),
+            "a batch marker expires after the configured {configured} s, ttl {ttl}"
+        );
+    }
+}
+
+async fn a_closed_room_refuses_flushes_and_has_one_finaliser(backend: Backend) {
+    let (a, b) = two_replicas(backend).await;
+    let room = unique_room();
+    applied(&a, batches_flush(room, "a:1", &[(1, "A", 4)])).await;
+    let lease = Duration::from_secs(30);
+    assert!(a.close(room, "node-a", lease).await.unwrap());
+    assert!(
+        !b.close(room, "node-b", lease).await.unwrap(),
+        "the lease is node-a's"
+    );
+    assert!(a.close(room, "node-a", lease).await.unwrap(), "renewed");
+    // Late: A again (counted before the close) and a new batch D.
+    let late = batches_flush(room, "b:1", &[(1, "A", 4), (2, "D", 6)]);
+    assert_eq!(
+        applied(&b, late.clone()).await,
+        Applied::Closed { counted: vec![0] }
+    );
+    assert_eq!(
+        applied(&b, late).await,
+        Applied::Closed { counted: vec![0] }
+    );
+    assert_eq!(
+        a.total(room).await.unwrap(),
+        4,
+        "a closed room's total stands"
+    );
+    assert_eq!(a.top(room, 10).await.unwrap(), vec![(1, 4)]);
+    // Deleting the counters keeps the room closed: a late flush cannot
+    // bring them back.
+    a.delete_room(room).await.unwrap();
+    assert!(matches!(
+        applied(&b, batches_flush(room, "b:2", &[(3, "E", 1)])).await,
+        Applied::Closed { .. }
+    ));
+    assert_eq!(a.total(room).await.unwrap(), 0);
+    // A lapsed lease can be taken over.
+    let other = unique_room();
+    assert!(
+        a.close(other, "node-a", Duration::from_millis(50))
+            .await
+            .unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.close(other, "node-b", lease).await.unwrap() {
+        assert!(Instant::now() < deadline, "the lapsed lease was never free");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With `wait_replicas`, a flush is confirmed only once a replica has it:
+/// the harness's Cluster has one replica per master, its standalone Redis none.
+#[tokio::test]
+async fn a_flush_is_confirmed_only_once_replicated() {
+    let config = HotConfig {
+        wait_replicas: 1,
+        wait_timeout_ms: 2_000,
+        ..HotConfig::default()
+    };
+    let cluster = Backend::Cluster.store(config.clone()).await;
+    let room = unique_room();
+    assert_eq!(
+        applied(&cluster, batches_flush(room, "n:1", &[(1, "A", 2)])).await,
+        Applied::Counted { duplicates: vec![] }
+    );
+    assert!(
+        cluster
+            .close(room, "n", Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+
+    let alone = Backend::Redis
+        .store(HotConfig {
+            wait_timeout_ms: 50,
+            ..config
+        })
+        .await;
+    let room = unique_room();
+    let started = Instant::now();
+    let results = alone
+        .flush(&[batches_flush(room, "n:1", &[(1, "A", 2)])])
+        .await;
+    assert!(
+        matches!(&results[..], [(_, Err(HotError::Unavailable(m)))] if m.contains("0 of 1 replicas")),
+        "{results:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Applied but unconfirmed: the retry (same id) counts once, and is again
+    // unconfirmed.
+    let results = alone
+        .flush(&[batches_flush(room, "n:1", &[(1, "A", 2)])])
+        .await;
+    assert!(matches!(&results[..], [(_, Err(_))]), "{results:?}");
+    assert_eq!(alone.total(room).await.unwrap(), 2);
+}
 
 async fn flushes_add_up_over_sharded_totals(backend: Backend) {
     let store = backend.store(HotConfig::default()).await;

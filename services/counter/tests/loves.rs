@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use livemesh_counter::Counter;
+use livemesh_counter::core::{BatchFate, Taken};
 use livemesh_counter::sql::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;
@@ -52,12 +53,32 @@ hot_suite!(
     bad_requests_get_precise_codes,
     concurrent_viewers_sum_exactly,
     room_end_writes_sql_once_and_deletes_the_keys,
+    an_ended_room_keeps_its_numbers_also_after_a_restart,
+    a_batch_retried_after_many_others_counts_once,
+    late_loves_after_the_end_count_into_the_final_total,
+    taps_beyond_the_rooms_elapsed_time_are_refused,
+    top_lovers_and_get_loves_agree_once_send_loves_answered,
+);
+
+/// Cases with two counter replicas sharing one hot store (Redis only: the
+/// in-process store belongs to one process).
+macro_rules! shared_suite {
+    ($($case:ident),* $(,)?) => {
+        mod redis_replicas { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Redis).await })* }
+        mod cluster_replicas { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Cluster).await })* }
+    };
+}
+
+shared_suite!(
+    a_retry_on_another_replica_counts_once,
+    one_replica_finalises_and_both_replicas_loves_count,
 );
 
 struct Mesh {
     _dir: tempfile::TempDir,
     _rooms: TestServer,
     _counter_server: TestServer,
+    config: Config,
     counter: Counter,
     admin: RoomAdminServiceClient<MeshChannel>,
     loves: CounterServiceClient<MeshChannel>,
@@ -107,9 +128,99 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
         _dir: dir,
         _rooms: rooms,
         _counter_server: counter_server,
+        config,
         counter,
         db_url,
     }
+}
+
+/// Another counter process on the same configuration (same hot store, same
+/// SQL): a second replica, or the first one restarted.
+struct Replica {
+    _server: TestServer,
+    counter: Counter,
+    loves: CounterServiceClient<MeshChannel>,
+}
+
+impl Mesh {
+    async fn replica(&self) -> Replica {
+        let counter = Counter::from_config(&self.config).await.unwrap();
+        let server = TestServer::start(counter.clone()).await;
+        Replica {
+            loves: CounterServiceClient::new(server.channel()),
+            _server: server,
+            counter,
+        }
+    }
+
+    /// Stops this counter and starts it again on the same configuration.
+    async fn restart(&mut self) {
+        let replica = self.replica().await;
+        self.counter = replica.counter;
+        self.loves = replica.loves;
+        self._counter_server = replica._server;
+    }
+
+    async fn final_in_sql(&self, room: u64) -> livemesh_counter::sql::FinalLoves {
+        let db = LovesDb::open(&self.db_url).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(fin) = db.get(room).await.unwrap() {
+                return fin;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no final total in SQL"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn loves_and_top(&mut self, room_id: u64, limit: u32) -> (u64, Vec<(u64, u64)>) {
+        read_loves_and_top(&mut self.loves, room_id, limit).await
+    }
+}
+
+async fn read_loves_and_top(
+    client: &mut CounterServiceClient<MeshChannel>,
+    room_id: u64,
+    limit: u32,
+) -> (u64, Vec<(u64, u64)>) {
+    let total = client
+        .get_loves(GetLovesRequest { room_id })
+        .await
+        .unwrap()
+        .into_inner()
+        .total;
+    let top = client
+        .top_lovers(TopLoversRequest { room_id, limit })
+        .await
+        .unwrap()
+        .into_inner()
+        .lovers
+        .iter()
+        .map(|l| (l.viewer_id, l.loves))
+        .collect();
+    (total, top)
+}
+
+async fn send_to(
+    client: &mut CounterServiceClient<MeshChannel>,
+    room_id: u64,
+    viewer_id: u64,
+    batch: &str,
+    taps: Vec<u64>,
+) -> SendLovesResponse {
+    client
+        .send_loves(SendLovesRequest {
+            room_id,
+            viewer_id,
+            batch_id: batch.to_owned(),
+            taps_ms: taps,
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 impl Mesh {
@@ -253,11 +364,11 @@ async fn a_retried_batch_counts_once(hot: Hot) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     let first = m.send(room, 3, "retry-me", human_taps(0, 15)).await;
+    assert_eq!((first.accepted, first.rejected), (15, 0));
     let again = m.send(room, 3, "retry-me", human_taps(0, 15)).await;
-    assert_eq!(
-        (first.accepted, first.rejected, first.detail.clone()),
-        (again.accepted, again.rejected, again.detail.clone())
-    );
+    assert_eq!((again.accepted, again.rejected), (0, 15));
+    assert_eq!(again.reason(), RejectReason::DuplicateBatch);
+    assert!(again.detail.contains("counts once"), "{}", again.detail);
     // The same id from another viewer is another batch.
     m.send(room, 4, "retry-me", human_taps(0, 5)).await;
     m.await_total(room, 20).await;
@@ -373,4 +484,193 @@ async fn room_end_writes_sql_once_and_deletes_the_keys(hot: Hot) {
         .unwrap();
     assert!(!again);
     assert_eq!(db.get(room).await.unwrap().unwrap().total, 16);
+}
+
+async fn an_ended_room_keeps_its_numbers_also_after_a_restart(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    m.send(room, 1, "a", human_taps(0, 5)).await;
+    m.send(room, 2, "a", human_taps(0, 9)).await;
+    m.send(room, 3, "a", human_taps(0, 2)).await;
+    m.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    m.final_in_sql(room).await;
+    // The hot keys are gone once the row is written; wait for that too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while m.counter.inner().core.store().total(room).await.unwrap() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "hot keys stay");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ranking = vec![(2, 9), (1, 5), (3, 2)];
+    assert_eq!(m.loves_and_top(room, 10).await, (16, ranking.clone()));
+    assert_eq!(m.loves_and_top(room, 2).await, (16, ranking[..2].to_vec()));
+    m.restart().await;
+    assert_eq!(m.loves_and_top(room, 0).await, (16, ranking));
+}
+
+async fn a_batch_retried_after_many_others_counts_once(hot: Hot) {
+    let mut m = mesh_with(hot.url(), |c| {
+        // 71 batches of one viewer, far apart in video time, sent at once.
+        c.counter.future_skew_ms = 10_000_000;
+        c.counter.burst = 10_000;
+    })
+    .await;
+    let room = m.start_room().await;
+    let first = m.send(room, 5, "A", human_taps(0, 5)).await;
+    assert_eq!(first.accepted, 5);
+    for i in 0..70_u64 {
+        let reply = m
+            .send(room, 5, &format!("other-{i}"), vec![10_000 + i * 1_000])
+            .await;
+        assert_eq!(reply.accepted, 1, "{reply:?}");
+    }
+    let again = m.send(room, 5, "A", human_taps(0, 5)).await;
+    assert_eq!((again.accepted, again.rejected), (0, 5), "{again:?}");
+    assert_eq!(again.reason(), RejectReason::DuplicateBatch);
+    assert_eq!(m.loves_and_top(room, 10).await, (75, vec![(5, 75)]));
+}
+
+async fn a_retry_on_another_replica_counts_once(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let mut other = m.replica().await;
+    let room = m.start_room().await;
+    let first = m.send(room, 6, "A", human_taps(0, 7)).await;
+    assert_eq!(first.accepted, 7);
+    let retry = send_to(&mut other.loves, room, 6, "A", human_taps(0, 7)).await;
+    assert_eq!(
+        (retry.accepted, retry.reason()),
+        (0, RejectReason::DuplicateBatch),
+        "{retry:?}"
+    );
+    let next = send_to(&mut other.loves, room, 6, "B", human_taps(1_000, 3)).await;
+    assert_eq!(next.accepted, 3);
+    assert_eq!(
+        read_loves_and_top(&mut other.loves, room, 10).await,
+        (10, vec![(6, 10)])
+    );
+    m.await_total(room, 10).await;
+    assert_eq!(other.counter.inner().core.waiting(), 0);
+}
+
+async fn one_replica_finalises_and_both_replicas_loves_count(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let mut other = m.replica().await;
+    let room = m.start_room().await;
+    m.send(room, 1, "a", human_taps(0, 4)).await;
+    send_to(&mut other.loves, room, 2, "a", human_taps(0, 6)).await;
+    m.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    let fin = m.final_in_sql(room).await;
+    assert_eq!((fin.total, fin.top_lovers), (10, vec![(2, 6), (1, 4)]));
+    // Both replicas counted for the room and saw it end: wait until both
+    // are done with it, then exactly one of them finalised it.
+    let replicas = [m.counter.inner().clone(), other.counter.inner().clone()];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while replicas.iter().any(|r| r.is_ending(room)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a replica never finished the end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let finalisers: u64 = replicas
+        .iter()
+        .map(|r| r.finalised_here.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert_eq!(finalisers, 1);
+    assert_eq!(
+        read_loves_and_top(&mut other.loves, room, 10).await,
+        (10, vec![(2, 6), (1, 4)])
+    );
+}
+
+async fn late_loves_after_the_end_count_into_the_final_total(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    m.send(room, 1, "a", human_taps(0, 5)).await;
+    m.admin
+        .end_room(EndRoomRequest { room_id: room })
+        .await
+        .unwrap();
+    m.final_in_sql(room).await;
+    // A replica whose flush was held back (its store was unreachable) takes
+    // the loves in after the room was closed: the store refuses them, and
+    // they go to the final total in SQL, once.
+    let inner = m.counter.inner().clone();
+    let now = livemesh_mesh::now_ms();
+    let taken = inner
+        .core
+        .send(room, 2, "late", &human_taps(0, 3), 60_000, now)
+        .unwrap();
+    let Taken::New {
+        fate: Some(fate), ..
+    } = taken
+    else {
+        panic!("{taken:?}");
+    };
+    inner.flush_once().await;
+    assert_eq!(fate.await.unwrap(), BatchFate::Counted);
+    assert_eq!(inner.core.waiting(), 0);
+    assert_eq!(
+        inner
+            .late_batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(m.loves_and_top(room, 10).await, (8, vec![(1, 5), (2, 3)]));
+    if matches!(hot, Hot::Memory) {
+        return; // one process: no other replica shares its store
+    }
+    // The same late batch again (another replica's retry) adds nothing.
+    let restarted = m.replica().await;
+    let inner = restarted.counter.inner().clone();
+    inner
+        .core
+        .send(room, 2, "late", &human_taps(0, 3), 60_000, now)
+        .unwrap();
+    inner.flush_once().await;
+    assert_eq!(inner.core.waiting(), 0);
+    assert_eq!(m.loves_and_top(room, 10).await, (8, vec![(1, 5), (2, 3)]));
+}
+
+async fn taps_beyond_the_rooms_elapsed_time_are_refused(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    // The room started just now; the tolerance is future_skew_ms (2 s).
+    let reply = m
+        .send(room, 1, "a", vec![0, 1_000, 60_000, 3_600_000])
+        .await;
+    assert_eq!((reply.accepted, reply.rejected), (2, 2), "{reply:?}");
+    assert_eq!(reply.reason(), RejectReason::InTheFuture);
+    assert!(
+        reply.detail.contains("ahead of the broadcast"),
+        "{}",
+        reply.detail
+    );
+    assert_eq!(m.loves_and_top(room, 10).await, (2, vec![(1, 2)]));
+}
+
+async fn top_lovers_and_get_loves_agree_once_send_loves_answered(hot: Hot) {
+    let mut m = mesh(hot).await;
+    let room = m.start_room().await;
+    let mut expected = 0;
+    for i in 0..12_u64 {
+        let viewer = i % 4 + 1;
+        let reply = m
+            .send(room, viewer, &format!("b{i}"), human_taps(i * 100, 2))
+            .await;
+        expected += reply.accepted;
+        let (total, top) = m.loves_and_top(room, 10).await;
+        assert_eq!(total, expected, "GetLoves after batch {i}");
+        assert_eq!(
+            top.iter().map(|(_, loves)| loves).sum::<u64>(),
+            total,
+            "TopLovers {top:?} after batch {i}"
+        );
+    }
+    assert_eq!(expected, 24);
 }

@@ -27,6 +27,14 @@ struct Setup {
 }
 
 async fn setup(redis: &PrivateRedis, max_pending: u64) -> Setup {
+    setup_with(redis, max_pending, |_| {}).await
+}
+
+async fn setup_with(
+    redis: &PrivateRedis,
+    max_pending: u64,
+    tune: impl FnOnce(&mut Config),
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let rooms_config = Config {
         data_dir: dir.path().to_owned(),
@@ -43,6 +51,7 @@ async fn setup(redis: &PrivateRedis, max_pending: u64) -> Setup {
     config.counter.publish_url = format!("http://{}", rooms.addr);
     config.counter.flush_tick_ms = 5;
     config.counter.max_pending_loves = max_pending;
+    tune(&mut config);
     let counter = Counter::from_config(&config).await.unwrap();
     let server = TestServer::start(counter.clone()).await;
     Setup {
@@ -79,6 +88,115 @@ impl Setup {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// One command to a private Redis.
+async fn command<T: ::redis::FromRedisValue>(redis: &PrivateRedis, cmd: &mut ::redis::Cmd) -> T {
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// Makes `replica` replicate `master` and waits until its link is up.
+async fn replicate(replica: &PrivateRedis, master: &PrivateRedis) {
+    let _: () = command(
+        replica,
+        ::redis::cmd("REPLICAOF").arg("127.0.0.1").arg(master.port),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = command(replica, ::redis::cmd("INFO").arg("replication")).await;
+        if info.contains("master_link_status:up") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica on {} never linked: {info}",
+            replica.port
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sum of the room's total keys on `redis`.
+async fn total_on(redis: &PrivateRedis, room: u64) -> u64 {
+    let keys: Vec<String> = command(
+        redis,
+        ::redis::cmd("KEYS").arg(format!("counter|*|{{room:{room}}}|total:*")),
+    )
+    .await;
+    let mut total = 0;
+    for key in keys {
+        let value: u64 = command(redis, ::redis::cmd("GET").arg(key)).await;
+        total += value;
+    }
+    total
+}
+
+/// With `wait_replicas = 1`, a flush leaves the retry buffer only once the
+/// replica has it. The replica is cut off, a batch is applied on the master
+/// only; then the master is replaced by the replica's data (what a failover
+/// to that replica leaves) and the kept flush is written again: the love
+/// that `SendLoves` acknowledged is there, once.
+#[tokio::test]
+async fn an_acknowledged_love_survives_a_failover_to_a_replica() {
+    let master = PrivateRedis::start().await;
+    let replica = PrivateRedis::start().await;
+    replicate(&replica, &master).await;
+    let mut s = setup_with(&master, 1_000_000, |c| {
+        c.counter.wait_replicas = 1;
+        c.counter.wait_timeout_ms = 100;
+    })
+    .await;
+    assert_eq!(s.send(1, 1, 5).await.unwrap(), 5);
+    s.drained().await;
+    assert_eq!(total_on(&replica, s.room).await, 5, "the replica has it");
+
+    // The replica stops replicating: the next batch is applied on the
+    // master, but never confirmed, so it stays in the buffer.
+    let _: () = command(&replica, ::redis::cmd("REPLICAOF").arg("NO").arg("ONE")).await;
+    let failures = |s: &Setup| {
+        s.counter
+            .inner()
+            .core
+            .stats()
+            .flush_failures
+            .load(Ordering::Relaxed)
+    };
+    let before = failures(&s);
+    assert_eq!(
+        s.send(2, 2, 4).await.unwrap(),
+        4,
+        "accepted, held for retry"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while failures(&s) < before + 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no unconfirmed flush noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.counter.inner().core.waiting(), 4, "kept until replicated");
+    assert_eq!(total_on(&master, s.room).await, 9, "applied on the master");
+    assert_eq!(total_on(&replica, s.room).await, 5, "not on the replica");
+
+    // Failover: the master's data becomes the replica's (the 4 loves are
+    // lost from Redis), and the old master replicates the new one's state.
+    replicate(&master, &replica).await;
+    let _: () = command(&master, ::redis::cmd("REPLICAOF").arg("NO").arg("ONE")).await;
+    replicate(&replica, &master).await;
+    s.drained().await;
+    assert_eq!(total_on(&master, s.room).await, 9, "the kept flush, once");
+    assert_eq!(total_on(&replica, s.room).await, 9);
+    assert_eq!(
+        s.counter.inner().core.store().total(s.room).await.unwrap(),
+        9
+    );
 }
 
 #[tokio::test]

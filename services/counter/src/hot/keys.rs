@@ -21,6 +21,23 @@ pub fn flush(phase: &str, room_id: u64, flush_id: &str) -> String {
     format!("counter|{phase}|{{room:{room_id}}}|flush:{flush_id}")
 }
 
+/// `counter|<phase>|{room:<id>}|batch:<viewer>:<batch id>`: marks a counted
+/// SendLoves batch (value: its loves).
+pub fn batch(phase: &str, room_id: u64, viewer_id: u64, batch_id: &str) -> String {
+    format!("counter|{phase}|{{room:{room_id}}}|batch:{viewer_id}:{batch_id}")
+}
+
+/// `counter|<phase>|{room:<id>}|closed`: the room's final total was taken;
+/// flushes are refused.
+pub fn closed(phase: &str, room_id: u64) -> String {
+    format!("counter|{phase}|{{room:{room_id}}}|closed")
+}
+
+/// `counter|<phase>|{room:<id>}|finaliser`: the finaliser's lease (value: its node id).
+pub fn finaliser(phase: &str, room_id: u64) -> String {
+    format!("counter|{phase}|{{room:{room_id}}}|finaliser")
+}
+
 /// A `SCAN`/`KEYS` pattern matching every key of the room.
 pub fn room_pattern(phase: &str, room_id: u64) -> String {
     format!("counter|{phase}|{{room:{room_id}}}|*")

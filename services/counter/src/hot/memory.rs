@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{HotConfig, HotError, RoomFlush, clamped, warn_if_clamped};
+use super::{Applied, HotConfig, HotError, RoomFlush, clamped, warn_if_clamped};
 
 /// How many independently locked parts the rooms are spread over.
 const STRIPES: usize = 64;
@@ -44,12 +44,38 @@ struct Room {
     totals: Vec<u64>,
     lovers: Lovers,
     flush_ids: FlushIds,
+    /// Counted SendLoves batches, as `<viewer>:<batch id>`.
+    batch_ids: FlushIds,
+    /// Closed for the final total until then (`Some(None)`: for ever).
+    closed: Option<Option<Instant>>,
+    /// The finaliser's lease: its owner and expiry.
+    lease: Option<(String, Option<Instant>)>,
 }
 
 impl Room {
     fn is_empty(&self) -> bool {
-        self.totals.is_empty() && self.lovers.scores.is_empty() && self.flush_ids.live.is_empty()
+        self.totals.is_empty()
+            && self.lovers.scores.is_empty()
+            && self.flush_ids.live.is_empty()
+            && self.batch_ids.live.is_empty()
+            && self.closed.is_none()
+            && self.lease.is_none()
     }
+
+    fn expire(&mut self, now: Instant) {
+        self.flush_ids.expire(now);
+        self.batch_ids.expire(now);
+        if matches!(self.closed, Some(Some(until)) if until <= now) {
+            self.closed = None;
+        }
+        if matches!(&self.lease, Some((_, Some(until))) if *until <= now) {
+            self.lease = None;
+        }
+    }
+}
+
+fn batch_key(viewer_id: u64, batch_id: &str) -> String {
+    format!("{viewer_id}:{batch_id}")
 }
 
 /// A sorted set as Redis keeps it: a map for lookups and an ordered set for
@@ -205,42 +231,66 @@ impl MemoryStore {
         stripe
     }
 
-    pub(super) fn flush(&self, flushes: &[RoomFlush]) -> Vec<(u64, Result<(), HotError>)> {
+    pub(super) fn flush(&self, flushes: &[RoomFlush]) -> Vec<(u64, Result<Applied, HotError>)> {
         flushes
             .iter()
-            .map(|flush| {
-                self.apply(flush);
-                (flush.room_id, Ok(()))
-            })
+            .map(|flush| (flush.room_id, Ok(self.apply(flush))))
             .collect()
     }
 
-    fn apply(&self, flush: &RoomFlush) {
+    fn apply(&self, flush: &RoomFlush) -> Applied {
         warn_if_clamped(flush);
         let config = &self.inner.config;
         let now = Instant::now();
         let mut stripe = self.stripe(flush.room_id);
         let room = stripe.rooms.entry(flush.room_id).or_default();
-        room.flush_ids.expire(now);
-        if !room
-            .flush_ids
-            .insert(&flush.flush_id, now, config.flush_id_ttl())
-        {
+        room.expire(now);
+        if room.flush_ids.live.contains(flush.flush_id.as_str()) {
             tracing::debug!(room = flush.room_id, flush_id = %flush.flush_id, "replayed flush ignored");
-            return;
+            return Applied::Replayed;
         }
-        if flush.total_delta > 0 {
+        if room.closed.is_some() {
+            let counted = flush
+                .batches
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| {
+                    room.batch_ids
+                        .live
+                        .contains(batch_key(b.viewer_id, &b.batch_id).as_str())
+                })
+                .map(|(i, _)| i)
+                .collect();
+            return Applied::Closed { counted };
+        }
+        room.flush_ids
+            .insert(&flush.flush_id, now, config.flush_id_ttl());
+        let duplicates: Vec<usize> = flush
+            .batches
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                !room.batch_ids.insert(
+                    &batch_key(b.viewer_id, &b.batch_id),
+                    now,
+                    config.batch_ttl(),
+                )
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let (total_delta, viewers) = flush.viewers_without(&duplicates);
+        if total_delta > 0 {
             let shards = config.total_shards as usize;
             if room.totals.len() < shards {
                 room.totals.resize(shards, 0);
             }
             let shard = config.shard_of(&flush.flush_id) as usize;
             if let Some(total) = room.totals.get_mut(shard) {
-                *total = total.saturating_add(clamped(flush.total_delta));
+                *total = total.saturating_add(clamped(total_delta));
             }
         }
         let mut ranked = false;
-        for &(viewer, loves) in &flush.viewers {
+        for &(viewer, loves) in &viewers {
             // A viewer with no loves is not a lover (the script skips it too).
             if loves > 0 {
                 room.lovers.add(viewer, clamped(loves));
@@ -249,6 +299,25 @@ impl MemoryStore {
         }
         if ranked {
             room.lovers.trim(config.top_length as usize);
+        }
+        Applied::Counted { duplicates }
+    }
+
+    pub(super) fn close(&self, room_id: u64, owner: &str, lease: Duration) -> bool {
+        let config = &self.inner.config;
+        let now = Instant::now();
+        let mut stripe = self.stripe(room_id);
+        let room = stripe.rooms.entry(room_id).or_default();
+        room.expire(now);
+        if room.closed.is_none() {
+            room.closed = Some(now.checked_add(config.closed_ttl()));
+        }
+        match &room.lease {
+            Some((holder, _)) if holder != owner => false,
+            _ => {
+                room.lease = Some((owner.to_owned(), now.checked_add(lease)));
+                true
+            }
         }
     }
 
@@ -274,8 +343,9 @@ impl MemoryStore {
         if let Some(room) = stripe.rooms.get_mut(&room_id) {
             room.totals = Vec::new();
             room.lovers = Lovers::default();
-            // The flush ids stay until they expire, as the Redis markers do.
-            room.flush_ids.expire(Instant::now());
+            // The flush and batch ids, the closed mark and the lease stay
+            // until they expire, as the Redis keys do.
+            room.expire(Instant::now());
             if room.is_empty() {
                 stripe.rooms.remove(&room_id);
             }
@@ -293,7 +363,7 @@ impl Stripe {
         }
         self.next_sweep = now.checked_add(SWEEP_EVERY).unwrap_or(now);
         self.rooms.retain(|_, room| {
-            room.flush_ids.expire(now);
+            room.expire(now);
             !room.is_empty()
         });
     }
@@ -339,6 +409,7 @@ mod tests {
             flush_id: "n:1".to_owned(),
             total_delta: 2,
             viewers: vec![],
+            batches: vec![],
         };
         store.apply(&flush);
         store.apply(&flush);

@@ -39,6 +39,70 @@ pub struct RoomFlush {
     pub total_delta: u64,
     /// (viewer_id, loves) for this tick; a viewer appears once.
     pub viewers: Vec<(u64, u64)>,
+    /// The SendLoves batches the counts came from (empty for a flush built
+    /// from counts alone). Each batch id is checked in the store in the same
+    /// atomic step that counts it: a batch already counted by any replica
+    /// (within [`HotConfig::batch_ttl_secs`]) is left out of `total_delta`
+    /// and of its viewer's count. `total_delta` and `viewers` include every
+    /// batch's loves.
+    pub batches: Vec<BatchMark>,
+}
+
+/// One SendLoves batch inside a flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchMark {
+    pub viewer_id: u64,
+    pub batch_id: String,
+    pub loves: u64,
+}
+
+/// What the store did with a flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied now; `duplicates` are the indexes of the batches that were
+    /// already counted (left out).
+    Counted { duplicates: Vec<usize> },
+    /// This flush id had been applied before: nothing changed.
+    Replayed,
+    /// The room was closed for its final total ([`HotStore::close`]):
+    /// nothing changed. `counted` are the indexes of the batches counted
+    /// before the close; the others are late and must go to the final total
+    /// in SQL.
+    Closed { counted: Vec<usize> },
+}
+
+impl Applied {
+    /// Loves the store added with this flush.
+    pub fn added(&self, flush: &RoomFlush) -> u64 {
+        match self {
+            Applied::Counted { duplicates } => {
+                let dropped: u64 = duplicates
+                    .iter()
+                    .filter_map(|i| flush.batches.get(*i))
+                    .map(|b| b.loves)
+                    .sum();
+                flush.total_delta.saturating_sub(dropped)
+            }
+            Applied::Replayed | Applied::Closed { .. } => 0,
+        }
+    }
+}
+
+impl RoomFlush {
+    /// Counts per viewer without the batches at `skip` (sorted indexes).
+    fn viewers_without(&self, skip: &[usize]) -> (u64, Vec<(u64, u64)>) {
+        let mut total = self.total_delta;
+        let mut viewers = self.viewers.clone();
+        for i in skip {
+            if let Some(b) = self.batches.get(*i) {
+                total = total.saturating_sub(b.loves);
+                if let Some(v) = viewers.iter_mut().find(|(id, _)| *id == b.viewer_id) {
+                    v.1 = v.1.saturating_sub(b.loves);
+                }
+            }
+        }
+        (total, viewers)
+    }
 }
 
 /// How the hot store lays out and keeps a room's counters.
@@ -58,6 +122,20 @@ pub struct HotConfig {
     /// How long a flush id is remembered for idempotent replay (seconds). Default 600.
     /// 0 is treated as 1 (Redis rejects `EX 0`).
     pub flush_id_ttl_secs: u64,
+    /// How long a counted SendLoves batch id is remembered by the store
+    /// (seconds): a retry within this window counts nothing again, whichever
+    /// replica takes it. Default 600.
+    pub batch_ttl_secs: u64,
+    /// How long a room stays closed after its final total was taken
+    /// (seconds): flushes that arrive meanwhile are refused by the store and
+    /// go to the final total in SQL instead. Default 7 days.
+    pub closed_ttl_secs: u64,
+    /// After each write, wait until this many replicas have it (`WAIT`);
+    /// a write not replicated in time is kept and retried. 0 (default): do
+    /// not wait (a standalone Redis without replicas). Redis only.
+    pub wait_replicas: u32,
+    /// How long `WAIT` waits for the replicas (ms). Default 100.
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for HotConfig {
@@ -70,6 +148,10 @@ impl Default for HotConfig {
             // tick) while keeping markers bounded: a room flushing every
             // 10 ms keeps about 60,000 of them.
             flush_id_ttl_secs: 600,
+            batch_ttl_secs: 600,
+            closed_ttl_secs: 7 * 86_400,
+            wait_replicas: 0,
+            wait_timeout_ms: 100,
         }
     }
 }
@@ -87,11 +169,23 @@ impl HotConfig {
             total_shards: self.total_shards.max(1),
             top_length: self.top_length,
             flush_id_ttl_secs: self.flush_id_ttl_secs.clamp(1, Self::MAX_TTL_SECS),
+            batch_ttl_secs: self.batch_ttl_secs.clamp(1, Self::MAX_TTL_SECS),
+            closed_ttl_secs: self.closed_ttl_secs.clamp(1, Self::MAX_TTL_SECS),
+            wait_replicas: self.wait_replicas,
+            wait_timeout_ms: self.wait_timeout_ms.max(1),
         }
     }
 
     fn flush_id_ttl(&self) -> Duration {
         Duration::from_secs(self.flush_id_ttl_secs)
+    }
+
+    fn batch_ttl(&self) -> Duration {
+        Duration::from_secs(self.batch_ttl_secs)
+    }
+
+    fn closed_ttl(&self) -> Duration {
+        Duration::from_secs(self.closed_ttl_secs)
     }
 
     /// The total shard a flush increments: a stable hash of its id (FNV-1a),
@@ -189,7 +283,7 @@ impl HotStore {
     /// retried later with the SAME flush id; a failure after the store applied
     /// it (a lost reply, a timeout) is then harmless.
     #[tracing::instrument(name = "counter.hot.flush", skip_all, fields(rooms = flushes.len()))]
-    pub async fn flush(&self, flushes: &[RoomFlush]) -> Vec<(u64, Result<(), HotError>)> {
+    pub async fn flush(&self, flushes: &[RoomFlush]) -> Vec<(u64, Result<Applied, HotError>)> {
         match self {
             HotStore::Memory(store) => store.flush(flushes),
             HotStore::Redis(store) | HotStore::Cluster(store) => store.flush(flushes).await,
@@ -231,6 +325,26 @@ impl HotStore {
         }
     }
 
+    /// Closes the room for its final total and takes (or renews) the
+    /// finaliser's lease for `owner`: from now on flushes of the room are
+    /// refused ([`Applied::Closed`]), so its total and ranking no longer
+    /// change. Returns true if `owner` holds the lease (for `lease`), false
+    /// if another finaliser does. Idempotent.
+    #[tracing::instrument(name = "counter.hot.close", skip_all, fields(room_id = room_id))]
+    pub async fn close(
+        &self,
+        room_id: u64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, HotError> {
+        match self {
+            HotStore::Memory(store) => Ok(store.close(room_id, owner, lease)),
+            HotStore::Redis(store) | HotStore::Cluster(store) => {
+                store.close(room_id, owner, lease).await
+            }
+        }
+    }
+
     /// Checks that the store answers (a readiness probe); always `Ok` in memory.
     pub async fn ping(&self) -> Result<(), HotError> {
         match self {
@@ -251,6 +365,7 @@ mod tests {
             total_shards: 0,
             top_length: 0,
             flush_id_ttl_secs: 0,
+            ..HotConfig::default()
         }
         .normalized();
         assert_eq!(config.total_shards, 1);

@@ -21,32 +21,84 @@ use futures::future::join_all;
 use livemesh_redis::{Handle, RedisConn, RedisOptions, Script};
 use redis::Value;
 
-use super::{HotConfig, HotError, RoomFlush, clamped, keys, warn_if_clamped};
+use std::time::Duration;
+
+use super::{Applied, HotConfig, HotError, RoomFlush, clamped, keys, warn_if_clamped};
 
 /// Applies one flush of one room.
 ///
-/// KEYS: 1 the flush marker, 2 the chosen total shard, 3 the ranking.
-/// ARGV: 1 marker TTL (s), 2 total delta, 3 ranking length, then pairs of
-/// viewer id and loves (loves > 0).
-/// Returns 1 when applied, 0 when the marker already existed (a replay).
+/// KEYS: 1 the flush marker, 2 the chosen total shard, 3 the ranking, 4 the
+/// room's closed mark, then one batch marker per batch.
+/// ARGV: 1 flush marker TTL (s), 2 total delta, 3 ranking length, 4 batch
+/// marker TTL (s), 5 the number of batches n, then per batch its viewer id
+/// and loves, then pairs of viewer id and loves (the flush's counts).
+/// Returns `{1, duplicate batch indexes…}` when applied, `{0}` when the
+/// flush marker already existed (a replay), `{-1, counted batch indexes…}`
+/// when the room is closed (nothing changed). Indexes are 1-based.
 ///
-/// The marker is the first write: if Redis refuses it (e.g. out of memory)
-/// nothing was changed. Counts are clamped to 2^53 before the call (so
-/// `INCRBY` cannot overflow on one flush and scores stay exact) and passed as
-/// strings, so Lua's doubles never round them.
+/// The flush marker is the first write: if Redis refuses it (e.g. out of
+/// memory) nothing was changed. A batch whose marker exists was counted
+/// before (by any replica): its loves are left out of the total and of its
+/// viewer's count. Counts are clamped to 2^53 before the call (so `INCRBY`
+/// cannot overflow on one flush and scores stay exact) and passed as
+/// strings; the subtraction of duplicates works on doubles, exact below 2^53.
 const FLUSH_SCRIPT: &str = r"
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0}
 end
-if ARGV[2] ~= '0' then
-  redis.call('INCRBY', KEYS[2], ARGV[2])
+local n = tonumber(ARGV[5])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  local counted = {-1}
+  for i = 1, n do
+    if redis.call('EXISTS', KEYS[4 + i]) == 1 then
+      counted[#counted + 1] = i
+    end
+  end
+  return counted
 end
-if #ARGV > 3 then
-  for i = 4, #ARGV, 2 do
-    redis.call('ZINCRBY', KEYS[3], ARGV[i + 1], ARGV[i])
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+local result = {1}
+local total = ARGV[2]
+local minus = {}
+for i = 1, n do
+  local viewer = ARGV[4 + 2 * i]
+  local loves = ARGV[5 + 2 * i]
+  if not redis.call('SET', KEYS[4 + i], loves, 'NX', 'EX', ARGV[4]) then
+    result[#result + 1] = i
+    total = string.format('%.0f', tonumber(total) - tonumber(loves))
+    minus[viewer] = (minus[viewer] or 0) + tonumber(loves)
+  end
+end
+if total ~= '0' then
+  redis.call('INCRBY', KEYS[2], total)
+end
+local first = 6 + 2 * n
+if #ARGV >= first then
+  for i = first, #ARGV, 2 do
+    local loves = ARGV[i + 1]
+    if minus[ARGV[i]] then
+      loves = string.format('%.0f', tonumber(loves) - minus[ARGV[i]])
+    end
+    if loves ~= '0' then
+      redis.call('ZINCRBY', KEYS[3], loves, ARGV[i])
+    end
   end
   redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[3]) + 1))
 end
+return result
+";
+
+/// Closes a room and takes or renews the finaliser's lease.
+///
+/// KEYS: 1 the closed mark, 2 the lease. ARGV: 1 closed TTL (s), 2 the
+/// owner, 3 the lease (ms). Returns 1 if the owner holds the lease.
+const CLOSE_SCRIPT: &str = r"
+redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
@@ -56,6 +108,7 @@ pub struct RedisStore {
     conn: RedisConn,
     config: HotConfig,
     script: Script,
+    close_script: Script,
 }
 
 impl RedisStore {
@@ -69,6 +122,7 @@ impl RedisStore {
             conn: RedisConn::connect(urls, options)?,
             config: config.normalized(),
             script: Script::new(FLUSH_SCRIPT),
+            close_script: Script::new(CLOSE_SCRIPT),
         })
     }
 
@@ -82,7 +136,10 @@ impl RedisStore {
         self.conn.describe()
     }
 
-    pub(super) async fn flush(&self, flushes: &[RoomFlush]) -> Vec<(u64, Result<(), HotError>)> {
+    pub(super) async fn flush(
+        &self,
+        flushes: &[RoomFlush],
+    ) -> Vec<(u64, Result<Applied, HotError>)> {
         if flushes.is_empty() {
             return Vec::new();
         }
@@ -100,22 +157,74 @@ impl RedisStore {
             let mut conn = lease.handle();
             async move { (flush.room_id, self.apply(&mut conn, flush).await) }
         });
-        join_all(applies).await
+        let mut results = join_all(applies).await;
+        let written = results
+            .iter()
+            .any(|(_, r)| matches!(r, Ok(Applied::Counted { .. } | Applied::Replayed)));
+        if written && let Err(e) = self.replicated(&mut lease.handle()).await {
+            // Not known to be on a replica: kept and retried (the flush id
+            // makes the retry count once).
+            for (_, result) in &mut results {
+                if matches!(result, Ok(Applied::Counted { .. } | Applied::Replayed)) {
+                    *result = Err(e.clone());
+                }
+            }
+        }
+        results
     }
 
-    async fn apply(&self, conn: &mut Handle, flush: &RoomFlush) -> Result<(), HotError> {
+    /// `WAIT` for the configured replicas, after this connection's writes;
+    /// `Ok` at once when no replica is asked for. On a Cluster the client
+    /// sends it to every master and answers the fewest replicas.
+    async fn replicated(&self, conn: &mut Handle) -> Result<(), HotError> {
+        let wanted = self.config.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let timeout = self.config.wait_timeout_ms;
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(wanted).arg(timeout);
+        let what = "WAIT for replicas";
+        let bound = self.conn.command_timeout() + Duration::from_millis(timeout);
+        let acked: i64 = self
+            .conn
+            .bounded(what, bound, cmd.query_async(conn))
+            .await?;
+        if acked < i64::from(wanted) {
+            return Err(self.conn.unavailable(
+                what,
+                format!("{acked} of {wanted} replicas acknowledged within {timeout} ms"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, conn: &mut Handle, flush: &RoomFlush) -> Result<Applied, HotError> {
         warn_if_clamped(flush);
         let room = flush.room_id;
+        let phase = &self.config.phase;
         let shard = self.config.shard_of(&flush.flush_id);
-        let keys = [
-            keys::flush(&self.config.phase, room, &flush.flush_id),
-            keys::total(&self.config.phase, room, shard),
-            keys::lovers(&self.config.phase, room),
+        let mut keys = vec![
+            keys::flush(phase, room, &flush.flush_id),
+            keys::total(phase, room, shard),
+            keys::lovers(phase, room),
+            keys::closed(phase, room),
         ];
+        keys.extend(
+            flush
+                .batches
+                .iter()
+                .map(|b| keys::batch(phase, room, b.viewer_id, &b.batch_id)),
+        );
         let fill = |cmd: &mut redis::Cmd| {
             cmd.arg(self.config.flush_id_ttl_secs)
                 .arg(clamped(flush.total_delta))
-                .arg(self.config.top_length);
+                .arg(self.config.top_length)
+                .arg(self.config.batch_ttl_secs)
+                .arg(flush.batches.len());
+            for batch in &flush.batches {
+                cmd.arg(batch.viewer_id).arg(clamped(batch.loves));
+            }
             for &(viewer, loves) in &flush.viewers {
                 // A viewer with no loves is not a lover (and ZINCRBY 0 would add one).
                 if loves > 0 {
@@ -124,14 +233,58 @@ impl RedisStore {
             }
         };
         let what = format!("flush {} of room {room}", flush.flush_id);
-        let applied: i64 = self
+        let reply: Vec<i64> = self
             .conn
             .eval(&what, conn, &self.script, &keys, fill)
             .await?;
-        if applied == 0 {
-            tracing::debug!(room, flush_id = %flush.flush_id, "replayed flush ignored");
+        let indexes = || {
+            reply
+                .iter()
+                .skip(1)
+                .filter_map(|i| usize::try_from(*i - 1).ok())
+                .collect()
+        };
+        match reply.first() {
+            Some(1) => Ok(Applied::Counted {
+                duplicates: indexes(),
+            }),
+            Some(0) => {
+                tracing::debug!(room, flush_id = %flush.flush_id, "replayed flush ignored");
+                Ok(Applied::Replayed)
+            }
+            Some(-1) => Ok(Applied::Closed { counted: indexes() }),
+            _ => Err(self
+                .conn
+                .unavailable(&what, format!("unexpected reply {reply:?}"))),
         }
-        Ok(())
+    }
+
+    pub(super) async fn close(
+        &self,
+        room_id: u64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, HotError> {
+        let phase = &self.config.phase;
+        let keys = [
+            keys::closed(phase, room_id),
+            keys::finaliser(phase, room_id),
+        ];
+        let what = format!("close of room {room_id}");
+        let connection = self.conn.checkout().await?;
+        let mut handle = connection.handle();
+        let owned: i64 = self
+            .conn
+            .eval(&what, &mut handle, &self.close_script, &keys, |cmd| {
+                cmd.arg(self.config.closed_ttl_secs)
+                    .arg(owner)
+                    .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1));
+            })
+            .await?;
+        // The closed mark must outlive a failover, or a late flush could
+        // count into keys nobody reads any more.
+        self.replicated(&mut handle).await?;
+        Ok(owned == 1)
     }
 
     pub(super) async fn total(&self, room_id: u64) -> Result<u64, HotError> {
