@@ -8,7 +8,7 @@
 #   topology_start BIN_DIR      servers, databases, TLS, tokens, processes;
 #                               writes $TOPO_DIR/topology.json; installs
 #                               EXIT/INT/TERM traps that stop everything
-#   topology_run_check BIN_DIR ROUNDS
+#   topology_run_check BIN_DIR ROUNDS [CHAOS]
 #                               livemesh topology-check against it
 #   topology_stop               SIGTERM every process (each must exit 0),
 #                               then the servers; idempotent
