@@ -8,7 +8,7 @@
 #   topology_start BIN_DIR      servers, databases, TLS, tokens, processes;
 #                               writes $TOPO_DIR/topology.json; installs
 #                               EXIT/INT/TERM traps that stop everything
-#   topology_run_check BIN_DIR ROUNDS
+#   topology_run_check BIN_DIR ROUNDS [CHAOS]
 #                               livemesh topology-check against it
 #   topology_stop               SIGTERM every process (each must exit 0),
 #                               then the servers; idempotent
@@ -19,7 +19,7 @@ TOPO_DOMAIN=livemesh.mesh.internal
 TOPO_DIR=""
 TOPO_STARTUP_SECS=0
 TOPO_NAMES=() # process names, in start order
-declare -A TOPO_PID TOPO_URL TOPO_HEALTH TOPO_METRICS TOPO_LOG TOPO_SERVICE
+declare -A TOPO_PID TOPO_URL TOPO_HEALTH TOPO_METRICS TOPO_LOG TOPO_SERVICE TOPO_BIN
 TOPO_DBS=()       # databases created on a MariaDB we did not start
 TOPO_MYSQL_URL="" # mysql://user:pass@host:port (no database)
 TOPO_REDIS_URLS=""
@@ -167,14 +167,20 @@ _topo_plan() {
 _topo_spawn() {
     local bin_dir=$1 name=$2; shift 2
     local service=${TOPO_SERVICE[$name]} url=${TOPO_URL[$name]}
-    mkdir -p "$TOPO_DIR/data/$name"
-    env -i "${TOPO_COMMON_ENV[@]}" \
-        "LIVEMESH_LISTEN=${url#https://}" \
-        "LIVEMESH_SERVER__HEALTH_LISTEN=${TOPO_HEALTH[$name]}" \
-        "LIVEMESH_TELEMETRY__METRICS_LISTEN=${TOPO_METRICS[$name]}" \
-        "LIVEMESH_DATA_DIR=$TOPO_DIR/data/$name" \
-        "$@" \
-        "$bin_dir/livemesh-$service" </dev/null >"${TOPO_LOG[$name]}" 2>&1 &
+    mkdir -p "$TOPO_DIR/data/$name" "$TOPO_DIR/env"
+    local env=(
+        "${TOPO_COMMON_ENV[@]}"
+        "LIVEMESH_LISTEN=${url#https://}"
+        "LIVEMESH_SERVER__HEALTH_LISTEN=${TOPO_HEALTH[$name]}"
+        "LIVEMESH_TELEMETRY__METRICS_LISTEN=${TOPO_METRICS[$name]}"
+        "LIVEMESH_DATA_DIR=$TOPO_DIR/data/$name"
+        "$@"
+    )
+    # The exact environment (NUL-separated) and binary, so that the chaos
+    # of topology-check restarts a killed process as this started it.
+    printf '%s\0' "${env[@]}" >"$TOPO_DIR/env/$name.env"
+    TOPO_BIN[$name]="$bin_dir/livemesh-$service"
+    env -i "${env[@]}" "${TOPO_BIN[$name]}" </dev/null >"${TOPO_LOG[$name]}" 2>&1 &
     TOPO_PID[$name]=$!
 }
 
@@ -291,13 +297,22 @@ _topo_write_json() {
                 [[ ${TOPO_SERVICE[$name]} == "$service" ]] || continue
                 ((svc_first)) || printf ','
                 svc_first=0
-                printf '\n      {"name": "%s", "url": "%s", "health": "http://%s", "metrics": "http://%s/metrics", "pid": %s, "log": "%s"}' \
+                printf '\n      {"name": "%s", "url": "%s", "health": "http://%s", "metrics": "http://%s/metrics", "pid": %s, "log": "%s", "bin": "%s", "env_file": "%s"}' \
                     "$name" "${TOPO_URL[$name]}" "${TOPO_HEALTH[$name]}" "${TOPO_METRICS[$name]}" \
-                    "${TOPO_PID[$name]}" "${TOPO_LOG[$name]}"
+                    "${TOPO_PID[$name]}" "${TOPO_LOG[$name]}" "${TOPO_BIN[$name]}" "$TOPO_DIR/env/$name.env"
             done
             printf '\n    ]'
         done
-        printf '\n  },\n  "redis_cluster": "%s",\n  "mysql": "%s"\n}\n' "$TOPO_REDIS_URLS" "$(livemesh_redact "$TOPO_MYSQL_URL")"
+        printf '\n  },\n  "redis_cluster": "%s",\n  "redis_nodes": [' "$TOPO_REDIS_URLS"
+        local p node_first=1
+        for p in "${TOPO_REDIS_PORTS[@]}"; do
+            ((node_first)) || printf ','
+            node_first=0
+            printf '\n    {"port": %s, "dir": "%s"}' "$p" "$_LM_TMPDIR/redis-cluster/$p"
+        done
+        printf '\n  ],\n  "mysql": "%s",\n  "mysql_pidfile": "%s",\n  "mysql_cnf": "%s",\n  "chaos_replaced": "%s"\n}\n' \
+            "$(livemesh_redact "$TOPO_MYSQL_URL")" "$LIVEMESH_TEST_MYSQL_PIDFILE" "$LIVEMESH_TEST_MYSQL_CNF" \
+            "$TOPO_DIR/chaos-replaced"
     } >"$TOPO_DIR/topology.json"
 }
 
@@ -326,9 +341,19 @@ topology_all_alive() {
 }
 
 topology_run_check() {
-    local bin_dir=$1 rounds=$2
+    local bin_dir=$1 rounds=$2 chaos=${3:-1} flags=()
+    ((chaos)) || flags=(--no-chaos)
     env -i "${TOPO_COMMON_ENV[@]}" "$bin_dir/livemesh" topology-check \
-        --topology "$TOPO_DIR/topology.json" --rounds "$rounds"
+        --topology "$TOPO_DIR/topology.json" --rounds "$rounds" "${flags[@]}"
+}
+
+# The processes the check's chaos SIGKILLed (it restarted them as its own
+# children and stopped those itself, each draining and exiting 0).
+_topo_replaced() {
+    local name
+    [[ -f $TOPO_DIR/chaos-replaced ]] || return 1
+    while read -r name; do [[ $name == "$1" ]] && return 0; done <"$TOPO_DIR/chaos-replaced"
+    return 1
 }
 
 # SIGTERM to every process; each must drain and exit 0 within 15 s.
@@ -347,13 +372,22 @@ topology_stop() {
         fi
         status=0
         wait "${TOPO_PID[$name]}" 2>/dev/null || status=$?
+        if _topo_replaced "$name"; then
+            if ((status != 137)); then
+                _topo_log "$name: the chaos SIGKILLed it, yet it exited with status $status"
+                rc=1
+            fi
+            continue
+        fi
         if ((status != 0)); then
             _topo_log "$name exited with status $status after SIGTERM; last lines of its log:"
             tail -n 15 "${TOPO_LOG[$name]}" >&2
             rc=1
         fi
     done
-    if ((rc == 0 && ${#TOPO_NAMES[@]})); then _topo_log "all ${#TOPO_NAMES[@]} processes drained and exited 0 on SIGTERM"; fi
+    if ((rc == 0 && ${#TOPO_NAMES[@]})); then
+        _topo_log "all ${#TOPO_NAMES[@]} processes drained and exited 0 on SIGTERM (those the chaos SIGKILLed: their restarted copies, stopped by topology-check)"
+    fi
     return "$rc"
 }
 

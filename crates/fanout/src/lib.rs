@@ -133,6 +133,13 @@ pub struct Renewed {
     pub offset: u64,
 }
 
+/// Where a room's history stands: its epoch and last offset (0: empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: u64,
+    pub offset: u64,
+}
+
 /// The fan-out store. Clones share it.
 #[derive(Clone)]
 pub enum FanoutStore {
@@ -268,6 +275,18 @@ impl FanoutStore {
         match self {
             FanoutStore::Memory(store) => Ok(store.history(room_id, after, upto)),
             FanoutStore::Redis(store) => store.history(room_id, after, upto).await,
+        }
+    }
+
+    /// Where each room's history stands (epoch 0: the store holds no
+    /// history for it); one result per room, in order. Read only: the
+    /// subscribe node's head check, which notices an event appended by a
+    /// dispatcher that died before its `Deliver`.
+    #[tracing::instrument(name = "fanout.heads", skip_all, fields(rooms = rooms.len()))]
+    pub async fn heads(&self, rooms: &[u64]) -> Vec<Result<Position, StoreError>> {
+        match self {
+            FanoutStore::Memory(store) => rooms.iter().map(|&room| Ok(store.head(room))).collect(),
+            FanoutStore::Redis(store) => store.heads(rooms).await,
         }
     }
 

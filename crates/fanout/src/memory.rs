@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::{Append, Appended, FanoutSettings, Head, History, Renewed, Slot};
+use crate::{Append, Appended, FanoutSettings, Head, History, Position, Renewed, Slot};
 
 #[derive(Debug, Default)]
 struct Room {
@@ -217,6 +217,20 @@ impl MemoryFanout {
                 entries: Vec::new(),
             },
         }
+    }
+
+    pub fn head(&self, room_id: u64) -> Position {
+        let state = self.lock();
+        state.rooms.get(&room_id).map_or(
+            Position {
+                epoch: 0,
+                offset: 0,
+            },
+            |room| Position {
+                epoch: room.epoch,
+                offset: room.seq,
+            },
+        )
     }
 
     pub fn nodes(&self, room_id: u64, now_ms: i64) -> Vec<String> {

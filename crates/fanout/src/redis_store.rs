@@ -6,7 +6,7 @@ use futures::future::join_all;
 use livemesh_redis::{RedisConn, RedisOptions, Script};
 use redis::Value;
 
-use crate::{Append, Appended, FanoutSettings, Head, History, Renewed, Slot, StoreError};
+use crate::{Append, Appended, FanoutSettings, Head, History, Position, Renewed, Slot, StoreError};
 
 /// Appends an ordered event, or sets a latest value; returns the live nodes.
 ///
@@ -362,6 +362,36 @@ impl RedisFanout {
                 .map(|member| self.split(&what, member))
                 .collect::<Result<_, _>>()?,
         })
+    }
+
+    pub async fn heads(&self, rooms: &[u64]) -> Vec<Result<Position, StoreError>> {
+        let conn = match self.conn.checkout().await {
+            Ok(conn) => conn,
+            Err(e) => return rooms.iter().map(|_| Err(e.clone())).collect(),
+        };
+        // One MGET per room (its two keys share the room's slot),
+        // concurrently over the one leased connection.
+        let calls = rooms.iter().map(|&room_id| {
+            let mut handle = conn.handle();
+            async move {
+                let mut cmd = redis::cmd("MGET");
+                cmd.arg(self.key(room_id, "epoch"))
+                    .arg(self.key(room_id, "seq"));
+                let (epoch, offset): (Option<u64>, Option<u64>) = self
+                    .conn
+                    .bounded(
+                        &format!("head of room {room_id}"),
+                        self.conn.command_timeout(),
+                        cmd.query_async(&mut handle),
+                    )
+                    .await?;
+                Ok(Position {
+                    epoch: epoch.unwrap_or(0),
+                    offset: offset.unwrap_or(0),
+                })
+            }
+        });
+        join_all(calls).await
     }
 
     pub async fn nodes(&self, room_id: u64, now_ms: i64) -> Result<Vec<String>, StoreError> {

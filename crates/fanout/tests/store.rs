@@ -12,7 +12,8 @@
 use std::time::{Duration, Instant};
 
 use livemesh_fanout::{
-    Append, Appended, FanoutSettings, FanoutStore, Head, ROOM_ENDED_KEY, Renewed, Slot, StoreError,
+    Append, Appended, FanoutSettings, FanoutStore, Head, Position, ROOM_ENDED_KEY, Renewed, Slot,
+    StoreError,
 };
 
 /// Which store a case runs against.
@@ -160,7 +161,40 @@ fanout_store_suite!(
     rooms_are_independent,
     concurrent_appends_get_distinct_gap_free_offsets,
     stored_rooms_counts_each_room_with_state_once,
+    heads_follow_ordered_appends_only,
 );
+
+async fn heads_follow_ordered_appends_only(backend: Backend) {
+    let store = backend.store(settings(2));
+    let nothing = Position {
+        epoch: 0,
+        offset: 0,
+    };
+    let heads = store.heads(&[ROOM, OTHER_ROOM]).await;
+    assert_eq!(
+        heads.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+        vec![nothing, nothing]
+    );
+    let head = store.join(ROOM, "node-a", 1, 60_000, T0).await.unwrap();
+    let mut epoch = head.epoch;
+    for n in 1..=3u64 {
+        let (e, offset, _) = append_new(&store, &ordered(ROOM, b"e", T0)).await;
+        epoch = e;
+        assert_eq!(offset, n);
+        // A latest value moves no head.
+        store
+            .append(&latest(ROOM, "love_total", b"t", T0))
+            .await
+            .unwrap();
+        let heads = store.heads(&[OTHER_ROOM, ROOM]).await;
+        assert_eq!(
+            heads.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            // The head counts every append, past the trimmed history.
+            vec![nothing, Position { epoch, offset: n }]
+        );
+    }
+    assert_eq!(epoch, head.epoch);
+}
 
 async fn ordered_appends_are_numbered_and_read_back_by_range(backend: Backend) {
     let store = backend.store(settings(100));
@@ -700,6 +734,18 @@ async fn every_call_is_unavailable_quickly(store: &FanoutStore) {
     assert!(
         matches!(joined, Err(StoreError::Unavailable(_))),
         "{joined:?}"
+    );
+
+    let started = Instant::now();
+    let heads = tokio::time::timeout(bound, store.heads(&[ROOM, OTHER_ROOM]))
+        .await
+        .expect("heads hung");
+    within("heads", started);
+    assert!(
+        heads
+            .iter()
+            .all(|head| matches!(head, Err(StoreError::Unavailable(_)))),
+        "{heads:?}"
     );
 
     let started = Instant::now();

@@ -71,6 +71,10 @@ enum Command {
         /// Traffic rounds (each: comments, loves and gifts in every room).
         #[arg(long, value_name = "N", default_value_t = 3)]
         rounds: u64,
+        /// Leave out the chaos (SIGKILLed replicas, a Redis master
+        /// failover, a MariaDB restart under the workload).
+        #[arg(long)]
+        no_chaos: bool,
     },
     /// Start the mesh in this process and run a short scripted broadcast
     /// against it through the real gRPC clients, printing each step.
@@ -204,12 +208,14 @@ async fn main() -> ExitCode {
             common,
             topology,
             rounds,
+            no_chaos,
         } => report(
             livemesh::topology::run(
                 &common,
                 &topology,
                 livemesh::topology::Workload {
                     rounds,
+                    chaos: !no_chaos,
                     ..livemesh::topology::Workload::default()
                 },
             )

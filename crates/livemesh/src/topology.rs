@@ -20,13 +20,27 @@
 //!    sum, and Reconcile says balanced; the metrics the alert rules use are
 //!    exported by the processes that own them.
 //!
-//! Rounds are the seam for disruption: issue 16's chaos (SIGKILL of a
-//! replica, a Redis master failover, a MariaDB restart) goes between rounds,
-//! using the pids in the topology file; every check above must still hold.
+//! With the chaos ([`chaos`], issue 16), rounds go on while, one after the
+//! other, a replica of every service is SIGKILLed and restarted, the Redis
+//! Cluster master of the first room's slot is killed (its replica takes
+//! over) and MariaDB is SIGKILLed and restarted. Clients retry a "retry
+//! later" answer (UNAVAILABLE, DEADLINE_EXCEEDED) with the same request
+//! (idempotency key, batch id) on the next replica, as real clients do;
+//! viewers whose node died resume on another node from the last position
+//! they received. After the chaos every subscribe node gets one more viewer
+//! per room, and a last round runs. Every check above must still hold, and
+//! more: each love batch that answered OK is in its room's final total once,
+//! each gift that answered OK is settled once (each sender's balance is its
+//! deposit minus its gifts; the streamer's is the settlement's credit), and
+//! every viewer that stayed or resumed saw every acknowledged comment and
+//! gift once, in order (a late viewer: the same sequence from its start).
+
+mod chaos;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -41,11 +55,14 @@ use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
 use livemesh_proto::v1::subscribe_response::Message;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, DepositRequest, EndRoomRequest, GetLovesRequest, GetSettlementRequest, PublishRequest,
-    ReconcileRequest, RoomEvent, SendGiftRequest, SendLovesRequest, SettlementState,
-    StartRoomRequest, SubscribeRequest, room_event,
+    Comment, DepositRequest, EndRoomRequest, GetBalanceRequest, GetLovesRequest,
+    GetSettlementRequest, PublishRequest, ReconcileRequest, RoomEvent, SendGiftRequest,
+    SendLovesRequest, SettlementState, StartRoomRequest, StreamPosition, SubscribeRequest,
+    room_event,
 };
 use serde::Deserialize;
+
+use self::chaos::Chaos;
 use tokio::sync::watch;
 
 /// What `scripts/topology` started.
@@ -55,6 +72,17 @@ pub struct Topology {
     pub services: BTreeMap<String, Vec<Process>>,
     /// The counter's SQL database, where final love totals land.
     pub counter_database_url: String,
+    /// The Redis Cluster's nodes (the chaos kills a master).
+    #[serde(default)]
+    pub redis_nodes: Vec<chaos::RedisNode>,
+    /// MariaDB's pid file and option file (the chaos restarts it).
+    #[serde(default)]
+    pub mysql_pidfile: Option<PathBuf>,
+    #[serde(default)]
+    pub mysql_cnf: Option<PathBuf>,
+    /// Where the chaos lists the processes it SIGKILLed and restarted.
+    #[serde(default)]
+    pub chaos_replaced: Option<PathBuf>,
 }
 
 /// One service process.
@@ -67,6 +95,14 @@ pub struct Process {
     pub metrics: String,
     pub pid: u32,
     pub log: String,
+    /// Its plaintext health URL, `http://127.0.0.1:P`.
+    #[serde(default)]
+    pub health: String,
+    /// Its binary and environment (NUL-separated `KEY=VALUE`), to restart it.
+    #[serde(default)]
+    pub bin: String,
+    #[serde(default)]
+    pub env_file: String,
 }
 
 impl Topology {
@@ -93,6 +129,8 @@ pub struct Workload {
     pub comments_per_round: u64,
     pub lovers_per_room: u64,
     pub senders_per_room: u64,
+    /// Kill and restart processes and servers under the workload.
+    pub chaos: bool,
 }
 
 impl Default for Workload {
@@ -104,6 +142,7 @@ impl Default for Workload {
             comments_per_round: 4,
             lovers_per_room: 3,
             senders_per_room: 2,
+            chaos: true,
         }
     }
 }
@@ -112,6 +151,8 @@ impl Default for Workload {
 const SETTLE: Duration = Duration::from_secs(20);
 const TOKEN_TTL: Duration = Duration::from_secs(3_600);
 const DEPOSIT: i64 = 1_000_000;
+/// How long a client keeps retrying a call that answers "retry later".
+const RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// Runs the workload against `topology` and checks the outcome.
 pub async fn run(common: &CommonArgs, topology: &Path, workload: Workload) -> anyhow::Result<()> {
@@ -128,7 +169,24 @@ pub async fn run(common: &CommonArgs, topology: &Path, workload: Workload) -> an
         topology,
     };
     let started = Instant::now();
-    let outcome = drive(&mesh, workload).await;
+    let mut chaos = workload.chaos.then(|| {
+        Chaos::new(
+            started,
+            ClientStack::new(&config.client),
+            mesh.topology.chaos_replaced.clone(),
+        )
+    });
+    let mut outcome = drive(&mesh, workload, chaos.as_mut()).await;
+    if let Some(chaos) = &mut chaos {
+        let stopped = chaos.stop().await;
+        if outcome.is_ok() {
+            outcome = stopped;
+        }
+        println!("chaos: {} disruptions:", chaos.events.len());
+        for event in &chaos.events {
+            println!("  {event}");
+        }
+    }
     match &outcome {
         Ok(()) => println!(
             "topology check: OK in {:.1}s",
@@ -175,14 +233,76 @@ impl Mesh {
 
     /// `message` acting for `viewer` (its token in `x-livemesh-viewer`).
     fn as_viewer<T>(&self, viewer: u64, message: T) -> anyhow::Result<tonic::Request<T>> {
-        let mut request = tonic::Request::new(message);
-        if let Some(keys) = &self.keys {
-            let token = keys.mint(&Claims::viewer(viewer, TOKEN_TTL))?;
-            request
-                .metadata_mut()
-                .insert(VIEWER_HEADER, token.parse().context("a minted token")?);
+        viewer_request(self.keys.as_ref(), viewer, message)
+    }
+
+    /// [`Self::as_viewer`] for a call about to be made: a token that cannot
+    /// be minted is an INTERNAL status (never retried).
+    fn viewer_call<T>(&self, viewer: u64, message: T) -> Result<tonic::Request<T>, tonic::Status> {
+        self.as_viewer(viewer, message)
+            .map_err(|err| tonic::Status::internal(format!("{err:#}")))
+    }
+}
+
+fn viewer_request<T>(
+    keys: Option<&TokenKeys>,
+    viewer: u64,
+    message: T,
+) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(keys) = keys {
+        let token = keys.mint(&Claims::viewer(viewer, TOKEN_TTL))?;
+        request
+            .metadata_mut()
+            .insert(VIEWER_HEADER, token.parse().context("a minted token")?);
+    }
+    Ok(request)
+}
+
+/// A status a client retries with the same request: the call may not have
+/// been applied, or its answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED, a
+/// broken connection), or a rate limit asks to come back later
+/// (RESOURCE_EXHAUSTED).
+fn retry_later(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
+    )
+    // The connection broke mid-call (its server was SIGKILLed): the mesh's
+    // client reports it as UNKNOWN "transport error"; applied or not, the
+    // same request again is safe.
+    || (status.code() == tonic::Code::Unknown && status.message().contains("transport error"))
+}
+
+/// Calls `call` on `replicas[first]`, and while it answers "retry later"
+/// ([`retry_later`]) on the next replica, with the same request every time
+/// (its idempotency key or batch id), as a real client behind a load
+/// balancer does; counts each retry. Fails on any other status, or after
+/// [`RETRY_FOR`].
+async fn retrying<C, T, F, Fut>(
+    what: &str,
+    replicas: &[C],
+    first: usize,
+    retries: &AtomicU64,
+    mut call: F,
+) -> anyhow::Result<T>
+where
+    C: Clone,
+    F: FnMut(C) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + RETRY_FOR;
+    let mut i = first;
+    loop {
+        match call(replicas[i % replicas.len()].clone()).await {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(status) if retry_later(&status) && Instant::now() < deadline => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => bail!("{what}: {:?}: {}", status.code(), status.message()),
         }
-        Ok(request)
     }
 }
 
@@ -197,7 +317,11 @@ struct RoomPlan {
     /// offsets the check does not learn), as the text viewers see.
     gift_events: BTreeSet<String>,
     loves: u64,
+    /// SendLoves calls that answered OK.
+    love_batches: u64,
     gifts: i64,
+    /// Per gift sender: what its gifts that answered OK add up to.
+    sent: BTreeMap<u64, i64>,
 }
 
 impl RoomPlan {
@@ -206,10 +330,18 @@ impl RoomPlan {
     }
 }
 
-async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
-    let mut admin = RoomAdminServiceClient::new(
+/// What the clients of the check did beyond the first try.
+#[derive(Default)]
+struct Retries {
+    /// Calls retried (same request) after a "retry later" answer.
+    calls: AtomicU64,
+}
+
+async fn drive(mesh: &Mesh, w: Workload, chaos: Option<&mut Chaos>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let admin = vec![RoomAdminServiceClient::new(
         mesh.channel(&mesh.topology.processes("ongoing-query")?[0].url, "admin")?,
-    );
+    )];
     let subscribers: Vec<_> = mesh
         .channels("subscribe", "bff")?
         .into_iter()
@@ -248,12 +380,14 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
         counters.len(),
         gifts.len()
     );
+    let retries = Retries::default();
 
     // 1. Rooms.
     let mut plans = Vec::new();
     for r in 0..w.rooms {
         let anchor_id = 9_000 + r;
-        let room = admin
+        let room = admin[0]
+            .clone()
             .start_room(StartRoomRequest { anchor_id })
             .await
             .context("StartRoom")?
@@ -266,29 +400,21 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
             ..RoomPlan::default()
         });
     }
+    let rooms_started = Instant::now();
     let room_ids: Vec<u64> = plans.iter().map(|p| p.room_id).collect();
     println!("started rooms {room_ids:?}");
 
     // 2. Viewers, spread over the subscribe nodes.
-    let audience = Audience::default();
+    let audience = Audience {
+        subscribers: subscribers.clone(),
+        keys: mesh.keys.clone(),
+        ..Audience::default()
+    };
     for (r, plan) in plans.iter().enumerate() {
         for v in 0..w.viewers_per_room {
-            let viewer = viewer_id(r as u64, v);
-            let node = (v as usize) % subscribers.len();
-            let mut client = subscribers[node].clone();
-            let stream = client
-                .subscribe(mesh.as_viewer(
-                    viewer,
-                    SubscribeRequest {
-                        room_id: plan.room_id,
-                        viewer_id: viewer,
-                        ..SubscribeRequest::default()
-                    },
-                )?)
-                .await
-                .with_context(|| format!("viewer {viewer} subscribing on subscribe node {node}"))?
-                .into_inner();
-            audience.follow(plan.room_id, viewer, node, stream);
+            audience
+                .join(plan.room_id, viewer_id(r as u64, v), v as usize, false)
+                .await?;
         }
     }
     let streams = (w.rooms * w.viewers_per_room) as usize;
@@ -306,53 +432,102 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
     for r in 0..w.rooms {
         for s in 0..w.senders_per_room {
             let user_id = sender_id(r, s);
-            let mut client = payments[(s as usize) % payments.len()].clone();
-            client
-                .deposit(DepositRequest {
-                    idempotency_key: format!("topology-deposit-{user_id}"),
-                    user_id,
-                    amount: DEPOSIT,
-                })
-                .await
-                .with_context(|| format!("Deposit for user {user_id}"))?;
+            let request = DepositRequest {
+                idempotency_key: format!("topology-deposit-{user_id}"),
+                user_id,
+                amount: DEPOSIT,
+            };
+            retrying(
+                &format!("Deposit for user {user_id}"),
+                &payments,
+                s as usize,
+                &retries.calls,
+                |mut client| {
+                    let request = request.clone();
+                    async move { client.deposit(request).await }
+                },
+            )
+            .await?;
         }
     }
 
-    // 4. Traffic, in rounds; rooms side by side.
+    // 4. Traffic, in rounds (rooms side by side), and the chaos beside it.
     let peers = Peers {
         dispatchers: &dispatchers,
         counters: &counters,
         gifts: &gifts,
+        retries: &retries,
     };
-    for round in 0..w.rounds {
-        let outcomes = futures::future::try_join_all(
-            plans
-                .iter()
-                .enumerate()
-                .map(|(r, plan)| room_round(mesh, &peers, r as u64, plan.room_id, round, w)),
-        )
-        .await?;
-        for (plan, outcome) in plans.iter_mut().zip(outcomes) {
-            plan.comments.extend(outcome.comments);
-            plan.gift_events.extend(outcome.gift_events);
-            plan.loves += outcome.loves;
-            plan.gifts += outcome.gifts;
+    let rounds_started = watch::channel(0u64).0;
+    let rounds_seen = rounds_started.subscribe();
+    let chaos_over = AtomicBool::new(chaos.is_none());
+    let mut round = 0u64;
+    let traffic = async {
+        // Owned here: when the traffic stops (done or failed), the chaos
+        // waiting for a round learns it.
+        let rounds_started = rounds_started;
+        while round < w.rounds || !chaos_over.load(Ordering::Acquire) {
+            run_round(
+                mesh,
+                &peers,
+                &mut plans,
+                round,
+                rooms_started,
+                w,
+                &rounds_started,
+            )
+            .await?;
+            round += 1;
         }
-        println!(
-            "round {}: in every room {} comments over {} dispatchers, {} love batches over {} counters, {} gifts over {} gift-settlers",
-            round + 1,
-            w.comments_per_round,
-            dispatchers.len(),
-            w.lovers_per_room,
-            counters.len(),
-            w.senders_per_room,
-            gifts.len()
-        );
+        anyhow::Ok(())
+    };
+    let disruption = async {
+        let outcome = match chaos {
+            Some(chaos) => disrupt(chaos, &mesh.topology, &room_ids, rounds_seen).await,
+            None => Ok(()),
+        };
+        chaos_over.store(true, Ordering::Release);
+        outcome
+    };
+    let (traffic, disruption) = tokio::join!(traffic, disruption);
+    // The traffic's failure first: the chaos fails too when it stops.
+    traffic?;
+    disruption.context("the chaos")?;
+
+    // Viewers that join after the chaos, one per room on every node (the
+    // restarted one included), and one more round for them to see.
+    for (r, plan) in plans.iter().enumerate() {
+        for node in 0..subscribers.len() {
+            let viewer = viewer_id(r as u64, w.viewers_per_room + node as u64);
+            audience.join(plan.room_id, viewer, node, true).await?;
+        }
     }
+    let streams = streams + plans.len() * subscribers.len();
+    audience
+        .until("every late viewer stream starts", |all| {
+            all.len() == streams && all.values().all(|v| v.started)
+        })
+        .await?;
+    run_round(
+        mesh,
+        &peers,
+        &mut plans,
+        round,
+        rooms_started,
+        w,
+        &watch::channel(0).0,
+    )
+    .await?;
+    round += 1;
     ensure!(
         plans.iter().all(|p| p.loves > 0),
         "a room had no love accepted: {:?}",
         plans.iter().map(|p| p.loves).collect::<Vec<_>>()
+    );
+    println!(
+        "{round} rounds in {:.1}s; {} calls retried with the same request (idempotency key, batch id) after a retry-later answer or a broken connection",
+        started.elapsed().as_secs_f64(),
+        retries.calls.load(Ordering::Relaxed)
     );
 
     // 5a. Every viewer sees every ordered event of its room once, in order.
@@ -361,22 +536,66 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
             "every viewer sees every comment and gift of its room",
             |all| {
                 all.values().all(|v| {
-                    plans
-                        .iter()
-                        .find(|p| p.room_id == v.room_id)
-                        .is_some_and(|p| v.ordered.len() >= p.ordered_events())
+                    let Some(plan) = plans.iter().find(|p| p.room_id == v.room_id) else {
+                        return false;
+                    };
+                    if !v.late {
+                        return v.ordered.len() >= plan.ordered_events();
+                    }
+                    // A late viewer: as far as those there from the start.
+                    all.values()
+                        .filter(|o| o.room_id == v.room_id && !o.late)
+                        .all(|o| {
+                            let since = o.ordered.iter().filter(|(at, _)| *at > v.start_offset);
+                            o.ordered.len() >= plan.ordered_events()
+                                && v.ordered.len() >= since.count()
+                        })
                 })
             },
         )
         .await?;
     let logs = audience.snapshot();
+    let mut resumed = 0;
     for plan in &plans {
         let viewers: Vec<&ViewerLog> = logs
             .values()
             .filter(|v| v.room_id == plan.room_id)
             .collect();
-        let first = viewers.first().context("a room without viewers")?;
+        let first = viewers
+            .iter()
+            .find(|v| !v.late)
+            .context("a room without viewers")?;
         for viewer in &viewers {
+            ensure!(
+                viewer.unrecovered.is_empty(),
+                "viewer {} of room {} resumed without recovering every event: {:?}",
+                viewer.viewer_id,
+                plan.room_id,
+                viewer.unrecovered
+            );
+            if !viewer.resumes.is_empty() {
+                resumed += 1;
+            }
+            if viewer.late {
+                // From its start on, the same sequence as everyone.
+                let expected: Vec<(u64, String)> = first
+                    .ordered
+                    .iter()
+                    .filter(|(offset, _)| *offset > viewer.start_offset)
+                    .cloned()
+                    .collect();
+                ensure!(
+                    viewer.ordered == expected,
+                    "late viewer {} (node {}) of room {} joined at offset {}: saw {:?}, expected {:?}",
+                    viewer.viewer_id,
+                    viewer.node,
+                    plan.room_id,
+                    viewer.start_offset,
+                    viewer.ordered,
+                    expected
+                );
+                continue;
+            }
             check_ordered(plan, viewer)?;
             ensure!(
                 viewer.ordered == first.ordered,
@@ -390,10 +609,22 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
         }
     }
     let ordered: usize = plans.iter().map(RoomPlan::ordered_events).sum();
+    let comments: usize = plans.iter().map(|p| p.comments.len()).sum();
+    let gifted_events: usize = plans.iter().map(|p| p.gift_events.len()).sum();
+    let late = logs.values().filter(|v| v.late).count();
     println!(
-        "every viewer saw each comment and gift of its room once, in offset order, the same on every node ({ordered} events over {} rooms)",
+        "viewers: {} streams ({resumed} resumed on another node after theirs died, {late} joined after the chaos); each saw every acknowledged comment and gift of its room once, in offset order, the same on every node ({ordered} events over {} rooms: {comments} comments whose Publish answered OK, {gifted_events} gifts whose SendGift answered OK)",
+        logs.len(),
         plans.len()
     );
+    for viewer in logs.values().filter(|v| !v.resumes.is_empty()) {
+        println!(
+            "  viewer {} of room {}: {}",
+            viewer.viewer_id,
+            viewer.room_id,
+            viewer.resumes.join("; ")
+        );
+    }
 
     // 5b. Live love totals on every counter.
     for plan in &plans {
@@ -413,7 +644,8 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
                     }
                 },
             )
-            .await?;
+            .await
+            .with_context(|| format!("the counters accepted {} loves", plan.loves))?;
             ensure!(total == plan.loves);
         }
     }
@@ -422,12 +654,31 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
 
     // 5c. End the rooms: viewers see the end, money settles, totals land in SQL.
     for plan in &plans {
-        admin
-            .end_room(EndRoomRequest {
-                room_id: plan.room_id,
-            })
-            .await
-            .with_context(|| format!("EndRoom {}", plan.room_id))?;
+        let room_id = plan.room_id;
+        let mut tries = 0;
+        let ended = retrying(
+            &format!("EndRoom {room_id}"),
+            &admin,
+            0,
+            &retries.calls,
+            |mut admin| {
+                tries += 1;
+                let retried = tries > 1;
+                async move {
+                    match admin.end_room(EndRoomRequest { room_id }).await {
+                        // A retry of an end that was applied, its answer lost.
+                        Err(status)
+                            if retried && status.code() == tonic::Code::FailedPrecondition =>
+                        {
+                            Ok(tonic::Response::new(Default::default()))
+                        }
+                        other => other,
+                    }
+                }
+            },
+        )
+        .await;
+        ended?;
     }
     audience
         .until(
@@ -449,6 +700,7 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
 
     for plan in &plans {
         let room_id = plan.room_id;
+        let mut credit = None;
         for (f, finance) in finance.iter().enumerate() {
             let settlement = eventually(
                 &format!("room {room_id} settles (asked gift-settler {f})"),
@@ -467,12 +719,13 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
             .await?;
             ensure!(
                 settlement.gross == plan.gifts && settlement.streamer_id == plan.anchor_id,
-                "room {room_id} settled {} to streamer {}; gifts sent {} to anchor {}",
+                "room {room_id} settled {} to streamer {}; gifts that answered OK sent {} to anchor {}",
                 settlement.gross,
                 settlement.streamer_id,
                 plan.gifts,
                 plan.anchor_id
             );
+            credit = Some(settlement.streamer_credit);
             let reconcile = finance
                 .clone()
                 .reconcile(ReconcileRequest { room_id })
@@ -484,10 +737,46 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
                 reconcile.shards
             );
         }
+        // Paid once: the anchor's balance is this room's credit (it has no
+        // other income), each sender's is its deposit minus its gifts.
+        let credit = credit.context("no gift-settler")?;
+        let balance = |user: u64| {
+            let request = GetBalanceRequest { user_id: user };
+            let mut client = gifts[0].clone();
+            async move {
+                anyhow::Ok(
+                    client
+                        .get_balance(mesh.as_viewer(user, request)?)
+                        .await?
+                        .into_inner()
+                        .balance,
+                )
+            }
+        };
+        let paid = balance(plan.anchor_id).await?;
+        ensure!(
+            paid == credit,
+            "streamer {} of room {room_id} holds {paid}; the settlement credited {credit}",
+            plan.anchor_id
+        );
+        for (&sender, &sent) in &plan.sent {
+            let left = balance(sender).await?;
+            ensure!(
+                left == DEPOSIT - sent,
+                "sender {sender} holds {left}: deposited {DEPOSIT}, its gifts that answered OK sent {sent}"
+            );
+        }
+        println!(
+            "  room {room_id}: {} gifts answered OK, {} in all = settled gross; streamer {} paid {paid} once (= the settlement's credit); {} senders each debited exactly their gifts",
+            plan.gift_events.len(),
+            plan.gifts,
+            plan.anchor_id,
+            plan.sent.len()
+        );
     }
     let gifted: i64 = plans.iter().map(|p| p.gifts).sum();
     println!(
-        "every room settled its gifts ({gifted} in all) to its anchor; Reconcile balanced on every gift-settler"
+        "every room settled its gifts ({gifted} in all) to its anchor once; Reconcile balanced on every gift-settler"
     );
 
     let db = sqlx::mysql::MySqlPool::connect(&mesh.topology.counter_database_url)
@@ -507,17 +796,121 @@ async fn drive(mesh: &Mesh, w: Workload) -> anyhow::Result<()> {
             }
         })
         .await?;
+        println!(
+            "  room {room_id}: {} SendLoves answered OK accepting {} loves; final total in SQL {total}",
+            plan.love_batches, plan.loves
+        );
         ensure!(
             u64::try_from(total).ok() == Some(plan.loves),
-            "room {room_id}'s final total in SQL is {total}; the counters accepted {}",
+            "room {room_id}'s final total in SQL is {total}; the SendLoves that answered OK accepted {}",
             plan.loves
         );
     }
     db.close().await;
-    println!("every room's final love total in SQL equals the loves accepted");
+    println!("every room's final love total in SQL equals the loves accepted (each batch once)");
 
     // 5d. The metrics the alert rules read are exported where they belong.
     check_metrics(&mesh.topology).await?;
+    Ok(())
+}
+
+/// The chaos, one disruption after the other, each in a round that began
+/// after the previous disruption was over (so each strikes under traffic,
+/// with calls in flight): one replica of every service SIGKILLed and restarted, the
+/// Redis master of the first room's slot, MariaDB.
+async fn disrupt(
+    chaos: &mut Chaos,
+    topology: &Topology,
+    room_ids: &[u64],
+    rounds: watch::Receiver<u64>,
+) -> anyhow::Result<()> {
+    // Each disruption strikes 50 ms into a round that started after the
+    // previous one was over: while that round's calls are in flight.
+    let after = |seen: u64| {
+        let mut rounds = rounds.clone();
+        async move {
+            let round = rounds
+                .wait_for(|&started| started > seen)
+                .await
+                .map(|r| *r)?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            anyhow::Ok(round)
+        }
+    };
+    let mut seen = after(0).await?;
+    for service in [
+        "subscribe",
+        "publish",
+        "counter",
+        "gift-settler",
+        "ongoing-query",
+    ] {
+        let mut process = topology
+            .processes(service)?
+            .last()
+            .cloned()
+            .context("a service without processes")?;
+        chaos.kill_and_restart(&mut process).await?;
+        seen = after(seen).await?;
+    }
+    let room = room_ids.first().context("no room")?;
+    chaos
+        .fail_over_master(&topology.redis_nodes, &format!("{{room:{room}}}"))
+        .await?;
+    seen = after(seen).await?;
+    let (Some(pidfile), Some(cnf)) = (&topology.mysql_pidfile, &topology.mysql_cnf) else {
+        bail!("the topology file names no MariaDB pid and option files");
+    };
+    chaos
+        .kill_and_restart_mariadb(pidfile, cnf, &topology.counter_database_url)
+        .await?;
+    after(seen).await?;
+    Ok(())
+}
+
+/// One round of every room, side by side; adds what answered OK to the plans.
+async fn run_round(
+    mesh: &Mesh,
+    peers: &Peers<'_>,
+    plans: &mut [RoomPlan],
+    round: u64,
+    rooms_started: Instant,
+    w: Workload,
+    started: &watch::Sender<u64>,
+) -> anyhow::Result<()> {
+    // A human's pace: round n taps at video seconds n..n+1, so it starts
+    // no earlier than n + 1 s after the rooms started.
+    let not_before = rooms_started + Duration::from_secs(round + 1);
+    tokio::time::sleep_until(not_before.into()).await;
+    // Rounds count from 1 for the chaos, which strikes in them.
+    started.send_replace(round + 1);
+    let outcomes = futures::future::try_join_all(
+        plans
+            .iter()
+            .enumerate()
+            .map(|(r, plan)| room_round(mesh, peers, r as u64, plan.room_id, round, w)),
+    )
+    .await?;
+    for (plan, outcome) in plans.iter_mut().zip(outcomes) {
+        plan.comments.extend(outcome.comments);
+        plan.gift_events.extend(outcome.gift_events);
+        plan.loves += outcome.loves;
+        plan.love_batches += outcome.love_batches;
+        plan.gifts += outcome.gifts;
+        for (sender, amount) in outcome.sent {
+            *plan.sent.entry(sender).or_default() += amount;
+        }
+    }
+    println!(
+        "round {}: in every room {} comments over {} dispatchers, {} love batches over {} counters, {} gifts over {} gift-settlers",
+        round + 1,
+        w.comments_per_round,
+        peers.dispatchers.len(),
+        w.lovers_per_room,
+        peers.counters.len(),
+        w.senders_per_room,
+        peers.gifts.len()
+    );
     Ok(())
 }
 
@@ -534,20 +927,24 @@ struct Peers<'a> {
     dispatchers: &'a [PublishServiceClient<MeshChannel>],
     counters: &'a [CounterServiceClient<MeshChannel>],
     gifts: &'a [GiftsServiceClient<MeshChannel>],
+    retries: &'a Retries,
 }
 
-/// What one room's round put in.
+/// What one room's round put in (what answered OK).
 struct RoundOutcome {
     comments: BTreeMap<u64, String>,
     gift_events: BTreeSet<String>,
     loves: u64,
+    love_batches: u64,
     gifts: i64,
+    sent: BTreeMap<u64, i64>,
 }
 
 /// One round of one room: comments in sequence alternating between the
 /// dispatchers (so their offsets define the order viewers must see), love
 /// batches alternating between the counters, gifts alternating between the
-/// gift-settlers.
+/// gift-settlers; each call retried with the same request on the next
+/// replica while it answers "retry later".
 async fn room_round(
     mesh: &Mesh,
     peers: &Peers<'_>,
@@ -560,34 +957,40 @@ async fn room_round(
         comments: BTreeMap::new(),
         gift_events: BTreeSet::new(),
         loves: 0,
+        love_batches: 0,
         gifts: 0,
+        sent: BTreeMap::new(),
     };
+    let retries = &peers.retries.calls;
     for i in 0..w.comments_per_round {
         let n = round * w.comments_per_round + i;
         let viewer = viewer_id(r, n % w.viewers_per_room);
         let text = format!("room {room_id} comment {n}");
-        let mut dispatcher = peers.dispatchers[(n as usize) % peers.dispatchers.len()].clone();
-        let position = dispatcher
-            .publish(mesh.as_viewer(
-                viewer,
-                PublishRequest {
-                    room_id,
-                    event: Some(RoomEvent {
-                        kind: Some(room_event::Kind::Comment(Comment {
-                            viewer_id: viewer,
-                            text: text.clone(),
-                        })),
-                        ..RoomEvent::default()
-                    }),
-                    idempotency_key: Some(format!("topology-comment-{room_id}-{n}")),
-                    forwarded_from: None,
-                },
-            )?)
-            .await
-            .with_context(|| format!("Publish of {text:?}"))?
-            .into_inner()
-            .position
-            .context("Publish of a comment answered no position")?;
+        let request = PublishRequest {
+            room_id,
+            event: Some(RoomEvent {
+                kind: Some(room_event::Kind::Comment(Comment {
+                    viewer_id: viewer,
+                    text: text.clone(),
+                })),
+                ..RoomEvent::default()
+            }),
+            idempotency_key: Some(format!("topology-comment-{room_id}-{n}")),
+            forwarded_from: None,
+        };
+        let position = retrying(
+            &format!("Publish of {text:?}"),
+            peers.dispatchers,
+            n as usize,
+            retries,
+            |mut dispatcher| {
+                let request = mesh.viewer_call(viewer, request.clone());
+                async move { dispatcher.publish(request?).await }
+            },
+        )
+        .await?
+        .position
+        .context("Publish of a comment answered no position")?;
         ensure!(
             outcome.comments.insert(position.offset, text).is_none(),
             "two comments of room {room_id} got offset {}",
@@ -596,44 +999,52 @@ async fn room_round(
     }
     for l in 0..w.lovers_per_room {
         let viewer = viewer_id(r, l);
-        let mut counter = peers.counters[((l + round) as usize) % peers.counters.len()].clone();
         // Ten taps 100 ms apart of video time: a human's pace.
         let taps_ms = (0..10).map(|t| round * 1_000 + t * 100).collect();
-        let reply = counter
-            .send_loves(mesh.as_viewer(
-                viewer,
-                SendLovesRequest {
-                    room_id,
-                    viewer_id: viewer,
-                    batch_id: format!("topology-{round}-{l}"),
-                    taps_ms,
-                },
-            )?)
-            .await
-            .with_context(|| format!("SendLoves of viewer {viewer} in room {room_id}"))?
-            .into_inner();
+        let request = SendLovesRequest {
+            room_id,
+            viewer_id: viewer,
+            batch_id: format!("topology-{round}-{l}"),
+            taps_ms,
+        };
+        let reply = retrying(
+            &format!("SendLoves of viewer {viewer} in room {room_id}"),
+            peers.counters,
+            (l + round) as usize,
+            retries,
+            |mut counter| {
+                let request = mesh.viewer_call(viewer, request.clone());
+                async move { counter.send_loves(request?).await }
+            },
+        )
+        .await?;
         outcome.loves += reply.accepted;
+        outcome.love_batches += 1;
     }
     for s in 0..w.senders_per_room {
         let sender = sender_id(r, s);
         let amount = 10 + i64::try_from(s + round)?;
-        let mut settler = peers.gifts[((s + round) as usize) % peers.gifts.len()].clone();
-        let reply = settler
-            .send_gift(mesh.as_viewer(
-                sender,
-                SendGiftRequest {
-                    idempotency_key: format!("topology-gift-{room_id}-{round}-{s}"),
-                    viewer_id: sender,
-                    room_id,
-                    gift_id: 1 + s,
-                    amount,
-                },
-            )?)
-            .await
-            .with_context(|| format!("SendGift of user {sender} in room {room_id}"))?
-            .into_inner();
+        let request = SendGiftRequest {
+            idempotency_key: format!("topology-gift-{room_id}-{round}-{s}"),
+            viewer_id: sender,
+            room_id,
+            gift_id: 1 + s,
+            amount,
+        };
+        let reply = retrying(
+            &format!("SendGift of user {sender} in room {room_id}"),
+            peers.gifts,
+            (s + round) as usize,
+            retries,
+            |mut settler| {
+                let request = mesh.viewer_call(sender, request.clone());
+                async move { settler.send_gift(request?).await }
+            },
+        )
+        .await?;
         outcome.gift_events.insert(gift_text(&reply.transfer_id));
         outcome.gifts += amount;
+        *outcome.sent.entry(sender).or_default() += amount;
     }
     Ok(outcome)
 }
@@ -701,10 +1112,19 @@ where
 struct ViewerLog {
     room_id: u64,
     viewer_id: u64,
+    /// The subscribe node it is on now.
     node: usize,
     started: bool,
+    /// Joined after the chaos: checked from its start position on.
+    late: bool,
+    /// The offset of its first start (a late viewer sees what follows).
+    start_offset: u64,
     /// Comments and gifts, as (offset, text) in the order received.
     ordered: Vec<(u64, String)>,
+    /// Its stream broke and it resumed: on which node, after what.
+    resumes: Vec<String>,
+    /// Resumes whose start said not every missed event was replayed.
+    unrecovered: Vec<String>,
     ended: bool,
     closed: Option<Result<(), (tonic::Code, String)>>,
 }
@@ -714,6 +1134,9 @@ struct ViewerLog {
 struct Audience {
     logs: Arc<Mutex<BTreeMap<u64, ViewerLog>>>,
     changed: watch::Sender<u64>,
+    /// The subscribe nodes viewers join and resume on.
+    subscribers: Vec<SubscribeServiceClient<MeshChannel>>,
+    keys: Option<TokenKeys>,
 }
 
 impl Default for Audience {
@@ -721,61 +1144,187 @@ impl Default for Audience {
         Self {
             logs: Arc::default(),
             changed: watch::channel(0).0,
+            subscribers: Vec::new(),
+            keys: None,
         }
     }
 }
 
+/// A stream ending with one of these is a broken connection or a node
+/// going away: a client resumes elsewhere from its last position.
+fn resumable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Internal
+            | tonic::Code::DeadlineExceeded
+    )
+}
+
 impl Audience {
-    fn follow(
+    /// Opens `viewer_id`'s stream on subscribe node `node` and follows it
+    /// (resuming on another node when it breaks).
+    async fn join(
         &self,
         room_id: u64,
         viewer_id: u64,
         node: usize,
-        mut stream: tonic::Streaming<livemesh_proto::v1::SubscribeResponse>,
-    ) {
+        late: bool,
+    ) -> anyhow::Result<()> {
+        let node = node % self.subscribers.len();
+        let stream = self
+            .open(room_id, viewer_id, node, None)
+            .await
+            .with_context(|| format!("viewer {viewer_id} subscribing on subscribe node {node}"))?;
         self.update(viewer_id, |log| {
             *log = ViewerLog {
                 room_id,
                 viewer_id,
                 node,
+                late,
                 ..ViewerLog::default()
             }
         });
         let audience = self.clone();
-        tokio::spawn(async move {
-            loop {
-                match stream.message().await {
-                    Ok(Some(response)) => {
-                        audience.update(viewer_id, |log| match response.message {
-                            Some(Message::Started(_)) => log.started = true,
-                            Some(Message::Event(event)) => match event.kind {
-                                Some(room_event::Kind::Comment(Comment { text, .. })) => {
-                                    log.ordered.push((event.offset, text));
-                                }
+        tokio::spawn(async move { audience.follow(room_id, viewer_id, node, stream).await });
+        Ok(())
+    }
+
+    async fn open(
+        &self,
+        room_id: u64,
+        viewer_id: u64,
+        node: usize,
+        resume: Option<StreamPosition>,
+    ) -> Result<tonic::Streaming<livemesh_proto::v1::SubscribeResponse>, tonic::Status> {
+        let request = viewer_request(
+            self.keys.as_ref(),
+            viewer_id,
+            SubscribeRequest {
+                room_id,
+                viewer_id,
+                resume,
+                ..SubscribeRequest::default()
+            },
+        )
+        .map_err(|err| tonic::Status::internal(format!("{err:#}")))?;
+        Ok(self.subscribers[node]
+            .clone()
+            .subscribe(request)
+            .await?
+            .into_inner())
+    }
+
+    async fn follow(
+        &self,
+        room_id: u64,
+        viewer_id: u64,
+        mut node: usize,
+        mut stream: tonic::Streaming<livemesh_proto::v1::SubscribeResponse>,
+    ) {
+        // The last position received: a safe resume point on any node.
+        let mut last: Option<StreamPosition> = None;
+        let mut resuming = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) => {
+                    self.update(viewer_id, |log| match response.message {
+                        Some(Message::Started(started)) => {
+                            if resuming && !started.recovered {
+                                log.unrecovered
+                                    .push(format!("on node {node} from {last:?}: {started:?}"));
+                            }
+                            if !log.started {
+                                log.start_offset =
+                                    started.position.as_ref().map_or(0, |p| p.offset);
+                            }
+                            if last.is_none() {
+                                last = started.position;
+                            }
+                            log.started = true;
+                            resuming = false;
+                        }
+                        Some(Message::Event(event)) => {
+                            let text = match event.kind {
+                                Some(room_event::Kind::Comment(Comment { text, .. })) => Some(text),
                                 Some(room_event::Kind::Gift(gift)) => {
-                                    log.ordered
-                                        .push((event.offset, gift_text(&gift.transfer_id)));
+                                    Some(gift_text(&gift.transfer_id))
                                 }
-                                Some(room_event::Kind::RoomEnded(_)) => log.ended = true,
-                                _ => {}
-                            },
-                            // This viewer does not accept batches.
-                            Some(Message::Batch(_)) | None => {}
-                        })
-                    }
-                    Ok(None) => {
-                        audience.update(viewer_id, |log| log.closed = Some(Ok(())));
-                        return;
-                    }
-                    Err(status) => {
-                        audience.update(viewer_id, |log| {
+                                Some(room_event::Kind::RoomEnded(_)) => {
+                                    log.ended = true;
+                                    None
+                                }
+                                _ => None,
+                            };
+                            if let Some(text) = text {
+                                log.ordered.push((event.offset, text));
+                                last = Some(StreamPosition {
+                                    epoch: event.epoch,
+                                    offset: event.offset,
+                                });
+                            }
+                        }
+                        // This viewer does not accept batches.
+                        Some(Message::Batch(_)) | None => {}
+                    })
+                }
+                Ok(None) => {
+                    self.update(viewer_id, |log| log.closed = Some(Ok(())));
+                    return;
+                }
+                Err(status) => {
+                    let ended = self.snapshot().get(&viewer_id).is_some_and(|v| v.ended);
+                    if ended || !resumable(status.code()) {
+                        self.update(viewer_id, |log| {
                             log.closed = Some(Err((status.code(), status.message().to_owned())));
                         });
                         return;
                     }
+                    // Resume on the next node, as a client would; the node
+                    // may be restarting too: keep trying the others.
+                    let broke = format!("{:?} on node {node}", status.code());
+                    let deadline = Instant::now() + RETRY_FOR;
+                    let resumed = loop {
+                        node = (node + 1) % self.subscribers.len();
+                        match self.open(room_id, viewer_id, node, last).await {
+                            Ok(resumed) => break Ok(resumed),
+                            Err(status)
+                                if (resumable(status.code())
+                                    || status.code() == tonic::Code::ResourceExhausted)
+                                    && Instant::now() < deadline =>
+                            {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            Err(status) => break Err(status),
+                        }
+                    };
+                    match resumed {
+                        Ok(resumed) => {
+                            stream = resumed;
+                            resuming = true;
+                            self.update(viewer_id, |log| {
+                                log.node = node;
+                                log.resumes.push(format!(
+                                    "{broke}, resumed on node {node} from offset {}",
+                                    last.map_or(0, |p| p.offset)
+                                ));
+                            });
+                        }
+                        Err(status) => {
+                            self.update(viewer_id, |log| {
+                                log.closed = Some(Err((
+                                    status.code(),
+                                    format!("resuming after {broke}: {}", status.message()),
+                                )));
+                            });
+                            return;
+                        }
+                    }
                 }
             }
-        });
+        }
     }
 
     fn update(&self, viewer_id: u64, change: impl FnOnce(&mut ViewerLog)) {

@@ -197,6 +197,13 @@ pub struct SubscribeConfig {
     /// How long an out-of-order event waits for the ones before it before
     /// the node fetches them from the room's history.
     pub gap_wait_ms: u64,
+    /// How often the node compares, for every room it holds viewers of,
+    /// what it has released with the head of the room's history, and
+    /// fetches what it never got (an event appended by a dispatcher that
+    /// died before its Deliver). An appended event reaches the node's
+    /// viewers within `head_check_ms + gap_wait_ms` plus two store round
+    /// trips. 0: only the renewals (`report_interval_ms`) compare.
+    pub head_check_ms: u64,
     /// HTTP/2 streams one connection may carry (a BFF multiplexes many
     /// viewers over one connection).
     pub max_streams_per_connection: u32,
@@ -212,6 +219,7 @@ impl Default for SubscribeConfig {
             lease_ms: 10_000,
             report_interval_ms: 2_000,
             gap_wait_ms: 50,
+            head_check_ms: 250,
             max_streams_per_connection: 100_000,
         }
     }

@@ -66,6 +66,7 @@ impl SubscribeNode {
             lease: Duration::from_millis(c.lease_ms),
             report_interval: Duration::from_millis(c.report_interval_ms),
             gap_wait: Duration::from_millis(c.gap_wait_ms),
+            head_check: Duration::from_millis(c.head_check_ms),
         };
         Ok(Self {
             inner: Arc::new(NodeInner::new(settings, store, rooms, publish)),
@@ -98,6 +99,17 @@ impl ServiceSet for SubscribeNode {
                 inner.renew_once().await;
             }
         });
+        if !self.inner.settings.head_check.is_zero() {
+            let inner = self.inner.clone();
+            server.add_background("head checks of rooms with viewers", async move {
+                let mut interval = tokio::time::interval(inner.settings.head_check);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    interval.tick().await;
+                    inner.check_heads_once().await;
+                }
+            });
+        }
         // Viewer streams end (UNAVAILABLE, with their resume position) when
         // shutdown begins, or the drain would wait for them until its timeout.
         let inner = self.inner.clone();

@@ -5,9 +5,11 @@
 //! offset order, each once. Dispatchers may deliver out of order (two
 //! publishes racing) or not at all (a failed Deliver); an event that arrives
 //! ahead of a missing one waits up to `gap_wait`, then the node fetches the
-//! missing ones from the room's history. The renewal loop also compares the
-//! history's head with what the node has released, so a lost last event is
-//! fetched too.
+//! missing ones from the room's history. The head check (every
+//! `head_check`) and the renewal loop also compare the history's head with
+//! what the node has released, so a lost last event is fetched too: an event
+//! whose dispatcher died between the append and its Deliver reaches the
+//! streams within `head_check + gap_wait` plus two store round trips.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +38,9 @@ pub struct NodeSettings {
     pub lease: Duration,
     pub report_interval: Duration,
     pub gap_wait: Duration,
+    /// How often rooms with viewers are compared with their history's
+    /// head ([`NodeInner::check_heads_once`]); zero: only at renewals.
+    pub head_check: Duration,
 }
 
 /// Counters of what the node did.
@@ -49,6 +54,9 @@ pub struct NodeStats {
     pub overflows: AtomicU64,
     /// Missing events fetched from the history.
     pub gap_filled: AtomicU64,
+    /// Head checks that found the history ahead of what the node released
+    /// with no later event delivered (a lost Deliver).
+    pub heads_behind: AtomicU64,
     /// Events the history no longer held when fetched (trimmed or lost).
     pub gap_skipped: AtomicU64,
     /// Viewer counts published.
@@ -635,21 +643,7 @@ impl NodeInner {
             };
             let report = {
                 let mut state = lock(&room.state);
-                if renewed.epoch > state.epoch && state.epoch != 0 && !state.ended {
-                    // The room's history restarted (the hot store lost it)
-                    // and this node has seen no event of the new epoch yet.
-                    state.epoch = renewed.epoch;
-                    state.released = 0;
-                    state.known_head = 0;
-                    state.pending.clear();
-                }
-                if state.epoch == renewed.epoch && renewed.offset > state.known_head {
-                    state.known_head = renewed.offset;
-                    if state.gap().is_some() && !state.gap_fill_running {
-                        state.gap_fill_running = true;
-                        tokio::spawn(self.clone().fill_gaps(room.clone()));
-                    }
-                }
+                self.saw_head(&room, &mut state, renewed.epoch, renewed.offset);
                 let changed = state.last_reported != Some(renewed.viewers);
                 if renewed.reporter && changed && !state.ended {
                     state.last_reported = Some(renewed.viewers);
@@ -663,6 +657,73 @@ impl NodeInner {
             }
             if report {
                 self.publish_count(room_id, renewed.viewers).await;
+            }
+        }
+    }
+
+    /// The history's head as the store reported it: a newer epoch restarts
+    /// the room's sequence, and a head past what was released starts a gap
+    /// fill. Returns whether the node was behind.
+    fn saw_head(
+        self: &Arc<Self>,
+        room: &Arc<Room>,
+        state: &mut RoomState,
+        epoch: u64,
+        offset: u64,
+    ) -> bool {
+        if state.removed || state.ended || state.epoch == 0 {
+            return false;
+        }
+        if epoch > state.epoch {
+            // The room's history restarted (the hot store lost it) and
+            // this node has seen no event of the new epoch yet.
+            state.epoch = epoch;
+            state.released = 0;
+            state.known_head = 0;
+            state.pending.clear();
+        }
+        if state.epoch != epoch || offset <= state.known_head {
+            return false;
+        }
+        state.known_head = offset;
+        let behind = state.gap().is_some();
+        if behind && !state.gap_fill_running {
+            state.gap_fill_running = true;
+            tokio::spawn(self.clone().fill_gaps(room.clone()));
+        }
+        behind
+    }
+
+    /// One head check: for every room with viewers here, reads where its
+    /// history stands and fetches what the node never got. A dispatcher
+    /// that appended an event and died before its Deliver calls leaves no
+    /// other trace; this bounds how long the node's viewers miss it.
+    pub async fn check_heads_once(self: &Arc<Self>) {
+        let rooms: Vec<Arc<Room>> = lock(&self.table)
+            .values()
+            .filter(|room| {
+                let state = lock(&room.state);
+                state.streams > 0 && state.epoch != 0 && !state.ended && !state.removed
+            })
+            .cloned()
+            .collect();
+        if rooms.is_empty() {
+            return;
+        }
+        let ids: Vec<u64> = rooms.iter().map(|room| room.id).collect();
+        let heads = self.store.heads(&ids).await;
+        for (room, head) in rooms.iter().zip(heads) {
+            match head {
+                Ok(head) if head.epoch != 0 => {
+                    let mut state = lock(&room.state);
+                    if self.saw_head(room, &mut state, head.epoch, head.offset) {
+                        self.stats.heads_behind.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(room_id = room.id, %err, "reading the room's head failed");
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use livemesh_fanout::{FanoutSettings, FanoutStore};
+use livemesh_fanout::{Append, Appended, FanoutSettings, FanoutStore, Slot};
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
@@ -24,6 +24,7 @@ use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_subscribe::stream::{RESUME_EPOCH, RESUME_OFFSET};
 use livemesh_testkit::{ProxyMode, TcpProxy, TestServer};
+use prost::Message as _;
 use tonic::Streaming;
 
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +60,7 @@ fanout_suite!(
     batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_duplicate,
     batched_delivery_conflates_latest_values,
     an_overflowing_batched_stream_ends_with_its_resume_position,
+    an_event_appended_without_deliver_reaches_viewers_within_the_bound,
 );
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -1712,4 +1714,94 @@ async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: Ba
         "the replay came in batches: {:?}",
         viewer.batches
     );
+}
+
+/// Issue 16, point 5: a dispatcher that dies between the history append and
+/// its Deliver calls. The test appends to the room's history as the
+/// dispatcher's script does and calls no node; renewals are a minute apart,
+/// so only the head check can find the events. Each reaches the viewers of
+/// both nodes within `head_check_ms + gap_wait_ms` (plus store round trips),
+/// once and in offset order, and a normal publish afterwards follows it.
+async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let rooms = start_rooms(dir.path()).await;
+    let mut config = base_config(dir.path(), &rooms);
+    config.subscribe.report_interval_ms = 60_000;
+    config.subscribe.lease_ms = 120_000;
+    config.subscribe.head_check_ms = 100;
+    let store = store(backend, &livemesh_testkit::unique_name("lost"));
+    let dispatcher = start_dispatcher(&config, &store).await;
+    let nodes = [
+        start_node(&config, &store, &dispatcher.0).await,
+        start_node(&config, &store, &dispatcher.0).await,
+    ];
+    let mut admin = RoomAdminServiceClient::new(rooms.channel());
+    let room = start_room(&mut admin).await;
+    let mut viewers = Vec::new();
+    for (server, _) in &nodes {
+        let mut client = SubscribeServiceClient::new(server.channel());
+        viewers.push(subscribe(&mut client, room, None).await.unwrap());
+    }
+    let mut publisher = PublishServiceClient::new(dispatcher.0.channel());
+    let first = publish(&mut publisher, room, comment("delivered"), None)
+        .await
+        .unwrap();
+    for viewer in &mut viewers {
+        assert_eq!(text_of(&viewer.next_ordered().await), "delivered");
+    }
+    // The bound the configuration promises, plus room for two store round
+    // trips on a busy CI machine.
+    let bound =
+        Duration::from_millis(config.subscribe.head_check_ms + config.subscribe.gap_wait_ms + 700);
+    for n in 0..3u64 {
+        let text = format!("appended {n}, never delivered");
+        let payload = RoomEvent {
+            kind: Some(comment(&text)),
+            ..RoomEvent::default()
+        }
+        .encode_to_vec();
+        let appended = store
+            .append(&Append {
+                room_id: room,
+                payload: &payload,
+                slot: Slot::Ordered,
+                idempotency_key: None,
+                ends_room: false,
+                now_ms: livemesh_mesh::now_ms(),
+            })
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let Appended::New { offset, nodes, .. } = appended else {
+            panic!("expected a new event, got {appended:?}");
+        };
+        assert_eq!(offset, first.offset + 1 + n);
+        assert_eq!(nodes.len(), 2, "both nodes are registered: {nodes:?}");
+        for viewer in &mut viewers {
+            let event = viewer.next_ordered().await;
+            assert_eq!((text_of(&event), event.offset), (text.as_str(), offset));
+        }
+        let took = started.elapsed();
+        assert!(
+            took <= bound,
+            "event {n} reached the viewers after {took:?}; the bound is {bound:?}"
+        );
+    }
+    let behind: u64 = nodes
+        .iter()
+        .map(|(_, node)| node.inner().stats.heads_behind.load(Ordering::Relaxed))
+        .sum();
+    assert!(
+        behind >= 6,
+        "each node noticed each event by its head check: {behind}"
+    );
+    // A normal publish continues the sequence; nothing came twice.
+    let after = publish(&mut publisher, room, comment("after"), None)
+        .await
+        .unwrap();
+    assert_eq!(after.offset, first.offset + 4);
+    for viewer in &mut viewers {
+        let event = viewer.next_ordered().await;
+        assert_eq!((text_of(&event), event.offset), ("after", after.offset));
+    }
 }
