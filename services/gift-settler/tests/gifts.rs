@@ -1546,6 +1546,8 @@ async fn an_export_with_timestamps_at_the_ends_of_i64_is_answered(backend: SqlBa
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+}
+
 /// Issue 16, point 6: two gift-settler replicas on the same shards both
 /// follow the rooms' Watch, so both react to one room's end. Each room is
 /// also settled by hand on both replicas at the same moment as the end (the
