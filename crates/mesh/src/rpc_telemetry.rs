@@ -33,8 +33,9 @@ use tonic::body::Body;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-/// The target of the RPC spans (exported: it starts with `livemesh_`).
-const SPAN_TARGET: &str = "livemesh_mesh::rpc";
+/// The target of the RPC spans (exported: it starts with `livemesh_`; not
+/// logged unless the log filter names it, see `telemetry::init`).
+pub(crate) const SPAN_TARGET: &str = "livemesh_mesh::rpc";
 
 /// Latency buckets in seconds: 0.25 ms up to 10 s.
 const DURATION_BUCKETS: &[f64] = &[

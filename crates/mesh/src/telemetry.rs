@@ -57,11 +57,14 @@ impl Drop for TelemetryGuard {
 /// `main`, inside the Tokio runtime; later calls (tests starting several
 /// servers) keep the first subscriber.
 pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<TelemetryGuard> {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log))
-        .map_err(|e| {
-            anyhow::anyhow!("telemetry.log {:?} is not a valid filter: {e}", config.log)
-        })?;
+    // `RUST_LOG` wins when it is set and valid.
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|spec| EnvFilter::try_new(spec).is_ok())
+        .unwrap_or_else(|| config.log.clone());
+    let filter = EnvFilter::try_new(&spec)
+        .map_err(|e| anyhow::anyhow!("telemetry.log {spec:?} is not a valid filter: {e}"))?;
+    let filter = without_rpc_spans(filter, &spec);
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
     // Incoming trace context is read as W3C trace context whatever happens
     // below; this makes it the process's global format too.
@@ -123,6 +126,22 @@ pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<T
     log_metrics_addr(&guard);
     guard.provider = Some(provider);
     Ok(guard)
+}
+
+/// The log's filter, minus the per-call RPC spans unless the filter (or
+/// `RUST_LOG`) names their target: the log layer formats every field of
+/// every span it sees into a string when the span opens, which cost more
+/// than the rest of the mesh's per-call middleware together (`bench rpc`,
+/// callgrind). The trace exporter still gets them (its own filter), and
+/// with no exporter a call opens no span at all.
+fn without_rpc_spans(filter: EnvFilter, spec: &str) -> EnvFilter {
+    if spec.contains(crate::rpc_telemetry::SPAN_TARGET) {
+        return filter;
+    }
+    match format!("{}=off", crate::rpc_telemetry::SPAN_TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }
 
 /// What goes to the trace exporter: livemesh's own spans (RPCs, store

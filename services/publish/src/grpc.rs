@@ -5,7 +5,9 @@ use std::sync::Arc;
 use livemesh_mesh::auth;
 use livemesh_proto::v1::publish_service_server::PublishService;
 use livemesh_proto::v1::room_event::Kind;
-use livemesh_proto::v1::{PublishRequest, PublishResponse};
+use livemesh_proto::v1::{
+    PublishBatchRequest, PublishBatchResponse, PublishRequest, PublishResponse, PublishResult,
+};
 use tonic::{Request, Response, Status};
 
 use crate::dispatch::{DispatcherInner, PublishError};
@@ -71,8 +73,69 @@ fn check_origin(kind: Option<&Kind>, forwarded: bool, caller: Option<&str>) -> R
     }
 }
 
+/// The most events one `PublishBatch` takes.
+const MAX_BATCH: usize = 1_024;
+
+/// The result of one event of a batch.
+fn result(answer: Result<PublishResponse, Status>) -> PublishResult {
+    match answer {
+        Ok(response) => PublishResult {
+            code: 0,
+            message: String::new(),
+            response: Some(response),
+        },
+        Err(status) => PublishResult {
+            // A code is 0 to 16.
+            code: u32::try_from(status.code() as i32).unwrap_or(2),
+            message: status.message().to_owned(),
+            response: None,
+        },
+    }
+}
+
 #[tonic::async_trait]
 impl PublishService for PublishApi {
+    async fn publish_batch(
+        &self,
+        request: Request<PublishBatchRequest>,
+    ) -> Result<Response<PublishBatchResponse>, Status> {
+        let (metadata, extensions, request) = request.into_parts();
+        // The policy lets only mesh services call this when auth is
+        // enforced; in dev mode the caller is taken at its word.
+        let Some(caller) = auth::mesh_caller(&extensions, &metadata, &self.security) else {
+            return Err(Status::permission_denied(
+                "only the mesh's own services may publish a batch of events; publish each with \
+                 Publish",
+            ));
+        };
+        if request.requests.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch takes at most {MAX_BATCH} events, not {}",
+                request.requests.len()
+            )));
+        }
+        let answers = request.requests.into_iter().map(|request| {
+            let kind = request.event.as_ref().and_then(|e| e.kind.as_ref());
+            let checked = match kind {
+                Some(Kind::Comment(_)) => Err(Status::invalid_argument(
+                    "comments are a viewer's: publish each with Publish, not in a batch",
+                )),
+                _ => check_origin(kind, request.forwarded_from.is_some(), Some(&caller)),
+            };
+            let inner = self.inner.clone();
+            async move {
+                checked?;
+                Ok(inner.publish(request).await?)
+            }
+        });
+        let results = futures::future::join_all(answers)
+            .await
+            .into_iter()
+            .map(result)
+            .collect();
+        Ok(Response::new(PublishBatchResponse { results }))
+    }
+
     async fn publish(
         &self,
         request: Request<PublishRequest>,

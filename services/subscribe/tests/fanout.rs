@@ -16,9 +16,9 @@ use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, EndRoomRequest, GiftSent, LoveTotal, PublishRequest, RoomEvent, StartRoomRequest,
-    StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse, room_event,
-    subscribe_response,
+    Comment, EndRoomRequest, GiftSent, LoveTotal, PublishBatchRequest, PublishRequest, RoomEvent,
+    StartRoomRequest, StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse,
+    room_event, subscribe_response,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
@@ -56,6 +56,7 @@ fanout_suite!(
     the_last_viewer_leaving_takes_the_node_out_of_the_room,
     publishes_to_rooms_never_started_store_nothing_and_poison_nothing,
     only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts,
+    a_batch_publishes_each_event_as_publish_would_and_answers_each_in_its_place,
     a_resume_past_the_head_is_out_of_range,
     batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_duplicate,
     batched_delivery_conflates_latest_values,
@@ -1082,6 +1083,101 @@ async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+}
+
+/// `PublishBatch` (the gift-settler's announcements): each event is
+/// published as `Publish` would (its checks, its idempotency key) and
+/// answered in its place; a caller that is not a mesh service is refused.
+async fn a_batch_publishes_each_event_as_publish_would_and_answers_each_in_its_place(
+    backend: Backend,
+) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let mut viewer = subscribe(&mut mesh.node(1), room, None).await.unwrap();
+    let gift = |n: u64| {
+        room_event::Kind::Gift(GiftSent {
+            viewer_id: 3,
+            gift_id: n,
+            amount: 50,
+            transfer_id: format!("t-{n}"),
+        })
+    };
+    let request = |room_id: u64, kind: room_event::Kind, key: &str| PublishRequest {
+        room_id,
+        event: Some(RoomEvent {
+            kind: Some(kind),
+            ..RoomEvent::default()
+        }),
+        idempotency_key: Some(key.to_owned()),
+        forwarded_from: None,
+    };
+    let batch = PublishBatchRequest {
+        requests: vec![
+            request(room, gift(1), "t-1"),
+            request(room + 1_000_000, gift(2), "t-2"),
+            request(room, comment("not in a batch"), "c-1"),
+            request(room, gift(3), "t-3"),
+            request(room, gift(1), "t-1"),
+        ],
+    };
+    let results = mesh
+        .dispatcher_as_gift_settler(0)
+        .publish_batch(batch.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<u32> = results.iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        [
+            0,
+            tonic::Code::NotFound as u32,
+            tonic::Code::InvalidArgument as u32,
+            0,
+            0
+        ],
+        "{results:?}"
+    );
+    assert!(results[2].message.contains("Publish"), "{results:?}");
+    let position = |i: usize| results[i].response.as_ref().unwrap().position.unwrap();
+    assert_eq!(position(0), position(4), "the same key, the same event");
+    assert_ne!(position(0), position(3));
+    // The viewer gets gifts 1 and 3, once each.
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        match viewer.next_ordered().await.kind {
+            Some(room_event::Kind::Gift(g)) => seen.push(g.gift_id),
+            other => panic!("expected a gift, got {other:?}"),
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [1, 3]);
+    // Another mesh service may batch, but not gifts; a caller outside the
+    // mesh may not batch at all.
+    let results = PublishServiceClient::new(
+        mesh.dispatchers[0]
+            .0
+            .channel_as(livemesh_mesh::auth::policy::SUBSCRIBE),
+    )
+    .publish_batch(PublishBatchRequest {
+        requests: vec![request(room, gift(4), "t-4")],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .results;
+    assert_eq!(results[0].code, tonic::Code::PermissionDenied as u32);
+    assert!(results[0].message.contains("SendGift"), "{results:?}");
+    let err = PublishServiceClient::new(
+        mesh.dispatchers[0]
+            .0
+            .channel_as(livemesh_mesh::auth::policy::BFF),
+    )
+    .publish_batch(batch)
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 }
 
 /// Defect 5 of issue 12: a resume position past the room's newest event was

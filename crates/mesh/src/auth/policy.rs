@@ -80,6 +80,12 @@ pub const RULES: &[Rule] = &[
         ViewerRule::Optional,
     ),
     rule(
+        "/livemesh.v1.PublishService/PublishBatch",
+        // The mesh's own events only (the gift-settler's gifts); no comments.
+        &[COUNTER, GIFT_SETTLER, PUBLISH, SUBSCRIBE],
+        ViewerRule::None,
+    ),
+    rule(
         "/livemesh.v1.CounterService/SendLoves",
         &[BFF],
         ViewerRule::Required,
