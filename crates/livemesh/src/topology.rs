@@ -1007,18 +1007,31 @@ async fn room_round(
             batch_id: format!("topology-{round}-{l}"),
             taps_ms,
         };
+        let mut attempts = 0u32;
         let reply = retrying(
             &format!("SendLoves of viewer {viewer} in room {room_id}"),
             peers.counters,
             (l + round) as usize,
             retries,
             |mut counter| {
+                attempts += 1;
                 let request = mesh.viewer_call(viewer, request.clone());
                 async move { counter.send_loves(request?).await }
             },
         )
         .await?;
-        outcome.loves += reply.accepted;
+        if reply.reason == livemesh_proto::v1::RejectReason::DuplicateBatch as i32 {
+            // A retry whose earlier attempt was counted, its answer lost (the
+            // replica died, or the call timed out while the flush waited for
+            // the store): the batch is in the total, once.
+            ensure!(
+                attempts > 1,
+                "SendLoves of viewer {viewer} in room {room_id} answered DUPLICATE_BATCH on its first attempt"
+            );
+            outcome.loves += reply.rejected;
+        } else {
+            outcome.loves += reply.accepted;
+        }
         outcome.love_batches += 1;
     }
     for s in 0..w.senders_per_room {
