@@ -288,8 +288,9 @@ pub struct CounterConfig {
     pub burst: u32,
     /// How far ahead of the broadcast's current video time a tap may be.
     pub future_skew_ms: u64,
-    /// Increments are aggregated in process this long before they are
-    /// written to the hot store, one write per room.
+    /// The pause before a failed hot-store flush is retried. (Flushes are
+    /// a group commit: one starts as soon as loves wait and none is in
+    /// flight, so this no longer delays a healthy flush.)
     pub flush_tick_ms: u64,
     /// At most one live total per room is published per this period.
     pub publish_tick_ms: u64,

@@ -1,15 +1,21 @@
 //! The counter's heart: validate a batch, remember it for retries, and add
 //! what counts to the room's pending increments; a flusher writes each
-//! room's increments of a tick, with the ids of the batches they came from,
+//! room's pending increments, with the ids of the batches they came from,
 //! to the hot store as one idempotent flush (the store leaves out batches
 //! any replica counted before), keeps failed flushes (same ids) until the
 //! store is back, and refuses new loves only when too many wait. A caller
 //! may await its batch's fate: counted, a duplicate, or kept for retry.
+//!
+//! Flushing is a group commit: the flusher starts a round as soon as a batch
+//! waits and no round is in flight ([`CounterCore::work_arrived`]); batches
+//! that arrive during a round go into the next one, so rounds grow with the
+//! load (up to [`MAX_FLUSH_BATCHES`]) and a lone batch waits about one store
+//! round trip.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -23,6 +29,11 @@ const STRIPES: usize = 64;
 /// `batch_ttl_secs`), whichever replica counted it.
 const RECENT_BATCHES: usize = 64;
 const RECENT_FOR_MS: i64 = 10 * 60 * 1000;
+/// The most SendLoves batches one flush round writes (retried flushes
+/// first, then pending batches); the rest wait for the next round. Bounds
+/// the size of one round's Lua scripts (one key per batch) and of the
+/// retry buffer's rewrite after an outage.
+pub const MAX_FLUSH_BATCHES: usize = 1024;
 
 /// The answer to one batch, kept so that a retry gets the same answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +85,33 @@ struct Pending {
     total: u64,
     viewers: HashMap<u64, u64>,
     batches: Vec<BatchMark>,
+    /// One per batch, in batch order.
     waiters: Vec<Waiter>,
+}
+
+impl Pending {
+    /// The increments of `batches` (with their waiters, same order).
+    fn of(batches: Vec<BatchMark>, waiters: Vec<Waiter>) -> Self {
+        let mut viewers: HashMap<u64, u64> = HashMap::new();
+        let mut total = 0;
+        for b in &batches {
+            total += b.loves;
+            *viewers.entry(b.viewer_id).or_default() += b.loves;
+        }
+        Self {
+            total,
+            viewers,
+            batches,
+            waiters,
+        }
+    }
+
+    /// Takes the first `n` batches (and their counts) out of `self`.
+    fn split_front(&mut self, n: usize) -> Self {
+        let rest = Self::of(self.batches.split_off(n), self.waiters.split_off(n));
+        let front = std::mem::replace(self, rest);
+        Self::of(front.batches, front.waiters)
+    }
 }
 
 /// What one flush round did.
@@ -127,6 +164,12 @@ pub struct CounterCore {
     totals: Mutex<HashMap<u64, (u64, Instant)>>,
     total_ttl: Duration,
     stats: CounterStats,
+    /// Signalled when a batch joins `pending`: the flusher starts a round.
+    work: tokio::sync::Notify,
+    /// The stripe the next round drains first (rounds cut short by
+    /// [`MAX_FLUSH_BATCHES`] then do not favour the low stripes).
+    next_stripe: AtomicUsize,
+    max_flush_batches: usize,
 }
 
 fn stripe_of(key: u64) -> usize {
@@ -162,7 +205,33 @@ impl CounterCore {
             totals: Mutex::new(HashMap::new()),
             total_ttl,
             stats: CounterStats::default(),
+            work: tokio::sync::Notify::new(),
+            next_stripe: AtomicUsize::new(0),
+            max_flush_batches: MAX_FLUSH_BATCHES,
         }
+    }
+
+    /// Caps the batches of one flush round (tests; default [`MAX_FLUSH_BATCHES`]).
+    #[must_use]
+    pub fn with_max_flush_batches(mut self, max: usize) -> Self {
+        self.max_flush_batches = max.max(1);
+        self
+    }
+
+    /// Returns once a batch was added to the pending increments since the
+    /// last call returned (at once if one was meanwhile): the flusher's cue.
+    pub async fn work_arrived(&self) {
+        self.work.notified().await;
+    }
+
+    /// True if batches wait for a flush round.
+    pub fn has_pending(&self) -> bool {
+        self.pending.iter().any(|stripe| !lock(stripe).is_empty())
+    }
+
+    /// True if flushes the store did not take yet wait for a retry.
+    pub fn retrying(&self) -> bool {
+        !lock(&self.unflushed).is_empty()
     }
 
     /// This process's id (unique across restarts): flush ids start with
@@ -261,6 +330,8 @@ impl CounterCore {
             room.waiters.push(Some(tell));
             fate = Some(told);
             self.waiting.fetch_add(outcome.accepted, Ordering::AcqRel);
+            drop(pending);
+            self.work.notify_one();
         }
         self.stats
             .accepted
@@ -306,13 +377,42 @@ impl CounterCore {
         viewers
     }
 
-    /// Writes every room's pending increments as one flush per room, after
-    /// the flushes still waiting from earlier ticks.
+    /// One flush round: the flushes still waiting from earlier rounds
+    /// (oldest first), then the rooms' pending increments, one flush per
+    /// room, at most [`MAX_FLUSH_BATCHES`] batches in all (at least one
+    /// flush); what does not fit waits for the next round.
     pub async fn flush(&self) -> FlushReport {
+        let mut budget = self.max_flush_batches;
+        let mut batch: Vec<RoomFlush> = Vec::new();
+        for f in lock(&self.unflushed).iter() {
+            let size = f.batches.len().max(1);
+            if !batch.is_empty() && size > budget {
+                break;
+            }
+            budget = budget.saturating_sub(size);
+            batch.push(f.clone());
+        }
         let mut drained = Vec::new();
-        for stripe in &self.pending {
-            let taken = std::mem::take(&mut *lock(stripe));
-            for (room_id, p) in taken {
+        let first = self.next_stripe.fetch_add(1, Ordering::Relaxed);
+        for k in 0..STRIPES {
+            if budget == 0 {
+                break;
+            }
+            let mut stripe = lock(&self.pending[(first + k) % STRIPES]);
+            let rooms: Vec<u64> = stripe.keys().copied().collect();
+            for room_id in rooms {
+                if budget == 0 {
+                    break;
+                }
+                let Some(room) = stripe.get_mut(&room_id) else {
+                    continue;
+                };
+                let p = if room.batches.len() <= budget {
+                    stripe.remove(&room_id).unwrap_or_default()
+                } else {
+                    room.split_front(budget)
+                };
+                budget = budget.saturating_sub(p.batches.len());
                 let seq = self.flush_seq.fetch_add(1, Ordering::Relaxed);
                 let flush_id = format!("{}:{seq}", self.node_id);
                 lock(&self.waiters).insert(flush_id.clone(), p.waiters);
@@ -325,11 +425,10 @@ impl CounterCore {
                 });
             }
         }
-        let batch: Vec<RoomFlush> = {
-            let mut unflushed = lock(&self.unflushed);
-            unflushed.extend(drained);
-            unflushed.clone()
-        };
+        if !drained.is_empty() {
+            lock(&self.unflushed).extend(drained.iter().cloned());
+            batch.extend(drained);
+        }
         let mut report = FlushReport::default();
         if batch.is_empty() {
             return report;
@@ -502,5 +601,73 @@ impl CounterCore {
     /// Forgets a room's cached total (after its keys were deleted).
     pub fn forget_room(&self, room_id: u64) {
         lock(&self.totals).remove(&room_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hot::HotConfig;
+
+    fn core(max_batches: usize) -> CounterCore {
+        CounterCore::new(
+            Limits::default(),
+            HotStore::memory(HotConfig::default()),
+            1_000_000,
+            Duration::from_millis(100),
+        )
+        .with_max_flush_batches(max_batches)
+    }
+
+    fn fate(taken: Taken) -> oneshot::Receiver<BatchFate> {
+        match taken {
+            Taken::New {
+                fate: Some(fate), ..
+            } => fate,
+            other => panic!("expected a batch with accepted loves, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_writes_at_most_its_cap_and_the_rest_follows() {
+        let core = core(2);
+        let now = 1_000_000;
+        let mut fates = Vec::new();
+        for viewer in 1..=5 {
+            let taken = core
+                .send(7, viewer, "b", &[1, 2, 3], 10_000, now)
+                .expect("taken");
+            fates.push(fate(taken));
+        }
+        assert!(core.has_pending());
+        let report = core.flush().await;
+        assert_eq!(report.rooms, vec![7]);
+        assert_eq!(core.store().total(7).await.expect("total"), 6);
+        assert!(core.has_pending());
+        assert_eq!(core.waiting(), 9);
+        core.flush().await;
+        core.flush().await;
+        assert!(!core.has_pending());
+        assert!(!core.retrying());
+        assert_eq!(core.store().total(7).await.expect("total"), 15);
+        assert_eq!(core.waiting(), 0);
+        for fate in fates {
+            assert_eq!(fate.await.expect("told"), BatchFate::Counted);
+        }
+        let top = core.store().top(7, 10).await.expect("top");
+        assert_eq!(top.len(), 5);
+        assert!(top.iter().all(|(_, loves)| *loves == 3), "{top:?}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_wakes_the_flusher() {
+        let core = core(MAX_FLUSH_BATCHES);
+        let _fate = fate(
+            core.send(7, 1, "b", &[1], 10_000, 1_000_000)
+                .expect("taken"),
+        );
+        tokio::time::timeout(Duration::from_secs(5), core.work_arrived())
+            .await
+            .expect("the flusher is woken by a new batch");
     }
 }

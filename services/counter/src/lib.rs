@@ -2,9 +2,12 @@
 //!
 //! Clients buffer taps and send them as a list of video timestamps
 //! (`SendLoves`). Each batch is validated against abuse ([`validate`]),
-//! remembered for retries, and added to the room's pending increments;
-//! every `flush_tick_ms` one idempotent write per room goes to the hot store
-//! ([`hot`]: in process, Redis or Redis Cluster), and at most every
+//! remembered for retries, and added to the room's pending increments; a
+//! flusher writes them as a group commit (a round starts as soon as a batch
+//! waits and no round is in flight; what arrives meanwhile goes into the
+//! next round), one idempotent write per room to the hot store ([`hot`]: in
+//! process, Redis or Redis Cluster); a failed round is retried every
+//! `flush_tick_ms`. At most every
 //! `publish_tick_ms` the room's new total is published to its viewers.
 //! When ongoing-query's Watch says a room ended, its final total and top
 //! lovers go to SQL and its hot keys are deleted ([`ends`]). Accepted
@@ -62,6 +65,7 @@ pub struct Inner {
     origins: Mutex<HashMap<u64, Origins>>,
     end_grace: Duration,
     finaliser_lease: Duration,
+    /// The pause before a failed flush round is retried.
     flush_tick: Duration,
     publish_tick: Duration,
     pub publish_failures: AtomicU64,
@@ -115,7 +119,7 @@ impl Inner {
         lock(&self.origins).remove(&room_id);
     }
 
-    /// One flush tick: write pending increments; mark the rooms for
+    /// One flush round: write pending increments; mark the rooms for
     /// publishing; add flushes that found their room closed to its final
     /// total in SQL.
     pub async fn flush_once(&self) {
@@ -329,6 +333,22 @@ async fn every<F: Future<Output = ()>>(period: Duration, mut tick: impl FnMut() 
     }
 }
 
+/// The group commit: a flush round starts as soon as a batch waits and no
+/// round is in flight, so batches that arrive during a round go into the
+/// next one (rounds grow with the load) and a lone batch waits about one
+/// store round trip. Flushes the store did not take are retried every
+/// `flush_tick` (with whatever arrived meanwhile), not in a tight loop.
+async fn flusher(inner: &Inner) {
+    loop {
+        if inner.core.retrying() {
+            tokio::time::sleep(inner.flush_tick).await;
+        } else if !inner.core.has_pending() {
+            inner.core.work_arrived().await;
+        }
+        inner.flush_once().await;
+    }
+}
+
 impl ServiceSet for Counter {
     fn register(&self, server: &mut ServerBuilder) {
         server.secure(&self.security);
@@ -340,7 +360,7 @@ impl ServiceSet for Counter {
         );
         let inner = self.inner.clone();
         server.add_background("loves flusher", async move {
-            every(inner.flush_tick, || inner.flush_once()).await;
+            flusher(&inner).await;
         });
         let inner = self.inner.clone();
         server.add_background("love totals publisher", async move {
@@ -358,6 +378,10 @@ impl ServiceSet for Counter {
         let inner = self.inner.clone();
         server.add_shutdown_hook(async move {
             inner.flush_once().await;
+            // Rounds are capped in size: the rest, unless the store fails.
+            while inner.core.has_pending() && !inner.core.retrying() {
+                inner.flush_once().await;
+            }
             if inner.core.waiting() > 0 {
                 tracing::error!(
                     waiting = inner.core.waiting(),
