@@ -422,15 +422,7 @@ impl RedisFanout {
 
     pub async fn stored_rooms(&self) -> Result<usize, StoreError> {
         let prefix = format!("fanout|{}|{{room:", self.settings.phase);
-        let mut cmd = redis::cmd("KEYS");
-        cmd.arg(format!("{}*", livemesh_redis::glob_escape(&prefix)));
-        // On a Cluster, KEYS goes to every master and the replies are joined.
-        let keys: Vec<String> = self.conn.query("keys of every room", &cmd).await?;
-        let rooms: std::collections::HashSet<&str> = keys
-            .iter()
-            .filter_map(|key| key.strip_prefix(&prefix)?.split('}').next())
-            .collect();
-        Ok(rooms.len())
+        self.conn.rooms_under(&prefix).await
     }
 
     fn number(&self, what: &str, value: Option<Value>) -> Result<u64, StoreError> {

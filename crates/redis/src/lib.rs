@@ -406,6 +406,21 @@ impl RedisConn {
         .await
     }
 
+    /// How many rooms have a key under `prefix` (keys shaped
+    /// `<prefix><room id>}…`, the room's hash tag closing after its id): a
+    /// `KEYS` over the prefix, which on a Cluster goes to every master and
+    /// walks the whole keyspace, so for tests and diagnostics only.
+    pub async fn rooms_under(&self, prefix: &str) -> Result<usize, RedisError> {
+        let mut cmd = redis::cmd("KEYS");
+        cmd.arg(format!("{}*", glob_escape(prefix)));
+        let keys: Vec<String> = self.query("keys of every room", &cmd).await?;
+        let rooms: std::collections::HashSet<&str> = keys
+            .iter()
+            .filter_map(|key| key.strip_prefix(prefix)?.split('}').next())
+            .collect();
+        Ok(rooms.len())
+    }
+
     /// Runs `script` with `args` appended by `fill` (after the key count and
     /// the keys) on `conn`, bounded: `EVALSHA`, then `EVAL` where the node
     /// lacks the script.

@@ -332,15 +332,7 @@ impl RedisStore {
 
     pub(super) async fn stored_rooms(&self) -> Result<usize, HotError> {
         let prefix = format!("counter|{}|{{room:", self.config.phase);
-        let mut cmd = redis::cmd("KEYS");
-        cmd.arg(format!("{}*", livemesh_redis::glob_escape(&prefix)));
-        // On a Cluster, KEYS goes to every master and the replies are joined.
-        let keys: Vec<String> = self.conn.query("keys of every room", &cmd).await?;
-        let rooms: std::collections::HashSet<&str> = keys
-            .iter()
-            .filter_map(|key| key.strip_prefix(&prefix)?.split('}').next())
-            .collect();
-        Ok(rooms.len())
+        self.conn.rooms_under(&prefix).await
     }
 
     pub(super) async fn ping(&self) -> Result<(), HotError> {
