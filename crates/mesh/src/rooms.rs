@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+
 use crate::MeshChannel;
 use livemesh_proto::time::ms_from_timestamp;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
@@ -39,7 +42,7 @@ impl RoomInfo {
 }
 
 /// Why a room could not be looked up.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LookupError {
     #[error("room {0} does not exist")]
     NotFound(u64),
@@ -47,12 +50,28 @@ pub enum LookupError {
     Unavailable(String),
 }
 
-/// Room lookups with a short-lived cache.
-#[derive(Debug)]
+type Lookup = Shared<BoxFuture<'static, Result<RoomInfo, LookupError>>>;
+
+/// Room lookups with a short-lived cache. One GetRoom per room is in
+/// flight at a time: callers asking meanwhile share its answer, and a room
+/// known to be ongoing is answered from the cache while it is refreshed (a
+/// thousand Subscribes to one room opening at once make one call, not a
+/// thousand).
 pub struct RoomDirectory {
     /// `None`: a fixed set of rooms (see [`Self::fixed`]).
     client: Option<OngoingQueryServiceClient<MeshChannel>>,
     cache: Mutex<HashMap<u64, (RoomInfo, Instant)>>,
+    asking: Mutex<HashMap<u64, Lookup>>,
+}
+
+impl std::fmt::Debug for RoomDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomDirectory")
+            .field("fixed", &self.client.is_none())
+            .field("cached", &lock(&self.cache).len())
+            .field("asking", &lock(&self.asking).len())
+            .finish()
+    }
 }
 
 impl RoomDirectory {
@@ -60,6 +79,7 @@ impl RoomDirectory {
         Self {
             client: Some(OngoingQueryServiceClient::new(channel)),
             cache: Mutex::new(HashMap::new()),
+            asking: Mutex::new(HashMap::new()),
         }
     }
 
@@ -70,12 +90,13 @@ impl RoomDirectory {
         Self {
             client: None,
             cache: Mutex::new(rooms.into_iter().map(|r| (r.room_id, (r, now))).collect()),
+            asking: Mutex::new(HashMap::new()),
         }
     }
 
     /// The room, from the cache or from ongoing-query.
     pub async fn get(&self, room_id: u64) -> Result<RoomInfo, LookupError> {
-        let cached = self.lock().get(&room_id).copied();
+        let cached = lock(&self.cache).get(&room_id).copied();
         let Some(client) = &self.client else {
             return cached
                 .map(|(info, _)| info)
@@ -86,40 +107,73 @@ impl RoomDirectory {
         {
             return Ok(info);
         }
-        let reply = client
-            .clone()
-            .get_room(GetRoomRequest { room_id })
-            .await
-            .map_err(|status| match status.code() {
-                tonic::Code::NotFound => LookupError::NotFound(room_id),
-                _ => LookupError::Unavailable(status.message().to_owned()),
-            })?;
-        let info = reply
-            .into_inner()
-            .room
-            .as_ref()
-            .map(RoomInfo::from_proto)
-            .ok_or_else(|| LookupError::Unavailable("GetRoom returned no room".into()))?;
+        let lookup = {
+            let mut asking = lock(&self.asking);
+            if let Some(lookup) = asking.get(&room_id) {
+                if let Some((info, _)) = cached {
+                    // Being refreshed: the record a moment old stands in
+                    // (the Watch stream tells of an end sooner anyway).
+                    return Ok(info);
+                }
+                lookup.clone()
+            } else {
+                let lookup = ask(client.clone(), room_id).boxed().shared();
+                asking.insert(room_id, lookup.clone());
+                lookup
+            }
+        };
+        let answer = lookup.clone().await;
+        {
+            let mut asking = lock(&self.asking);
+            if asking.get(&room_id).is_some_and(|l| l.ptr_eq(&lookup)) {
+                asking.remove(&room_id);
+            }
+        }
+        let info = answer?;
         self.remember(info);
-        Ok(info)
+        Ok(lock(&self.cache).get(&room_id).map_or(info, |(i, _)| *i))
     }
 
     /// Records what the Watch stream said.
     pub fn remember(&self, info: RoomInfo) {
-        let mut cache = self.lock();
+        let mut cache = lock(&self.cache);
         if cache.len() >= ENDED_KEPT {
             // Forget the ended rooms first: they are the ones never asked again.
             cache.retain(|_, (i, _)| !i.ended);
         }
+        // A room never starts again: an answer asked for before the end
+        // and arriving after it does not bring the room back.
+        if cache.get(&info.room_id).is_some_and(|(i, _)| i.ended) && !info.ended {
+            return;
+        }
         cache.insert(info.room_id, (info, Instant::now()));
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (RoomInfo, Instant)>> {
-        // Inserts leave the map consistent; a poisoned lock holds valid data.
-        self.cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// One GetRoom call.
+async fn ask(
+    mut client: OngoingQueryServiceClient<MeshChannel>,
+    room_id: u64,
+) -> Result<RoomInfo, LookupError> {
+    let reply = client
+        .get_room(GetRoomRequest { room_id })
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::NotFound => LookupError::NotFound(room_id),
+            _ => LookupError::Unavailable(status.message().to_owned()),
+        })?;
+    reply
+        .into_inner()
+        .room
+        .as_ref()
+        .map(RoomInfo::from_proto)
+        .ok_or_else(|| LookupError::Unavailable("GetRoom returned no room".into()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Inserts and removals leave the maps consistent; a poisoned lock holds
+    // valid data.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Follows ongoing-query's Watch stream for as long as the future runs,

@@ -605,6 +605,15 @@ pub struct Traceparent {
 
 impl Traceparent {
     /// The current span's context, if it has a valid one.
+    /// A context from its parts (W3C: trace id, parent span id, flags).
+    pub fn new(trace_id: u128, span_id: u64, flags: u8) -> Self {
+        Self {
+            trace_id,
+            span_id,
+            flags,
+        }
+    }
+
     pub fn current() -> Option<Self> {
         Origins::current().map(|sc| Self {
             trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),

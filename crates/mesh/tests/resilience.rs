@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use livemesh_mesh::config::{ClientConfig, ServerConfig};
 use livemesh_mesh::resilience::{BreakerState, breaker_state};
+use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServerBuilder, ServiceSet, serve_set_with};
 use livemesh_mesh::{ClientStack, MeshChannel, Shutdown};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
@@ -20,7 +21,7 @@ use livemesh_proto::v1::ongoing_query_service_server::{
 };
 use livemesh_proto::v1::{
     GetRoomRequest, GetRoomResponse, ListOngoingRequest, ListOngoingResponse, PartitionRequest,
-    PartitionResponse, WatchRequest, WatchResponse,
+    PartitionResponse, Room, RoomStatus, WatchRequest, WatchResponse,
 };
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
@@ -34,6 +35,8 @@ enum Answer {
     UnavailableFirst(u64),
     /// Waits for a permit of the semaphore (the test hands them out).
     Hold(Arc<Semaphore>),
+    /// Like `Hold`, then answers with the room asked for, ongoing.
+    Room(Arc<Semaphore>),
 }
 
 struct Scripted {
@@ -61,7 +64,7 @@ impl Peer {
 impl OngoingQueryService for Peer {
     async fn get_room(
         &self,
-        _request: Request<GetRoomRequest>,
+        request: Request<GetRoomRequest>,
     ) -> Result<Response<GetRoomResponse>, Status> {
         let n = self.0.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let answer = self.0.answer.lock().unwrap().clone();
@@ -73,6 +76,17 @@ impl OngoingQueryService for Peer {
             Answer::Hold(gate) => {
                 gate.acquire().await.unwrap().forget();
                 Ok(Response::new(GetRoomResponse::default()))
+            }
+            Answer::Room(gate) => {
+                gate.acquire().await.unwrap().forget();
+                Ok(Response::new(GetRoomResponse {
+                    room: Some(Room {
+                        room_id: request.get_ref().room_id,
+                        anchor_id: 1,
+                        status: RoomStatus::Ongoing.into(),
+                        ..Room::default()
+                    }),
+                }))
             }
         }
     }
@@ -402,5 +416,44 @@ async fn past_the_limit_a_call_is_shed_with_unavailable_and_streams_hold_no_perm
     gate.add_permits(1);
     get_room(&mut second).await.unwrap();
     drop(stream);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_storm_of_lookups_of_one_room_makes_one_get_room_call() {
+    let gate = Arc::new(Semaphore::new(0));
+    let peer = Peer::new(Answer::Room(gate.clone()));
+    let (server, addr) = serve(
+        peer.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::default(),
+    )
+    .await;
+    let stack = ClientStack::new(&ClientConfig::default());
+    let rooms = Arc::new(RoomDirectory::new(
+        stack.channel(&format!("http://{addr}")).unwrap(),
+    ));
+    // A thousand Subscribes to one room opening at once (as a node sees when
+    // a big room's viewers reconnect).
+    let lookups: Vec<_> = (0..1_000)
+        .map(|_| {
+            let rooms = rooms.clone();
+            tokio::spawn(async move { rooms.get(7).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while peer.calls() == 0 {
+        assert!(Instant::now() < deadline, "no GetRoom reached the peer");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gate.add_permits(1_000);
+    for lookup in lookups {
+        let info = lookup.await.unwrap().expect("the room");
+        assert_eq!((info.room_id, info.ended), (7, false));
+    }
+    assert_eq!(peer.calls(), 1, "every lookup shares the one call in flight");
+    // Known now: answered without asking.
+    rooms.get(7).await.expect("the room");
+    assert_eq!(peer.calls(), 1);
     server.stop().await;
 }

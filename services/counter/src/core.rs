@@ -80,6 +80,15 @@ pub enum Taken {
 
 type Waiter = Option<oneshot::Sender<BatchFate>>;
 
+/// Where a batch waits for the store ([`CounterCore::tried`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// In the rooms' pending increments: no round took it yet.
+    Pending,
+    /// In a flush a round took (in flight, or failed and kept for retry).
+    Unflushed,
+}
+
 #[derive(Debug, Default)]
 struct Pending {
     total: u64,
@@ -166,6 +175,9 @@ pub struct CounterCore {
     stats: CounterStats,
     /// Signalled when a batch joins `pending`: the flusher starts a round.
     work: tokio::sync::Notify,
+    /// Signalled (to every waiter) when a flush round ends: a retry taken
+    /// as a duplicate waits on it for its first attempt's flush.
+    round_done: tokio::sync::Notify,
     /// The stripe the next round drains first (rounds cut short by
     /// [`MAX_FLUSH_BATCHES`] then do not favour the low stripes).
     next_stripe: AtomicUsize,
@@ -206,6 +218,7 @@ impl CounterCore {
             total_ttl,
             stats: CounterStats::default(),
             work: tokio::sync::Notify::new(),
+            round_done: tokio::sync::Notify::new(),
             next_stripe: AtomicUsize::new(0),
             max_flush_batches: MAX_FLUSH_BATCHES,
         }
@@ -258,8 +271,9 @@ impl CounterCore {
     }
 
     /// Validates and takes a batch. A batch id this replica took from the
-    /// viewer recently is [`Taken::Duplicate`] at once; any other repeat is
-    /// caught by the store when the batch is flushed ([`BatchFate::Duplicate`]).
+    /// viewer recently is [`Taken::Duplicate`] at once (its caller must
+    /// await [`Self::tried`] before answering); any other repeat is caught
+    /// by the store when the batch is flushed ([`BatchFate::Duplicate`]).
     pub fn send(
         &self,
         room_id: u64,
@@ -344,6 +358,46 @@ impl CounterCore {
             accepted: verdict.accepted,
             fate,
         })
+    }
+
+    /// Returns once the flush carrying the batch `batch_id` of `viewer_id`
+    /// in `room_id` was tried: at once if no flush of this replica holds it
+    /// (it was counted, or took no loves), else after the round that wrote
+    /// it ended (counted, or kept for retry as its first attempt was told).
+    /// A retry answered "duplicate" while its first attempt still waits for
+    /// the store would otherwise be told "counted" before the loves are
+    /// anywhere but in this process.
+    pub async fn tried(&self, room_id: u64, viewer_id: u64, batch_id: &str) {
+        let mut written = false;
+        loop {
+            let round = self.round_done.notified();
+            tokio::pin!(round);
+            round.as_mut().enable();
+            match self.locate(room_id, viewer_id, batch_id) {
+                None => return,
+                // Drained by a round that has ended since (it is kept for
+                // retry) or is still in flight (its end is the next signal).
+                Some(Place::Unflushed) if written => return,
+                Some(Place::Unflushed) => written = true,
+                Some(Place::Pending) => {}
+            }
+            round.await;
+        }
+    }
+
+    /// Where a batch waits in this replica, if it does.
+    fn locate(&self, room_id: u64, viewer_id: u64, batch_id: &str) -> Option<Place> {
+        let is = |b: &BatchMark| b.viewer_id == viewer_id && b.batch_id == batch_id;
+        let pending = lock(&self.pending[stripe_of(room_id)])
+            .get(&room_id)
+            .is_some_and(|p| p.batches.iter().any(is));
+        if pending {
+            return Some(Place::Pending);
+        }
+        lock(&self.unflushed)
+            .iter()
+            .any(|f| f.room_id == room_id && f.batches.iter().any(is))
+            .then_some(Place::Unflushed)
     }
 
     /// Loves of `room_id` accepted here and not yet confirmed by the store.
@@ -510,6 +564,7 @@ impl CounterCore {
                 }
             });
         }
+        self.round_done.notify_waiters();
         report
     }
 
@@ -550,6 +605,7 @@ impl CounterCore {
             !this
         });
         self.waiting.fetch_sub(settled, Ordering::AcqRel);
+        self.round_done.notify_waiters();
         settled > 0
     }
 
@@ -657,6 +713,39 @@ mod tests {
         let top = core.store().top(7, 10).await.expect("top");
         assert_eq!(top.len(), 5);
         assert!(top.iter().all(|(_, loves)| *loves == 3), "{top:?}");
+    }
+
+    /// Polls `fut` once: true if it is ready.
+    fn ready<F: Future>(fut: std::pin::Pin<&mut F>) -> bool {
+        let waker = std::task::Waker::noop();
+        fut.poll(&mut std::task::Context::from_waker(waker)).is_ready()
+    }
+
+    #[tokio::test]
+    async fn a_retry_taken_as_a_duplicate_waits_for_its_first_attempts_flush() {
+        let core = core(MAX_FLUSH_BATCHES);
+        let first = fate(
+            core.send(7, 1, "b", &[1, 2], 10_000, 1_000_000)
+                .expect("taken"),
+        );
+        let again = core
+            .send(7, 1, "b", &[1, 2], 10_000, 1_000_000)
+            .expect("taken");
+        assert!(matches!(again, Taken::Duplicate), "{again:?}");
+        let tried = core.tried(7, 1, "b");
+        tokio::pin!(tried);
+        // The first attempt's loves are only in this process: the retry
+        // may not be told "counted" yet.
+        assert!(!ready(tried.as_mut()), "answered before any flush");
+        core.flush().await;
+        assert!(ready(tried.as_mut()), "not answered after the flush");
+        assert_eq!(first.await.expect("told"), BatchFate::Counted);
+        assert_eq!(core.store().total(7).await.expect("total"), 2);
+        // Another viewer's batch of the same id, or one never sent, waits
+        // for nothing.
+        let other = core.tried(7, 2, "b");
+        tokio::pin!(other);
+        assert!(ready(other.as_mut()));
     }
 
     #[tokio::test]

@@ -108,7 +108,14 @@ impl CounterApi {
             now,
         )?;
         let outcome = match taken {
-            Taken::Duplicate => None,
+            Taken::Duplicate => {
+                // Answer as the first attempt will be: after its flush.
+                self.inner
+                    .core
+                    .tried(room.room_id, request.viewer_id, &request.batch_id)
+                    .await;
+                None
+            }
             Taken::New {
                 outcome,
                 accepted,

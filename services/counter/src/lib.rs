@@ -13,6 +13,11 @@
 //! lovers go to SQL and its hot keys are deleted ([`ends`]). Accepted
 //! batches are logged for analytics off the hot path ([`analytics`]).
 
+// SendLoves's handler future (validation, the flush wait, a retry's wait
+// for its first attempt, the total) nests deeper than rustc's default
+// limit of 128 when its layout is computed.
+#![recursion_limit = "256"]
+
 pub mod analytics;
 pub mod core;
 pub mod ends;

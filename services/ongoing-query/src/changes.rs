@@ -7,7 +7,7 @@
 //! a position from before a restart (or from another replica) is recognised
 //! as foreign and answered with a snapshot instead of a wrong replay.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use livemesh_mesh::rpc_telemetry::Traceparent;
@@ -76,6 +76,10 @@ pub struct ChangeLog {
     window: usize,
     ring: Mutex<Ring>,
     head_tx: watch::Sender<u64>,
+    /// Per room, the trace of an end being written here: the change feed
+    /// may read the ended row before the writer applies it, and the end
+    /// must carry the writer's trace whichever comes first.
+    ending: Mutex<HashMap<u64, Traceparent>>,
 }
 
 impl ChangeLog {
@@ -88,6 +92,7 @@ impl ChangeLog {
                 head: 0,
             }),
             head_tx: watch::channel(0).0,
+            ending: Mutex::new(HashMap::new()),
         }
     }
 
@@ -103,9 +108,27 @@ impl ChangeLog {
         }
     }
 
+    /// A call of trace `origin` is ending `room_id`: the room's next
+    /// `Ended` change carries it, whoever appends it (until [`Self::ended`]).
+    pub fn ending(&self, room_id: u64, origin: Option<Traceparent>) {
+        if let Some(origin) = origin {
+            lock(&self.ending).insert(room_id, origin);
+        }
+    }
+
+    /// The end of `room_id` was written (or failed): forget its trace.
+    pub fn ended(&self, room_id: u64) {
+        lock(&self.ending).remove(&room_id);
+    }
+
     /// Appends a change and wakes the watchers. Callers hold the room's
     /// cache stripe, so a room's changes enter the log in version order.
     pub fn append(&self, kind: ChangeKind, room: RoomRecord) -> u64 {
+        let origin = match kind {
+            ChangeKind::Ended => lock(&self.ending).remove(&room.room_id),
+            _ => None,
+        }
+        .or_else(Traceparent::current);
         let seq = {
             let mut ring = self.lock();
             ring.head += 1;
@@ -114,7 +137,7 @@ impl ChangeLog {
                 seq,
                 kind,
                 room,
-                origin: Traceparent::current(),
+                origin,
             });
             while ring.changes.len() > self.window {
                 ring.changes.pop_front();
@@ -146,12 +169,14 @@ impl ChangeLog {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
-        // Appends leave the ring consistent at every step; a poisoned lock
-        // holds valid data.
-        self.ring
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.ring)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Appends leave the ring (and inserts the map) consistent at every
+    // step; a poisoned lock holds valid data.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A process-unique epoch: wall-clock nanoseconds mixed with the pid, never 0.
@@ -177,6 +202,27 @@ mod tests {
             ended_at_ms: None,
             version: 1,
         }
+    }
+
+    #[test]
+    fn an_end_read_by_the_feed_before_its_writer_carries_the_writers_trace() {
+        let log = ChangeLog::new(10);
+        let writer = Traceparent::new(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c, 0xb7ad, 1);
+        log.ending(7, Some(writer));
+        // Another room's end, and an update of this one, are not the write.
+        log.append(ChangeKind::Ended, room(8));
+        log.append(ChangeKind::Updated, room(7));
+        // The feed's copy of the end, appended outside any trace.
+        log.append(ChangeKind::Ended, room(7));
+        let origins: Vec<Option<Traceparent>> =
+            log.since(0, 10).unwrap().iter().map(|c| c.origin).collect();
+        assert_eq!(origins, vec![None, None, Some(writer)]);
+        // Taken once; and forgotten when the write is done.
+        log.ending(9, Some(writer));
+        log.ended(9);
+        log.append(ChangeKind::Ended, room(9));
+        log.append(ChangeKind::Ended, room(7));
+        assert!(log.since(3, 10).unwrap().iter().all(|c| c.origin.is_none()));
     }
 
     #[test]

@@ -176,6 +176,21 @@ impl Rooms {
     /// Ends an ongoing room.
     pub async fn end_room(&self, room_id: u64) -> Result<RoomRecord, RoomError> {
         let (region, store) = self.route(room_id)?;
+        // The change feed may see the ended row before this call applies
+        // it: the end carries this call's trace either way.
+        let log = self.cache.log();
+        log.ending(room_id, livemesh_mesh::rpc_telemetry::Traceparent::current());
+        let result = self.end_in(region, store, room_id).await;
+        log.ended(room_id);
+        result
+    }
+
+    async fn end_in(
+        &self,
+        region: u16,
+        store: &RegionStore,
+        room_id: u64,
+    ) -> Result<RoomRecord, RoomError> {
         let outcome = store
             .end(room_id, now_ms())
             .await
