@@ -451,7 +451,11 @@ async fn a_storm_of_lookups_of_one_room_makes_one_get_room_call() {
         let info = lookup.await.unwrap().expect("the room");
         assert_eq!((info.room_id, info.ended), (7, false));
     }
-    assert_eq!(peer.calls(), 1, "every lookup shares the one call in flight");
+    assert_eq!(
+        peer.calls(),
+        1,
+        "every lookup shares the one call in flight"
+    );
     // Known now: answered without asking.
     rooms.get(7).await.expect("the room");
     assert_eq!(peer.calls(), 1);

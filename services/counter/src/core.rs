@@ -718,7 +718,8 @@ mod tests {
     /// Polls `fut` once: true if it is ready.
     fn ready<F: Future>(fut: std::pin::Pin<&mut F>) -> bool {
         let waker = std::task::Waker::noop();
-        fut.poll(&mut std::task::Context::from_waker(waker)).is_ready()
+        fut.poll(&mut std::task::Context::from_waker(waker))
+            .is_ready()
     }
 
     #[tokio::test]

@@ -179,7 +179,10 @@ impl Rooms {
         // The change feed may see the ended row before this call applies
         // it: the end carries this call's trace either way.
         let log = self.cache.log();
-        log.ending(room_id, livemesh_mesh::rpc_telemetry::Traceparent::current());
+        log.ending(
+            room_id,
+            livemesh_mesh::rpc_telemetry::Traceparent::current(),
+        );
         let result = self.end_in(region, store, room_id).await;
         log.ended(room_id);
         result
