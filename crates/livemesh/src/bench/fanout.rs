@@ -66,6 +66,12 @@
 //! server's write syscalls from `/proc/PID/io` (how many deliveries share
 //! one write).
 //!
+//! A side that fails (a ready check not met, streams lost) fails the run
+//! when it is livemesh; when it is NATS (whose subscriptions, hundreds of
+//! thousands in this one process, can fall behind and have messages dropped
+//! as slow consumers) the reason and the slow-consumer count are printed and
+//! NATS's figures for that layout are left out.
+//!
 //! `--duration` is split evenly over the measurement windows (saturation
 //! and paced, per layout and side); starting nodes and rooms, opening
 //! streams, waiting for a stable RSS and draining come on top and are
