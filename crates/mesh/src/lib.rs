@@ -50,6 +50,16 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
+/// Locks `mutex`, taking the data even if a holder panicked: every critical
+/// section in livemesh leaves its data whole at each step, so a poisoned
+/// lock still guards valid data (and one panic must not take the service
+/// down with it).
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Milliseconds since the Unix epoch, by the wall clock.
 pub fn now_ms() -> i64 {
     let since_epoch = std::time::SystemTime::now()

@@ -2,6 +2,7 @@
 //! mesh's client stack) and kept for a moment, and told of ends by the
 //! Watch stream at once.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -168,12 +169,6 @@ async fn ask(
         .as_ref()
         .map(RoomInfo::from_proto)
         .ok_or_else(|| LookupError::Unavailable("GetRoom returned no room".into()))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Inserts and removals leave the maps consistent; a poisoned lock holds
-    // valid data.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Follows ongoing-query's Watch stream for as long as the future runs,

@@ -10,6 +10,7 @@
 //! (a fraction of a second). The harness's `stop_servers` sweeps any
 //! mariadbd left running under that directory.
 
+use livemesh_mesh::lock;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -96,11 +97,6 @@ pub struct PrivateMariadb {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Mutex<Option<Child>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded Option<Child> is valid whatever panicked while holding it.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl PrivateMariadb {

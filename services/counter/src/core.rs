@@ -12,6 +12,7 @@
 //! load (up to [`MAX_FLUSH_BATCHES`]) and a lone batch waits about one store
 //! round trip.
 
+use livemesh_mesh::lock;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
@@ -188,12 +189,6 @@ fn stripe_of(key: u64) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     (h.finish() % STRIPES as u64) as usize
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section leaves its map consistent; a poisoned lock
-    // still holds valid data.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl CounterCore {

@@ -26,6 +26,7 @@ pub mod hot;
 pub mod sql;
 pub mod validate;
 
+use livemesh_mesh::lock;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,11 +80,6 @@ pub struct Inner {
     pub finalised_here: AtomicU64,
     /// Late batches (their room was closed) this replica added to final totals.
     pub late_batches: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Set inserts and removals leave the sets consistent.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Inner {

@@ -7,6 +7,7 @@
 //! a position from before a restart (or from another replica) is recognised
 //! as foreign and answered with a snapshot instead of a wrong replay.
 
+use livemesh_mesh::lock;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
@@ -171,12 +172,6 @@ impl ChangeLog {
     fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
         lock(&self.ring)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Appends leave the ring (and inserts the map) consistent at every
-    // step; a poisoned lock holds valid data.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A process-unique epoch: wall-clock nanoseconds mixed with the pid, never 0.

@@ -11,9 +11,10 @@
 //! whose dispatcher died between the append and its Deliver reaches the
 //! streams within `head_check + gap_wait` plus two store round trips.
 
+use livemesh_mesh::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livemesh_fanout::{FanoutStore, Head, StoreError};
@@ -170,13 +171,6 @@ struct RoomState {
     ended: bool,
     /// Taken out of the table: a subscriber holding this room starts over.
     removed: bool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections leave the maps whole; a poisoned lock holds valid data.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A stream as it joined its room.

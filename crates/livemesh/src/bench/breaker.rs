@@ -56,6 +56,7 @@
 //! the figure is then the p99 of 20 calls that each wait for the request
 //! timeout, and the output says so.
 
+use livemesh_mesh::lock;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -152,12 +153,6 @@ impl Viewer {
     fn count(&self, phase: usize) -> usize {
         lock(&self.received)[phase].len()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A bench comment's text: `brk <phase> <seq> <send time ns>`.
