@@ -7,6 +7,7 @@
 //! that every inter-service client goes through ([`client`]).
 
 pub mod auth;
+pub mod backoff;
 pub mod breaker;
 pub mod check;
 pub mod client;
@@ -15,7 +16,6 @@ pub mod config;
 pub mod conn;
 pub mod metrics;
 pub mod resilience;
-pub mod rooms;
 pub mod rpc_telemetry;
 pub mod server;
 pub mod shutdown;

@@ -49,7 +49,7 @@ use crate::core::CounterCore;
 use crate::hot::{HotConfig, HotStore};
 use crate::sql::LovesDb;
 use crate::validate::Limits;
-use livemesh_mesh::rooms::RoomDirectory;
+use livemesh_rooms::RoomDirectory;
 
 /// Shared state of the counter service.
 #[derive(Debug)]

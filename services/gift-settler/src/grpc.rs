@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use futures::stream::BoxStream;
 use livemesh_mesh::auth;
-use livemesh_mesh::rooms::LookupError;
 use livemesh_proto::time::{ms_from_timestamp, timestamp_from_ms};
 use livemesh_proto::v1::gifts_service_server::GiftsService;
 use livemesh_proto::v1::settlement_service_server::SettlementService;
@@ -14,6 +13,7 @@ use livemesh_proto::v1::{
     ReconcileResponse, SendGiftRequest, SendGiftResponse, SettleRoomRequest, SettleRoomResponse,
     Settlement, SettlementState, ShardStatement,
 };
+use livemesh_rooms::LookupError;
 use tonic::{Request, Response, Status};
 
 use crate::Inner;
@@ -432,14 +432,14 @@ fn difference(from: i64, minus: &[i64]) -> Result<i64, sqlx::Error> {
 }
 
 impl GiftsApi {
-    async fn room(&self, room_id: u64) -> Result<livemesh_mesh::rooms::RoomInfo, GiftError> {
+    async fn room(&self, room_id: u64) -> Result<livemesh_rooms::RoomInfo, GiftError> {
         if room_id == 0 {
             return Err(GiftError::Invalid("room_id is required".into()));
         }
         Ok(self.inner.rooms.get(room_id).await?)
     }
 
-    async fn ended_room(&self, room_id: u64) -> Result<livemesh_mesh::rooms::RoomInfo, Status> {
+    async fn ended_room(&self, room_id: u64) -> Result<livemesh_rooms::RoomInfo, Status> {
         let info = self.room(room_id).await?;
         if !info.ended {
             return Err(Status::failed_precondition(format!(

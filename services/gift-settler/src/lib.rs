@@ -27,7 +27,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use livemesh_mesh::auth::{Security, policy};
 use livemesh_mesh::resilience::BreakerSettings;
-use livemesh_mesh::rooms::{RoomDirectory, RoomInfo};
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
 use livemesh_proto::v1::gifts_service_server::GiftsServiceServer;
@@ -37,6 +36,7 @@ use livemesh_proto::v1::settlement_service_server::SettlementServiceServer;
 use livemesh_proto::v1::{
     GiftSent, PublishBatchRequest, PublishRequest, RoomChangeKind, RoomEvent, room_event,
 };
+use livemesh_rooms::{RoomDirectory, RoomInfo};
 
 use crate::ledger::Shard;
 use tracing::Instrument as _;
@@ -383,7 +383,7 @@ impl ServiceSet for GiftSettler {
         let inner = self.inner.clone();
         let watch = self.inner.watch.clone();
         server.add_background("room starts and ends", async move {
-            livemesh_mesh::rooms::follow_changes(watch, |change| {
+            livemesh_rooms::follow_changes(watch, |change| {
                 let Some(room) = change.room else { return };
                 let kind = change.kind();
                 if kind == RoomChangeKind::Ended {
