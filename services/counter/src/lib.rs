@@ -246,7 +246,7 @@ impl Counter {
                 urls,
                 hot,
                 hot::RedisOptions {
-                    breaker: livemesh_mesh::resilience::BreakerSettings::from(&config.client),
+                    breaker: livemesh_mesh::breaker::BreakerSettings::from(&config.client),
                     ..hot::RedisOptions::default()
                 },
             )

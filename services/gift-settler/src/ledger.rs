@@ -14,10 +14,10 @@
 //! primary key); asking again with the same content returns the first
 //! result, with other content is refused.
 
-use livemesh_mesh::on_db;
-use livemesh_mesh::resilience::{
+use livemesh_mesh::breaker::{
     BreakerOpen, BreakerSettings, BreakerState, CallBreaker, Guarded, StoreFailure,
 };
+use livemesh_mesh::on_db;
 use livemesh_mesh::sql::{Db, Migrations, SqlError, redact};
 
 pub const MIGRATIONS: Migrations = Migrations {

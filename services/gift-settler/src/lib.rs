@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use livemesh_mesh::auth::{Security, policy};
-use livemesh_mesh::resilience::BreakerSettings;
+use livemesh_mesh::breaker::BreakerSettings;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel, ShutdownSignal};
 use livemesh_proto::v1::gifts_service_server::GiftsServiceServer;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use livemesh_fanout::{Append, Appended, FanoutStore, ROOM_ENDED_KEY, Slot};
-use livemesh_mesh::resilience::{Breaker, BreakerState};
+use livemesh_mesh::breaker::{Breaker, BreakerState};
 use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::time::timestamp_from_ms;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
