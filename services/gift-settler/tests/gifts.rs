@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use livemesh_proto::v1::SettleRoomRequest;
-use livemesh_testkit::{PrivateMariadb, SqlBackend, TestServer};
+use livemesh_testkit::{PrivateMariadb, SqlBackend, TestServer, until};
 
 livemesh_testkit::sql_backend_suite!(
     a_gift_moves_money_from_the_viewer_to_the_room_in_the_viewers_shard,
@@ -834,7 +834,7 @@ async fn every_gift_that_answered_ok_is_in_the_rooms_stream_before_its_end(backe
         });
     }
     // End the room while the gifts pour in.
-    until("100 gifts in", || sent.load(Ordering::SeqCst) >= 100).await;
+    until("100 gifts in", WAIT, || sent.load(Ordering::SeqCst) >= 100).await;
     mesh.admin
         .end_room(EndRoomRequest { room_id: room })
         .await
@@ -1010,6 +1010,8 @@ async fn random_concurrent_deposits_and_gifts_conserve_money(backend: SqlBackend
 
 /// Balance shards of the chaos tests: two databases on one private MariaDB.
 const CHAOS_SHARDS: usize = 2;
+/// How long the chaos tests await each condition.
+const WAIT: Duration = Duration::from_secs(30);
 
 async fn chaos_mesh(db: &PrivateMariadb) -> Mesh {
     let tag = livemesh_testkit::unique_name("chaos");
@@ -1049,18 +1051,6 @@ where
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-    }
-}
-
-/// Waits until `ready()` holds; panics naming `what` after 30 s.
-async fn until(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -1180,17 +1170,17 @@ async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
     let oks = || ok_calls.load(Ordering::Relaxed);
     for _ in 0..KILLS {
         let before = oks();
-        until("gifts before the kill", || oks() >= before + 4 * VIEWERS).await;
+        until("gifts before the kill", WAIT, || oks() >= before + 4 * VIEWERS).await;
         let failed = failures.load(Ordering::Relaxed);
         db.kill();
-        until("calls failing while MariaDB is down", || {
+        until("calls failing while MariaDB is down", WAIT, || {
             failures.load(Ordering::Relaxed) >= failed + VIEWERS
         })
         .await;
         db.restart().await;
     }
     let before = oks();
-    until("gifts after the last restart", || {
+    until("gifts after the last restart", WAIT, || {
         oks() >= before + 4 * VIEWERS
     })
     .await;
