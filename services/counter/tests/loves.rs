@@ -11,7 +11,6 @@ use livemesh_counter::Counter;
 use livemesh_counter::core::{BatchFate, Taken};
 use livemesh_counter::sql::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
@@ -59,11 +58,7 @@ async fn mesh(hot: HotBackend) -> Mesh {
 
 async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     // Final totals go to SQLite, except with standalone Redis, where they go
     // to the harness's MariaDB: both dialects of room_loves are exercised.
     let harness_redis = std::env::var("LIVEMESH_TEST_REDIS_URL").ok();

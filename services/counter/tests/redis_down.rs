@@ -11,7 +11,6 @@ use std::time::Duration;
 use livemesh_counter::Counter;
 use livemesh_counter::sql::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{EndRoomRequest, SendLovesRequest};
@@ -36,11 +35,7 @@ async fn setup_with(
     tune: impl FnOnce(&mut Config),
 ) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut config = Config {
         data_dir: dir.path().to_owned(),
@@ -374,11 +369,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     const VIEWERS: u64 = 16;
     let mut redis = PrivateRedis::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let room_started = tokio::time::Instant::now();
     let mut config = Config {

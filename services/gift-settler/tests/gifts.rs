@@ -10,7 +10,6 @@ use livemesh_gift_settler::GiftSettler;
 use livemesh_gift_settler::ledger::{LedgerError, PLATFORM, Transfer, room_account, user_account};
 use livemesh_gift_settler::settle::{Step, cut_of};
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
@@ -84,11 +83,7 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
 
 async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = Config {
         data_dir: dir.path().to_owned(),
         ..Config::default()

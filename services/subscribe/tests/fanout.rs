@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use livemesh_fanout::{Append, Appended, FanoutSettings, FanoutStore, Slot};
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
@@ -88,14 +87,6 @@ fn base_config(dir: &std::path::Path, rooms: &TestServer) -> Config {
     config
 }
 
-async fn start_rooms(dir: &std::path::Path) -> TestServer {
-    let config = Config {
-        data_dir: dir.to_owned(),
-        ..Config::default()
-    };
-    TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await
-}
-
 async fn start_dispatcher(config: &Config, store: &FanoutStore) -> (TestServer, Dispatcher) {
     let mut handle = None;
     let server = TestServer::start_with(|addr| {
@@ -129,7 +120,7 @@ async fn start_node(
 
 async fn mesh(backend: HotBackend) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
-    let rooms = start_rooms(dir.path()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let config = base_config(dir.path(), &rooms);
     // Every test's rooms start at id 1: a key phase of its own keeps them
     // apart on the shared Redis.
@@ -757,7 +748,7 @@ async fn room_end_closes_the_streams_and_the_registrations(backend: HotBackend) 
 async fn cross_datacenter_forwarding_delivers_once(backend: HotBackend) {
     let dir = tempfile::tempdir().unwrap();
     // One rooms service serves both datacenters here (room ids are global).
-    let rooms = start_rooms(dir.path()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let config = base_config(dir.path(), &rooms);
     let stores = [
         store(backend, &livemesh_testkit::unique_name("dc1")),
@@ -1421,7 +1412,7 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
     const MIN_PUBLISHES: u64 = 16;
     const BLACK_HOLE_FOR: Duration = Duration::from_secs(2);
     let dir = tempfile::tempdir().unwrap();
-    let rooms = start_rooms(dir.path()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = base_config(dir.path(), &rooms);
     config.subscribe.queue_len = 1024;
     config.publish.deliver_timeout_ms = u64::try_from(CHAOS_DELIVER_TIMEOUT.as_millis()).unwrap();
@@ -1803,7 +1794,7 @@ async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: Ho
 /// once and in offset order, and a normal publish afterwards follows it.
 async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(backend: HotBackend) {
     let dir = tempfile::tempdir().unwrap();
-    let rooms = start_rooms(dir.path()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = base_config(dir.path(), &rooms);
     config.subscribe.report_interval_ms = 60_000;
     config.subscribe.lease_ms = 120_000;
