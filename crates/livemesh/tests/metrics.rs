@@ -11,10 +11,9 @@ use livemesh_mesh::Config;
 use livemesh_mesh::config::TelemetryConfig;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, GetRoomRequest, PublishRequest, RoomEvent, StartRoomRequest, SubscribeRequest,
+    Comment, GetRoomRequest, PublishRequest, RoomEvent, SubscribeRequest,
     room_event, subscribe_response,
 };
 use livemesh_publish::Dispatcher;
@@ -85,10 +84,7 @@ async fn the_metrics_endpoint_serves_per_rpc_metrics_after_calls() {
 
     let dir = tempfile::tempdir().unwrap();
     let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
-    RoomAdminServiceClient::new(rooms.channel())
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap();
+    livemesh_testkit::start_room(rooms.channel(), 1).await;
     let missing = OngoingQueryServiceClient::new(rooms.channel())
         .get_room(GetRoomRequest { room_id: 999_999 })
         .await

@@ -15,7 +15,7 @@ use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
     EndRoomRequest, GetLovesRequest, RejectReason, SendLovesRequest, SendLovesResponse,
-    StartRoomRequest, TopLoversRequest,
+    TopLoversRequest,
 };
 use livemesh_testkit::{HotBackend, TestServer};
 
@@ -43,7 +43,7 @@ livemesh_testkit::hot_backend_suite!(
 
 struct Mesh {
     _dir: tempfile::TempDir,
-    _rooms: TestServer,
+    rooms: TestServer,
     _counter_server: TestServer,
     config: Config,
     counter: Counter,
@@ -89,7 +89,7 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
         admin: RoomAdminServiceClient::new(rooms.channel()),
         loves: CounterServiceClient::new(counter_server.channel()),
         _dir: dir,
-        _rooms: rooms,
+        rooms,
         _counter_server: counter_server,
         config,
         counter,
@@ -188,14 +188,7 @@ async fn send_to(
 
 impl Mesh {
     async fn start_room(&mut self) -> u64 {
-        self.admin
-            .start_room(StartRoomRequest { anchor_id: 1 })
-            .await
-            .unwrap()
-            .into_inner()
-            .room
-            .unwrap()
-            .room_id
+        livemesh_testkit::start_room(self.rooms.channel(), 1).await
     }
 
     async fn send(

@@ -14,7 +14,7 @@ use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
 use livemesh_proto::v1::{
-    DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest, StartRoomRequest,
+    DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest,
 };
 use livemesh_proto::v1::{
     ExportLedgerRequest, GetSettlementRequest, ReconcileRequest, SettlementState,
@@ -51,7 +51,7 @@ const SUBACCOUNTS: u32 = 8;
 
 struct Mesh {
     _dir: tempfile::TempDir,
-    _rooms: TestServer,
+    rooms: TestServer,
     _dispatcher: TestServer,
     /// The dispatcher's fan-out store: the room histories viewers are served.
     store: FanoutStore,
@@ -104,7 +104,7 @@ async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -
         admin: RoomAdminServiceClient::new(rooms.channel()),
         gifts: GiftsServiceClient::new(gifts_server.channel()),
         _dir: dir,
-        _rooms: rooms,
+        rooms,
         _dispatcher: dispatcher,
         store,
         _gifts_server: gifts_server,
@@ -115,14 +115,7 @@ async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -
 
 impl Mesh {
     async fn start_room(&mut self) -> u64 {
-        self.admin
-            .start_room(StartRoomRequest { anchor_id: 5 })
-            .await
-            .unwrap()
-            .into_inner()
-            .room
-            .unwrap()
-            .room_id
+        livemesh_testkit::start_room(self.rooms.channel(), 5).await
     }
 
     async fn deposit(

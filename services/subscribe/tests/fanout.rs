@@ -16,7 +16,7 @@ use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
     Comment, EndRoomRequest, GiftSent, LoveTotal, PublishBatchRequest, PublishRequest, RoomEvent,
-    StartRoomRequest, StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse,
+    StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse,
     room_event, subscribe_response,
 };
 use livemesh_publish::Dispatcher;
@@ -147,7 +147,7 @@ async fn mesh(backend: HotBackend) -> Mesh {
 
 impl Mesh {
     async fn start_room(&mut self) -> u64 {
-        start_room(&mut self.admin).await
+        livemesh_testkit::start_room(self.rooms.channel(), 1).await
     }
 
     fn node(&self, i: usize) -> SubscribeServiceClient<MeshChannel> {
@@ -172,17 +172,6 @@ impl Mesh {
             .await
             .unwrap()
     }
-}
-
-async fn start_room(admin: &mut RoomAdminServiceClient<MeshChannel>) -> u64 {
-    admin
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id
 }
 
 fn comment(text: &str) -> room_event::Kind {
@@ -789,8 +778,7 @@ async fn cross_datacenter_forwarding_delivers_once(backend: HotBackend) {
         .await;
         nodes.push(server);
     }
-    let mut admin = RoomAdminServiceClient::new(rooms.channel());
-    let room = start_room(&mut admin).await;
+    let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut viewers = Vec::new();
     for node in &nodes {
         let mut client = SubscribeServiceClient::new(node.channel());
@@ -1442,7 +1430,7 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
     let proxy = proxy.unwrap();
     let node = |i: usize| SubscribeServiceClient::new(nodes[i].0.channel());
     let mut dispatch = PublishServiceClient::new(dispatcher_server.channel());
-    let room = start_room(&mut RoomAdminServiceClient::new(rooms.channel())).await;
+    let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
 
     let mut viewers = Vec::new();
     for i in 0..3 {
@@ -1805,8 +1793,7 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
         start_node(&config, &store, &dispatcher.0).await,
         start_node(&config, &store, &dispatcher.0).await,
     ];
-    let mut admin = RoomAdminServiceClient::new(rooms.channel());
-    let room = start_room(&mut admin).await;
+    let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut viewers = Vec::new();
     for (server, _) in &nodes {
         let mut client = SubscribeServiceClient::new(server.channel());
