@@ -22,7 +22,6 @@ use livemesh_proto::v1::{
     ChangePosition, EndRoomRequest, GetRoomRequest, ListOngoingRequest, PartitionRequest,
     RoomStatus, StartRoomRequest, WatchRequest,
 };
-use livemesh_testkit::TestServer;
 use livemesh_testkit::props::{self, id, id_from, text};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
