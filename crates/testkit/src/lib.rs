@@ -401,6 +401,11 @@ impl TestServer {
         }
     }
 
+    /// `http://ADDR`: the URL other services' settings name this server by.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// A channel to this server through the mesh's client stack.
     pub fn channel(&self) -> MeshChannel {
         ClientStack::new(&ClientConfig::default())
@@ -484,16 +489,40 @@ pub async fn start_room(channel: MeshChannel, anchor_id: u64) -> u64 {
         .room_id
 }
 
+/// Ends room `room_id` through `RoomAdmin` on `channel`.
+pub async fn end_room(channel: MeshChannel, room_id: u64) {
+    use livemesh_proto::v1::EndRoomRequest;
+    use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+    RoomAdminServiceClient::new(channel)
+        .end_room(EndRoomRequest { room_id })
+        .await
+        .expect("EndRoom");
+}
+
+/// Where most service tests start: a temporary data directory, the default
+/// configuration keeping its data there, and an ongoing-query server on it
+/// (see [`ongoing_query`]).
+pub async fn config_with_rooms() -> (tempfile::TempDir, livemesh_mesh::Config, TestServer) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rooms = ongoing_query(dir.path()).await;
+    let config = config_in(dir.path());
+    (dir, config, rooms)
+}
+
+/// The default configuration, keeping its data in `dir`.
+pub fn config_in(dir: &std::path::Path) -> livemesh_mesh::Config {
+    livemesh_mesh::Config {
+        data_dir: dir.to_owned(),
+        ..livemesh_mesh::Config::default()
+    }
+}
+
 /// An ongoing-query server on a loopback port whose rooms live in `dir` (the
 /// default configuration's SQLite database there): the rooms a service's
 /// tests start and end.
 pub async fn ongoing_query(dir: &std::path::Path) -> TestServer {
-    let config = livemesh_mesh::Config {
-        data_dir: dir.to_owned(),
-        ..livemesh_mesh::Config::default()
-    };
     TestServer::start(
-        livemesh_ongoing_query::OngoingQuery::from_config(&config)
+        livemesh_ongoing_query::OngoingQuery::from_config(&config_in(dir))
             .await
             .expect("start ongoing-query"),
     )

@@ -12,10 +12,8 @@ use livemesh_counter::core::{BatchFate, Taken};
 use livemesh_counter::sql::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
-    EndRoomRequest, GetLovesRequest, RejectReason, SendLovesRequest, SendLovesResponse,
-    TopLoversRequest,
+    GetLovesRequest, RejectReason, SendLovesRequest, SendLovesResponse, TopLoversRequest,
 };
 use livemesh_testkit::{HotBackend, TestServer};
 
@@ -47,7 +45,6 @@ struct Mesh {
     _counter_server: TestServer,
     config: Config,
     counter: Counter,
-    admin: RoomAdminServiceClient<MeshChannel>,
     loves: CounterServiceClient<MeshChannel>,
     db_url: String,
 }
@@ -57,8 +54,7 @@ async fn mesh(hot: HotBackend) -> Mesh {
 }
 
 async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     // Final totals go to SQLite, except with standalone Redis, where they go
     // to the harness's MariaDB: both dialects of room_loves are exercised.
     let harness_redis = std::env::var("LIVEMESH_TEST_REDIS_URL").ok();
@@ -67,14 +63,10 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
     } else {
         livemesh_mesh::config::sqlite_url(&dir.path().join("counter.db"))
     };
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        redis_url,
-        ..Config::default()
-    };
-    config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.redis_url = redis_url;
+    config.counter.ongoing_query_url = rooms.url();
     // No dispatcher in these tests: publishing fails and is counted.
-    config.counter.publish_url = format!("http://{}", rooms.addr);
+    config.counter.publish_url = rooms.url();
     config.counter.database_url = db_url.clone();
     config.counter.flush_tick_ms = 5;
     config.counter.total_cache_ms = 20;
@@ -86,7 +78,6 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
     let counter = Counter::from_config(&config).await.unwrap();
     let counter_server = TestServer::start(counter.clone()).await;
     Mesh {
-        admin: RoomAdminServiceClient::new(rooms.channel()),
         loves: CounterServiceClient::new(counter_server.channel()),
         _dir: dir,
         rooms,
@@ -356,10 +347,7 @@ async fn bad_requests_get_precise_codes(hot: HotBackend) {
         code(m.loves.send_loves(call(987_654_321, 1, "b")).await),
         tonic::Code::NotFound
     );
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
     let err = m.loves.send_loves(call(room, 1, "late")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     let err = m
@@ -411,10 +399,7 @@ async fn room_end_writes_sql_once_and_deletes_the_keys(hot: HotBackend) {
     m.send(room, 1, "a", human_taps(0, 5)).await;
     m.send(room, 2, "a", human_taps(0, 9)).await;
     m.send(room, 3, "a", human_taps(0, 2)).await;
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
 
     let db = LovesDb::open(&m.db_url).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -448,10 +433,7 @@ async fn an_ended_room_keeps_its_numbers_also_after_a_restart(hot: HotBackend) {
     m.send(room, 1, "a", human_taps(0, 5)).await;
     m.send(room, 2, "a", human_taps(0, 9)).await;
     m.send(room, 3, "a", human_taps(0, 2)).await;
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
     m.final_in_sql(room).await;
     // The hot keys are gone once the row is written; wait for that too.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -525,10 +507,7 @@ async fn one_replica_finalises_and_both_replicas_loves_count(hot: HotBackend) {
     let room = m.start_room().await;
     m.send(room, 1, "a", human_taps(0, 4)).await;
     send_to(&mut other.loves, room, 2, "a", human_taps(0, 6)).await;
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
     let fin = m.final_in_sql(room).await;
     assert_eq!((fin.total, fin.top_lovers), (10, vec![(2, 6), (1, 4)]));
     // Both replicas counted for the room and saw it end: wait until both
@@ -557,10 +536,7 @@ async fn late_loves_after_the_end_count_into_the_final_total(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     m.send(room, 1, "a", human_taps(0, 5)).await;
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
     m.final_in_sql(room).await;
     // A replica whose flush was held back (its store was unreachable) takes
     // the loves in after the room was closed: the store refuses them, and

@@ -11,9 +11,8 @@ use std::time::Duration;
 use livemesh_counter::Counter;
 use livemesh_counter::sql::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
+use livemesh_proto::v1::SendLovesRequest;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
-use livemesh_proto::v1::{EndRoomRequest, SendLovesRequest};
 use livemesh_testkit::{PrivateRedis, TestServer, until};
 
 struct Setup {
@@ -34,16 +33,11 @@ async fn setup_with(
     max_pending: u64,
     tune: impl FnOnce(&mut Config),
 ) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        redis_url: Some(redis.url()),
-        ..Config::default()
-    };
-    config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.counter.publish_url = format!("http://{}", rooms.addr);
+    config.redis_url = Some(redis.url());
+    config.counter.ongoing_query_url = rooms.url();
+    config.counter.publish_url = rooms.url();
     config.counter.flush_tick_ms = 5;
     config.counter.max_pending_loves = max_pending;
     tune(&mut config);
@@ -368,17 +362,12 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     const VIEWERS: u64 = 16;
     let mut redis = PrivateRedis::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let room_started = tokio::time::Instant::now();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        redis_url: Some(redis.url()),
-        ..Config::default()
-    };
-    config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.counter.publish_url = format!("http://{}", rooms.addr);
+    config.redis_url = Some(redis.url());
+    config.counter.ongoing_query_url = rooms.url();
+    config.counter.publish_url = rooms.url();
     config.counter.flush_tick_ms = 5;
     config.counter.end_grace_ms = 50;
     // About a second of this load: each outage fills it, so the refusals
@@ -485,10 +474,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
 
     // The room ends: the counter flushes what it holds, writes the final
     // total and ranking to SQL once, and deletes the hot keys.
-    RoomAdminServiceClient::new(rooms.channel())
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(rooms.channel(), room).await;
     let db = LovesDb::open(&livemesh_mesh::config::sqlite_url(
         &dir.path().join("counter.db"),
     ))

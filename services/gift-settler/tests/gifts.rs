@@ -13,9 +13,7 @@ use livemesh_mesh::{Config, MeshChannel};
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
-use livemesh_proto::v1::{
-    DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest,
-};
+use livemesh_proto::v1::{DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest};
 use livemesh_proto::v1::{
     ExportLedgerRequest, GetSettlementRequest, ReconcileRequest, SettlementState,
 };
@@ -82,21 +80,16 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
 }
 
 async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     config.gifts.shard_urls = shard_urls;
     config.gifts.room_subaccounts = SUBACCOUNTS;
-    config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.gifts.ongoing_query_url = rooms.url();
+    config.publish.ongoing_query_url = rooms.url();
     // A dispatcher takes each gift's event before the gift commits.
     let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
     let dispatcher =
         TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;
-    config.gifts.publish_url = format!("http://{}", dispatcher.addr);
+    config.gifts.publish_url = dispatcher.url();
     tune(&mut config);
     let settler = GiftSettler::from_config(&config).await.unwrap();
     let gifts_server = TestServer::start(settler.clone()).await;
@@ -289,10 +282,7 @@ async fn unknown_and_ended_rooms_and_bad_amounts_get_precise_codes(backend: SqlB
         tonic::Code::InvalidArgument
     );
     mesh.gift("before-end", 15, room, 10).await.unwrap();
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     // Gifts are refused once the settler has seen the end (Watch): every
     // shard then marks the room ended.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -484,10 +474,7 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
         tonic::Code::FailedPrecondition,
         "ongoing: {err:?}"
     );
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     // The Watch's end starts the Settler; await its result.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let row = loop {
@@ -823,10 +810,7 @@ async fn every_gift_that_answered_ok_is_in_the_rooms_stream_before_its_end(backe
     }
     // End the room while the gifts pour in.
     until("100 gifts in", WAIT, || sent.load(Ordering::SeqCst) >= 100).await;
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     let answered: Vec<String> = senders.join_all().await.into_iter().flatten().collect();
     // The dispatcher stores the end once its Watch tells it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1158,7 +1142,10 @@ async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
     let oks = || ok_calls.load(Ordering::Relaxed);
     for _ in 0..KILLS {
         let before = oks();
-        until("gifts before the kill", WAIT, || oks() >= before + 4 * VIEWERS).await;
+        until("gifts before the kill", WAIT, || {
+            oks() >= before + 4 * VIEWERS
+        })
+        .await;
         let failed = failures.load(Ordering::Relaxed);
         db.kill();
         until("calls failing while MariaDB is down", WAIT, || {
@@ -1389,10 +1376,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         cut: cut_a,
         before,
     } = gifted_room(&mut mesh, "a", streamer).await;
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room_a })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room_a).await;
     let killed_at = kill_and_restart(&db).await;
     settles_by_itself(&mesh, room_a, killed_at).await;
     assert_settled_once(&mut mesh, room_a, gross_a, cut_a, before).await;
@@ -1404,10 +1388,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         cut: cut_c,
         before,
     } = gifted_room(&mut mesh, "c", streamer).await;
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room_c })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room_c).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match inner.shards[0].settlement(room_c).await.unwrap() {
@@ -1466,10 +1447,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
             > 0,
         "shard 1 was not swept before the kill"
     );
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room_b })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room_b).await;
     assert_settled_once(&mut mesh, room_b, gross_b, cut_b, before).await;
     mesh.assert_conserved().await;
 }

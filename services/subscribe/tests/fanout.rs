@@ -12,12 +12,10 @@ use std::time::{Duration, Instant};
 use livemesh_fanout::{Append, Appended, FanoutSettings, FanoutStore, Slot};
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, EndRoomRequest, GiftSent, LoveTotal, PublishBatchRequest, PublishRequest, RoomEvent,
-    StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse,
-    room_event, subscribe_response,
+    Comment, GiftSent, LoveTotal, PublishBatchRequest, PublishRequest, RoomEvent, StreamPosition,
+    StreamStarted, SubscribeRequest, SubscribeResponse, room_event, subscribe_response,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
@@ -69,17 +67,13 @@ struct Mesh {
     phase: String,
     nodes: Vec<(TestServer, SubscribeNode)>,
     dispatchers: Vec<(TestServer, Dispatcher)>,
-    admin: RoomAdminServiceClient<MeshChannel>,
 }
 
 /// The settings every test mesh uses: fast reports, small queues.
 fn base_config(dir: &std::path::Path, rooms: &TestServer) -> Config {
-    let mut config = Config {
-        data_dir: dir.to_owned(),
-        ..Config::default()
-    };
-    config.subscribe.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    let mut config = livemesh_testkit::config_in(dir);
+    config.subscribe.ongoing_query_url = rooms.url();
+    config.publish.ongoing_query_url = rooms.url();
     config.subscribe.report_interval_ms = 100;
     config.subscribe.lease_ms = 1_000;
     config.subscribe.gap_wait_ms = 20;
@@ -109,7 +103,7 @@ async fn start_node(
     let server = TestServer::start_with(|addr| {
         let mut config = config.clone();
         config.listen = addr;
-        config.subscribe.publish_url = format!("http://{}", dispatcher.addr);
+        config.subscribe.publish_url = dispatcher.url();
         let node = SubscribeNode::from_config(&config, store.clone());
         handle = node.as_ref().ok().cloned();
         async move { node }
@@ -135,7 +129,6 @@ async fn mesh(backend: HotBackend) -> Mesh {
         nodes.push(start_node(&config, &store, &dispatchers[i % 2].0).await);
     }
     Mesh {
-        admin: RoomAdminServiceClient::new(rooms.channel()),
         _dir: dir,
         rooms,
         store,
@@ -491,7 +484,7 @@ async fn resumes_under_concurrent_publishing_have_no_gap_and_no_duplicate(backen
 /// A client whose HTTP/2 windows are tiny, so that a stream it does not
 /// read backs up on the server after a few messages.
 async fn slow_client(server: &TestServer) -> SubscribeServiceClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
         .unwrap()
         .initial_stream_window_size(Some(256))
         .initial_connection_window_size(Some(256))
@@ -674,10 +667,7 @@ async fn room_end_closes_the_streams_and_the_registrations(backend: HotBackend) 
             .len(),
         2
     );
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     for viewer in [&mut v0, &mut v2] {
         assert_eq!(text_of(&viewer.next_ordered().await), "before the end");
         let end = viewer.next_ordered().await;
@@ -987,7 +977,9 @@ async fn publishes_to_rooms_never_started_store_nothing_and_poison_nothing(backe
 
 /// Defect 1 of issue 12: anyone could publish `room_ended` (ending a room's
 /// streams for good, even before it started) and gift events.
-async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts(backend: HotBackend) {
+async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts(
+    backend: HotBackend,
+) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let ended = room_event::Kind::RoomEnded(livemesh_proto::v1::RoomEnded { ended_at: None });
@@ -1033,10 +1025,7 @@ async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts
     let next = mesh.start_room().await;
     subscribe(&mut mesh.node(2), next, None).await.unwrap();
     // A publish to an ended room is refused, and the room's viewers get its end.
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     let end = viewer
         .until(|e| matches!(e.kind, Some(room_event::Kind::RoomEnded(_))))
         .await;
@@ -1175,10 +1164,7 @@ async fn a_resume_past_the_head_is_out_of_range(backend: HotBackend) {
     mesh.comment(0, room, "two").await;
     assert_eq!(text_of(&viewer.next_ordered().await), "two");
     // An ended room: the same rule for a replay-only resume.
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     viewer
         .until(|e| matches!(e.kind, Some(room_event::Kind::RoomEnded(_))))
         .await;
@@ -1419,7 +1405,7 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
         let mut config = config.clone();
         config.listen = addr;
         config.subscribe.node_url = through.url();
-        config.subscribe.publish_url = format!("http://{}", dispatcher_server.addr);
+        config.subscribe.publish_url = dispatcher_server.url();
         proxy = Some(through);
         let node = SubscribeNode::from_config(&config, store.clone());
         handle = node.as_ref().ok().cloned();
