@@ -15,7 +15,6 @@ use livemesh_counter::Counter;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
 use livemesh_mesh::Config;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
@@ -62,7 +61,7 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let rooms_url = format!("http://{}", rooms.addr);
     config.publish.ongoing_query_url = rooms_url.clone();
     config.subscribe.ongoing_query_url = rooms_url.clone();
@@ -245,7 +244,7 @@ async fn ending_a_room_is_one_trace_through_watch_to_the_settlement() {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
     // No dispatcher: the settlement does not need one.
     config.gifts.publish_url = format!("http://{}", rooms.addr);

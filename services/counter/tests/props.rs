@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use livemesh_counter::Counter;
 use livemesh_mesh::Config;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{EndRoomRequest, GetLovesRequest, SendLovesRequest, TopLoversRequest};
@@ -79,7 +78,7 @@ fn the_counter_answers_any_request_precisely_and_counts_each_accepted_love_once(
             data_dir: dir.path().to_owned(),
             ..Config::default()
         };
-        let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+        let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
         config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
         // No dispatcher: publishing totals fails and is counted.
         config.counter.publish_url = format!("http://{}", rooms.addr);

@@ -2,8 +2,8 @@
 //! ([`From<GiftError> for Status`]): internal causes are logged there and
 //! the caller is told what to do; a caller's own mistakes are not logged.
 
-use livemesh_mesh::resilience::{BreakerOpen, StoreFailure};
-use livemesh_mesh::rooms::LookupError;
+use livemesh_mesh::breaker::{BreakerOpen, StoreFailure};
+use livemesh_rooms::LookupError;
 use tonic::Status;
 
 use crate::settle::Step;
@@ -110,7 +110,6 @@ impl From<GiftError> for Status {
     fn from(err: GiftError) -> Self {
         match &err {
             GiftError::Invalid(_) => Status::invalid_argument(err.to_string()),
-            GiftError::Lookup(LookupError::NotFound(_)) => Status::not_found(err.to_string()),
             GiftError::Ledger(LedgerError::Insufficient { .. } | LedgerError::RoomEnded(_)) => {
                 Status::failed_precondition(err.to_string())
             }
@@ -141,8 +140,7 @@ impl From<GiftError> for Status {
                      retry with the same idempotency_key",
                 )
             }
-            GiftError::Lookup(LookupError::Unavailable(_))
-            | GiftError::Ledger(
+            GiftError::Ledger(
                 LedgerError::Conflict
                 | LedgerError::RoomNotOpen(_)
                 | LedgerError::Db(_)
@@ -154,6 +152,8 @@ impl From<GiftError> for Status {
                     "the balance store is unavailable right now; retry with the same idempotency_key",
                 )
             }
+            // A room lookup's one mapping is the rooms client's.
+            GiftError::Lookup(lookup) => lookup.clone().into(),
             GiftError::Ongoing(_) => Status::failed_precondition(err.to_string()),
             GiftError::Settle { room_id, source } => {
                 tracing::warn!(room_id, err = %source, "settlement failed");

@@ -2,9 +2,12 @@
 //! transfers it applies, one local transaction in the user's shard each,
 //! through the shard's group commit ([`crate::batch`]).
 
+use std::time::Duration;
+
 use livemesh_mesh::MeshChannel;
-use livemesh_mesh::rooms::{RoomDirectory, RoomInfo};
+use livemesh_mesh::backoff::Backoff;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use livemesh_rooms::{RoomDirectory, RoomInfo};
 
 use crate::error::{GiftError, LedgerError};
 use crate::store::{Applied, EXTERNAL, GiftNotice, Shard, Transfer, room_account, user_account};
@@ -100,27 +103,44 @@ impl Inner {
             .await
     }
 
-    /// Applies `transfer` in the user's shard, retrying conflicts, opening
-    /// the room there first if it is not yet.
+    /// Applies `transfer` in the user's shard, retrying conflicts at once
+    /// (up to [`TRIES`] attempts), opening the room there first if it is
+    /// not yet.
     async fn apply(&self, user_id: u64, transfer: &Transfer) -> Result<Applied, GiftError> {
         let shard = self.shard(user_id);
-        let mut last = LedgerError::Conflict;
-        for _ in 0..TRIES {
-            match self.apply_batched(user_id, transfer.clone()).await {
-                Ok(applied) => return Ok(applied),
-                Err(LedgerError::RoomNotOpen(room_id)) => {
-                    // The Watch has not opened it here yet; the room was
-                    // checked ongoing just before.
-                    shard
-                        .open_room(room_id, self.subaccounts, livemesh_mesh::now_ms())
-                        .await?;
-                    last = LedgerError::RoomNotOpen(room_id);
-                }
-                Err(LedgerError::Conflict) => last = LedgerError::Conflict,
-                Err(other) => return Err(other.into()),
-            }
-        }
-        Err(last.into())
+        // No delay between tries: a conflict is another batch that just
+        // committed, and the caller is waiting.
+        let tries = Backoff::new(
+            format!("transfer {}", transfer.transfer_id),
+            Duration::ZERO,
+            Duration::ZERO,
+        )
+        .with_retries(TRIES - 1);
+        let attempt = move || async move {
+            let result: Result<Applied, GiftError> =
+                match self.apply_batched(user_id, transfer.clone()).await {
+                    Err(LedgerError::RoomNotOpen(room_id)) => {
+                        // The Watch has not opened it here yet; the room was
+                        // checked ongoing just before.
+                        match shard
+                            .open_room(room_id, self.subaccounts, livemesh_mesh::now_ms())
+                            .await
+                        {
+                            Ok(()) => Err(LedgerError::RoomNotOpen(room_id).into()),
+                            Err(err) => Err(err.into()),
+                        }
+                    }
+                    result => result.map_err(GiftError::from),
+                };
+            result
+        };
+        let retryable = |err: &GiftError| {
+            matches!(
+                err,
+                GiftError::Ledger(LedgerError::Conflict | LedgerError::RoomNotOpen(_))
+            )
+        };
+        tries.retry(attempt, retryable).await
     }
 
     /// A gift: debits the viewer and credits the room's sub-account in the

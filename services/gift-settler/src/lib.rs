@@ -33,14 +33,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use livemesh_mesh::auth::{Security, policy};
-use livemesh_mesh::resilience::BreakerSettings;
-use livemesh_mesh::rooms::RoomDirectory;
+use livemesh_mesh::breaker::BreakerSettings;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
 use livemesh_proto::v1::gifts_service_server::GiftsServiceServer;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::settlement_service_server::SettlementServiceServer;
+use livemesh_rooms::RoomDirectory;
 
 use crate::announce::Announcer;
 use crate::gifts::Inner;

@@ -6,31 +6,40 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use livemesh_mesh::rooms::RoomInfo;
+use livemesh_mesh::backoff::Backoff;
 use livemesh_proto::v1::RoomChangeKind;
+use livemesh_rooms::RoomInfo;
 use tracing::Instrument as _;
 
 use crate::gifts::Inner;
 use crate::pending;
 
-/// Retries `step` with back-off until it succeeds (room opens and ends
-/// must happen; each is idempotent).
+/// Retries `step` with back-off (from 100 ms, doubling up to 10 s) until it
+/// succeeds (room opens and ends must happen; each is idempotent).
 async fn until_done<F, Fut>(what: &str, room_id: u64, step: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<(), sqlx::Error>>,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(
+        format!("{what} (room {room_id})"),
+        Duration::from_millis(100),
+        Duration::from_secs(10),
+    );
     while let Err(err) = step().await {
         tracing::warn!(room_id, %err, "{what} failed; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff.wait().await;
     }
 }
 
-/// Settles the room, retrying until it is done (each step is idempotent).
+/// Settles the room, retrying (from 100 ms, doubling up to 30 s) until it is
+/// done (each step is idempotent).
 async fn settle_until_done(inner: &Inner, room_id: u64, streamer_id: u64) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(
+        format!("settling room {room_id}"),
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    );
     pending::begin(room_id);
     loop {
         match inner.settle(room_id, streamer_id, &|_| false).await {
@@ -47,8 +56,7 @@ async fn settle_until_done(inner: &Inner, room_id: u64, streamer_id: u64) {
             }
             Err(err) => {
                 tracing::warn!(room_id, %err, "settling the room failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff.wait().await;
             }
         }
     }
@@ -56,12 +64,18 @@ async fn settle_until_done(inner: &Inner, room_id: u64, streamer_id: u64) {
 
 /// Finishes the settlements a settler that stopped mid-settlement started.
 pub(crate) async fn resume_unfinished(inner: Arc<Inner>) {
+    // Every second (jittered), until the coordinating shard answers.
+    let mut backoff = Backoff::new(
+        "reading unfinished settlements",
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     let rooms = loop {
         match inner.shards[0].unfinished_settlements().await {
             Ok(rooms) => break rooms,
             Err(err) => {
                 tracing::warn!(%err, "reading unfinished settlements failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                backoff.wait().await;
             }
         }
     };
@@ -74,7 +88,7 @@ pub(crate) async fn resume_unfinished(inner: Arc<Inner>) {
 /// Follows room starts and ends for as long as the service runs.
 pub(crate) async fn follow_rooms(inner: Arc<Inner>) {
     let watch = inner.watch.clone();
-    livemesh_mesh::rooms::follow_changes(watch, |change| {
+    livemesh_rooms::follow_changes(watch, |change| {
         let Some(room) = change.room else { return };
         let kind = change.kind();
         if kind == RoomChangeKind::Ended {

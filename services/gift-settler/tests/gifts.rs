@@ -11,13 +11,10 @@ use livemesh_gift_settler::testing::{
     LedgerError, PLATFORM, Step, Transfer, cut_of, room_account, user_account,
 };
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
-use livemesh_proto::v1::{
-    DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest, StartRoomRequest,
-};
+use livemesh_proto::v1::{DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest};
 use livemesh_proto::v1::{
     ExportLedgerRequest, GetSettlementRequest, ReconcileRequest, SettlementState,
 };
@@ -28,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use livemesh_proto::v1::SettleRoomRequest;
-use livemesh_testkit::{PrivateMariadb, SqlBackend, TestServer};
+use livemesh_testkit::{PrivateMariadb, SqlBackend, TestServer, until};
 
 livemesh_testkit::sql_backend_suite!(
     a_gift_moves_money_from_the_viewer_to_the_room_in_the_viewers_shard,
@@ -53,7 +50,7 @@ const SUBACCOUNTS: u32 = 8;
 
 struct Mesh {
     _dir: tempfile::TempDir,
-    _rooms: TestServer,
+    rooms: TestServer,
     _dispatcher: TestServer,
     /// The dispatcher's fan-out store: the room histories viewers are served.
     store: FanoutStore,
@@ -85,11 +82,7 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
 
 async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = Config {
         data_dir: dir.path().to_owned(),
         ..Config::default()
@@ -110,7 +103,7 @@ async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -
         admin: RoomAdminServiceClient::new(rooms.channel()),
         gifts: GiftsServiceClient::new(gifts_server.channel()),
         _dir: dir,
-        _rooms: rooms,
+        rooms,
         _dispatcher: dispatcher,
         store,
         _gifts_server: gifts_server,
@@ -121,14 +114,7 @@ async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -
 
 impl Mesh {
     async fn start_room(&mut self) -> u64 {
-        self.admin
-            .start_room(StartRoomRequest { anchor_id: 5 })
-            .await
-            .unwrap()
-            .into_inner()
-            .room
-            .unwrap()
-            .room_id
+        livemesh_testkit::start_room(self.rooms.channel(), 5).await
     }
 
     async fn deposit(
@@ -835,7 +821,7 @@ async fn every_gift_that_answered_ok_is_in_the_rooms_stream_before_its_end(backe
         });
     }
     // End the room while the gifts pour in.
-    until("100 gifts in", || sent.load(Ordering::SeqCst) >= 100).await;
+    until("100 gifts in", WAIT, || sent.load(Ordering::SeqCst) >= 100).await;
     mesh.admin
         .end_room(EndRoomRequest { room_id: room })
         .await
@@ -1011,6 +997,8 @@ async fn random_concurrent_deposits_and_gifts_conserve_money(backend: SqlBackend
 
 /// Balance shards of the chaos tests: two databases on one private MariaDB.
 const CHAOS_SHARDS: usize = 2;
+/// How long the chaos tests await each condition.
+const WAIT: Duration = Duration::from_secs(30);
 
 async fn chaos_mesh(db: &PrivateMariadb) -> Mesh {
     let tag = livemesh_testkit::unique_name("chaos");
@@ -1050,18 +1038,6 @@ where
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-    }
-}
-
-/// Waits until `ready()` holds; panics naming `what` after 30 s.
-async fn until(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -1181,17 +1157,20 @@ async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
     let oks = || ok_calls.load(Ordering::Relaxed);
     for _ in 0..KILLS {
         let before = oks();
-        until("gifts before the kill", || oks() >= before + 4 * VIEWERS).await;
+        until("gifts before the kill", WAIT, || {
+            oks() >= before + 4 * VIEWERS
+        })
+        .await;
         let failed = failures.load(Ordering::Relaxed);
         db.kill();
-        until("calls failing while MariaDB is down", || {
+        until("calls failing while MariaDB is down", WAIT, || {
             failures.load(Ordering::Relaxed) >= failed + VIEWERS
         })
         .await;
         db.restart().await;
     }
     let before = oks();
-    until("gifts after the last restart", || {
+    until("gifts after the last restart", WAIT, || {
         oks() >= before + 4 * VIEWERS
     })
     .await;

@@ -22,7 +22,6 @@ use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
 use livemesh_gift_settler::testing::{CLEARING, EXTERNAL};
 use livemesh_mesh::Config;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
@@ -115,7 +114,7 @@ async fn mesh(backend: &SqlBackend) -> Mesh {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     for shard in 0..SHARDS {
         config
             .gifts

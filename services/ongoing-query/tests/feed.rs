@@ -18,7 +18,7 @@ use livemesh_proto::v1::{
     ChangePosition, EndRoomRequest, ListOngoingRequest, RoomChange, RoomChangeKind,
     StartRoomRequest, WatchRequest, WatchResponse,
 };
-use livemesh_testkit::{SqlBackend, TestServer};
+use livemesh_testkit::{SqlBackend, TestServer, until};
 use tonic::Streaming;
 
 livemesh_testkit::sql_backend_suite!(
@@ -140,20 +140,6 @@ async fn sql_end(db: &Db, room: u64) {
     assert_eq!(updated, 1);
 }
 
-/// Awaits `condition`, checking after each change the service takes in.
-async fn until(service: &OngoingQuery, what: &str, condition: impl Fn() -> bool) {
-    let mut head = service.rooms().cache().log().subscribe();
-    let deadline = tokio::time::Instant::now() + SOON * 5;
-    while !condition() {
-        if tokio::time::timeout_at(deadline, head.changed())
-            .await
-            .is_err()
-        {
-            panic!("timed out waiting for {what}");
-        }
-    }
-}
-
 async fn plain_sql_changes_reach_the_cache_and_watchers_within_a_second(backend: SqlBackend) {
     let _binlog = backend.binlog_lock().await;
     let url = backend.database_url("feed").await;
@@ -188,7 +174,7 @@ async fn a_restarted_service_resumes_from_its_saved_position(backend: SqlBackend
     let before = sql_start(&db, 1).await;
     // The position is saved once a change has gone by.
     let store = service.rooms().store(0).unwrap().clone();
-    until(&service, "the first change", || {
+    until("the first change", SOON * 5, || {
         service.rooms().cache().get(before).is_some()
     })
     .await;
@@ -215,7 +201,7 @@ async fn a_restarted_service_resumes_from_its_saved_position(backend: SqlBackend
     // The feed replays the two changes from the saved position (the startup
     // scan already had them, so the cache is right either way; the count
     // shows the feed did not skip to the end).
-    until(&service, "the replay", || {
+    until("the replay", SOON * 5, || {
         stats.feed_changes.load(Ordering::Relaxed) >= 2
     })
     .await;
@@ -354,7 +340,7 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
     let (service, server) = serve(&config(&url, consumer)).await;
     let later = sql_start(&db, 3).await;
     let rooms = service.rooms();
-    until(&service, "a rescan that heals the feed", || {
+    until("a rescan that heals the feed", SOON * 5, || {
         rooms.stats().feed_breaks.load(Ordering::Relaxed) >= 1 && rooms.cache().get(later).is_some()
     })
     .await;
@@ -366,7 +352,7 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
 
     // And the feed runs again after healing.
     let after_heal = sql_start(&db, 4).await;
-    until(&service, "a change after healing", || {
+    until("a change after healing", SOON * 5, || {
         rooms.cache().get(after_heal).is_some()
     })
     .await;

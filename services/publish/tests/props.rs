@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::Config;
 use livemesh_mesh::auth::policy;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
@@ -120,7 +119,7 @@ async fn mesh() -> Mesh {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
     let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
     let dispatcher =

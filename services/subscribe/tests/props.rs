@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
@@ -52,7 +51,7 @@ async fn mesh() -> Mesh {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     config.subscribe.ongoing_query_url = format!("http://{}", rooms.addr);
     config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
     config.subscribe.report_interval_ms = 100;

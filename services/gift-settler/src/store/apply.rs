@@ -1,8 +1,8 @@
 //! Applying transfers: a batch in one transaction, decided in memory with
 //! checked arithmetic, its gifts announced to their rooms before it commits.
 
+use livemesh_mesh::breaker::Guarded;
 use livemesh_mesh::on_db;
-use livemesh_mesh::resilience::Guarded;
 
 use super::{Applied, Shard, Transfer, classify, sql_id};
 use crate::error::LedgerError;

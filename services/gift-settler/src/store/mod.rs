@@ -18,8 +18,8 @@ mod apply;
 mod rooms;
 mod settlement;
 
+use livemesh_mesh::breaker::{BreakerSettings, CallBreaker};
 use livemesh_mesh::on_db;
-use livemesh_mesh::resilience::{BreakerSettings, CallBreaker};
 use livemesh_mesh::sql::{Db, Migrations, SqlError, redact};
 
 use crate::error::LedgerError;
