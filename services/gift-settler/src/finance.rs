@@ -8,8 +8,8 @@ use crate::error::GiftError;
 use crate::gifts::Inner;
 use crate::store::{EntryRow, SettlementRow, Shard};
 
-/// The ledger's entries, each with its shard's index, as the export streams them.
-pub(crate) type EntryStream = BoxStream<'static, Result<(u32, EntryRow), GiftError>>;
+/// The export's entries, each with its shard's index.
+pub(crate) type Entries = BoxStream<'static, Result<(u32, EntryRow), GiftError>>;
 
 /// Entries read from a shard per query of the export.
 const PAGE: i64 = 1_000;
@@ -102,7 +102,7 @@ impl Inner {
     /// Every shard's entries with `from <= created_at_ms < to`, shard by
     /// shard, in pages, each with its shard's index; a failing shard ends
     /// the stream with its error.
-    pub(crate) fn entries(&self, from: i64, to: i64) -> Result<EntryStream, GiftError> {
+    pub(crate) fn entries(&self, from: i64, to: i64) -> Result<Entries, GiftError> {
         if from > to {
             return Err(GiftError::Invalid("`from` is after `to`".into()));
         }
@@ -111,11 +111,7 @@ impl Inner {
 }
 
 /// Streams `shards`' entries in `[from, to)`, shard by shard, in pages.
-fn entries_of(
-    shards: Vec<Shard>,
-    from: i64,
-    to: i64,
-) -> BoxStream<'static, Result<(u32, EntryRow), GiftError>> {
+fn entries_of(shards: Vec<Shard>, from: i64, to: i64) -> Entries {
     let state = (
         shards.into_iter(),
         None::<Shard>,

@@ -113,26 +113,28 @@ impl Shard {
 
     /// Credits to the room's virtual sub-accounts here (ledger entries).
     pub async fn room_credits(&self, room_id: u64) -> Result<i64, sqlx::Error> {
-        let pattern = format!("room:{room_id}:%");
-        let sql = format!(
-            "SELECT {} FROM entries WHERE account LIKE ? AND amount > 0",
-            self.split_sum("amount")
-        );
-        let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(&pattern)
-                .fetch_one(pool)
-                .await?
-        });
-        joined_sum(halves)
+        self.room_sum(room_id, "amount", "entries", " AND amount > 0")
+            .await
     }
 
     /// What the room's virtual sub-accounts hold here now.
     pub async fn room_balance(&self, room_id: u64) -> Result<i64, sqlx::Error> {
+        self.room_sum(room_id, "balance", "accounts", "").await
+    }
+
+    /// The sum of `column` over the rows of `table` that belong to the
+    /// room's sub-accounts (and meet `and`).
+    async fn room_sum(
+        &self,
+        room_id: u64,
+        column: &str,
+        table: &str,
+        and: &str,
+    ) -> Result<i64, sqlx::Error> {
         let pattern = format!("room:{room_id}:%");
         let sql = format!(
-            "SELECT {} FROM accounts WHERE account LIKE ?",
-            self.split_sum("balance")
+            "SELECT {} FROM {table} WHERE account LIKE ?{and}",
+            self.split_sum(column)
         );
         let halves: (Option<i64>, Option<i64>) = on_db!(&self.db, pool => {
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
