@@ -17,7 +17,7 @@ use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{GetLovesRequest, SendLovesRequest, StartRoomRequest};
 
-use super::{measure, percentile, write_json};
+use super::helpers::{Latencies, measure, started_room, write_json};
 
 /// Options of `bench loves`.
 #[derive(Debug, clap::Args)]
@@ -73,12 +73,11 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     let mut room_ids = Vec::new();
     // The hot room, the probe room, then the many rooms.
     for anchor in 1..=args.rooms + 2 {
-        let room = admin
-            .start_room(StartRoomRequest { anchor_id: anchor })
-            .await?
-            .into_inner()
-            .room
-            .context("StartRoom returned no room")?;
+        let room = started_room(
+            admin
+                .start_room(StartRoomRequest { anchor_id: anchor })
+                .await,
+        )?;
         room_ids.push(room.room_id);
     }
     let hot_room = room_ids[0];
@@ -134,7 +133,7 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     })
     .await?;
     probing.store(false, Ordering::Relaxed);
-    let mut visible = probe.await??;
+    let visible = probe.await??;
 
     let many_loves = Arc::new(AtomicU64::new(0));
     let many = measure(args.concurrency, phase, {
@@ -186,9 +185,8 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     };
     let ratio = loves_per_s / incrby_ops;
     let request_p99 = hot.p99_ms.max(many.p99_ms);
-    visible.sort_unstable();
     ensure!(!visible.is_empty(), "no visibility probe completed");
-    let visible_p99 = percentile(&visible, 0.99);
+    let visible_p99 = visible.into_iter().collect::<Latencies>().quantile_ms(0.99);
     let redis_commands = (commands_after - commands_before) as f64;
 
     println!(

@@ -35,7 +35,7 @@ use livemesh_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Side, cpu_seconds, measure, write_json};
+use super::helpers::{Side, cpu_seconds, measure, write_json};
 
 /// Options of `bench rpc`.
 #[derive(Debug, clap::Args)]
