@@ -57,7 +57,6 @@
 //! timeout, and the output says so.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,7 +76,7 @@ use livemesh_testkit::{ProxyMode, TcpProxy};
 use tokio::task::JoinSet;
 use tonic::transport::Endpoint;
 
-use super::helpers::{load_average, started_room};
+use super::helpers::{FiguresFile, load_average, started_room};
 
 mod open;
 mod phase;
@@ -92,9 +91,8 @@ use self::viewers::{Viewer, view};
 /// Options of `bench breaker`.
 #[derive(Debug, clap::Args)]
 pub struct BreakerArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds of publishing in each phase (healthy, then degraded).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub duration: u64,

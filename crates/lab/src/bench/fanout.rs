@@ -79,14 +79,13 @@
 //! printed. Both sides share the machine's cores with this process, which
 //! also decodes every delivery.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 
-use super::helpers::{cpu_seconds, load_average};
+use super::helpers::{FiguresFile, cpu_seconds, load_average};
 
 mod nats;
 mod node;
@@ -103,9 +102,8 @@ use self::report::print_and_save;
 /// Options of `bench fanout`.
 #[derive(Debug, clap::Args)]
 pub struct FanoutArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds of measurement, split evenly over the saturation and paced
     /// windows of each layout and side (set-up comes on top).
     #[arg(long, default_value_t = 10)]

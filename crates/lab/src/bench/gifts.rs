@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,7 +26,7 @@ use livemesh_proto::v1::{
 };
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
-use super::helpers::{measure, started_room, write_json};
+use super::helpers::{FiguresFile, measure, started_room, write_json};
 
 mod naive;
 mod usage;
@@ -38,9 +37,8 @@ use self::usage::{Usage, print_side};
 /// Options of `bench gifts`.
 #[derive(Debug, clap::Args)]
 pub struct GiftsArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds the two measuring windows take together (half each).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -448,7 +446,7 @@ async fn bench(
         ("concurrency", args.concurrency as f64),
         ("shards", args.shards as f64),
     ]);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         write_json(path, "gifts", &figures)?;
     }
     if difference != 0 || !statement.balanced {

@@ -5,13 +5,21 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, ensure};
 use hdrhistogram::Histogram;
 use livemesh_proto::v1::{Room, StartRoomResponse};
+
+/// `--json FILE`, which every bench takes.
+#[derive(Debug, clap::Args)]
+pub struct FiguresFile {
+    /// Write the figures as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
 
 /// Calls per second and latency percentiles of one side of a bench.
 #[derive(Debug)]

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,14 +16,13 @@ use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{GetLovesRequest, SendLovesRequest, StartRoomRequest};
 
-use super::helpers::{Latencies, measure, started_room, write_json};
+use super::helpers::{FiguresFile, Latencies, measure, started_room, write_json};
 
 /// Options of `bench loves`.
 #[derive(Debug, clap::Args)]
 pub struct LovesArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds the whole bench may take (split over its phases).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -246,7 +244,7 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
         ("visible_p99_ms", visible_p99),
         ("redis_commands", redis_commands),
     ]);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         write_json(path, "loves", &figures)?;
     }
     Ok(())

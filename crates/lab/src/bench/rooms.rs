@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,14 +17,13 @@ use livemesh_ongoing_query::{OngoingQuery, Rooms};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::{GetRoomRequest, PartitionRequest};
 
-use super::helpers::{Latencies, measure, write_json};
+use super::helpers::{FiguresFile, Latencies, measure, write_json};
 
 /// Options of `bench rooms`.
 #[derive(Debug, clap::Args)]
 pub struct RoomsArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds the whole bench may take (split over its phases).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -208,7 +206,7 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         ("grpc_reads_per_s", grpc_side.per_sec),
         ("grpc_read_ratio_vs_sql", grpc_ratio),
     ]);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         write_json(path, "rooms", &figures)?;
     }
     Ok(())

@@ -193,7 +193,7 @@ pub(super) fn report(
         pass(lost == 0),
     );
 
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         let mut figures: BTreeMap<&str, f64> = BTreeMap::new();
         figures.insert("healthy_p99_ms", healthy.receive.p99);
         figures.insert("degraded_p99_ms", degraded.receive.p99);

@@ -251,7 +251,7 @@ pub(super) fn print_and_save(
             "  node memory per idle stream: {bytes:.0} B (RSS growth / streams, the worse layout)"
         );
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         let view: BTreeMap<&str, f64> = figures.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         write_json(path, "fanout", &view)?;
     }
