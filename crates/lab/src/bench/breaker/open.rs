@@ -2,7 +2,7 @@
 //! call to it is refused once its breaker is open.
 
 use livemesh_fanout::FanoutStore;
-use livemesh_mesh::resilience::BreakerState;
+use livemesh_mesh::breaker::BreakerState;
 use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_publish::DispatcherInner;
 use std::collections::BTreeMap;
