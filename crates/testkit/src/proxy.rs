@@ -40,17 +40,24 @@ impl TcpProxy {
     pub fn start(upstream: SocketAddr) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         listener.set_nonblocking(true).expect("non-blocking");
-        let addr = listener.local_addr().expect("proxy address");
         let listener = TcpListener::from_std(listener).expect("a tokio listener");
+        Self::forward(listener, upstream).expect("proxy address")
+    }
+
+    /// Forwards the connections of `listener`, bound beforehand (say, so
+    /// that its address can be handed out before `upstream` exists), to
+    /// `upstream`. Must be called within a tokio runtime.
+    pub fn forward(listener: TcpListener, upstream: SocketAddr) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
         let (mode, watch) = watch::channel(ProxyMode::Pass);
         let accepted = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(accept_loop(listener, upstream, watch, accepted.clone()));
-        Self {
+        Ok(Self {
             addr,
             mode,
             accepted,
             task,
-        }
+        })
     }
 
     /// `http://<addr>`, for a service's advertised URL.
@@ -166,9 +173,17 @@ mod tests {
     }
 
     async fn roundtrip(socket: &mut TcpStream, msg: &[u8]) -> Option<Vec<u8>> {
+        roundtrip_within(socket, msg, Duration::from_millis(200)).await
+    }
+
+    async fn roundtrip_within(
+        socket: &mut TcpStream,
+        msg: &[u8],
+        within: Duration,
+    ) -> Option<Vec<u8>> {
         socket.write_all(msg).await.unwrap();
         let mut reply = vec![0; msg.len()];
-        tokio::time::timeout(Duration::from_millis(200), socket.read_exact(&mut reply))
+        tokio::time::timeout(within, socket.read_exact(&mut reply))
             .await
             .ok()
             .map(|r| {
@@ -219,5 +234,37 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&held, b"new");
+    }
+
+    /// The breaker bench's use: a listener bound first, then switched into a
+    /// black hole for good.
+    #[tokio::test]
+    async fn forwards_until_swallowed_then_holds_old_and_new_connections_silently() {
+        let upstream = echo().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = TcpProxy::forward(listener, upstream).unwrap();
+
+        let mut old = TcpStream::connect(proxy.addr).await.unwrap();
+        let answered = roundtrip_within(&mut old, b"ping", Duration::from_secs(5)).await;
+        assert_eq!(
+            answered.as_deref(),
+            Some(&b"ping"[..]),
+            "the proxy forwards while healthy"
+        );
+
+        proxy.set_mode(ProxyMode::BlackHole);
+        assert_eq!(
+            roundtrip_within(&mut old, b"ping", Duration::from_millis(300)).await,
+            None,
+            "an open connection stops answering"
+        );
+        let mut new = TcpStream::connect(proxy.addr)
+            .await
+            .expect("still accepts TCP");
+        assert_eq!(
+            roundtrip_within(&mut new, b"ping", Duration::from_millis(300)).await,
+            None,
+            "a new connection is held, not answered"
+        );
     }
 }

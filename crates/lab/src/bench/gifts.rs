@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,14 +26,19 @@ use livemesh_proto::v1::{
 };
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
-use super::{Side, cpu_seconds, measure, write_json};
+use super::helpers::{FiguresFile, measure, started_room, write_json};
+
+mod naive;
+mod usage;
+
+use self::naive::{naive_check, naive_gift, naive_setup};
+use self::usage::{Usage, print_side};
 
 /// Options of `bench gifts`.
 #[derive(Debug, clap::Args)]
 pub struct GiftsArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds the two measuring windows take together (half each).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -175,15 +179,14 @@ async fn bench(
     let mut admin = RoomAdminServiceClient::new(stack.channel(&rooms_server.uri())?);
     let gifts = GiftsServiceClient::new(stack.channel(&gifts_server.uri())?);
     let mut settlement = SettlementServiceClient::new(stack.channel(&gifts_server.uri())?);
-    let room_id = admin
-        .start_room(StartRoomRequest {
-            anchor_id: STREAMER,
-        })
-        .await?
-        .into_inner()
-        .room
-        .context("StartRoom returned no room")?
-        .room_id;
+    let room_id = started_room(
+        admin
+            .start_room(StartRoomRequest {
+                anchor_id: STREAMER,
+            })
+            .await,
+    )?
+    .room_id;
 
     let (version, flush, sync_binlog, log_bin): (String, i64, i64, i64) = sqlx::query_as(
         "SELECT @@version, CAST(@@innodb_flush_log_at_trx_commit AS SIGNED), \
@@ -443,7 +446,7 @@ async fn bench(
         ("concurrency", args.concurrency as f64),
         ("shards", args.shards as f64),
     ]);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         write_json(path, "gifts", &figures)?;
     }
     if difference != 0 || !statement.balanced {
@@ -468,226 +471,4 @@ fn pick(n: u64, viewers: u64) -> (u64, i64) {
     let viewer = 1 + n % viewers;
     let price = PRICES[((n / viewers) % PRICES.len() as u64) as usize];
     (viewer, price)
-}
-
-/// Creates the naive side's database: every viewer's balance and the
-/// streamer's in one table, and a ledger of gifts; tops the viewers up.
-async fn naive_setup(
-    admin: &MySqlPool,
-    base: &str,
-    name: &str,
-    viewers: u64,
-) -> anyhow::Result<MySqlPool> {
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
-        .execute(admin)
-        .await?;
-    // As the service's shard pools are configured (sqlx >= 0.9.1, which
-    // keeps Nagle off: with it every statement after the first of a
-    // transaction would wait for the server's delayed ACK).
-    let pool = MySqlPoolOptions::new()
-        .max_connections(NAIVE_POOL)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&format!("{base}/{name}"))
-        .await?;
-    sqlx::query(
-        "CREATE TABLE balances (user_id BIGINT NOT NULL PRIMARY KEY, \
-         balance BIGINT NOT NULL, CONSTRAINT balance_not_negative CHECK (balance >= 0)) \
-         ENGINE = InnoDB",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::query(
-        "CREATE TABLE gifts (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
-         idempotency_key VARCHAR(128) NOT NULL UNIQUE, viewer_id BIGINT NOT NULL, \
-         streamer_id BIGINT NOT NULL, amount BIGINT NOT NULL, created_at_ms BIGINT NOT NULL) \
-         ENGINE = InnoDB",
-    )
-    .execute(&pool)
-    .await?;
-    let users: Vec<(u64, i64)> = (1..=viewers)
-        .map(|v| (v, DEPOSIT))
-        .chain([(STREAMER, 0)])
-        .collect();
-    for chunk in users.chunks(1_000) {
-        let values: Vec<String> = chunk.iter().map(|(u, b)| format!("({u}, {b})")).collect();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO balances (user_id, balance) VALUES {}",
-            values.join(", ")
-        )))
-        .execute(&pool)
-        .await?;
-    }
-    Ok(pool)
-}
-
-/// The naive gift: one transaction that debits the viewer (never below
-/// zero), credits the streamer's balance row and records the gift.
-async fn naive_gift(pool: &MySqlPool, key: u64, viewer: u64, amount: i64) -> anyhow::Result<()> {
-    let mut tx = pool.begin().await?;
-    let debited =
-        sqlx::query("UPDATE balances SET balance = balance - ? WHERE user_id = ? AND balance >= ?")
-            .bind(amount)
-            .bind(viewer)
-            .bind(amount)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-    ensure!(debited == 1, "viewer {viewer} cannot pay {amount}");
-    sqlx::query("UPDATE balances SET balance = balance + ? WHERE user_id = ?")
-        .bind(amount)
-        .bind(STREAMER)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO gifts (idempotency_key, viewer_id, streamer_id, amount, created_at_ms) \
-         VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(format!("bench-gift-{key}"))
-    .bind(viewer)
-    .bind(STREAMER)
-    .bind(amount)
-    .bind(livemesh_mesh::now_ms())
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// The naive side conserved money and credited the streamer every gift.
-async fn naive_check(pool: &MySqlPool, viewers: u64, gifted: i64) -> anyhow::Result<()> {
-    let (total, streamer, ledger): (i64, i64, i64) = sqlx::query_as(
-        "SELECT CAST(SUM(balance) AS SIGNED), \
-         CAST(SUM(IF(user_id = ?, balance, 0)) AS SIGNED), \
-         (SELECT CAST(COALESCE(SUM(amount), 0) AS SIGNED) FROM gifts) FROM balances",
-    )
-    .bind(STREAMER)
-    .fetch_one(pool)
-    .await?;
-    let expected = i64::try_from(viewers)? * DEPOSIT;
-    ensure!(
-        total == expected && streamer == gifted && ledger == gifted,
-        "the naive side lost money: total {total} (expected {expected}), streamer {streamer} \
-         and ledger {ledger} (expected {gifted})"
-    );
-    Ok(())
-}
-
-/// Server counters and CPU time at one moment, or their change over a window.
-#[derive(Debug)]
-struct Usage {
-    status: BTreeMap<String, f64>,
-    mariadb_cpu_s: Option<f64>,
-    own_cpu_s: Option<f64>,
-    /// The whole machine's (busy, all) CPU ticks.
-    host_ticks: Option<(f64, f64)>,
-}
-
-impl Usage {
-    async fn take(admin: &MySqlPool, mariadb_pid: Option<u32>) -> anyhow::Result<Self> {
-        let rows: Vec<(String, String)> = sqlx::query_as("SHOW GLOBAL STATUS")
-            .fetch_all(admin)
-            .await?;
-        let status = rows
-            .into_iter()
-            .filter(|(name, _)| STATUS.iter().any(|s| s.eq_ignore_ascii_case(name)))
-            .filter_map(|(name, value)| Some((name, value.parse().ok()?)))
-            .collect();
-        Ok(Self {
-            status,
-            mariadb_cpu_s: mariadb_pid.and_then(|pid| cpu_seconds(Some(pid))),
-            own_cpu_s: cpu_seconds(None),
-            host_ticks: host_ticks(),
-        })
-    }
-
-    fn since(&self, earlier: &Self) -> Self {
-        let status = self
-            .status
-            .iter()
-            .map(|(k, v)| (k.clone(), v - earlier.status.get(k).copied().unwrap_or(0.0)))
-            .collect();
-        let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
-        Self {
-            status,
-            mariadb_cpu_s: diff(self.mariadb_cpu_s, earlier.mariadb_cpu_s),
-            own_cpu_s: diff(self.own_cpu_s, earlier.own_cpu_s),
-            host_ticks: self
-                .host_ticks
-                .zip(earlier.host_ticks)
-                .map(|((busy, all), (b0, a0))| (busy - b0, all - a0)),
-        }
-    }
-
-    /// How busy the machine's CPUs were over a window, in percent.
-    fn host_busy_pct(&self) -> Option<f64> {
-        let (busy, all) = self.host_ticks?;
-        (all > 0.0).then(|| busy * 100.0 / all)
-    }
-
-    /// A counter's change per gift.
-    fn per(&self, name: &str, gifts: u64) -> f64 {
-        self.status.get(name).copied().unwrap_or(0.0) / gifts.max(1) as f64
-    }
-}
-
-fn print_side(name: &str, side: &Side, gifts: u64, usage: &Usage) {
-    let cpu = match (usage.mariadb_cpu_s, usage.own_cpu_s) {
-        (Some(db), Some(own)) => format!(
-            "{:.0}+{:.0}",
-            db * 1e6 / gifts.max(1) as f64,
-            own * 1e6 / gifts.max(1) as f64
-        ),
-        _ => "-".into(),
-    };
-    println!(
-        "  {name:<44} {:>9.0} {:>8.2} {:>8.2} {:>10.1} {:>11.0} {:>12.0} {:>12.1} {:>10}",
-        side.per_sec,
-        side.p50_ms,
-        side.p99_ms,
-        usage.per("Questions", gifts),
-        usage
-            .status
-            .get("Innodb_row_lock_waits")
-            .copied()
-            .unwrap_or(0.0),
-        usage
-            .status
-            .get("Innodb_row_lock_time")
-            .copied()
-            .unwrap_or(0.0),
-        usage.per("Innodb_data_fsyncs", gifts) * 1e3,
-        cpu
-    );
-    let commits = usage.status.get("Binlog_commits").copied().unwrap_or(0.0);
-    let groups = usage
-        .status
-        .get("Binlog_group_commits")
-        .copied()
-        .unwrap_or(0.0);
-    println!(
-        "  {:<44} {:.2} gifts per commit, {commits:.0} binlog commits in {groups:.0} groups, \
-         {:.1} log fsyncs per 1k gifts, machine CPU {} busy",
-        "",
-        gifts as f64 / commits.max(1.0),
-        usage.per("Innodb_os_log_fsyncs", gifts) * 1e3,
-        usage
-            .host_busy_pct()
-            .map_or_else(|| "-".to_owned(), |p| format!("{p:.0}%"))
-    );
-}
-
-/// The machine's busy and total CPU ticks so far (`/proc/stat`).
-fn host_ticks() -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: Vec<f64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is in user).
-    let all: f64 = ticks.iter().take(8).sum();
-    let idle = ticks.get(3)? + ticks.get(4)?;
-    Some((all - idle, all))
 }

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,14 +16,13 @@ use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{GetLovesRequest, SendLovesRequest, StartRoomRequest};
 
-use super::{measure, percentile, write_json};
+use super::helpers::{FiguresFile, Latencies, measure, started_room, write_json};
 
 /// Options of `bench loves`.
 #[derive(Debug, clap::Args)]
 pub struct LovesArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds the whole bench may take (split over its phases).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -73,12 +71,11 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     let mut room_ids = Vec::new();
     // The hot room, the probe room, then the many rooms.
     for anchor in 1..=args.rooms + 2 {
-        let room = admin
-            .start_room(StartRoomRequest { anchor_id: anchor })
-            .await?
-            .into_inner()
-            .room
-            .context("StartRoom returned no room")?;
+        let room = started_room(
+            admin
+                .start_room(StartRoomRequest { anchor_id: anchor })
+                .await,
+        )?;
         room_ids.push(room.room_id);
     }
     let hot_room = room_ids[0];
@@ -134,7 +131,7 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     })
     .await?;
     probing.store(false, Ordering::Relaxed);
-    let mut visible = probe.await??;
+    let visible = probe.await??;
 
     let many_loves = Arc::new(AtomicU64::new(0));
     let many = measure(args.concurrency, phase, {
@@ -186,9 +183,8 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     };
     let ratio = loves_per_s / incrby_ops;
     let request_p99 = hot.p99_ms.max(many.p99_ms);
-    visible.sort_unstable();
     ensure!(!visible.is_empty(), "no visibility probe completed");
-    let visible_p99 = percentile(&visible, 0.99);
+    let visible_p99 = visible.into_iter().collect::<Latencies>().quantile_ms(0.99);
     let redis_commands = (commands_after - commands_before) as f64;
 
     println!(
@@ -248,7 +244,7 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
         ("visible_p99_ms", visible_p99),
         ("redis_commands", redis_commands),
     ]);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         write_json(path, "loves", &figures)?;
     }
     Ok(())

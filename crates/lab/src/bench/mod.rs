@@ -3,22 +3,13 @@
 //! machine). Every bench takes `--json FILE` and writes
 //! `{"bench": NAME, "figures": {KEY: number, ...}}`.
 
-mod blackhole;
 mod breaker;
 mod fanout;
 mod gifts;
+mod helpers;
 mod loves;
 mod rooms;
 mod rpc;
-mod storm;
-
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use anyhow::{Context as _, ensure};
 
 /// The benchmarks.
 #[derive(Debug, clap::Subcommand)]
@@ -112,87 +103,4 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Breaker(args) => breaker::run(args).await,
         BenchCommand::Rpc(args) => rpc::run(args).await,
     }
-}
-
-/// Calls per second and latency percentiles of one side of a bench.
-#[derive(Debug)]
-pub(crate) struct Side {
-    pub per_sec: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-}
-
-pub(crate) fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3
-}
-
-/// Runs `call` from `concurrency` tasks for `duration`.
-pub(crate) async fn measure<F, Fut>(
-    concurrency: usize,
-    duration: Duration,
-    call: F,
-) -> anyhow::Result<Side>
-where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send,
-{
-    let call = Arc::new(call);
-    let started = Instant::now();
-    let deadline = started + duration;
-    let mut tasks = tokio::task::JoinSet::new();
-    for task in 0..concurrency {
-        let call = call.clone();
-        tasks.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut seed = task as u64 * 7_919 + 1;
-            while Instant::now() < deadline {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                let t = Instant::now();
-                call(seed >> 33).await?;
-                latencies.push(t.elapsed());
-            }
-            anyhow::Ok(latencies)
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        all.extend(joined??);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    ensure!(!all.is_empty(), "no call completed");
-    all.sort_unstable();
-    Ok(Side {
-        per_sec: all.len() as f64 / elapsed,
-        p50_ms: percentile(&all, 0.50),
-        p99_ms: percentile(&all, 0.99),
-    })
-}
-
-/// Writes `{"bench": NAME, "figures": {...}}` to `path`.
-pub(crate) fn write_json(
-    path: &Path,
-    bench: &str,
-    figures: &BTreeMap<&str, f64>,
-) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "bench": bench, "figures": figures });
-    std::fs::write(path, serde_json::to_vec_pretty(&body)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("  figures written to {}", path.display());
-    Ok(())
-}
-
-/// CPU seconds a process has used so far (user + system); this process
-/// when `pid` is `None`.
-pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".into(),
-    };
-    let stat = std::fs::read_to_string(path).ok()?;
-    // After the command name: utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ, 100 on Linux.
-    Some(ticks as f64 / 100.0)
 }

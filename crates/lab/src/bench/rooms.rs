@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,14 +17,13 @@ use livemesh_ongoing_query::{OngoingQuery, Rooms};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::{GetRoomRequest, PartitionRequest};
 
-use super::{measure, percentile, write_json};
+use super::helpers::{FiguresFile, Latencies, measure, write_json};
 
 /// Options of `bench rooms`.
 #[derive(Debug, clap::Args)]
 pub struct RoomsArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds the whole bench may take (split over its phases).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -92,7 +90,7 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
     // (a) Commit-to-visible, for starts and ends. "Commit" is when the
     // writer's COMMIT returned; the time from sending the statement is
     // reported too, as an upper bound that includes the commit itself.
-    let (mut visible, mut from_send) = (Vec::new(), Vec::new());
+    let (mut visible, mut from_send) = (Latencies::new(), Latencies::new());
     let started = Instant::now();
     let mut anchor = 1_000_000_u64;
     while started.elapsed() < phase {
@@ -101,19 +99,17 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         let room = sql_start(&outsider, anchor).await?;
         let committed = Instant::now();
         wait_visible(&rooms, room.room_id, true).await?;
-        visible.push(committed.elapsed());
-        from_send.push(sent.elapsed());
+        visible.record(committed.elapsed());
+        from_send.record(sent.elapsed());
         let sent = Instant::now();
         sql_end(&outsider, room.room_id).await?;
         let committed = Instant::now();
         wait_visible(&rooms, room.room_id, false).await?;
-        visible.push(committed.elapsed());
-        from_send.push(sent.elapsed());
+        visible.record(committed.elapsed());
+        from_send.record(sent.elapsed());
     }
-    visible.sort_unstable();
-    from_send.sort_unstable();
-    let (vis_p50, vis_p99) = (percentile(&visible, 0.5), percentile(&visible, 0.99));
-    let send_p99 = percentile(&from_send, 0.99);
+    let (vis_p50, vis_p99) = (visible.quantile_ms(0.5), visible.quantile_ms(0.99));
+    let send_p99 = from_send.quantile_ms(0.99);
 
     // (b) Reads.
     let mut ids = Vec::new();
@@ -210,7 +206,7 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         ("grpc_reads_per_s", grpc_side.per_sec),
         ("grpc_read_ratio_vs_sql", grpc_ratio),
     ]);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         write_json(path, "rooms", &figures)?;
     }
     Ok(())

@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -35,14 +34,13 @@ use livemesh_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Side, cpu_seconds, measure, write_json};
+use super::helpers::{FiguresFile, Side, cpu_seconds, measure, write_json};
 
 /// Options of `bench rpc`.
 #[derive(Debug, clap::Args)]
 pub struct RpcArgs {
-    /// Write the figures as JSON here.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: FiguresFile,
     /// Seconds the whole bench takes (five phases of equal length).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -319,7 +317,7 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         ("bare_cpu_us_per_call", bare_cpu),
         ("concurrency", args.concurrency as f64),
     ]);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.out.json {
         write_json(path, "rpc", &figures)?;
     }
     Ok(())

@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use futures::StreamExt as _;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
@@ -40,10 +39,11 @@ use tokio::sync::Semaphore;
 use tokio::task::{AbortHandle, JoinSet};
 use tonic::transport::Channel;
 
-use super::fanout::{
+use super::{
     CpuMeter, FanoutArgs, Node, OPEN_CONCURRENCY, Opening, PUBLISHER_VIEWER, Recorder, connect,
-    nats_connect, nats_pid, now_ns, open_limit, parse_sent, viewer,
+    follow_nats, nats_connect, nats_pid, open_limit, viewer,
 };
+use crate::bench::helpers::{now_ns, started_room};
 
 /// Comments per second: 10,000 a minute.
 pub(super) const COMMENTS_PER_S: f64 = 10_000.0 / 60.0;
@@ -250,22 +250,9 @@ impl Viewers {
                     let id = self.next_id;
                     self.next_id += 1;
                     let client = &clients[id as usize % clients.len()];
-                    let mut subscriber =
-                        client.subscribe(SUBJECT).await.context("NATS subscribe")?;
-                    let (rec, ready) = (self.rec.clone(), ready.clone());
-                    self.open.push(self.tasks.spawn(async move {
-                        let mut seen = false;
-                        while let Some(message) = subscriber.next().await {
-                            if !seen {
-                                seen = true;
-                                ready.fetch_add(1, Ordering::Release);
-                            }
-                            if let Some(sent) = parse_sent(&message.payload) {
-                                rec.received(sent);
-                            }
-                        }
-                        rec.stream_ended("a NATS subscription ended".into());
-                    }));
+                    let subscriber = client.subscribe(SUBJECT).await.context("NATS subscribe")?;
+                    let follow = follow_nats(subscriber, self.rec.clone(), ready.clone(), None);
+                    self.open.push(self.tasks.spawn(follow));
                 }
                 for client in clients {
                     client.flush().await.context("NATS flush")?;
@@ -438,14 +425,12 @@ pub(super) async fn livemesh(settings: &StormSettings) -> anyhow::Result<Storm> 
     let node = Node::start(settings.max.div_ceil(settings.connections)).await?;
     let uri = node.uri();
     let control = connect(&uri).await?;
-    let room = RoomAdminServiceClient::new(control.clone())
-        .start_room(StartRoomRequest { anchor_id: 9_999 })
-        .await
-        .map_err(|s| anyhow::anyhow!("StartRoom: {s}"))?
-        .into_inner()
-        .room
-        .context("StartRoom returned no room")?
-        .room_id;
+    let room = started_room(
+        RoomAdminServiceClient::new(control.clone())
+            .start_room(StartRoomRequest { anchor_id: 9_999 })
+            .await,
+    )?
+    .room_id;
     let mut channels = Vec::with_capacity(settings.connections as usize);
     for _ in 0..settings.connections {
         channels.push(connect(&uri).await?);
