@@ -14,7 +14,7 @@ use livemesh_proto::v1::RoomChangeKind;
 
 use crate::Inner;
 use crate::sql::FinalLoves;
-use livemesh_mesh::rooms::RoomInfo;
+use livemesh_rooms::RoomInfo;
 use tracing::Instrument as _;
 
 /// Top lovers kept in SQL per room.
@@ -25,7 +25,7 @@ pub async fn follow(inner: Arc<Inner>) {
     // During a snapshot: its position and the ongoing rooms it listed.
     let mut snapshot: Option<(String, HashSet<u64>)> = None;
     let client = inner.watch_client.clone();
-    livemesh_mesh::rooms::follow_changes(client, |change| {
+    livemesh_rooms::follow_changes(client, |change| {
         let token = change
             .position
             .as_ref()

@@ -16,7 +16,7 @@ use crate::core::{BatchFate, SendError, Taken};
 use crate::hot::HotError;
 use crate::sql::FinalLoves;
 use crate::validate::Reason;
-use livemesh_mesh::rooms::{LookupError, RoomInfo};
+use livemesh_rooms::{LookupError, RoomInfo};
 
 const DEFAULT_TOP: u32 = 10;
 const MAX_TOP: u32 = 100;

@@ -49,7 +49,7 @@ use crate::core::CounterCore;
 use crate::hot::{HotConfig, HotStore};
 use crate::sql::LovesDb;
 use crate::validate::Limits;
-use livemesh_mesh::rooms::RoomDirectory;
+use livemesh_rooms::RoomDirectory;
 
 /// Shared state of the counter service.
 #[derive(Debug)]
@@ -246,7 +246,7 @@ impl Counter {
                 urls,
                 hot,
                 hot::RedisOptions {
-                    breaker: livemesh_mesh::resilience::BreakerSettings::from(&config.client),
+                    breaker: livemesh_mesh::breaker::BreakerSettings::from(&config.client),
                     ..hot::RedisOptions::default()
                 },
             )

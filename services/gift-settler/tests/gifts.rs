@@ -7,8 +7,9 @@
 
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
-use livemesh_gift_settler::ledger::{LedgerError, PLATFORM, Transfer, room_account, user_account};
-use livemesh_gift_settler::settle::{Step, cut_of};
+use livemesh_gift_settler::testing::{
+    LedgerError, PLATFORM, Step, Transfer, cut_of, room_account, user_account,
+};
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
@@ -162,7 +163,7 @@ impl Mesh {
     /// The room's virtual balance over every shard and sub-account.
     async fn room_total(&self, room_id: u64) -> i64 {
         let mut total = 0;
-        for shard in &self.settler.inner().shards {
+        for shard in self.settler.shards() {
             for sub in 0..SUBACCOUNTS {
                 total += shard.balance(&room_account(room_id, sub)).await.unwrap();
             }
@@ -175,7 +176,7 @@ impl Mesh {
     /// clearing account of settlements summing to zero across shards).
     async fn assert_conserved(&self) {
         let mut total = 0;
-        for shard in &self.settler.inner().shards {
+        for shard in self.settler.shards() {
             total += shard.total().await.unwrap();
         }
         assert_eq!(total, 0, "money was created or lost");
@@ -192,7 +193,7 @@ async fn a_gift_moves_money_from_the_viewer_to_the_room_in_the_viewers_shard(bac
     assert_eq!(mesh.balance(11).await, 700);
     assert_eq!(mesh.room_total(room).await, 300);
     // Both movements are in the viewer's own shard.
-    let viewer_shard = mesh.settler.inner().shard(11);
+    let viewer_shard = mesh.settler.shard(11);
     assert_eq!(viewer_shard.balance(&user_account(11)).await.unwrap(), 700);
     let mut in_viewers_shard = 0;
     for sub in 0..SUBACCOUNTS {
@@ -286,7 +287,7 @@ async fn unknown_and_ended_rooms_and_bad_amounts_get_precise_codes(backend: SqlB
     // Gifts are refused once the settler has seen the end (Watch): every
     // shard then marks the room ended.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    for shard in &mesh.settler.inner().shards {
+    for shard in mesh.settler.shards() {
         while shard.room_status(room).await.unwrap().as_deref() != Some("ended") {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -388,7 +389,7 @@ async fn gifts_in(mesh: &mut Mesh, room: u64, tag: &str) -> i64 {
 async fn expected_cut(mesh: &Mesh, room: u64) -> (i64, i64) {
     let mut cut = 0;
     let mut gross = 0;
-    for shard in &mesh.settler.inner().shards {
+    for shard in mesh.settler.shards() {
         let v = shard.room_balance(room).await.unwrap();
         cut += cut_of(v, 3_000);
         gross += v;
@@ -404,7 +405,7 @@ async fn settlement_pays_exactly_once_with_a_crash_before_and_after_each_step(ba
         steps.extend([Step::EndShard(s), Step::SweepShard(s), Step::PayShard(s)]);
     }
     steps.push(Step::Finish);
-    let inner = mesh.settler.inner().clone();
+    let inner = mesh.settler.clone();
     // The streamer is a user like any other: its shard is where it is paid.
     let streamer = 5;
     for (i, &crash_at) in steps.iter().enumerate() {
@@ -558,7 +559,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
     mesh.deposit("d", viewer, 100).await.unwrap();
     // Open the room in the viewer's shard (a gift does it on first use).
     mesh.gift("open", viewer, room, 1).await.unwrap();
-    let shard = mesh.settler.inner().shard(viewer).clone();
+    let shard = mesh.settler.shard(viewer).clone();
     let gift = |key: &str, amount: i64| Transfer {
         transfer_id: format!("gift:{viewer}:{key}"),
         kind: "gift",
@@ -580,7 +581,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
         gift("c", 20), // 99 - 30 - 60 = 9 left: refused
     ];
     let results = shard
-        .apply_batch(&batch, &livemesh_gift_settler::ledger::Silent)
+        .apply_batch(&batch, &livemesh_gift_settler::testing::Silent)
         .await
         .unwrap();
     assert!(matches!(results[0], Ok(ref a) if !a.replayed && a.balance == 69));
@@ -605,7 +606,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
 /// Users other than `user` whose balance lives in the same shard and whose
 /// transfers take the same batch worker, so they share its batches.
 fn same_lane_as(user: u64, count: usize) -> Vec<u64> {
-    use livemesh_gift_settler::{batch::lane, shard_of};
+    use livemesh_gift_settler::{shard_of, testing::lane};
     let workers = Config::default().gifts.batch_workers as u64;
     (user + 1..)
         .filter(|u| {
@@ -700,7 +701,7 @@ async fn balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone(backen
     // The ledger's sums hold whatever the balances: two accounts at
     // i64::MAX and two at -i64::MAX sum to 0, where a plain SQL SUM fails
     // (SQLite: "integer overflow") or clamps (MySQL's cast).
-    let shard = mesh.settler.inner().shards[0].clone();
+    let shard = mesh.settler.shards()[0].clone();
     livemesh_mesh::on_db!(shard.db(), pool => {
         sqlx::query(
             "INSERT INTO accounts (account, balance, may_go_negative) VALUES \
@@ -723,7 +724,7 @@ async fn a_transfer_the_database_refuses_is_refused_alone_and_never_unavailable(
     let mut mesh = mesh(&backend).await;
     let user = 2_000;
     let others = same_lane_as(user, 30);
-    let shard = mesh.settler.inner().shard(user).clone();
+    let shard = mesh.settler.shard(user).clone();
     // A trigger stands in for any rule of the database the ledger's own
     // checks do not know.
     livemesh_mesh::on_db!(shard.db(), pool => {
@@ -1367,7 +1368,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     let db = Arc::new(PrivateMariadb::start().await);
     let mut mesh = chaos_mesh(&db).await;
     let streamer = 5; // the rooms' anchor
-    let inner = mesh.settler.inner().clone();
+    let inner = mesh.settler.clone();
 
     // Room A: the end commits, then MariaDB dies at once.
     let Gifted {
@@ -1391,7 +1392,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     livemesh_testkit::end_room(mesh.rooms.channel(), room_c).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match inner.shards[0].settlement(room_c).await.unwrap() {
+        match inner.shards()[0].settlement(room_c).await.unwrap() {
             Some(row) if row.state == "in_progress" => break,
             Some(row) => panic!("the settlement finished before it could be interrupted: {row:?}"),
             None => assert!(
@@ -1427,7 +1428,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     );
     db.restart().await;
     // The kill hit where intended: begun, shard 1 swept, shard 1 not paid.
-    let row = inner.shards[0].settlement(room_b).await.unwrap().unwrap();
+    let row = inner.shards()[0].settlement(room_b).await.unwrap().unwrap();
     assert_eq!(row.state, "in_progress", "{row:?}");
     let payer = inner.shard(streamer);
     let unpaid = payer
@@ -1440,7 +1441,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
             .unwrap();
     assert_eq!(unpaid, 0, "shard 1 was paid before the kill");
     assert!(
-        inner.shards[1]
+        inner.shards()[1]
             .room_transfers(room_b, "settle-out")
             .await
             .unwrap()
@@ -1514,7 +1515,7 @@ async fn two_settlers_racing_on_one_room_end_settle_it_once(backend: SqlBackend)
     let mut mesh = mesh(&backend).await;
     let second = GiftSettler::from_config(&mesh.config).await.unwrap();
     let second_server = TestServer::start(second.clone()).await;
-    let (a, b) = (mesh.settler.inner().clone(), second.inner().clone());
+    let (a, b) = (mesh.settler.clone(), second.clone());
     let streamer = 5; // the rooms' anchor
     let shards = u32::try_from(SHARDS).unwrap();
     let conflicts = AtomicU64::new(0);
@@ -1628,15 +1629,15 @@ async fn two_settlers_racing_on_one_room_end_settle_it_once(backend: SqlBackend)
 /// transaction on the same transfer (the other replica won it) is retried,
 /// as the settler's own loop does; anything else fails the test.
 async fn settle_racing(
-    inner: &livemesh_gift_settler::Inner,
+    settler: &GiftSettler,
     room: u64,
     streamer: u64,
     conflicts: &AtomicU64,
-) -> livemesh_gift_settler::ledger::SettlementRow {
+) -> livemesh_gift_settler::testing::SettlementRow {
     for _ in 0..50 {
-        match inner.settle(room, streamer, &|_| false).await {
+        match settler.settle(room, streamer, &|_| false).await {
             Ok(row) => return row,
-            Err(livemesh_gift_settler::settle::SettleError::Ledger(LedgerError::Conflict)) => {
+            Err(livemesh_gift_settler::testing::SettleError::Ledger(LedgerError::Conflict)) => {
                 conflicts.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) => panic!("settling room {room}: {err}"),

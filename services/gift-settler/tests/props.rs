@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use futures::StreamExt as _;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
-use livemesh_gift_settler::ledger::{CLEARING, EXTERNAL};
+use livemesh_gift_settler::testing::{CLEARING, EXTERNAL};
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
 use livemesh_proto::v1::{
@@ -278,7 +278,7 @@ async fn check_ledger(
     model: &Mutex<Model>,
     user: Option<u64>,
 ) -> Result<(), TestCaseError> {
-    for shard in &mesh.settler.inner().shards {
+    for shard in mesh.settler.shards() {
         let total = shard.total().await.unwrap();
         prop_assert_eq!(total, 0, "shard {} sums to {}", shard.index, total);
         for (account, balance) in shard.negative_balances().await.unwrap() {
@@ -292,9 +292,8 @@ async fn check_ledger(
     if let Some(user) = user {
         let held = mesh
             .settler
-            .inner()
             .shard(user)
-            .balance(&livemesh_gift_settler::ledger::user_account(user))
+            .balance(&livemesh_gift_settler::testing::user_account(user))
             .await
             .unwrap();
         let expected = model

@@ -11,7 +11,7 @@ use std::time::Duration;
 use livemesh_mesh::sql::Db;
 use livemesh_mesh::{Config, MeshChannel, on_db};
 use livemesh_ongoing_query::OngoingQuery;
-use livemesh_ongoing_query::room::{local_id, room_id};
+use livemesh_ongoing_query::testing::{local_id, room_id};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
@@ -113,7 +113,7 @@ async fn ongoing(server: &TestServer) -> Vec<u64> {
 
 /// A plain SQL connection of its own, as another application would have.
 async fn outsider(url: &str) -> Db {
-    livemesh_ongoing_query::store::RegionStore::open(0, url)
+    livemesh_ongoing_query::testing::RegionStore::open(0, url)
         .await
         .unwrap()
         .db()
@@ -309,7 +309,7 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
     let url = backend.database_url("gone").await;
     let consumer = "feed-gone";
     let db = outsider(&url).await;
-    let store = livemesh_ongoing_query::store::RegionStore::open(0, &url)
+    let store = livemesh_ongoing_query::testing::RegionStore::open(0, &url)
         .await
         .unwrap();
     let earlier = sql_start(&db, 1).await;
@@ -326,7 +326,7 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
         // The saved position's binlog file is purged (a commit follows the
         // position, so a GTID position needs the old file too).
         Db::MySql(_) => {
-            let position = livemesh_ongoing_query::binlog::current_position(&url)
+            let position = livemesh_ongoing_query::testing::current_position(&url)
                 .await
                 .unwrap();
             store

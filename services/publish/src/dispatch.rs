@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use livemesh_fanout::{Append, Appended, FanoutStore, ROOM_ENDED_KEY, Slot};
-use livemesh_mesh::resilience::{Breaker, BreakerState};
-use livemesh_mesh::rooms::{LookupError, RoomDirectory};
+use livemesh_mesh::breaker::{Breaker, BreakerState};
 use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::time::timestamp_from_ms;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
@@ -18,6 +17,7 @@ use livemesh_proto::v1::{
     DeliverRequest, PublishRequest, PublishResponse, RoomEnded, RoomEvent, StreamPosition,
     room_event,
 };
+use livemesh_rooms::{LookupError, RoomDirectory};
 use prost::Message as _;
 use tracing::Instrument as _;
 

@@ -21,12 +21,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use livemesh_fanout::FanoutStore;
 use livemesh_mesh::auth::{Security, policy};
-use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
 use livemesh_proto::v1::RoomChangeKind;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_server::PublishServiceServer;
+use livemesh_rooms::RoomDirectory;
 use tracing::Instrument as _;
 
 pub use crate::dispatch::{DispatcherInner, DispatcherSettings};
@@ -86,7 +86,7 @@ impl ServiceSet for Dispatcher {
         let inner = self.inner.clone();
         let watch = self.watch.clone();
         server.add_background("room ends", async move {
-            livemesh_mesh::rooms::follow_changes(watch, |change| {
+            livemesh_rooms::follow_changes(watch, |change| {
                 if change.kind() != RoomChangeKind::Ended {
                     return;
                 }

@@ -3,13 +3,13 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use livemesh_mesh::rooms::LookupError;
 use livemesh_proto::encoded::server::subscribe_service_server::SubscribeService;
 use livemesh_proto::encoded::{BatchWriter, Frame, Ordered};
 use livemesh_proto::v1::{
     DeliverRequest, DeliverResponse, RoomEvent, StreamPosition, StreamStarted, SubscribeRequest,
     SubscribeResponse, subscribe_response,
 };
+use livemesh_rooms::LookupError;
 use tonic::{Request, Response, Status};
 
 use crate::feed::Delivery;
