@@ -21,7 +21,9 @@ use std::sync::{Mutex, Once};
 
 use livemesh_mesh::config::ClientConfig;
 use livemesh_mesh::{ClientStack, MeshChannel};
-use livemesh_proto::v1::{Comment, GiftSent, LoveTotal, RoomEnded, ViewerCount, room_event};
+use livemesh_proto::v1::{
+    Comment, GiftSent, LoveTotal, RoomEnded, RoomEvent, ViewerCount, room_event,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -275,6 +277,31 @@ pub fn room_event_kind(weights: [u32; 6]) -> BoxedStrategy<Option<room_event::Ki
         room_ended => timestamp().prop_map(|ended_at| Some(room_event::Kind::RoomEnded(RoomEnded { ended_at }))),
     ]
     .boxed()
+}
+
+/// A room event with its room id, epoch and offset from the strategies
+/// given, any server time, and a kind (or none) weighted as in
+/// [`room_event_kind`].
+pub fn room_event(
+    room_id: impl Strategy<Value = u64>,
+    epoch: impl Strategy<Value = u64>,
+    offset: impl Strategy<Value = u64>,
+    kind_weights: [u32; 6],
+) -> impl Strategy<Value = RoomEvent> {
+    (
+        room_id,
+        epoch,
+        offset,
+        timestamp(),
+        room_event_kind(kind_weights),
+    )
+        .prop_map(|(room_id, epoch, offset, server_time, kind)| RoomEvent {
+            room_id,
+            epoch,
+            offset,
+            server_time,
+            kind,
+        })
 }
 
 #[cfg(test)]

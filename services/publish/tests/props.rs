@@ -21,7 +21,7 @@ use livemesh_proto::v1::{
 };
 use livemesh_publish::Dispatcher;
 use livemesh_testkit::TestServer;
-use livemesh_testkit::props::{self, id, id_from, key, text, timestamp};
+use livemesh_testkit::props::{self, id, id_from, key, text};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tonic::Code;
@@ -38,20 +38,12 @@ fn caller() -> impl Strategy<Value = Option<&'static str>> {
 }
 
 fn request(rooms: Vec<u64>) -> BoxedStrategy<PublishRequest> {
-    let event = (
+    let event = props::room_event(
         prop_oneof![Just(0u64), id()],
         id(),
         id(),
-        timestamp(),
-        props::room_event_kind([1, 1, 4, 2, 1, 1]),
-    )
-        .prop_map(|(room_id, epoch, offset, server_time, kind)| RoomEvent {
-            room_id,
-            epoch,
-            offset,
-            server_time,
-            kind,
-        });
+        [1, 1, 4, 2, 1, 1],
+    );
     (
         id_from(rooms),
         proptest::option::weighted(0.95, event),

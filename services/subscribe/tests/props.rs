@@ -23,7 +23,7 @@ use livemesh_proto::v1::{
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_testkit::TestServer;
-use livemesh_testkit::props::{self, id, id_from, timestamp};
+use livemesh_testkit::props::{self, id, id_from};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tonic::Code;
@@ -162,20 +162,12 @@ fn call(rooms: Vec<u64>, real_epoch: u64) -> impl Strategy<Value = Call> {
             })
         });
     let deliver = id_from(rooms).prop_flat_map(move |room_id| {
-        let event = (
+        let event = props::room_event(
             prop_oneof![4 => Just(room_id), 1 => id()],
             epoch(real_epoch),
             offset(),
-            timestamp(),
-            props::room_event_kind([1, 2, 4, 1, 1, 1]),
-        )
-            .prop_map(|(room_id, epoch, offset, server_time, kind)| RoomEvent {
-                room_id,
-                epoch,
-                offset,
-                server_time,
-                kind,
-            });
+            [1, 2, 4, 1, 1, 1],
+        );
         proptest::collection::vec(event, 0..4)
             .prop_map(move |events| Call::Deliver(DeliverRequest { room_id, events }))
     });
