@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use livemesh_proto::v1::RoomChangeKind;
 
-use crate::Inner;
-use crate::sql::FinalLoves;
+use crate::inner::Inner;
+use crate::store::sql::FinalLoves;
 use livemesh_mesh::rooms::RoomInfo;
 use tracing::Instrument as _;
 
