@@ -21,6 +21,8 @@ use livemesh_proto::v1::{
 use prost::Message as _;
 use tracing::Instrument as _;
 
+use crate::error::PublishError;
+
 /// How a dispatcher runs.
 #[derive(Debug, Clone)]
 pub struct DispatcherSettings {
@@ -42,27 +44,6 @@ pub struct DispatchStats {
     pub deliver_failures: AtomicU64,
     pub forwarded: AtomicU64,
     pub forward_failures: AtomicU64,
-}
-
-/// Why a publish was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Text(#[from] crate::comment::TextError),
-    #[error("room {0} does not exist; start it first (RoomAdminService.StartRoom)")]
-    UnknownRoom(u64),
-    #[error("room {0} has ended; nothing more can be published to it")]
-    RoomOver(u64),
-    #[error("the rooms service did not answer: {0}")]
-    Rooms(String),
-    #[error(
-        "room {room_id} has ended (its last event is at offset {offset}); nothing more can be published to it"
-    )]
-    Ended { room_id: u64, offset: u64 },
-    #[error(transparent)]
-    Store(#[from] livemesh_fanout::StoreError),
 }
 
 /// The dispatcher's shared state.
@@ -375,6 +356,7 @@ impl DispatcherInner {
     }
 
     /// The state of `node`'s circuit breaker, if the dispatcher has called it.
+    #[cfg(feature = "testing")]
     pub fn node_breaker(&self, node: &str) -> Option<BreakerState> {
         self.nodes
             .lock()

@@ -1,0 +1,43 @@
+//! Room ends, told by ongoing-query's Watch stream: the dispatcher publishes
+//! the room-ended event (once, whoever else also does).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use livemesh_mesh::MeshChannel;
+use livemesh_proto::v1::RoomChangeKind;
+use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
+use tracing::Instrument as _;
+
+use crate::dispatch::DispatcherInner;
+use crate::error::PublishError;
+
+/// Follows the Watch stream for as long as the future runs.
+pub(crate) async fn follow(
+    inner: Arc<DispatcherInner>,
+    watch: OngoingQueryServiceClient<MeshChannel>,
+) {
+    livemesh_mesh::rooms::follow_changes(watch, |change| {
+        if change.kind() != RoomChangeKind::Ended {
+            return;
+        }
+        let Some(room) = change.room else {
+            return;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            for _ in 0..8 {
+                match inner.end_room(room.room_id, room.ended_at).await {
+                    Ok(_) | Err(PublishError::Ended { .. }) => return,
+                    Err(err) => {
+                        tracing::warn!(room_id = room.room_id, %err, "publishing room-ended failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
+        }.in_current_span());
+    })
+    .await;
+}
