@@ -1,9 +1,10 @@
-//! The gRPC face of a subscribe node; errors become statuses here only.
+//! The gRPC face of a subscribe node: `Subscribe` (validation, join, the
+//! replay after `resume` and the start message) and `Deliver` (errors
+//! become statuses in [`crate::error`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use livemesh_mesh::rooms::LookupError;
 use livemesh_proto::encoded::server::subscribe_service_server::SubscribeService;
 use livemesh_proto::encoded::{BatchWriter, Frame, Ordered};
 use livemesh_proto::v1::{
@@ -12,51 +13,11 @@ use livemesh_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::error::{JoinError, SubscribeError};
 use crate::feed::Delivery;
+use crate::room::decode;
 use crate::stream::{Live, ViewerStream};
-use crate::table::{JoinError, NodeInner, decode};
-
-/// Why a subscription was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum SubscribeError {
-    #[error("{0}")]
-    Invalid(&'static str),
-    #[error(transparent)]
-    Lookup(#[from] LookupError),
-    #[error(
-        "room {0} has ended; subscribe to an ongoing room, or pass `resume` to replay what you missed before its end"
-    )]
-    Ended(u64),
-    #[error(
-        "resume position (epoch {epoch}, offset {offset}) is past room {room_id}'s newest event \
-         (offset {head}); resume from a position this stream gave you"
-    )]
-    AheadOfHead {
-        room_id: u64,
-        epoch: u64,
-        offset: u64,
-        head: u64,
-    },
-    #[error("{0}")]
-    Store(#[from] livemesh_fanout::StoreError),
-}
-
-impl From<SubscribeError> for Status {
-    fn from(err: SubscribeError) -> Self {
-        match &err {
-            SubscribeError::Invalid(_) => Status::invalid_argument(err.to_string()),
-            SubscribeError::Lookup(LookupError::NotFound(_)) => Status::not_found(err.to_string()),
-            SubscribeError::Lookup(LookupError::Unavailable(_)) | SubscribeError::Store(_) => {
-                tracing::warn!(%err, "subscribe failed");
-                Status::unavailable(
-                    "the room's event stream is unavailable right now; retry shortly",
-                )
-            }
-            SubscribeError::Ended(_) => Status::failed_precondition(err.to_string()),
-            SubscribeError::AheadOfHead { .. } => Status::out_of_range(err.to_string()),
-        }
-    }
-}
+use crate::table::NodeInner;
 
 /// The SubscribeService implementation.
 #[derive(Debug, Clone)]
@@ -277,9 +238,10 @@ impl SubscribeService for SubscribeApi {
     ) -> Result<Response<DeliverResponse>, Status> {
         let request = request.into_inner();
         if request.room_id == 0 || request.events.iter().any(|e| e.room_id != request.room_id) {
-            return Err(Status::invalid_argument(
+            return Err(SubscribeError::Invalid(
                 "room_id is required and every event must carry it",
-            ));
+            )
+            .into());
         }
         let streams = self.node.deliver(request.room_id, request.events);
         Ok(Response::new(DeliverResponse { streams }))
