@@ -13,12 +13,15 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 # ---- build: the release binaries (protox compiles the protos: no protoc) ----
+# `livemesh` without its default `lab` feature: the product's commands only,
+# not the benchmarks, the demo or the topology check (crates/lab).
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --workspace --bins \
+    cargo build --release --locked --workspace --bins --exclude livemesh \
+    && cargo build --release --locked -p livemesh --no-default-features \
     && mkdir -p /out \
     && find target/release -maxdepth 1 -type f -executable -name 'livemesh*' -exec cp {} /out/ \; \
     && ls -l /out

@@ -166,7 +166,7 @@ pub fn connect(config: &livemesh_mesh::Config) -> Result<FanoutStore, StoreError
             urls,
             settings,
             RedisOptions {
-                breaker: livemesh_mesh::resilience::BreakerSettings::from(&config.client),
+                breaker: livemesh_mesh::breaker::BreakerSettings::from(&config.client),
                 ..RedisOptions::default()
             },
         ),

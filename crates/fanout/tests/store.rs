@@ -15,24 +15,18 @@ use livemesh_fanout::{
     Append, Appended, FanoutSettings, FanoutStore, Head, Position, ROOM_ENDED_KEY, Renewed, Slot,
     StoreError,
 };
+use livemesh_testkit::HotBackend;
 
-/// Which store a case runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Memory,
-    Redis,
-    Cluster,
+/// What a case opens on its backend.
+trait Open {
+    fn store(self, settings: FanoutSettings) -> FanoutStore;
 }
 
-impl Backend {
+impl Open for HotBackend {
     fn store(self, settings: FanoutSettings) -> FanoutStore {
-        match self {
-            Backend::Memory => FanoutStore::memory(settings),
-            Backend::Redis => FanoutStore::redis(&livemesh_testkit::redis_url(), settings).unwrap(),
-            Backend::Cluster => {
-                FanoutStore::redis(&livemesh_testkit::redis_cluster_urls().join(","), settings)
-                    .unwrap()
-            }
+        match self.redis_url() {
+            None => FanoutStore::memory(settings),
+            Some(url) => FanoutStore::redis(&url, settings).unwrap(),
         }
     }
 }
@@ -132,24 +126,8 @@ fn names(list: &[&str]) -> Vec<String> {
     list.iter().map(|name| (*name).to_owned()).collect()
 }
 
-macro_rules! fanout_store_suite {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $case() { super::$case(super::Backend::Memory).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $case() { super::$case(super::Backend::Redis).await })*
-        }
-        mod cluster {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $case() { super::$case(super::Backend::Cluster).await })*
-        }
-    };
-}
-
-fanout_store_suite!(
+livemesh_testkit::hot_backend_suite!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     ordered_appends_are_numbered_and_read_back_by_range,
     history_is_trimmed_to_history_len,
     latest_values_take_no_offset_and_join_returns_the_newest,
@@ -164,7 +142,7 @@ fanout_store_suite!(
     heads_follow_ordered_appends_only,
 );
 
-async fn heads_follow_ordered_appends_only(backend: Backend) {
+async fn heads_follow_ordered_appends_only(backend: HotBackend) {
     let store = backend.store(settings(2));
     let nothing = Position {
         epoch: 0,
@@ -196,7 +174,7 @@ async fn heads_follow_ordered_appends_only(backend: Backend) {
     assert_eq!(epoch, head.epoch);
 }
 
-async fn ordered_appends_are_numbered_and_read_back_by_range(backend: Backend) {
+async fn ordered_appends_are_numbered_and_read_back_by_range(backend: HotBackend) {
     let store = backend.store(settings(100));
     let unknown = store.history(ROOM, 0, u64::MAX).await.unwrap();
     assert_eq!((unknown.epoch, unknown.entries), (0, Vec::new()));
@@ -251,7 +229,7 @@ async fn ordered_appends_are_numbered_and_read_back_by_range(backend: Backend) {
     assert_eq!(all_history(&store, ROOM).await, all);
 }
 
-async fn history_is_trimmed_to_history_len(backend: Backend) {
+async fn history_is_trimmed_to_history_len(backend: HotBackend) {
     const LEN: u32 = 3;
     let store = backend.store(settings(LEN));
     let payloads: Vec<Vec<u8>> = (1..=7u64)
@@ -285,7 +263,7 @@ async fn history_is_trimmed_to_history_len(backend: Backend) {
     );
 }
 
-async fn latest_values_take_no_offset_and_join_returns_the_newest(backend: Backend) {
+async fn latest_values_take_no_offset_and_join_returns_the_newest(backend: HotBackend) {
     let store = backend.store(settings(100));
     // Before any ordered event the last offset is 0.
     let (epoch, offset, _) = append_new(&store, &latest(ROOM, "love_total", b"L0", T0)).await;
@@ -325,7 +303,7 @@ async fn latest_values_take_no_offset_and_join_returns_the_newest(backend: Backe
     );
 }
 
-async fn a_repeated_idempotency_key_is_a_duplicate(backend: Backend) {
+async fn a_repeated_idempotency_key_is_a_duplicate(backend: HotBackend) {
     let store = backend.store(settings(100));
     let (epoch, offset, _) = append_new(&store, &keyed(ordered(ROOM, b"one", T0), "k1")).await;
     assert_eq!(offset, 1);
@@ -377,7 +355,7 @@ async fn a_repeated_idempotency_key_is_a_duplicate(backend: Backend) {
     assert_eq!(offset, 1);
 }
 
-async fn an_ended_room_takes_no_more_appends(backend: Backend) {
+async fn an_ended_room_takes_no_more_appends(backend: HotBackend) {
     let store = backend.store(settings(100));
     append_new(&store, &ordered(ROOM, b"one", T0)).await;
     let (epoch, _, _) = append_new(&store, &ordered(ROOM, b"two", T0)).await;
@@ -435,7 +413,7 @@ async fn an_ended_room_takes_no_more_appends(backend: Backend) {
     );
 }
 
-async fn nodes_are_those_with_live_leases(backend: Backend) {
+async fn nodes_are_those_with_live_leases(backend: HotBackend) {
     let store = backend.store(settings(100));
     assert!(store.nodes(ROOM, T0).await.unwrap().is_empty());
     store.join(ROOM, "node-a", 3, 10_000, T0).await.unwrap();
@@ -484,7 +462,7 @@ async fn nodes_are_those_with_live_leases(backend: Backend) {
     assert_eq!(offset, 5);
 }
 
-async fn renew_sums_live_viewers_and_elects_one_reporter(backend: Backend) {
+async fn renew_sums_live_viewers_and_elects_one_reporter(backend: HotBackend) {
     let store = backend.store(settings(100));
     let head = store.join(ROOM, "node-b", 5, 10_000, T0).await.unwrap();
     let epoch = head.epoch;
@@ -583,7 +561,7 @@ async fn renew_sums_live_viewers_and_elects_one_reporter(backend: Backend) {
     );
 }
 
-async fn join_creates_the_epoch_that_appends_continue(backend: Backend) {
+async fn join_creates_the_epoch_that_appends_continue(backend: HotBackend) {
     let store = backend.store(settings(100));
     let head = store.join(ROOM, "node-a", 1, 60_000, T0).await.unwrap();
     assert_ne!(head.epoch, 0);
@@ -611,7 +589,7 @@ async fn join_creates_the_epoch_that_appends_continue(backend: Backend) {
     assert_eq!((again.epoch, again.offset), (head.epoch, 1));
 }
 
-async fn rooms_are_independent(backend: Backend) {
+async fn rooms_are_independent(backend: HotBackend) {
     let store = backend.store(settings(100));
     for expected in 1..=3 {
         let (_, offset, _) = append_new(&store, &ordered(ROOM, b"in room", T0)).await;
@@ -652,7 +630,7 @@ async fn rooms_are_independent(backend: Backend) {
     assert_eq!(all_history(&store, ROOM).await.len(), 5);
 }
 
-async fn concurrent_appends_get_distinct_gap_free_offsets(backend: Backend) {
+async fn concurrent_appends_get_distinct_gap_free_offsets(backend: HotBackend) {
     const APPENDS: u64 = 200;
     let store = backend.store(settings(256));
     let tasks: Vec<_> = (0..APPENDS)
@@ -798,7 +776,7 @@ async fn every_call_is_unavailable_quickly(store: &FanoutStore) {
 
 /// `stored_rooms` counts rooms, not keys: a room with history, latest
 /// values, nodes and idempotency keys is one; a room only joined is one.
-async fn stored_rooms_counts_each_room_with_state_once(backend: Backend) {
+async fn stored_rooms_counts_each_room_with_state_once(backend: HotBackend) {
     let store = backend.store(settings(100));
     assert_eq!(store.stored_rooms().await.unwrap(), 0);
     append_new(&store, &keyed(ordered(ROOM, b"a", T0), "k")).await;

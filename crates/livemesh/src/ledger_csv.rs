@@ -1,13 +1,14 @@
 //! `livemesh ledger-export`: the gift ledger as CSV, for finance.
 //!
 //! Streams `SettlementService.ExportLedger` and writes one CSV row per
-//! ledger entry (RFC 4180: CRLF line ends, a field holding a comma, a
-//! double quote or a line break is quoted, its quotes doubled). The times
-//! are parsed and printed here, without a date library: `--from`/`--to`
-//! take RFC 3339 or milliseconds since the Unix epoch, and `created_at` is
-//! written as RFC 3339 UTC with milliseconds.
+//! ledger entry with the `csv` crate (RFC 4180: CRLF line ends, a field
+//! holding a comma, a double quote or a line break is quoted, its quotes
+//! doubled). `--from`/`--to` take RFC 3339 or milliseconds since the Unix
+//! epoch, and `created_at` is written as RFC 3339 UTC with milliseconds:
+//! the `time` crate reads and prints the times, once `parse_time` has
+//! checked the text part by part, so that a refusal names what is wrong
+//! and where.
 
-use std::borrow::Cow;
 use std::io::{self, Write};
 use std::path::Path;
 
@@ -17,6 +18,10 @@ use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::time::{ms_from_timestamp, timestamp_from_ms};
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
 use livemesh_proto::v1::{ExportLedgerRequest, ExportLedgerResponse, LedgerEntry};
+use time::format_description::BorrowedFormatItem;
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+use time::{Month, OffsetDateTime};
 use tonic::Streaming;
 
 /// The CSV's first line.
@@ -161,7 +166,8 @@ pub async fn write_csv(
     entries: &mut Streaming<ExportLedgerResponse>,
     out: &mut impl Write,
 ) -> anyhow::Result<u64> {
-    write_row(out, &HEADER)?;
+    let mut csv = writer(out);
+    csv.write_record(HEADER).map_err(io_error)?;
     let mut rows = 0;
     loop {
         let reply = entries.message().await.map_err(|status| {
@@ -171,10 +177,11 @@ pub async fn write_csv(
             )
         })?;
         let Some(reply) = reply else {
+            csv.flush()?;
             return Ok(rows);
         };
         if let Some(entry) = reply.entry {
-            write_entry(out, &entry)?;
+            write_fields(&mut csv, &entry).map_err(io_error)?;
             rows += 1;
         }
     }
@@ -197,44 +204,56 @@ fn describe(status: &tonic::Status) -> String {
     text
 }
 
+/// A CSV writer as RFC 4180 has it: CRLF line ends, a field quoted only
+/// when it holds a comma, a double quote, CR or LF, its quotes doubled.
+/// Flexible: a record may have any number of fields, as `write_row`'s
+/// caller chooses.
+fn writer<W: Write>(out: W) -> csv::Writer<W> {
+    csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .quote_style(csv::QuoteStyle::Necessary)
+        .flexible(true)
+        .from_writer(out)
+}
+
+/// The I/O error under a CSV writer's error. Writing text to a flexible
+/// writer fails only when `out` does, and a broken pipe must stay one for
+/// `is_broken_pipe`.
+fn io_error(err: csv::Error) -> io::Error {
+    match err.into_kind() {
+        csv::ErrorKind::Io(err) => err,
+        kind => io::Error::other(format!("writing CSV: {kind:?}")),
+    }
+}
+
 /// One entry as a CSV row, in `HEADER`'s order.
 pub fn write_entry(out: &mut impl Write, entry: &LedgerEntry) -> io::Result<()> {
+    let mut csv = writer(out);
+    write_fields(&mut csv, entry).map_err(io_error)?;
+    csv.flush()
+}
+
+fn write_fields<W: Write>(csv: &mut csv::Writer<W>, entry: &LedgerEntry) -> csv::Result<()> {
     let created_at = entry
         .created_at
         .as_ref()
         .map_or(String::new(), |ts| rfc3339_ms(ms_from_timestamp(ts)));
-    write_row(
-        out,
-        &[
-            &entry.transfer_id,
-            &entry.shard.to_string(),
-            &entry.account,
-            &entry.amount.to_string(),
-            &entry.kind,
-            &created_at,
-        ],
-    )
+    csv.write_record([
+        entry.transfer_id.as_str(),
+        &entry.shard.to_string(),
+        &entry.account,
+        &entry.amount.to_string(),
+        &entry.kind,
+        &created_at,
+    ])
 }
 
-/// Writes `fields` as one CSV record ending in CRLF.
+/// Writes `fields` as one CSV record ending in CRLF (a record of one
+/// empty field as `""`, so that it is not an empty line).
 pub fn write_row(out: &mut impl Write, fields: &[&str]) -> io::Result<()> {
-    for (index, field) in fields.iter().enumerate() {
-        if index > 0 {
-            out.write_all(b",")?;
-        }
-        out.write_all(csv_field(field).as_bytes())?;
-    }
-    out.write_all(b"\r\n")
-}
-
-/// A field as RFC 4180 writes it: quoted, with its quotes doubled, when it
-/// holds a comma, a double quote, CR or LF; as it is otherwise.
-pub fn csv_field(field: &str) -> Cow<'_, str> {
-    if field.contains([',', '"', '\r', '\n']) {
-        Cow::Owned(format!("\"{}\"", field.replace('"', "\"\"")))
-    } else {
-        Cow::Borrowed(field)
-    }
+    let mut csv = writer(out);
+    csv.write_record(fields).map_err(io_error)?;
+    csv.flush()
 }
 
 /// Parses a `--from`/`--to` TIME: RFC 3339 (`2026-11-22T10:00:00Z`, a
@@ -260,198 +279,153 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
     parsed.map_err(|why| format!("{why}; expected {TIME_FORMS}"))
 }
 
+/// RFC 3339 read by the `time` crate, once `check_rfc3339` has let it
+/// through (the crate would also take a leap second and any byte between
+/// the date and the time, which `--from`/`--to` never did).
 fn parse_rfc3339(text: &str) -> Result<i64, String> {
+    check_rfc3339(text)?;
+    let at = OffsetDateTime::parse(text, &Rfc3339).map_err(|err| err.to_string())?;
+    Ok(at.unix_timestamp() * 1_000 + i64::from(at.millisecond()))
+}
+
+const DIGITS: &[u8] = b"0123456789";
+
+/// The parts of `YYYY-MM-DDTHH:MM:SS` in order: what each is, for the
+/// error message, its length and the bytes it may hold.
+const DATE_TIME: [(&str, usize, &[u8]); 11] = [
+    ("the year (4 digits)", 4, DIGITS),
+    ("`-` after the year", 1, b"-"),
+    ("the month (2 digits)", 2, DIGITS),
+    ("`-` after the month", 1, b"-"),
+    ("the day (2 digits)", 2, DIGITS),
+    ("`T` between the date and the time", 1, b"Tt "),
+    ("the hour (2 digits)", 2, DIGITS),
+    ("`:` after the hour", 1, b":"),
+    ("the minute (2 digits)", 2, DIGITS),
+    ("`:` after the minute", 1, b":"),
+    ("the second (2 digits)", 2, DIGITS),
+];
+
+/// The parts of a `±HH:MM` offset after its sign.
+const OFFSET: [(&str, usize, &[u8]); 3] = [
+    ("the offset hour (2 digits)", 2, DIGITS),
+    ("`:` in the offset", 1, b":"),
+    ("the offset minute (2 digits)", 2, DIGITS),
+];
+
+/// Checks `text` as RFC 3339 part by part, so that a refusal says what was
+/// expected where, or which value is out of range.
+fn check_rfc3339(text: &str) -> Result<(), String> {
     if text.is_empty() {
         return Err("empty time".into());
     }
-    let mut at = Cursor {
-        bytes: text.as_bytes(),
-        at: 0,
-    };
-    let year = at.number(4, "year")?;
-    at.expect(b"-", "`-` after the year")?;
-    let month = at.number(2, "month")?;
-    at.expect(b"-", "`-` after the month")?;
-    let day = at.number(2, "day")?;
-    at.expect(b"Tt ", "`T` between the date and the time")?;
-    let hour = at.number(2, "hour")?;
-    at.expect(b":", "`:` after the hour")?;
-    let minute = at.number(2, "minute")?;
-    at.expect(b":", "`:` after the minute")?;
-    let second = at.number(2, "second")?;
-    let mut millis = 0;
-    if at.peek() == Some(b'.') {
-        at.at += 1;
-        let start = at.at;
-        while at.peek().is_some_and(|b| b.is_ascii_digit()) {
-            if at.at - start < 3 {
-                millis = millis * 10 + i64::from(at.bytes[at.at] - b'0');
-            }
-            at.at += 1;
+    let bytes = text.as_bytes();
+    let mut at = expect(bytes, 0, &DATE_TIME)?;
+    if bytes.get(at) == Some(&b'.') {
+        let digits = bytes[at + 1..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            return Err(format!("digits expected after `.` at position {}", at + 2));
         }
-        if at.at == start {
-            return Err(format!(
-                "digits expected after `.` at position {}",
-                start + 1
-            ));
-        }
-        for _ in (at.at - start)..3 {
-            millis *= 10;
-        }
+        at += 1 + digits;
     }
-    let offset_minutes = match at.peek() {
-        Some(b'Z' | b'z') => {
-            at.at += 1;
-            0
-        }
-        Some(sign @ (b'+' | b'-')) => {
-            at.at += 1;
-            let hours = at.number(2, "offset hour")?;
-            at.expect(b":", "`:` in the offset")?;
-            let minutes = at.number(2, "offset minute")?;
+    at = match bytes.get(at) {
+        Some(b'Z' | b'z') => at + 1,
+        Some(b'+' | b'-') => {
+            let end = expect(bytes, at + 1, &OFFSET)?;
+            let (hours, minutes) = (number(&bytes[at + 1..at + 3]), number(&bytes[at + 4..end]));
             if hours > 23 || minutes > 59 {
                 return Err(format!(
                     "the offset {hours:02}:{minutes:02} is not a time zone offset"
                 ));
             }
-            let offset = hours * 60 + minutes;
-            if sign == b'-' { -offset } else { offset }
+            end
         }
         _ => {
             return Err(format!(
                 "a time zone (`Z` or `±HH:MM`) expected at position {}",
-                at.at + 1
+                at + 1
             ));
         }
     };
-    if at.at < at.bytes.len() {
+    if at < text.len() {
         return Err(format!(
             "unexpected {:?} at position {}",
-            &text[at.at..],
-            at.at + 1
+            &text[at..],
+            at + 1
         ));
     }
-    if !(1..=12).contains(&month) {
+    let field = |start: usize, len: usize| number(&bytes[start..start + len]);
+    let (year, month, day) = (field(0, 4), field(5, 2), field(8, 2));
+    let Some(last_day) = u8::try_from(month)
+        .ok()
+        .and_then(|month| Month::try_from(month).ok())
+        .map(|month| u16::from(month.length(i32::from(year))))
+    else {
         return Err(format!("month {month:02} is not 01 to 12"));
-    }
-    let last_day = days_in_month(year, month);
+    };
     if !(1..=last_day).contains(&day) {
         return Err(format!(
             "day {day:02} is not in {year:04}-{month:02} (01 to {last_day})"
         ));
     }
+    let (hour, minute, second) = (field(11, 2), field(14, 2), field(17, 2));
     if hour > 23 || minute > 59 || second > 59 {
         return Err(format!(
             "{hour:02}:{minute:02}:{second:02} is not a time of day (00:00:00 to 23:59:59)"
         ));
     }
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3_600 + minute * 60 + second
-        - offset_minutes * 60;
-    Ok(seconds * 1_000 + millis)
+    Ok(())
 }
 
-/// Reads an RFC 3339 text left to right.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl Cursor<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.at).copied()
-    }
-
-    /// Exactly `len` digits.
-    fn number(&mut self, len: usize, what: &str) -> Result<i64, String> {
-        let digits = self
-            .bytes
-            .get(self.at..self.at + len)
-            .filter(|digits| digits.iter().all(u8::is_ascii_digit))
-            .ok_or_else(|| {
-                format!(
-                    "the {what} ({len} digits) expected at position {}",
-                    self.at + 1
-                )
-            })?;
-        self.at += len;
-        Ok(digits
-            .iter()
-            .fold(0, |n, digit| n * 10 + i64::from(digit - b'0')))
-    }
-
-    /// One of `allowed`.
-    fn expect(&mut self, allowed: &[u8], what: &str) -> Result<(), String> {
-        match self.peek() {
-            Some(b) if allowed.contains(&b) => {
-                self.at += 1;
-                Ok(())
-            }
-            _ => Err(format!("{what} expected at position {}", self.at + 1)),
+/// Checks `parts` in `bytes` from `at` on; returns where they end.
+fn expect(bytes: &[u8], mut at: usize, parts: &[(&str, usize, &[u8])]) -> Result<usize, String> {
+    for &(what, len, allowed) in parts {
+        match bytes.get(at..at + len) {
+            Some(part) if part.iter().all(|b| allowed.contains(b)) => at += len,
+            _ => return Err(format!("{what} expected at position {}", at + 1)),
         }
     }
+    Ok(at)
 }
 
-/// `2026-11-22T10:00:00.000Z`: RFC 3339 UTC with milliseconds.
+/// The number ASCII `digits` spell.
+fn number(digits: &[u8]) -> u16 {
+    digits
+        .iter()
+        .fold(0, |n, digit| n * 10 + u16::from(digit - b'0'))
+}
+
+/// RFC 3339 UTC with milliseconds.
+const UTC_MS: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
+/// `2026-11-22T10:00:00.000Z`: RFC 3339 UTC with milliseconds. A time
+/// outside the years 0000 to 9999, which RFC 3339 cannot write, comes out
+/// as its milliseconds since the epoch (which `parse_time` takes back).
 pub fn rfc3339_ms(ms: i64) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let day_ms = ms.rem_euclid(86_400_000);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        day_ms / 3_600_000,
-        day_ms / 60_000 % 60,
-        day_ms / 1_000 % 60,
-        day_ms % 1_000
-    )
-}
-
-fn is_leap(year: i64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-/// The date of a day since 1970-01-01 (H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let days = days + 719_468;
-    let era = days.div_euclid(146_097);
-    let day_of_era = days - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153; // March is 0
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .filter(|at| at.year() >= 0)
+        .and_then(|at| at.format(UTC_MS).ok())
+        .unwrap_or_else(|| ms.to_string())
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// One field as `write_row` writes it: a row of it and an empty field,
+    /// less the comma and the line end (a row of one empty field is `""`).
+    fn csv_field(field: &str) -> String {
+        let mut out = Vec::new();
+        write_row(&mut out, &[field, ""]).unwrap();
+        let row = String::from_utf8(out).unwrap();
+        row.strip_suffix(",\r\n").unwrap().to_owned()
+    }
 
     #[test]
     fn fields_are_quoted_only_when_rfc_4180_needs_it() {

@@ -1,12 +1,10 @@
 //! The all-in-one livemesh: every service in one process on one port, on
 //! the embedded default (SQLite under the data dir, the in-process hot
-//! store), plus the scripted demo and the benchmarks.
+//! store). The scripted demo and the benchmarks live in `crates/lab`
+//! (the default `lab` feature).
 
-pub mod bench;
-pub mod demo;
 pub mod health;
 pub mod ledger_csv;
-pub mod topology;
 
 use livemesh_counter::Counter;
 use livemesh_gift_settler::GiftSettler;
@@ -57,5 +55,21 @@ impl ServiceSet for Mesh {
         self.publish.register(server);
         self.counter.register(server);
         self.gift_settler.register(server);
+    }
+}
+
+/// `livemesh demo`: the lab's scripted broadcast against this mesh.
+#[cfg(feature = "lab")]
+pub mod demo {
+    use std::path::PathBuf;
+
+    use super::Mesh;
+
+    /// Runs the demo; SQLite files go to `data_dir`, or a temporary directory.
+    pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+        livemesh_lab::demo::run(data_dir, |config| async move {
+            Mesh::from_config(&config).await
+        })
+        .await
     }
 }

@@ -1,11 +1,13 @@
-//! `livemesh`: the whole mesh in one process (`up`), a scripted broadcast
-//! against it (`demo`), and the benchmarks (`bench`).
+//! `livemesh`: the whole mesh in one process (`up`) and the tools to run it
+//! (`config check`, `health`, `ledger-export`, `token`); with the default
+//! `lab` feature also the lab's commands (`demo`, `bench`, `topology-check`,
+//! from `crates/lab`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use livemesh::{Mesh, bench, demo, health, ledger_csv};
+use livemesh::{Mesh, health, ledger_csv};
 use livemesh_mesh::CommonArgs;
 
 /// livemesh: the interaction backend of a live-streaming platform (loves,
@@ -57,32 +59,10 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 0)]
         wait_secs: u64,
     },
-    /// Drive a bounded workload through the processes `scripts/topology`
-    /// started (listed in its topology file) and check the outcome: every
-    /// viewer saw every comment and gift once in order, love totals equal
-    /// the accepted loves, every room settled and reconciles. Run it through
-    /// `scripts/topology --check`, which also starts and stops everything.
-    TopologyCheck {
-        #[command(flatten)]
-        common: CommonArgs,
-        /// The topology file scripts/topology wrote.
-        #[arg(long, value_name = "FILE")]
-        topology: PathBuf,
-        /// Traffic rounds (each: comments, loves and gifts in every room).
-        #[arg(long, value_name = "N", default_value_t = 3)]
-        rounds: u64,
-        /// Leave out the chaos (SIGKILLed replicas, a Redis master
-        /// failover, a MariaDB restart under the workload).
-        #[arg(long)]
-        no_chaos: bool,
-    },
-    /// Start the mesh in this process and run a short scripted broadcast
-    /// against it through the real gRPC clients, printing each step.
-    Demo {
-        /// Keep the demo's SQLite files here instead of a temporary directory.
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-    },
+    /// The lab: `topology-check`, `demo` and `bench` (crates/lab).
+    #[cfg(feature = "lab")]
+    #[command(flatten)]
+    Lab(livemesh_lab::LabCommand),
     /// Write the gift ledger as CSV (SettlementService.ExportLedger).
     ///
     /// One row per ledger entry of every balance shard of the server at
@@ -152,13 +132,6 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 3600)]
         ttl_secs: u64,
     },
-    /// Run a benchmark; each prints ratios against a peer measured in the
-    /// same run. Use `scripts/bench NAME` to run it against the private
-    /// MariaDB/Redis servers.
-    Bench {
-        #[command(subcommand)]
-        bench: bench::BenchCommand,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,24 +177,12 @@ async fn main() -> ExitCode {
             )
             .await,
         ),
-        Command::TopologyCheck {
-            common,
-            topology,
-            rounds,
-            no_chaos,
-        } => report(
-            livemesh::topology::run(
-                &common,
-                &topology,
-                livemesh::topology::Workload {
-                    rounds,
-                    chaos: !no_chaos,
-                    ..livemesh::topology::Workload::default()
-                },
-            )
-            .await,
+        #[cfg(feature = "lab")]
+        Command::Lab(command) => report(
+            command
+                .run(|config| async move { Mesh::from_config(&config).await })
+                .await,
         ),
-        Command::Demo { data_dir } => report(demo::run(data_dir).await),
         Command::LedgerExport {
             addr,
             from,
@@ -229,7 +190,6 @@ async fn main() -> ExitCode {
             out,
             token_file,
         } => report(ledger_csv::run(&addr, from, to, out.as_deref(), token_file.as_deref()).await),
-        Command::Bench { bench } => report(bench::run(bench).await),
         Command::Token {
             common,
             sub,

@@ -9,14 +9,12 @@ use std::time::{Duration, Instant};
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::Config;
 use livemesh_mesh::config::TelemetryConfig;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, GetRoomRequest, PublishRequest, RoomEvent, StartRoomRequest, SubscribeRequest,
-    room_event, subscribe_response,
+    Comment, GetRoomRequest, PublishRequest, RoomEvent, SubscribeRequest, room_event,
+    subscribe_response,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
@@ -85,15 +83,8 @@ async fn the_metrics_endpoint_serves_per_rpc_metrics_after_calls() {
     assert_ne!(metrics.port(), 0, "port 0 resolves to the bound port");
 
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
-    RoomAdminServiceClient::new(rooms.channel())
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap();
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
+    livemesh_testkit::start_room(rooms.channel(), 1).await;
     let missing = OngoingQueryServiceClient::new(rooms.channel())
         .get_room(GetRoomRequest { room_id: 999_999 })
         .await
@@ -150,14 +141,9 @@ async fn the_metrics_endpoint_serves_per_rpc_metrics_after_calls() {
 async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
     let telemetry = init_telemetry();
     let metrics = telemetry.metrics_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
-    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.subscribe.ongoing_query_url = format!("http://{}", rooms.addr);
+    let (_dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
+    config.publish.ongoing_query_url = rooms.url();
+    config.subscribe.ongoing_query_url = rooms.url();
     let store = FanoutStore::memory(FanoutSettings::default());
     let (publish_config, publish_store) = (config.clone(), store.clone());
     let publish = TestServer::start_with(|addr| async move {
@@ -170,7 +156,7 @@ async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
         )
     })
     .await;
-    config.subscribe.publish_url = format!("http://{}", publish.addr);
+    config.subscribe.publish_url = publish.url();
     let node = TestServer::start_with(|addr| async move {
         SubscribeNode::from_config(
             &Config {

@@ -15,7 +15,6 @@ use livemesh_counter::Counter;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
 use livemesh_mesh::Config;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
@@ -57,13 +56,8 @@ fn server_span<'a>(spans: &'a [SpanData], trace: TraceId, name: &str) -> Option<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscribe() {
     let exporter = install_tracing();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
-    let rooms_url = format!("http://{}", rooms.addr);
+    let (_dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
+    let rooms_url = rooms.url();
     config.publish.ongoing_query_url = rooms_url.clone();
     config.subscribe.ongoing_query_url = rooms_url.clone();
     config.counter.ongoing_query_url = rooms_url;
@@ -81,8 +75,8 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
         Dispatcher::from_config(&config, publish_store)
     })
     .await;
-    config.subscribe.publish_url = format!("http://{}", publish.addr);
-    config.counter.publish_url = format!("http://{}", publish.addr);
+    config.subscribe.publish_url = publish.url();
+    config.counter.publish_url = publish.url();
     let node_config = config.clone();
     let node = TestServer::start_with(|addr| async move {
         let config = Config {
@@ -240,15 +234,10 @@ async fn connected_trace(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ending_a_room_is_one_trace_through_watch_to_the_settlement() {
     let exporter = install_tracing();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
-    config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
+    let (_dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
+    config.gifts.ongoing_query_url = rooms.url();
     // No dispatcher: the settlement does not need one.
-    config.gifts.publish_url = format!("http://{}", rooms.addr);
+    config.gifts.publish_url = rooms.url();
     let settler = TestServer::start(GiftSettler::from_config(&config).await.unwrap()).await;
     let room_id = livemesh_testkit::start_room(rooms.channel(), 5).await;
     // The settler follows the Watch once it has opened the room's accounts.

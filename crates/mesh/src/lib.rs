@@ -7,15 +7,12 @@
 //! that every inter-service client goes through ([`client`]).
 
 pub mod auth;
+pub mod backoff;
 pub mod breaker;
 pub mod check;
 pub mod client;
-pub mod coalesce;
 pub mod config;
-pub mod conn;
 pub mod metrics;
-pub mod resilience;
-pub mod rooms;
 pub mod rpc_telemetry;
 pub mod server;
 pub mod shutdown;

@@ -78,7 +78,7 @@ pub enum SqlError {
         source: sqlx::migrate::MigrateError,
     },
     #[error(transparent)]
-    Breaker(#[from] crate::resilience::InvalidBreaker),
+    Breaker(#[from] crate::breaker::InvalidBreaker),
 }
 
 /// `url` with any password replaced, for logs and error messages.

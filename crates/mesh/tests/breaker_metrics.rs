@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use livemesh_mesh::ClientStack;
+use livemesh_mesh::breaker::{BreakerState, breaker_state};
 use livemesh_mesh::config::ClientConfig;
-use livemesh_mesh::resilience::{BreakerState, breaker_state};
 use livemesh_proto::v1::GetRoomRequest;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use opentelemetry::KeyValue;

@@ -10,9 +10,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use livemesh_mesh::breaker::{BreakerState, breaker_state};
 use livemesh_mesh::config::{ClientConfig, ServerConfig};
-use livemesh_mesh::resilience::{BreakerState, breaker_state};
-use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServerBuilder, ServiceSet, serve_set_with};
 use livemesh_mesh::{ClientStack, MeshChannel, Shutdown};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
@@ -23,6 +22,7 @@ use livemesh_proto::v1::{
     GetRoomRequest, GetRoomResponse, ListOngoingRequest, ListOngoingResponse, PartitionRequest,
     PartitionResponse, Room, RoomStatus, WatchRequest, WatchResponse,
 };
+use livemesh_rooms::RoomDirectory;
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
 

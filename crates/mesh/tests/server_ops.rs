@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use livemesh_mesh::Shutdown;
-use livemesh_mesh::resilience::ShedLayer;
 use livemesh_mesh::server::ServerBuilder;
+use livemesh_mesh::server::ShedLayer;
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use tokio::sync::Semaphore;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tracing::Instrument as _;
 
 use deadpool_redis::Runtime;
-use livemesh_mesh::resilience::{BreakerSettings, CallBreaker, Guarded, StoreFailure};
+use livemesh_mesh::breaker::{BreakerSettings, CallBreaker, Guarded, StoreFailure};
 use livemesh_mesh::sql::redact;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
@@ -365,7 +365,7 @@ impl RedisConn {
     }
 
     /// The state of this connection's circuit breaker.
-    pub fn breaker_state(&self) -> livemesh_mesh::resilience::BreakerState {
+    pub fn breaker_state(&self) -> livemesh_mesh::breaker::BreakerState {
         self.breaker.breaker().state()
     }
 

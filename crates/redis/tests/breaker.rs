@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use livemesh_mesh::breaker::{BreakerSettings, BreakerState};
 use livemesh_mesh::config::ClientConfig;
-use livemesh_mesh::resilience::{BreakerSettings, BreakerState};
 use livemesh_redis::{RedisConn, RedisError, RedisOptions};
 use livemesh_testkit::PrivateRedis;
 

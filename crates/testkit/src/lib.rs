@@ -16,6 +16,7 @@ pub use proxy::{ProxyMode, TcpProxy};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use livemesh_mesh::config::ClientConfig;
 use livemesh_mesh::server::{LocalServer, ServiceSet};
@@ -139,7 +140,7 @@ pub async fn purge_binlogs() -> Vec<String> {
     // The server keeps a file until its transactions are durable in InnoDB
     // (about a second with innodb_flush_log_at_trx_commit=2) and while a
     // replica still reads it: retry until the old files are gone.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "PURGE BINARY LOGS TO '{newest}'"
@@ -160,7 +161,7 @@ pub async fn purge_binlogs() -> Vec<String> {
             tokio::time::Instant::now() < deadline,
             "binlog files {before:?} were not purged within 60 s"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -224,7 +225,7 @@ impl PrivateRedis {
                 panic!("cannot start redis-server ({e}); `{TEST_COMMAND}` installs it")
             });
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut socket) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
                 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -241,7 +242,7 @@ impl PrivateRedis {
                 "redis-server on port {} did not answer within 10 s",
                 self.port
             );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -305,6 +306,72 @@ macro_rules! sql_backend_suite {
     };
 }
 
+/// Which hot store a backend-generic case runs against: the in-process
+/// store, the harness's standalone Redis, or its Redis Cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotBackend {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+impl HotBackend {
+    /// The `redis_url` setting that selects this backend: none for the
+    /// in-process store, else the harness's Redis (a Cluster's masters
+    /// joined by commas).
+    pub fn redis_url(self) -> Option<String> {
+        match self {
+            HotBackend::Memory => None,
+            HotBackend::Redis => Some(redis_url()),
+            HotBackend::Cluster => Some(redis_cluster_urls().join(",")),
+        }
+    }
+}
+
+/// One test suite over every hot store: for each `case(backend)` given,
+/// generates `memory::case`, `redis::case` and `cluster::case` tests that
+/// call it with the [`HotBackend`] of that name.
+///
+/// A test attribute may come first (`#[tokio::test]` when none is given),
+/// and the modules may be named, each with its backend, in brackets before
+/// it: `hot_backend_suite!([redis_replicas: Redis] #[tokio::test] case)`.
+#[macro_export]
+macro_rules! hot_backend_suite {
+    (@each [] #[$test:meta] $cases:tt) => {};
+    (@each [$module:ident: $backend:ident $(, $rest:ident: $rest_backend:ident)*] #[$test:meta] [$($case:ident),*]) => {
+        mod $module {
+            $(#[$test] async fn $case() { super::$case($crate::HotBackend::$backend).await })*
+        }
+        $crate::hot_backend_suite!(@each [$($rest: $rest_backend),*] #[$test] [$($case),*]);
+    };
+    ([$($module:ident: $backend:ident),+ $(,)?] #[$test:meta] $($case:ident),* $(,)?) => {
+        $crate::hot_backend_suite!(@each [$($module: $backend),+] #[$test] [$($case),*]);
+    };
+    ([$($module:ident: $backend:ident),+ $(,)?] $($case:ident),* $(,)?) => {
+        $crate::hot_backend_suite!([$($module: $backend),+] #[tokio::test] $($case),*);
+    };
+    (#[$test:meta] $($case:ident),* $(,)?) => {
+        $crate::hot_backend_suite!([memory: Memory, redis: Redis, cluster: Cluster] #[$test] $($case),*);
+    };
+    ($($case:ident),* $(,)?) => {
+        $crate::hot_backend_suite!(#[tokio::test] $($case),*);
+    };
+}
+
+/// Waits until `ready()` holds, polling every 10 ms; panics naming `what`
+/// once `within` has passed.
+pub async fn until(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {} s",
+            within.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A livemesh server on a free loopback port, stopped when dropped.
 #[derive(Debug)]
 pub struct TestServer {
@@ -332,6 +399,11 @@ impl TestServer {
             addr: server.addr(),
             server,
         }
+    }
+
+    /// `http://ADDR`: the URL other services' settings name this server by.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// A channel to this server through the mesh's client stack.
@@ -415,4 +487,44 @@ pub async fn start_room(channel: MeshChannel, anchor_id: u64) -> u64 {
         .room
         .expect("StartRoom answered without a room")
         .room_id
+}
+
+/// Ends room `room_id` through `RoomAdmin` on `channel`.
+pub async fn end_room(channel: MeshChannel, room_id: u64) {
+    use livemesh_proto::v1::EndRoomRequest;
+    use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+    RoomAdminServiceClient::new(channel)
+        .end_room(EndRoomRequest { room_id })
+        .await
+        .expect("EndRoom");
+}
+
+/// Where most service tests start: a temporary data directory, the default
+/// configuration keeping its data there, and an ongoing-query server on it
+/// (see [`ongoing_query`]).
+pub async fn config_with_rooms() -> (tempfile::TempDir, livemesh_mesh::Config, TestServer) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rooms = ongoing_query(dir.path()).await;
+    let config = config_in(dir.path());
+    (dir, config, rooms)
+}
+
+/// The default configuration, keeping its data in `dir`.
+pub fn config_in(dir: &std::path::Path) -> livemesh_mesh::Config {
+    livemesh_mesh::Config {
+        data_dir: dir.to_owned(),
+        ..livemesh_mesh::Config::default()
+    }
+}
+
+/// An ongoing-query server on a loopback port whose rooms live in `dir` (the
+/// default configuration's SQLite database there): the rooms a service's
+/// tests start and end.
+pub async fn ongoing_query(dir: &std::path::Path) -> TestServer {
+    TestServer::start(
+        livemesh_ongoing_query::OngoingQuery::from_config(&config_in(dir))
+            .await
+            .expect("start ongoing-query"),
+    )
+    .await
 }

@@ -21,6 +21,7 @@ use std::sync::{Mutex, Once};
 
 use livemesh_mesh::config::ClientConfig;
 use livemesh_mesh::{ClientStack, MeshChannel};
+use livemesh_proto::v1::{Comment, GiftSent, LoveTotal, RoomEnded, ViewerCount, room_event};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -281,4 +282,23 @@ mod tests {
         let _ = std::thread::spawn(|| panic!("counted")).join();
         assert!(panics() > before);
     }
+}
+
+/// A room event's kind, or none, with the weights `[none, love total,
+/// comment, gift, viewer count, room ended]`.
+pub fn room_event_kind(weights: [u32; 6]) -> BoxedStrategy<Option<room_event::Kind>> {
+    let [none, love_total, comment, gift, viewer_count, room_ended] = weights;
+    prop_oneof![
+        none => Just(None),
+        love_total => any::<u64>().prop_map(|total| Some(room_event::Kind::LoveTotal(LoveTotal { total }))),
+        comment => (id(), text()).prop_map(|(viewer_id, text)| {
+            Some(room_event::Kind::Comment(Comment { viewer_id, text }))
+        }),
+        gift => (id(), id(), amount(), key()).prop_map(|(viewer_id, gift_id, amount, transfer_id)| {
+            Some(room_event::Kind::Gift(GiftSent { viewer_id, gift_id, amount, transfer_id }))
+        }),
+        viewer_count => any::<u64>().prop_map(|count| Some(room_event::Kind::ViewerCount(ViewerCount { count }))),
+        room_ended => timestamp().prop_map(|ended_at| Some(room_event::Kind::RoomEnded(RoomEnded { ended_at }))),
+    ]
+    .boxed()
 }

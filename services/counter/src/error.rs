@@ -2,7 +2,7 @@
 //! status: a client sees a precise code and what to change; internal causes
 //! are logged here, not sent.
 
-use livemesh_mesh::rooms::LookupError;
+use livemesh_rooms::LookupError;
 use tonic::Status;
 
 use crate::store::hot::HotError;
@@ -41,12 +41,9 @@ impl From<CounterError> for Status {
     fn from(err: CounterError) -> Self {
         match &err {
             CounterError::InvalidArgument(_) => Status::invalid_argument(err.to_string()),
-            CounterError::Lookup(LookupError::NotFound(_)) => Status::not_found(err.to_string()),
+            // The rooms crate's one mapping (it logs an unreachable ongoing-query).
+            CounterError::Lookup(cause) => cause.clone().into(),
             CounterError::RoomEnded(_) => Status::failed_precondition(err.to_string()),
-            CounterError::Lookup(LookupError::Unavailable(cause)) => {
-                tracing::warn!(%cause, "room lookup failed");
-                Status::unavailable("rooms cannot be looked up right now; retry later")
-            }
             CounterError::Backlogged(_) => Status::unavailable(err.to_string()),
             CounterError::Final { room_id, cause } => {
                 tracing::warn!(room_id, e = %cause, "reading a final total failed");

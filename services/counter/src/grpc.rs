@@ -17,7 +17,7 @@ use crate::error::CounterError;
 use crate::inner::Inner;
 use crate::store::sql::FinalLoves;
 use crate::validate::Reason;
-use livemesh_mesh::rooms::RoomInfo;
+use livemesh_rooms::RoomInfo;
 
 const DEFAULT_TOP: u32 = 10;
 const MAX_TOP: u32 = 100;

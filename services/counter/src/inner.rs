@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use livemesh_mesh::MeshChannel;
 use livemesh_mesh::lock;
-use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::rpc_telemetry::Origins;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::{LoveTotal, PublishRequest, RoomEvent, room_event};
+use livemesh_rooms::RoomDirectory;
 use tracing::Instrument as _;
 
 use crate::analytics::AnalyticsLog;

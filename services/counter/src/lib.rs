@@ -38,12 +38,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use livemesh_mesh::auth::{Security, policy};
-use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
 use livemesh_proto::v1::counter_service_server::CounterServiceServer;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
+use livemesh_rooms::RoomDirectory;
 
 use crate::analytics::Rotation;
 use crate::core::CounterCore;
@@ -88,7 +88,7 @@ impl Counter {
                 urls,
                 hot,
                 hot::RedisOptions {
-                    breaker: livemesh_mesh::resilience::BreakerSettings::from(&config.client),
+                    breaker: livemesh_mesh::breaker::BreakerSettings::from(&config.client),
                     ..hot::RedisOptions::default()
                 },
             )

@@ -13,14 +13,7 @@ use ::redis::AsyncCommands as _;
 use livemesh_counter::testing::hot::{
     Applied, BatchMark, HotConfig, HotError, HotStore, RoomFlush, keys,
 };
-
-/// Which hot store a case runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Memory,
-    Redis,
-    Cluster,
-}
+use livemesh_testkit::HotBackend;
 
 /// A direct connection to the backend's Redis, to look at the keys.
 enum Raw {
@@ -28,32 +21,31 @@ enum Raw {
     Cluster(::redis::cluster_async::ClusterConnection),
 }
 
-impl Backend {
+/// What a case opens on its backend.
+trait Open {
+    async fn store(self, config: HotConfig) -> HotStore;
+    async fn raw(self) -> Option<Raw>;
+}
+
+impl Open for HotBackend {
     async fn store(self, config: HotConfig) -> HotStore {
-        match self {
-            Backend::Memory => HotStore::memory(config),
-            Backend::Redis => HotStore::connect(&livemesh_testkit::redis_url(), config)
-                .await
-                .unwrap(),
-            Backend::Cluster => {
-                HotStore::connect(&livemesh_testkit::redis_cluster_urls().join(","), config)
-                    .await
-                    .unwrap()
-            }
+        match self.redis_url() {
+            None => HotStore::memory(config),
+            Some(url) => HotStore::connect(&url, config).await.unwrap(),
         }
     }
 
     async fn raw(self) -> Option<Raw> {
         match self {
-            Backend::Memory => None,
-            Backend::Redis => Some(Raw::Single(
+            HotBackend::Memory => None,
+            HotBackend::Redis => Some(Raw::Single(
                 ::redis::Client::open(livemesh_testkit::redis_url())
                     .unwrap()
                     .get_multiplexed_async_connection()
                     .await
                     .unwrap(),
             )),
-            Backend::Cluster => Some(Raw::Cluster(
+            HotBackend::Cluster => Some(Raw::Cluster(
                 ::redis::cluster::ClusterClient::new(livemesh_testkit::redis_cluster_urls())
                     .unwrap()
                     .get_async_connection()
@@ -120,21 +112,7 @@ async fn apply(store: &HotStore, flushes: &[RoomFlush]) {
     }
 }
 
-macro_rules! hot_store_suite {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test] async fn $case() { super::$case(super::Backend::Memory).await })*
-        }
-        mod redis {
-            $(#[tokio::test] async fn $case() { super::$case(super::Backend::Redis).await })*
-        }
-        mod cluster {
-            $(#[tokio::test] async fn $case() { super::$case(super::Backend::Cluster).await })*
-        }
-    };
-}
-
-hot_store_suite!(
+livemesh_testkit::hot_backend_suite!(
     flushes_add_up_over_sharded_totals,
     a_replayed_flush_counts_once,
     top_is_ordered_and_trimmed,
@@ -173,10 +151,10 @@ fn batches_flush(room_id: u64, flush_id: &str, batches: &[(u64, &str, u64)]) -> 
 
 /// Two replicas' stores: two connections to the same Redis, or the same
 /// in-process store.
-async fn two_replicas(backend: Backend) -> (HotStore, HotStore) {
+async fn two_replicas(backend: HotBackend) -> (HotStore, HotStore) {
     let a = backend.store(HotConfig::default()).await;
     let b = match backend {
-        Backend::Memory => a.clone(),
+        HotBackend::Memory => a.clone(),
         _ => backend.store(HotConfig::default()).await,
     };
     (a, b)
@@ -187,7 +165,7 @@ async fn applied(store: &HotStore, flush: RoomFlush) -> Applied {
     results.pop().unwrap().1.unwrap()
 }
 
-async fn a_batch_counts_once_whichever_replica_flushes_it(backend: Backend) {
+async fn a_batch_counts_once_whichever_replica_flushes_it(backend: HotBackend) {
     let (a, b) = two_replicas(backend).await;
     let room = unique_room();
     assert_eq!(
@@ -241,7 +219,7 @@ async fn a_batch_counts_once_whichever_replica_flushes_it(backend: Backend) {
     }
 }
 
-async fn a_closed_room_refuses_flushes_and_has_one_finaliser(backend: Backend) {
+async fn a_closed_room_refuses_flushes_and_has_one_finaliser(backend: HotBackend) {
     let (a, b) = two_replicas(backend).await;
     let room = unique_room();
     applied(&a, batches_flush(room, "a:1", &[(1, "A", 4)])).await;
@@ -299,7 +277,7 @@ async fn a_flush_is_confirmed_only_once_replicated() {
         wait_timeout_ms: 2_000,
         ..HotConfig::default()
     };
-    let cluster = Backend::Cluster.store(config.clone()).await;
+    let cluster = HotBackend::Cluster.store(config.clone()).await;
     let room = unique_room();
     assert_eq!(
         applied(&cluster, batches_flush(room, "n:1", &[(1, "A", 2)])).await,
@@ -312,7 +290,7 @@ async fn a_flush_is_confirmed_only_once_replicated() {
             .unwrap()
     );
 
-    let alone = Backend::Redis
+    let alone = HotBackend::Redis
         .store(HotConfig {
             wait_timeout_ms: 50,
             ..config
@@ -337,7 +315,7 @@ async fn a_flush_is_confirmed_only_once_replicated() {
     assert_eq!(alone.total(room).await.unwrap(), 2);
 }
 
-async fn flushes_add_up_over_sharded_totals(backend: Backend) {
+async fn flushes_add_up_over_sharded_totals(backend: HotBackend) {
     let store = backend.store(HotConfig::default()).await;
     let (room, other) = (unique_room(), unique_room());
     assert_eq!(store.total(room).await.unwrap(), 0, "an unknown room");
@@ -389,7 +367,7 @@ async fn flushes_add_up_over_sharded_totals(backend: Backend) {
     }
 }
 
-async fn a_replayed_flush_counts_once(backend: Backend) {
+async fn a_replayed_flush_counts_once(backend: HotBackend) {
     let store = backend.store(HotConfig::default()).await;
     let room = unique_room();
     let first = flush(room, "n1:1", 3, &[(7, 3)]);
@@ -422,7 +400,7 @@ async fn a_replayed_flush_counts_once(backend: Backend) {
     }
 }
 
-async fn top_is_ordered_and_trimmed(backend: Backend) {
+async fn top_is_ordered_and_trimmed(backend: HotBackend) {
     let config = HotConfig {
         phase: "release".into(),
         top_length: 3,
@@ -476,7 +454,7 @@ async fn top_is_ordered_and_trimmed(backend: Backend) {
     }
 }
 
-async fn delete_room_removes_the_counters(backend: Backend) {
+async fn delete_room_removes_the_counters(backend: HotBackend) {
     let store = backend.store(HotConfig::default()).await;
     let (room, kept) = (unique_room(), unique_room());
     let flushes: Vec<RoomFlush> = (1..=6u64)
@@ -526,7 +504,7 @@ async fn delete_room_removes_the_counters(backend: Backend) {
     assert_eq!(store.top(room, 10).await.unwrap(), vec![(1, 4)]);
 }
 
-async fn many_rooms_flushed_at_once_all_apply(backend: Backend) {
+async fn many_rooms_flushed_at_once_all_apply(backend: HotBackend) {
     let store = backend.store(HotConfig::default()).await;
     let rooms: Vec<u64> = (0..200).map(|_| unique_room()).collect();
     let flushes: Vec<RoomFlush> = rooms
@@ -546,7 +524,7 @@ async fn many_rooms_flushed_at_once_all_apply(backend: Backend) {
         assert_eq!(top.len(), 2, "room {room}");
     }
 
-    if backend == Backend::Cluster {
+    if backend == HotBackend::Cluster {
         // The rooms really were spread over the cluster's slots (and nodes).
         let mut raw = backend.raw().await.unwrap();
         let mut slots = HashSet::new();
@@ -567,7 +545,7 @@ async fn many_rooms_flushed_at_once_all_apply(backend: Backend) {
     }
 }
 
-async fn concurrent_flushes_sum_exactly(backend: Backend) {
+async fn concurrent_flushes_sum_exactly(backend: HotBackend) {
     const TASKS: u64 = 16;
     const FLUSHES: u64 = 50;
     let store = backend.store(HotConfig::default()).await;
@@ -753,7 +731,7 @@ async fn hung_redis_is_unavailable_in_bounded_time() {
 
 /// `stored_rooms` counts each room with counters or flush markers once,
 /// and only rooms of the store's own phase.
-async fn stored_rooms_counts_rooms_of_its_phase(backend: Backend) {
+async fn stored_rooms_counts_rooms_of_its_phase(backend: HotBackend) {
     let config = HotConfig {
         phase: livemesh_testkit::unique_name("rooms"),
         ..HotConfig::default()

@@ -10,42 +10,13 @@ use std::time::Duration;
 use livemesh_counter::Counter;
 use livemesh_counter::testing::{BatchFate, LovesDb, Taken};
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
-    EndRoomRequest, GetLovesRequest, RejectReason, SendLovesRequest, SendLovesResponse,
-    StartRoomRequest, TopLoversRequest,
+    GetLovesRequest, RejectReason, SendLovesRequest, SendLovesResponse, TopLoversRequest,
 };
-use livemesh_testkit::TestServer;
+use livemesh_testkit::{HotBackend, TestServer};
 
-/// Which hot store a case runs against.
-#[derive(Debug, Clone, Copy)]
-enum Hot {
-    Memory,
-    Redis,
-    Cluster,
-}
-
-impl Hot {
-    fn url(self) -> Option<String> {
-        match self {
-            Hot::Memory => None,
-            Hot::Redis => Some(livemesh_testkit::redis_url()),
-            Hot::Cluster => Some(livemesh_testkit::redis_cluster_urls().join(",")),
-        }
-    }
-}
-
-macro_rules! hot_suite {
-    ($($case:ident),* $(,)?) => {
-        mod memory { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Memory).await })* }
-        mod redis { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Redis).await })* }
-        mod cluster { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Cluster).await })* }
-    };
-}
-
-hot_suite!(
+livemesh_testkit::hot_backend_suite!(
     an_honest_batch_counts_and_shows_in_totals_and_ranking,
     an_abusive_batch_is_clamped_and_the_reply_says_so,
     a_retried_batch_counts_once,
@@ -59,42 +30,30 @@ hot_suite!(
     top_lovers_and_get_loves_agree_once_send_loves_answered,
 );
 
-/// Cases with two counter replicas sharing one hot store (Redis only: the
-/// in-process store belongs to one process).
-macro_rules! shared_suite {
-    ($($case:ident),* $(,)?) => {
-        mod redis_replicas { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Redis).await })* }
-        mod cluster_replicas { $(#[tokio::test] async fn $case() { super::$case(super::Hot::Cluster).await })* }
-    };
-}
-
-shared_suite!(
+// Cases with two counter replicas sharing one hot store (Redis only: the
+// in-process store belongs to one process).
+livemesh_testkit::hot_backend_suite!(
+    [redis_replicas: Redis, cluster_replicas: Cluster]
     a_retry_on_another_replica_counts_once,
     one_replica_finalises_and_both_replicas_loves_count,
 );
 
 struct Mesh {
     _dir: tempfile::TempDir,
-    _rooms: TestServer,
+    rooms: TestServer,
     _counter_server: TestServer,
     config: Config,
     counter: Counter,
-    admin: RoomAdminServiceClient<MeshChannel>,
     loves: CounterServiceClient<MeshChannel>,
     db_url: String,
 }
 
-async fn mesh(hot: Hot) -> Mesh {
-    mesh_with(hot.url(), |_| {}).await
+async fn mesh(hot: HotBackend) -> Mesh {
+    mesh_with(hot.redis_url(), |_| {}).await
 }
 
 async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     // Final totals go to SQLite, except with standalone Redis, where they go
     // to the harness's MariaDB: both dialects of room_loves are exercised.
     let harness_redis = std::env::var("LIVEMESH_TEST_REDIS_URL").ok();
@@ -103,14 +62,10 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
     } else {
         livemesh_mesh::config::sqlite_url(&dir.path().join("counter.db"))
     };
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        redis_url,
-        ..Config::default()
-    };
-    config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.redis_url = redis_url;
+    config.counter.ongoing_query_url = rooms.url();
     // No dispatcher in these tests: publishing fails and is counted.
-    config.counter.publish_url = format!("http://{}", rooms.addr);
+    config.counter.publish_url = rooms.url();
     config.counter.database_url = db_url.clone();
     config.counter.flush_tick_ms = 5;
     config.counter.total_cache_ms = 20;
@@ -122,10 +77,9 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
     let counter = Counter::from_config(&config).await.unwrap();
     let counter_server = TestServer::start(counter.clone()).await;
     Mesh {
-        admin: RoomAdminServiceClient::new(rooms.channel()),
         loves: CounterServiceClient::new(counter_server.channel()),
         _dir: dir,
-        _rooms: rooms,
+        rooms,
         _counter_server: counter_server,
         config,
         counter,
@@ -224,14 +178,7 @@ async fn send_to(
 
 impl Mesh {
     async fn start_room(&mut self) -> u64 {
-        self.admin
-            .start_room(StartRoomRequest { anchor_id: 1 })
-            .await
-            .unwrap()
-            .into_inner()
-            .room
-            .unwrap()
-            .room_id
+        livemesh_testkit::start_room(self.rooms.channel(), 1).await
     }
 
     async fn send(
@@ -315,7 +262,7 @@ fn human_taps(from_ms: u64, n: u64) -> Vec<u64> {
     (0..n).map(|i| from_ms + i * 50).collect()
 }
 
-async fn an_honest_batch_counts_and_shows_in_totals_and_ranking(hot: Hot) {
+async fn an_honest_batch_counts_and_shows_in_totals_and_ranking(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     let reply = m.send(room, 7, "b1", human_taps(0, 30)).await;
@@ -342,7 +289,7 @@ async fn an_honest_batch_counts_and_shows_in_totals_and_ranking(hot: Hot) {
     assert_eq!(top, vec![(7, 30), (8, 12)]);
 }
 
-async fn an_abusive_batch_is_clamped_and_the_reply_says_so(hot: Hot) {
+async fn an_abusive_batch_is_clamped_and_the_reply_says_so(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     // 5,000 taps within one second of video time, in the first second.
@@ -355,7 +302,7 @@ async fn an_abusive_batch_is_clamped_and_the_reply_says_so(hot: Hot) {
     m.await_total(room, 20).await;
 }
 
-async fn a_retried_batch_counts_once(hot: Hot) {
+async fn a_retried_batch_counts_once(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     let first = m.send(room, 3, "retry-me", human_taps(0, 15)).await;
@@ -369,7 +316,7 @@ async fn a_retried_batch_counts_once(hot: Hot) {
     m.await_total(room, 20).await;
 }
 
-async fn bad_requests_get_precise_codes(hot: Hot) {
+async fn bad_requests_get_precise_codes(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     let call = |room_id: u64, viewer_id: u64, batch_id: &str| SendLovesRequest {
@@ -395,10 +342,7 @@ async fn bad_requests_get_precise_codes(hot: Hot) {
         code(m.loves.send_loves(call(987_654_321, 1, "b")).await),
         tonic::Code::NotFound
     );
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
     let err = m.loves.send_loves(call(room, 1, "late")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     let err = m
@@ -411,7 +355,7 @@ async fn bad_requests_get_precise_codes(hot: Hot) {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
-async fn concurrent_viewers_sum_exactly(hot: Hot) {
+async fn concurrent_viewers_sum_exactly(hot: HotBackend) {
     let m = mesh(hot).await;
     let mut m = m;
     let room = m.start_room().await;
@@ -444,16 +388,13 @@ async fn concurrent_viewers_sum_exactly(hot: Hot) {
     m.await_total(room, total).await;
 }
 
-async fn room_end_writes_sql_once_and_deletes_the_keys(hot: Hot) {
+async fn room_end_writes_sql_once_and_deletes_the_keys(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     m.send(room, 1, "a", human_taps(0, 5)).await;
     m.send(room, 2, "a", human_taps(0, 9)).await;
     m.send(room, 3, "a", human_taps(0, 2)).await;
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
 
     let db = LovesDb::open(&m.db_url).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -479,16 +420,13 @@ async fn room_end_writes_sql_once_and_deletes_the_keys(hot: Hot) {
     assert_eq!(db.get(room).await.unwrap().unwrap().total, 16);
 }
 
-async fn an_ended_room_keeps_its_numbers_also_after_a_restart(hot: Hot) {
+async fn an_ended_room_keeps_its_numbers_also_after_a_restart(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     m.send(room, 1, "a", human_taps(0, 5)).await;
     m.send(room, 2, "a", human_taps(0, 9)).await;
     m.send(room, 3, "a", human_taps(0, 2)).await;
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
     m.final_in_sql(room).await;
     // The hot keys are gone once the row is written; wait for that too.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -503,8 +441,8 @@ async fn an_ended_room_keeps_its_numbers_also_after_a_restart(hot: Hot) {
     assert_eq!(m.loves_and_top(room, 0).await, (16, ranking));
 }
 
-async fn a_batch_retried_after_many_others_counts_once(hot: Hot) {
-    let mut m = mesh_with(hot.url(), |c| {
+async fn a_batch_retried_after_many_others_counts_once(hot: HotBackend) {
+    let mut m = mesh_with(hot.redis_url(), |c| {
         // 71 batches of one viewer, far apart in video time, sent at once.
         c.counter.future_skew_ms = 10_000_000;
         c.counter.burst = 10_000;
@@ -525,7 +463,7 @@ async fn a_batch_retried_after_many_others_counts_once(hot: Hot) {
     assert_eq!(m.loves_and_top(room, 10).await, (75, vec![(5, 75)]));
 }
 
-async fn a_retry_on_another_replica_counts_once(hot: Hot) {
+async fn a_retry_on_another_replica_counts_once(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let mut other = m.replica().await;
     let room = m.start_room().await;
@@ -556,16 +494,13 @@ async fn a_retry_on_another_replica_counts_once(hot: Hot) {
     assert_eq!(other.counter.waiting(), 0);
 }
 
-async fn one_replica_finalises_and_both_replicas_loves_count(hot: Hot) {
+async fn one_replica_finalises_and_both_replicas_loves_count(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let mut other = m.replica().await;
     let room = m.start_room().await;
     m.send(room, 1, "a", human_taps(0, 4)).await;
     send_to(&mut other.loves, room, 2, "a", human_taps(0, 6)).await;
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
     let fin = m.final_in_sql(room).await;
     assert_eq!((fin.total, fin.top_lovers), (10, vec![(2, 6), (1, 4)]));
     // Both replicas counted for the room and saw it end: wait until both
@@ -587,14 +522,11 @@ async fn one_replica_finalises_and_both_replicas_loves_count(hot: Hot) {
     );
 }
 
-async fn late_loves_after_the_end_count_into_the_final_total(hot: Hot) {
+async fn late_loves_after_the_end_count_into_the_final_total(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     m.send(room, 1, "a", human_taps(0, 5)).await;
-    m.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(m.rooms.channel(), room).await;
     m.final_in_sql(room).await;
     // A replica whose flush was held back (its store was unreachable) takes
     // the loves in after the room was closed: the store refuses them, and
@@ -615,7 +547,7 @@ async fn late_loves_after_the_end_count_into_the_final_total(hot: Hot) {
     assert_eq!(counter.waiting(), 0);
     assert_eq!(counter.late_batches(), 1);
     assert_eq!(m.loves_and_top(room, 10).await, (8, vec![(1, 5), (2, 3)]));
-    if matches!(hot, Hot::Memory) {
+    if matches!(hot, HotBackend::Memory) {
         return; // one process: no other replica shares its store
     }
     // The same late batch again (another replica's retry) adds nothing.
@@ -629,7 +561,7 @@ async fn late_loves_after_the_end_count_into_the_final_total(hot: Hot) {
     assert_eq!(m.loves_and_top(room, 10).await, (8, vec![(1, 5), (2, 3)]));
 }
 
-async fn taps_beyond_the_rooms_elapsed_time_are_refused(hot: Hot) {
+async fn taps_beyond_the_rooms_elapsed_time_are_refused(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     // The room started just now; the tolerance is future_skew_ms (2 s).
@@ -646,7 +578,7 @@ async fn taps_beyond_the_rooms_elapsed_time_are_refused(hot: Hot) {
     assert_eq!(m.loves_and_top(room, 10).await, (2, vec![(1, 2)]));
 }
 
-async fn top_lovers_and_get_loves_agree_once_send_loves_answered(hot: Hot) {
+async fn top_lovers_and_get_loves_agree_once_send_loves_answered(hot: HotBackend) {
     let mut m = mesh(hot).await;
     let room = m.start_room().await;
     let mut expected = 0;

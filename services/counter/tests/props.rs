@@ -15,11 +15,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use livemesh_counter::Counter;
-use livemesh_mesh::Config;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
-use livemesh_proto::v1::{EndRoomRequest, GetLovesRequest, SendLovesRequest, TopLoversRequest};
+use livemesh_proto::v1::{GetLovesRequest, SendLovesRequest, TopLoversRequest};
 use livemesh_testkit::TestServer;
 use livemesh_testkit::props::{self, id, id_from, key};
 use proptest::prelude::*;
@@ -73,16 +70,11 @@ fn call(rooms: Vec<u64>) -> impl Strategy<Value = Call> {
 #[test]
 fn the_counter_answers_any_request_precisely_and_counts_each_accepted_love_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (_rooms, server, counter, started) = rt.block_on(async {
-        let mut config = Config {
-            data_dir: dir.path().to_owned(),
-            ..Config::default()
-        };
-        let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
-        config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
+    let (_dir, _rooms, server, counter, started) = rt.block_on(async {
+        let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
+        config.counter.ongoing_query_url = rooms.url();
         // No dispatcher: publishing totals fails and is counted.
-        config.counter.publish_url = format!("http://{}", rooms.addr);
+        config.counter.publish_url = rooms.url();
         config.counter.database_url =
             livemesh_mesh::config::sqlite_url(&dir.path().join("counter.db"));
         config.counter.flush_tick_ms = 5;
@@ -91,11 +83,8 @@ fn the_counter_answers_any_request_precisely_and_counts_each_accepted_love_once(
         let server = TestServer::start(counter.clone()).await;
         let ongoing = livemesh_testkit::start_room(rooms.channel(), 7).await;
         let ended = livemesh_testkit::start_room(rooms.channel(), 7).await;
-        RoomAdminServiceClient::new(rooms.channel())
-            .end_room(EndRoomRequest { room_id: ended })
-            .await
-            .unwrap();
-        (rooms, server, counter, vec![ongoing, ended])
+        livemesh_testkit::end_room(rooms.channel(), ended).await;
+        (dir, rooms, server, counter, vec![ongoing, ended])
     });
     let store = counter.hot_store().clone();
     props::run(&rt, CASES, call(started.clone()), |call| {

@@ -11,11 +11,9 @@ use std::time::Duration;
 use livemesh_counter::Counter;
 use livemesh_counter::testing::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
+use livemesh_proto::v1::SendLovesRequest;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
-use livemesh_proto::v1::{EndRoomRequest, SendLovesRequest};
-use livemesh_testkit::{PrivateRedis, TestServer};
+use livemesh_testkit::{PrivateRedis, TestServer, until};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -35,20 +33,11 @@ async fn setup_with(
     max_pending: u64,
     tune: impl FnOnce(&mut Config),
 ) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        redis_url: Some(redis.url()),
-        ..Config::default()
-    };
-    config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.counter.publish_url = format!("http://{}", rooms.addr);
+    config.redis_url = Some(redis.url());
+    config.counter.ongoing_query_url = rooms.url();
+    config.counter.publish_url = rooms.url();
     config.counter.flush_tick_ms = 5;
     config.counter.max_pending_loves = max_pending;
     tune(&mut config);
@@ -336,17 +325,8 @@ async fn love_client(
     (viewer_id, accepted, failed)
 }
 
-/// Waits until `ready()` holds, polling; panics naming `what` after 20 s.
-async fn until(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !ready() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+/// How long the chaos test awaits each condition.
+const WAIT: Duration = Duration::from_secs(20);
 
 /// Chaos: Redis killed (SIGKILL) and restarted twice while 16 viewers tap.
 /// The counter holds what it accepted while Redis is down, answers
@@ -358,21 +338,12 @@ async fn until(what: &str, mut ready: impl FnMut() -> bool) {
 async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     const VIEWERS: u64 = 16;
     let mut redis = PrivateRedis::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let room_started = tokio::time::Instant::now();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        redis_url: Some(redis.url()),
-        ..Config::default()
-    };
-    config.counter.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.counter.publish_url = format!("http://{}", rooms.addr);
+    config.redis_url = Some(redis.url());
+    config.counter.ongoing_query_url = rooms.url();
+    config.counter.publish_url = rooms.url();
     config.counter.flush_tick_ms = 5;
     config.counter.end_grace_ms = 50;
     // About a second of this load: each outage fills it, so the refusals
@@ -398,7 +369,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     let batches = || ok_batches.load(Ordering::Relaxed);
     for outage in 1..=2 {
         let before = batches();
-        until("batches answered before the outage", || {
+        until("batches answered before the outage", WAIT, || {
             batches() >= before + 2 * VIEWERS
         })
         .await;
@@ -409,15 +380,15 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
         // While Redis is down: batches are still accepted (held), flushes
         // fail and are kept, and once the bound is reached the counter
         // refuses with UNAVAILABLE.
-        until("batches accepted while Redis is down", || {
+        until("batches accepted while Redis is down", WAIT, || {
             batches() >= down + VIEWERS
         })
         .await;
-        until("failed flushes while Redis is down", || {
+        until("failed flushes while Redis is down", WAIT, || {
             stats().flush_failures.load(Ordering::Relaxed) > flush_failures
         })
         .await;
-        until("UNAVAILABLE past the bound", || {
+        until("UNAVAILABLE past the bound", WAIT, || {
             stats().refused_unavailable.load(Ordering::Relaxed) > refused
         })
         .await;
@@ -428,13 +399,13 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
         );
         redis.restart().await;
         let flushes = stats().flushes.load(Ordering::Relaxed);
-        until("the held loves replayed to Redis", || {
+        until("the held loves replayed to Redis", WAIT, || {
             stats().flushes.load(Ordering::Relaxed) > flushes && counter.waiting() < 50
         })
         .await;
     }
     let before = batches();
-    until("batches answered after the last restart", || {
+    until("batches answered after the last restart", WAIT, || {
         batches() >= before + 2 * VIEWERS
     })
     .await;
@@ -460,7 +431,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
 
     // Once the counter holds nothing more, the restarted Redis has every
     // accepted love once, per viewer.
-    until("every held love written to Redis", || {
+    until("every held love written to Redis", WAIT, || {
         counter.waiting() == 0
     })
     .await;
@@ -479,10 +450,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
 
     // The room ends: the counter flushes what it holds, writes the final
     // total and ranking to SQL once, and deletes the hot keys.
-    RoomAdminServiceClient::new(rooms.channel())
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(rooms.channel(), room).await;
     let db = LovesDb::open(&livemesh_mesh::config::sqlite_url(
         &dir.path().join("counter.db"),
     ))

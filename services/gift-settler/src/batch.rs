@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ledger::{Announce, Applied, LedgerError, Shard, Transfer};
+use crate::error::LedgerError;
+use crate::store::{Announce, Applied, Shard, Transfer};
 
 type Reply = oneshot::Sender<Result<Applied, LedgerError>>;
 

@@ -21,8 +21,9 @@
 //! room is settled (every sweep has its payment), so settlement neither
 //! creates nor loses money.
 
-use crate::Inner;
-use crate::ledger::{CLEARING, LedgerError, PLATFORM, SettlementRow, Transfer, user_account};
+use crate::error::SettleError;
+use crate::gifts::Inner;
+use crate::store::{CLEARING, PLATFORM, SettlementRow, Transfer, user_account};
 
 /// A step of a settlement, for crash injection in tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,19 +33,6 @@ pub enum Step {
     SweepShard(u32),
     PayShard(u32),
     Finish,
-}
-
-/// Why a settlement did not finish.
-#[derive(Debug, thiserror::Error)]
-pub enum SettleError {
-    #[error(transparent)]
-    Ledger(#[from] LedgerError),
-    #[error("balance database: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("injected crash before {0:?}")]
-    Crash(Step),
-    #[error("room {0}'s gifts add up to more than a balance can hold")]
-    Overflow(u64),
 }
 
 /// The platform's share of `amount` at `bps` basis points, rounded down
@@ -58,7 +46,7 @@ impl Inner {
     /// Settles an ended room (see the module doc); `crash` is asked before
     /// each step and stops there when it says so (tests inject crashes).
     #[tracing::instrument(name = "settle", skip_all, fields(room_id = room_id, streamer_id = streamer_id))]
-    pub async fn settle(
+    pub(crate) async fn settle(
         &self,
         room_id: u64,
         streamer_id: u64,

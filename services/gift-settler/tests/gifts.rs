@@ -7,16 +7,14 @@
 
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
-use livemesh_gift_settler::ledger::{LedgerError, PLATFORM, Transfer, room_account, user_account};
-use livemesh_gift_settler::settle::{Step, cut_of};
+use livemesh_gift_settler::testing::{
+    LedgerError, PLATFORM, Step, Transfer, cut_of, room_account, user_account,
+};
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
-use livemesh_proto::v1::{
-    DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest, StartRoomRequest,
-};
+use livemesh_proto::v1::{DepositRequest, EndRoomRequest, GetBalanceRequest, SendGiftRequest};
 use livemesh_proto::v1::{
     ExportLedgerRequest, GetSettlementRequest, ReconcileRequest, SettlementState,
 };
@@ -27,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use livemesh_proto::v1::SettleRoomRequest;
-use livemesh_testkit::{PrivateMariadb, SqlBackend, TestServer};
+use livemesh_testkit::{PrivateMariadb, SqlBackend, TestServer, until};
 
 livemesh_testkit::sql_backend_suite!(
     a_gift_moves_money_from_the_viewer_to_the_room_in_the_viewers_shard,
@@ -52,7 +50,7 @@ const SUBACCOUNTS: u32 = 8;
 
 struct Mesh {
     _dir: tempfile::TempDir,
-    _rooms: TestServer,
+    rooms: TestServer,
     _dispatcher: TestServer,
     /// The dispatcher's fan-out store: the room histories viewers are served.
     store: FanoutStore,
@@ -83,25 +81,16 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
 }
 
 async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let rooms_config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&rooms_config).await.unwrap()).await;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     config.gifts.shard_urls = shard_urls;
     config.gifts.room_subaccounts = SUBACCOUNTS;
-    config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.gifts.ongoing_query_url = rooms.url();
+    config.publish.ongoing_query_url = rooms.url();
     // A dispatcher takes each gift's event before the gift commits.
     let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
     let dispatcher =
         TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;
-    config.gifts.publish_url = format!("http://{}", dispatcher.addr);
+    config.gifts.publish_url = dispatcher.url();
     tune(&mut config);
     let settler = GiftSettler::from_config(&config).await.unwrap();
     let gifts_server = TestServer::start(settler.clone()).await;
@@ -109,7 +98,7 @@ async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -
         admin: RoomAdminServiceClient::new(rooms.channel()),
         gifts: GiftsServiceClient::new(gifts_server.channel()),
         _dir: dir,
-        _rooms: rooms,
+        rooms,
         _dispatcher: dispatcher,
         store,
         _gifts_server: gifts_server,
@@ -120,14 +109,7 @@ async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -
 
 impl Mesh {
     async fn start_room(&mut self) -> u64 {
-        self.admin
-            .start_room(StartRoomRequest { anchor_id: 5 })
-            .await
-            .unwrap()
-            .into_inner()
-            .room
-            .unwrap()
-            .room_id
+        livemesh_testkit::start_room(self.rooms.channel(), 5).await
     }
 
     async fn deposit(
@@ -181,7 +163,7 @@ impl Mesh {
     /// The room's virtual balance over every shard and sub-account.
     async fn room_total(&self, room_id: u64) -> i64 {
         let mut total = 0;
-        for shard in &self.settler.inner().shards {
+        for shard in self.settler.shards() {
             for sub in 0..SUBACCOUNTS {
                 total += shard.balance(&room_account(room_id, sub)).await.unwrap();
             }
@@ -194,7 +176,7 @@ impl Mesh {
     /// clearing account of settlements summing to zero across shards).
     async fn assert_conserved(&self) {
         let mut total = 0;
-        for shard in &self.settler.inner().shards {
+        for shard in self.settler.shards() {
             total += shard.total().await.unwrap();
         }
         assert_eq!(total, 0, "money was created or lost");
@@ -211,7 +193,7 @@ async fn a_gift_moves_money_from_the_viewer_to_the_room_in_the_viewers_shard(bac
     assert_eq!(mesh.balance(11).await, 700);
     assert_eq!(mesh.room_total(room).await, 300);
     // Both movements are in the viewer's own shard.
-    let viewer_shard = mesh.settler.inner().shard(11);
+    let viewer_shard = mesh.settler.shard(11);
     assert_eq!(viewer_shard.balance(&user_account(11)).await.unwrap(), 700);
     let mut in_viewers_shard = 0;
     for sub in 0..SUBACCOUNTS {
@@ -301,14 +283,11 @@ async fn unknown_and_ended_rooms_and_bad_amounts_get_precise_codes(backend: SqlB
         tonic::Code::InvalidArgument
     );
     mesh.gift("before-end", 15, room, 10).await.unwrap();
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     // Gifts are refused once the settler has seen the end (Watch): every
     // shard then marks the room ended.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    for shard in &mesh.settler.inner().shards {
+    for shard in mesh.settler.shards() {
         while shard.room_status(room).await.unwrap().as_deref() != Some("ended") {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -410,7 +389,7 @@ async fn gifts_in(mesh: &mut Mesh, room: u64, tag: &str) -> i64 {
 async fn expected_cut(mesh: &Mesh, room: u64) -> (i64, i64) {
     let mut cut = 0;
     let mut gross = 0;
-    for shard in &mesh.settler.inner().shards {
+    for shard in mesh.settler.shards() {
         let v = shard.room_balance(room).await.unwrap();
         cut += cut_of(v, 3_000);
         gross += v;
@@ -426,7 +405,7 @@ async fn settlement_pays_exactly_once_with_a_crash_before_and_after_each_step(ba
         steps.extend([Step::EndShard(s), Step::SweepShard(s), Step::PayShard(s)]);
     }
     steps.push(Step::Finish);
-    let inner = mesh.settler.inner().clone();
+    let inner = mesh.settler.clone();
     // The streamer is a user like any other: its shard is where it is paid.
     let streamer = 5;
     for (i, &crash_at) in steps.iter().enumerate() {
@@ -496,10 +475,7 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
         tonic::Code::FailedPrecondition,
         "ongoing: {err:?}"
     );
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     // The Watch's end starts the Settler; await its result.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let row = loop {
@@ -583,7 +559,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
     mesh.deposit("d", viewer, 100).await.unwrap();
     // Open the room in the viewer's shard (a gift does it on first use).
     mesh.gift("open", viewer, room, 1).await.unwrap();
-    let shard = mesh.settler.inner().shard(viewer).clone();
+    let shard = mesh.settler.shard(viewer).clone();
     let gift = |key: &str, amount: i64| Transfer {
         transfer_id: format!("gift:{viewer}:{key}"),
         kind: "gift",
@@ -605,7 +581,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
         gift("c", 20), // 99 - 30 - 60 = 9 left: refused
     ];
     let results = shard
-        .apply_batch(&batch, &livemesh_gift_settler::ledger::Silent)
+        .apply_batch(&batch, &livemesh_gift_settler::testing::Silent)
         .await
         .unwrap();
     assert!(matches!(results[0], Ok(ref a) if !a.replayed && a.balance == 69));
@@ -630,7 +606,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
 /// Users other than `user` whose balance lives in the same shard and whose
 /// transfers take the same batch worker, so they share its batches.
 fn same_lane_as(user: u64, count: usize) -> Vec<u64> {
-    use livemesh_gift_settler::{batch::lane, shard_of};
+    use livemesh_gift_settler::{shard_of, testing::lane};
     let workers = Config::default().gifts.batch_workers as u64;
     (user + 1..)
         .filter(|u| {
@@ -725,7 +701,7 @@ async fn balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone(backen
     // The ledger's sums hold whatever the balances: two accounts at
     // i64::MAX and two at -i64::MAX sum to 0, where a plain SQL SUM fails
     // (SQLite: "integer overflow") or clamps (MySQL's cast).
-    let shard = mesh.settler.inner().shards[0].clone();
+    let shard = mesh.settler.shards()[0].clone();
     livemesh_mesh::on_db!(shard.db(), pool => {
         sqlx::query(
             "INSERT INTO accounts (account, balance, may_go_negative) VALUES \
@@ -748,7 +724,7 @@ async fn a_transfer_the_database_refuses_is_refused_alone_and_never_unavailable(
     let mut mesh = mesh(&backend).await;
     let user = 2_000;
     let others = same_lane_as(user, 30);
-    let shard = mesh.settler.inner().shard(user).clone();
+    let shard = mesh.settler.shard(user).clone();
     // A trigger stands in for any rule of the database the ledger's own
     // checks do not know.
     livemesh_mesh::on_db!(shard.db(), pool => {
@@ -834,11 +810,8 @@ async fn every_gift_that_answered_ok_is_in_the_rooms_stream_before_its_end(backe
         });
     }
     // End the room while the gifts pour in.
-    until("100 gifts in", || sent.load(Ordering::SeqCst) >= 100).await;
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    until("100 gifts in", WAIT, || sent.load(Ordering::SeqCst) >= 100).await;
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     let answered: Vec<String> = senders.join_all().await.into_iter().flatten().collect();
     // The dispatcher stores the end once its Watch tells it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1010,6 +983,8 @@ async fn random_concurrent_deposits_and_gifts_conserve_money(backend: SqlBackend
 
 /// Balance shards of the chaos tests: two databases on one private MariaDB.
 const CHAOS_SHARDS: usize = 2;
+/// How long the chaos tests await each condition.
+const WAIT: Duration = Duration::from_secs(30);
 
 async fn chaos_mesh(db: &PrivateMariadb) -> Mesh {
     let tag = livemesh_testkit::unique_name("chaos");
@@ -1049,18 +1024,6 @@ where
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-    }
-}
-
-/// Waits until `ready()` holds; panics naming `what` after 30 s.
-async fn until(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -1180,17 +1143,20 @@ async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
     let oks = || ok_calls.load(Ordering::Relaxed);
     for _ in 0..KILLS {
         let before = oks();
-        until("gifts before the kill", || oks() >= before + 4 * VIEWERS).await;
+        until("gifts before the kill", WAIT, || {
+            oks() >= before + 4 * VIEWERS
+        })
+        .await;
         let failed = failures.load(Ordering::Relaxed);
         db.kill();
-        until("calls failing while MariaDB is down", || {
+        until("calls failing while MariaDB is down", WAIT, || {
             failures.load(Ordering::Relaxed) >= failed + VIEWERS
         })
         .await;
         db.restart().await;
     }
     let before = oks();
-    until("gifts after the last restart", || {
+    until("gifts after the last restart", WAIT, || {
         oks() >= before + 4 * VIEWERS
     })
     .await;
@@ -1402,7 +1368,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     let db = Arc::new(PrivateMariadb::start().await);
     let mut mesh = chaos_mesh(&db).await;
     let streamer = 5; // the rooms' anchor
-    let inner = mesh.settler.inner().clone();
+    let inner = mesh.settler.clone();
 
     // Room A: the end commits, then MariaDB dies at once.
     let Gifted {
@@ -1411,10 +1377,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         cut: cut_a,
         before,
     } = gifted_room(&mut mesh, "a", streamer).await;
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room_a })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room_a).await;
     let killed_at = kill_and_restart(&db).await;
     settles_by_itself(&mesh, room_a, killed_at).await;
     assert_settled_once(&mut mesh, room_a, gross_a, cut_a, before).await;
@@ -1426,13 +1389,10 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         cut: cut_c,
         before,
     } = gifted_room(&mut mesh, "c", streamer).await;
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room_c })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room_c).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match inner.shards[0].settlement(room_c).await.unwrap() {
+        match inner.shards()[0].settlement(room_c).await.unwrap() {
             Some(row) if row.state == "in_progress" => break,
             Some(row) => panic!("the settlement finished before it could be interrupted: {row:?}"),
             None => assert!(
@@ -1468,7 +1428,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     );
     db.restart().await;
     // The kill hit where intended: begun, shard 1 swept, shard 1 not paid.
-    let row = inner.shards[0].settlement(room_b).await.unwrap().unwrap();
+    let row = inner.shards()[0].settlement(room_b).await.unwrap().unwrap();
     assert_eq!(row.state, "in_progress", "{row:?}");
     let payer = inner.shard(streamer);
     let unpaid = payer
@@ -1481,17 +1441,14 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
             .unwrap();
     assert_eq!(unpaid, 0, "shard 1 was paid before the kill");
     assert!(
-        inner.shards[1]
+        inner.shards()[1]
             .room_transfers(room_b, "settle-out")
             .await
             .unwrap()
             > 0,
         "shard 1 was not swept before the kill"
     );
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room_b })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room_b).await;
     assert_settled_once(&mut mesh, room_b, gross_b, cut_b, before).await;
     mesh.assert_conserved().await;
 }
@@ -1558,7 +1515,7 @@ async fn two_settlers_racing_on_one_room_end_settle_it_once(backend: SqlBackend)
     let mut mesh = mesh(&backend).await;
     let second = GiftSettler::from_config(&mesh.config).await.unwrap();
     let second_server = TestServer::start(second.clone()).await;
-    let (a, b) = (mesh.settler.inner().clone(), second.inner().clone());
+    let (a, b) = (mesh.settler.clone(), second.clone());
     let streamer = 5; // the rooms' anchor
     let shards = u32::try_from(SHARDS).unwrap();
     let conflicts = AtomicU64::new(0);
@@ -1672,15 +1629,15 @@ async fn two_settlers_racing_on_one_room_end_settle_it_once(backend: SqlBackend)
 /// transaction on the same transfer (the other replica won it) is retried,
 /// as the settler's own loop does; anything else fails the test.
 async fn settle_racing(
-    inner: &livemesh_gift_settler::Inner,
+    settler: &GiftSettler,
     room: u64,
     streamer: u64,
     conflicts: &AtomicU64,
-) -> livemesh_gift_settler::ledger::SettlementRow {
+) -> livemesh_gift_settler::testing::SettlementRow {
     for _ in 0..50 {
-        match inner.settle(room, streamer, &|_| false).await {
+        match settler.settle(room, streamer, &|_| false).await {
             Ok(row) => return row,
-            Err(livemesh_gift_settler::settle::SettleError::Ledger(LedgerError::Conflict)) => {
+            Err(livemesh_gift_settler::testing::SettleError::Ledger(LedgerError::Conflict)) => {
                 conflicts.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) => panic!("settling room {room}: {err}"),

@@ -20,15 +20,12 @@ use std::sync::Mutex;
 use futures::StreamExt as _;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
-use livemesh_gift_settler::ledger::{CLEARING, EXTERNAL};
-use livemesh_mesh::Config;
-use livemesh_ongoing_query::OngoingQuery;
+use livemesh_gift_settler::testing::{CLEARING, EXTERNAL};
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
 use livemesh_proto::v1::{
-    DepositRequest, EndRoomRequest, ExportLedgerRequest, GetBalanceRequest, GetSettlementRequest,
-    ReconcileRequest, SendGiftRequest, SettleRoomRequest,
+    DepositRequest, ExportLedgerRequest, GetBalanceRequest, GetSettlementRequest, ReconcileRequest,
+    SendGiftRequest, SettleRoomRequest,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_testkit::props::{self, amount, id, id_from, key, timestamp};
@@ -110,32 +107,24 @@ struct Mesh {
 }
 
 async fn mesh(backend: &SqlBackend) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     for shard in 0..SHARDS {
         config
             .gifts
             .shard_urls
             .push(backend.database_url(&format!("props{shard}")).await);
     }
-    config.gifts.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    config.gifts.ongoing_query_url = rooms.url();
+    config.publish.ongoing_query_url = rooms.url();
     config.gifts.max_transfer_amount = i64::MAX;
     let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
     let dispatcher = TestServer::start(Dispatcher::from_config(&config, store).unwrap()).await;
-    config.gifts.publish_url = format!("http://{}", dispatcher.addr);
+    config.gifts.publish_url = dispatcher.url();
     let settler = GiftSettler::from_config(&config).await.unwrap();
     let server = TestServer::start(settler.clone()).await;
     let ongoing = livemesh_testkit::start_room(rooms.channel(), 9).await;
     let ended = livemesh_testkit::start_room(rooms.channel(), 9).await;
-    RoomAdminServiceClient::new(rooms.channel())
-        .end_room(EndRoomRequest { room_id: ended })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(rooms.channel(), ended).await;
     Mesh {
         _dir: dir,
         _rooms: rooms,
@@ -289,7 +278,7 @@ async fn check_ledger(
     model: &Mutex<Model>,
     user: Option<u64>,
 ) -> Result<(), TestCaseError> {
-    for shard in &mesh.settler.inner().shards {
+    for shard in mesh.settler.shards() {
         let total = shard.total().await.unwrap();
         prop_assert_eq!(total, 0, "shard {} sums to {}", shard.index, total);
         for (account, balance) in shard.negative_balances().await.unwrap() {
@@ -303,9 +292,8 @@ async fn check_ledger(
     if let Some(user) = user {
         let held = mesh
             .settler
-            .inner()
             .shard(user)
-            .balance(&livemesh_gift_settler::ledger::user_account(user))
+            .balance(&livemesh_gift_settler::testing::user_account(user))
             .await
             .unwrap();
         let expected = model

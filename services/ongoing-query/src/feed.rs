@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use livemesh_mesh::backoff::Backoff;
 use livemesh_mesh::sql::Db;
 
 use crate::binlog::{self, BinlogPosition, TailEvent};
@@ -181,27 +182,14 @@ impl<'a> Saver<'a> {
     }
 }
 
-/// Doubles a delay up to a cap; reset after progress.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(Self::MAX);
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
+/// The back-off of a region's feed: from 100 ms, doubling up to 30 s
+/// (jittered), reset after progress; it never gives up.
+fn feed_backoff(region: u16) -> Backoff {
+    Backoff::new(
+        format!("following the change feed of region {region}"),
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    )
 }
 
 /// Rescans `region` until it succeeds, then counts the break.
@@ -216,7 +204,7 @@ async fn heal(rooms: &Rooms, region: u16, backoff: &mut Backoff) {
 async fn follow_table(rooms: &Rooms, store: &RegionStore, config: &FeedConfig, start: Option<i64>) {
     let region = store.region();
     let mut saver = Saver::new(store, &config.consumer);
-    let mut backoff = Backoff::new();
+    let mut backoff = feed_backoff(region);
     let mut after = match start {
         Some(seq) => seq,
         None => {
@@ -313,7 +301,7 @@ async fn follow_binlog(
         .with_boundaries(vec![0.0, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3_600.0])
         .build();
     let mut saver = Saver::new(store, &config.consumer);
-    let mut backoff = Backoff::new();
+    let mut backoff = feed_backoff(region);
     let mut from = match start {
         Some(position) => position,
         None => {

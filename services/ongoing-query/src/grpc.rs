@@ -1,5 +1,6 @@
 //! The gRPC face of the room slice: `OngoingQueryService` and
-//! `RoomAdminService`, and the one mapping of domain errors to statuses.
+//! `RoomAdminService`, handlers only (errors become statuses in
+//! [`crate::error`]).
 
 use std::sync::Arc;
 
@@ -13,26 +14,7 @@ use livemesh_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::rooms::{RoomError, Rooms};
-
-impl From<RoomError> for Status {
-    fn from(err: RoomError) -> Self {
-        match &err {
-            RoomError::InvalidArgument(_) => Status::invalid_argument(err.to_string()),
-            RoomError::NotFound(_) => Status::not_found(err.to_string()),
-            RoomError::AlreadyEnded { .. } | RoomError::RegionNotConfigured { .. } => {
-                Status::failed_precondition(err.to_string())
-            }
-            RoomError::Store { region, source } => {
-                // The cause stays in the log; the caller learns what to do.
-                tracing::error!(region, %source, "rooms database call failed");
-                Status::unavailable(format!(
-                    "the rooms database of region {region} is unavailable; retry later"
-                ))
-            }
-        }
-    }
-}
+use crate::rooms::Rooms;
 
 /// Both room services over one [`Rooms`].
 #[derive(Debug, Clone)]

@@ -12,33 +12,15 @@ use std::time::{Duration, Instant};
 use livemesh_mesh::now_ms;
 
 use crate::cache::{Applied, RoomCache};
+use crate::error::RoomError;
 use crate::partition::{MAX_WORKERS, owner};
 use crate::room::{RoomRecord, local_id, region_of};
-use crate::store::{EndOutcome, RegionStore, StoreError};
+use crate::store::{EndOutcome, RegionStore};
 
 /// Pages of the scan; bounded so one scan never holds a huge result set.
 const SCAN_PAGE: u32 = 1_000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1_000;
-
-/// What went wrong with a room request; mapped to a gRPC status in one place
-/// (`grpc.rs`).
-#[derive(Debug, thiserror::Error)]
-pub enum RoomError {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("room {0} does not exist")]
-    NotFound(u64),
-    #[error("room {room_id} already ended (at {ended_at_ms} ms since the epoch); a room ends once")]
-    AlreadyEnded { room_id: u64, ended_at_ms: i64 },
-    #[error(
-        "anchor {anchor_id} belongs to region {region} (bits 48..62 of the anchor id), \
-         and no rooms database is configured for that region"
-    )]
-    RegionNotConfigured { anchor_id: u64, region: u16 },
-    #[error("the rooms database of region {region} failed: {source}")]
-    Store { region: u16, source: StoreError },
-}
 
 /// Figures about the cache, for logs and (later) metrics.
 #[derive(Debug, Default)]

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::changes::{Change, ChangeKind, Lagged, Position};
+use crate::error::RoomError;
 use crate::rooms::Rooms;
 
 /// Changes read from the log per lock.
@@ -35,12 +36,12 @@ pub enum Start {
 }
 
 /// Resolves a client's `from` token against this process's log.
-pub fn start_for(rooms: &Rooms, from: Option<&ChangePosition>) -> Result<Start, Status> {
+pub fn start_for(rooms: &Rooms, from: Option<&ChangePosition>) -> Result<Start, RoomError> {
     let Some(from) = from else {
         return Ok(Start::Snapshot);
     };
     let position = Position::parse(&from.token).ok_or_else(|| {
-        Status::invalid_argument(format!(
+        RoomError::InvalidArgument(format!(
             "from.token {} is not a position this service issued; pass the token of the last \
              RoomChange received, or leave `from` unset to start with a snapshot",
             livemesh_mesh::excerpt(&from.token)
@@ -52,7 +53,7 @@ pub fn start_for(rooms: &Rooms, from: Option<&ChangePosition>) -> Result<Start, 
         return Ok(Start::Snapshot);
     }
     if position.seq > log.head().seq {
-        return Err(Status::invalid_argument(format!(
+        return Err(RoomError::InvalidArgument(format!(
             "from.token {} is ahead of this service's newest change; pass a token received \
              from it",
             livemesh_mesh::excerpt(&from.token)
@@ -74,7 +75,7 @@ pub fn spawn(
         tokio::select! {
             _ = run(&rooms, start, &tx) => {}
             () = stopping => {
-                let _ = tx.send(Err(Status::unavailable("the server is shutting down; reconnect with your last position"))).await;
+                let _ = tx.send(Err(RoomError::ShuttingDown.into())).await;
             }
         }
     });

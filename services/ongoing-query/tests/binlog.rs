@@ -12,10 +12,10 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use livemesh_ongoing_query::binlog::{
+use livemesh_ongoing_query::testing::RegionStore;
+use livemesh_ongoing_query::testing::{
     BinlogPosition, RoomRow, TailError, TailEvent, current_position, spawn_tail,
 };
-use livemesh_ongoing_query::store::RegionStore;
 use sqlx::{MySqlPool, Row as _};
 use tokio::sync::mpsc::Receiver;
 

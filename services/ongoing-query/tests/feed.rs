@@ -11,14 +11,14 @@ use std::time::Duration;
 use livemesh_mesh::sql::Db;
 use livemesh_mesh::{Config, MeshChannel, on_db};
 use livemesh_ongoing_query::OngoingQuery;
-use livemesh_ongoing_query::room::{local_id, room_id};
+use livemesh_ongoing_query::testing::{local_id, room_id};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
     ChangePosition, EndRoomRequest, ListOngoingRequest, RoomChange, RoomChangeKind,
     StartRoomRequest, WatchRequest, WatchResponse,
 };
-use livemesh_testkit::{SqlBackend, TestServer};
+use livemesh_testkit::{SqlBackend, TestServer, until};
 use tonic::Streaming;
 
 livemesh_testkit::sql_backend_suite!(
@@ -113,7 +113,7 @@ async fn ongoing(server: &TestServer) -> Vec<u64> {
 
 /// A plain SQL connection of its own, as another application would have.
 async fn outsider(url: &str) -> Db {
-    livemesh_ongoing_query::store::RegionStore::open(0, url)
+    livemesh_ongoing_query::testing::RegionStore::open(0, url)
         .await
         .unwrap()
         .db()
@@ -138,20 +138,6 @@ async fn sql_end(db: &Db, room: u64) {
             .bind(now).bind(local_id(room)).execute(pool).await.unwrap().rows_affected()
     });
     assert_eq!(updated, 1);
-}
-
-/// Awaits `condition`, checking after each change the service takes in.
-async fn until(service: &OngoingQuery, what: &str, condition: impl Fn() -> bool) {
-    let mut head = service.rooms().cache().log().subscribe();
-    let deadline = tokio::time::Instant::now() + SOON * 5;
-    while !condition() {
-        if tokio::time::timeout_at(deadline, head.changed())
-            .await
-            .is_err()
-        {
-            panic!("timed out waiting for {what}");
-        }
-    }
 }
 
 async fn plain_sql_changes_reach_the_cache_and_watchers_within_a_second(backend: SqlBackend) {
@@ -188,7 +174,7 @@ async fn a_restarted_service_resumes_from_its_saved_position(backend: SqlBackend
     let before = sql_start(&db, 1).await;
     // The position is saved once a change has gone by.
     let store = service.rooms().store(0).unwrap().clone();
-    until(&service, "the first change", || {
+    until("the first change", SOON * 5, || {
         service.rooms().cache().get(before).is_some()
     })
     .await;
@@ -215,7 +201,7 @@ async fn a_restarted_service_resumes_from_its_saved_position(backend: SqlBackend
     // The feed replays the two changes from the saved position (the startup
     // scan already had them, so the cache is right either way; the count
     // shows the feed did not skip to the end).
-    until(&service, "the replay", || {
+    until("the replay", SOON * 5, || {
         stats.feed_changes.load(Ordering::Relaxed) >= 2
     })
     .await;
@@ -323,7 +309,7 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
     let url = backend.database_url("gone").await;
     let consumer = "feed-gone";
     let db = outsider(&url).await;
-    let store = livemesh_ongoing_query::store::RegionStore::open(0, &url)
+    let store = livemesh_ongoing_query::testing::RegionStore::open(0, &url)
         .await
         .unwrap();
     let earlier = sql_start(&db, 1).await;
@@ -340,7 +326,7 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
         // The saved position's binlog file is purged (a commit follows the
         // position, so a GTID position needs the old file too).
         Db::MySql(_) => {
-            let position = livemesh_ongoing_query::binlog::current_position(&url)
+            let position = livemesh_ongoing_query::testing::current_position(&url)
                 .await
                 .unwrap();
             store
@@ -354,7 +340,7 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
     let (service, server) = serve(&config(&url, consumer)).await;
     let later = sql_start(&db, 3).await;
     let rooms = service.rooms();
-    until(&service, "a rescan that heals the feed", || {
+    until("a rescan that heals the feed", SOON * 5, || {
         rooms.stats().feed_breaks.load(Ordering::Relaxed) >= 1 && rooms.cache().get(later).is_some()
     })
     .await;
@@ -366,7 +352,7 @@ async fn a_gone_position_heals_through_a_scan(backend: SqlBackend) {
 
     // And the feed runs again after healing.
     let after_heal = sql_start(&db, 4).await;
-    until(&service, "a change after healing", || {
+    until("a change after healing", SOON * 5, || {
         rooms.cache().get(after_heal).is_some()
     })
     .await;

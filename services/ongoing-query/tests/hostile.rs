@@ -5,33 +5,24 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::{Buf as _, BufMut as _};
-use livemesh_mesh::Config;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::{ChangePosition, ListOngoingRequest, WatchRequest};
-use livemesh_testkit::{SqlBackend, TestServer};
+use livemesh_testkit::TestServer;
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 /// An error message travels in a response header; it must stay this short.
 const SHORT: usize = 512;
 
-async fn serve() -> (SqlBackend, TestServer) {
-    let backend = SqlBackend::sqlite();
-    let config = Config {
-        database_url: Some(backend.database_url("hostile").await),
-        ..Config::default()
-    };
-    let service = OngoingQuery::from_config(&config)
-        .await
-        .expect("open ongoing-query");
-    let server = TestServer::start(service).await;
-    (backend, server)
+async fn serve() -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = livemesh_testkit::ongoing_query(dir.path()).await;
+    (dir, server)
 }
 
 #[tokio::test]
 async fn a_100_kb_page_token_or_watch_token_gets_a_short_invalid_argument() {
-    let (_backend, server) = serve().await;
+    let (_dir, server) = serve().await;
     let mut query = OngoingQueryServiceClient::new(server.channel());
     let huge = "7x".repeat(50_000);
 
@@ -108,7 +99,7 @@ impl Decoder for RawCodec {
 
 #[tokio::test]
 async fn a_body_that_is_not_protobuf_gets_invalid_argument() {
-    let (_backend, server) = serve().await;
+    let (_dir, server) = serve().await;
     let mut grpc = tonic::client::Grpc::new(server.channel());
     // A varint that never ends, then a field with wire type 7 (none such).
     for garbage in [vec![0xff; 11], vec![0x0f, 0x01, 0x02]] {

@@ -16,15 +16,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use livemesh_mesh::Config;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
     ChangePosition, EndRoomRequest, GetRoomRequest, ListOngoingRequest, PartitionRequest,
     RoomStatus, StartRoomRequest, WatchRequest,
 };
-use livemesh_testkit::TestServer;
 use livemesh_testkit::props::{self, id, id_from, text};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -78,13 +75,7 @@ type Model = HashMap<u64, bool>;
 fn room_services_answer_any_request_precisely_and_agree_with_each_other() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let server = rt.block_on(async {
-        let config = Config {
-            data_dir: dir.path().to_owned(),
-            ..Config::default()
-        };
-        TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await
-    });
+    let server = rt.block_on(livemesh_testkit::ongoing_query(dir.path()));
     // The ids rooms will get (ids of region 0 count from 1), so that ends
     // and reads reach real rooms.
     let expected_ids: Vec<u64> = (1..=40).collect();

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use livemesh_mesh::config::RegionConfig;
 use livemesh_mesh::{Config, MeshChannel, on_db};
 use livemesh_ongoing_query::OngoingQuery;
-use livemesh_ongoing_query::room::{REGION_SHIFT, region_of};
+use livemesh_ongoing_query::testing::{REGION_SHIFT, region_of};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use livemesh_fanout::{Append, Appended, FanoutStore, ROOM_ENDED_KEY, Slot};
-use livemesh_mesh::resilience::{Breaker, BreakerState};
-use livemesh_mesh::rooms::{LookupError, RoomDirectory};
+use livemesh_mesh::backoff::Backoff;
+use livemesh_mesh::breaker::{Breaker, BreakerState};
 use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::time::timestamp_from_ms;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
@@ -18,6 +18,7 @@ use livemesh_proto::v1::{
     DeliverRequest, PublishRequest, PublishResponse, RoomEnded, RoomEvent, StreamPosition,
     room_event,
 };
+use livemesh_rooms::{LookupError, RoomDirectory};
 use prost::Message as _;
 use tracing::Instrument as _;
 
@@ -408,8 +409,15 @@ impl DispatcherInner {
         url: &str,
         request: PublishRequest,
     ) -> bool {
-        let mut backoff = Duration::from_millis(50);
-        for attempt in 1..=6 {
+        // Six attempts, 50 ms doubling between them; the back-off logs
+        // when it gives up.
+        let mut backoff = Backoff::new(
+            format!("forwarding a publish to the peer datacenter {url}"),
+            Duration::from_millis(50),
+            Duration::from_millis(50 << 4),
+        )
+        .with_retries(5);
+        for attempt in 1.. {
             match client.publish(request.clone()).await {
                 Ok(_) => return true,
                 // The peer refused the event itself: retrying cannot help.
@@ -424,12 +432,12 @@ impl DispatcherInner {
                 }
                 Err(status) => {
                     tracing::debug!(%url, %status, attempt, "forwarding failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    if !backoff.wait().await {
+                        return false;
+                    }
                 }
             }
         }
-        tracing::warn!(%url, "forwarding a publish to a peer datacenter failed for good");
         false
     }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use livemesh_mesh::MeshChannel;
+use livemesh_mesh::backoff::Backoff;
 use livemesh_proto::v1::RoomChangeKind;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use tracing::Instrument as _;
@@ -17,7 +18,7 @@ pub(crate) async fn follow(
     inner: Arc<DispatcherInner>,
     watch: OngoingQueryServiceClient<MeshChannel>,
 ) {
-    livemesh_mesh::rooms::follow_changes(watch, |change| {
+    livemesh_rooms::follow_changes(watch, |change| {
         if change.kind() != RoomChangeKind::Ended {
             return;
         }
@@ -26,14 +27,22 @@ pub(crate) async fn follow(
         };
         let inner = inner.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            for _ in 0..8 {
+            // Eight attempts, 100 ms doubling between them; the last
+            // failure is logged by the back-off as given up.
+            let mut backoff = Backoff::new(
+                format!("publishing room {}'s room-ended event", room.room_id),
+                Duration::from_millis(100),
+                Duration::from_millis(100 << 6),
+            )
+            .with_retries(7);
+            loop {
                 match inner.end_room(room.room_id, room.ended_at).await {
                     Ok(_) | Err(PublishError::Ended { .. }) => return,
                     Err(err) => {
                         tracing::warn!(room_id = room.room_id, %err, "publishing room-ended failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff *= 2;
+                        if !backoff.wait().await {
+                            return;
+                        }
                     }
                 }
             }

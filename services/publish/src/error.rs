@@ -2,6 +2,7 @@
 //! status: a client sees a precise code and what to change; internal causes
 //! are logged here, not sent.
 
+use livemesh_rooms::LookupError;
 use tonic::Status;
 
 /// Why a comment's text was refused.
@@ -57,12 +58,8 @@ impl From<PublishError> for Status {
             PublishError::Ended { .. } | PublishError::RoomOver(_) => {
                 Status::failed_precondition(err.to_string())
             }
-            PublishError::Rooms(cause) => {
-                tracing::warn!(%cause, "a publish's room lookup failed");
-                Status::unavailable(
-                    "the rooms service did not answer; retry with the same idempotency_key",
-                )
-            }
+            // The rooms crate's one mapping (it logs the cause).
+            PublishError::Rooms(cause) => LookupError::Unavailable(cause.clone()).into(),
             PublishError::Store(cause) => {
                 tracing::warn!(%cause, "publish failed");
                 Status::unavailable(

@@ -25,11 +25,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use livemesh_fanout::FanoutStore;
 use livemesh_mesh::auth::{Security, policy};
-use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_server::PublishServiceServer;
+use livemesh_rooms::RoomDirectory;
 
 use crate::dispatch::DispatcherSettings;
 // `crates/livemesh/src/bench/breaker.rs` names the dispatcher's state until

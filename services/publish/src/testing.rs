@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use livemesh_mesh::resilience::BreakerState;
+use livemesh_mesh::breaker::BreakerState;
 
 use crate::Dispatcher;
 pub use crate::dispatch::{DispatchStats, DispatcherInner, DispatcherSettings};

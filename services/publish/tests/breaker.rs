@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::ClientStack;
+use livemesh_mesh::breaker::BreakerState;
 use livemesh_mesh::config::{ClientConfig, FanoutConfig};
-use livemesh_mesh::resilience::BreakerState;
-use livemesh_mesh::rooms::{RoomDirectory, RoomInfo};
 use livemesh_mesh::server::{ServerBuilder, ServiceSet};
 use livemesh_proto::v1::subscribe_service_server::{SubscribeService, SubscribeServiceServer};
 use livemesh_proto::v1::{
@@ -20,6 +19,7 @@ use livemesh_proto::v1::{
     SubscribeResponse, room_event,
 };
 use livemesh_publish::testing::{DispatcherInner, DispatcherSettings};
+use livemesh_rooms::{RoomDirectory, RoomInfo};
 use livemesh_testkit::TestServer;
 use tonic::{Request, Response, Status};
 

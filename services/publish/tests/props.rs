@@ -14,39 +14,19 @@
 use std::collections::HashMap;
 
 use livemesh_fanout::{FanoutSettings, FanoutStore};
-use livemesh_mesh::Config;
 use livemesh_mesh::auth::policy;
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{
-    Comment, EndRoomRequest, GiftSent, LoveTotal, PublishRequest, RoomEnded, RoomEvent,
-    StreamPosition, ViewerCount, room_event,
+    Comment, GiftSent, PublishRequest, RoomEvent, StreamPosition, room_event,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_testkit::TestServer;
-use livemesh_testkit::props::{self, amount, id, id_from, key, text, timestamp};
+use livemesh_testkit::props::{self, id, id_from, key, text, timestamp};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tonic::Code;
 
 const CASES: u32 = 192;
-
-fn kind() -> BoxedStrategy<Option<room_event::Kind>> {
-    prop_oneof![
-        1 => Just(None),
-        1 => any::<u64>().prop_map(|total| Some(room_event::Kind::LoveTotal(LoveTotal { total }))),
-        4 => (id(), text()).prop_map(|(viewer_id, text)| {
-            Some(room_event::Kind::Comment(Comment { viewer_id, text }))
-        }),
-        2 => (id(), id(), amount(), key()).prop_map(|(viewer_id, gift_id, amount, transfer_id)| {
-            Some(room_event::Kind::Gift(GiftSent { viewer_id, gift_id, amount, transfer_id }))
-        }),
-        1 => any::<u64>().prop_map(|count| Some(room_event::Kind::ViewerCount(ViewerCount { count }))),
-        1 => timestamp().prop_map(|ended_at| Some(room_event::Kind::RoomEnded(RoomEnded { ended_at }))),
-    ]
-    .boxed()
-}
 
 /// Who calls: an outside client, the gift-settler, a peer dispatcher.
 fn caller() -> impl Strategy<Value = Option<&'static str>> {
@@ -63,7 +43,7 @@ fn request(rooms: Vec<u64>) -> BoxedStrategy<PublishRequest> {
         id(),
         id(),
         timestamp(),
-        kind(),
+        props::room_event_kind([1, 1, 4, 2, 1, 1]),
     )
         .prop_map(|(room_id, epoch, offset, server_time, kind)| RoomEvent {
             room_id,
@@ -115,27 +95,18 @@ struct Mesh {
 }
 
 async fn mesh() -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
-    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
+    config.publish.ongoing_query_url = rooms.url();
     let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
     let dispatcher =
         TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;
-    let mut admin = RoomAdminServiceClient::new(rooms.channel());
     let mut started = Vec::new();
     for _ in 0..4 {
         started.push(livemesh_testkit::start_room(rooms.channel(), 7).await);
     }
     // One of them ended: the dispatcher stores its end from the Watch.
     let ended = started[3];
-    admin
-        .end_room(EndRoomRequest { room_id: ended })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(rooms.channel(), ended).await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
     while !store.holds(ended).await.unwrap() {
         assert!(

@@ -4,7 +4,7 @@
 //! are logged here, not sent.
 
 use livemesh_fanout::StoreError;
-use livemesh_mesh::rooms::LookupError;
+use livemesh_rooms::LookupError;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
 
@@ -63,8 +63,9 @@ impl From<SubscribeError> for Status {
     fn from(err: SubscribeError) -> Self {
         match &err {
             SubscribeError::Invalid(_) => Status::invalid_argument(err.to_string()),
-            SubscribeError::Lookup(LookupError::NotFound(_)) => Status::not_found(err.to_string()),
-            SubscribeError::Lookup(LookupError::Unavailable(_)) | SubscribeError::Store(_) => {
+            // The rooms crate's one mapping (it logs an unreachable ongoing-query).
+            SubscribeError::Lookup(cause) => cause.clone().into(),
+            SubscribeError::Store(_) => {
                 tracing::warn!(%err, "subscribe failed");
                 Status::unavailable(
                     "the room's event stream is unavailable right now; retry shortly",

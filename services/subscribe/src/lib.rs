@@ -30,11 +30,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use livemesh_fanout::FanoutStore;
 use livemesh_mesh::auth::{Security, policy};
-use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
 use livemesh_proto::encoded::server::subscribe_service_server::SubscribeServiceServer;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
+use livemesh_rooms::RoomDirectory;
 
 pub use crate::error::{RESUME_EPOCH, RESUME_OFFSET};
 use crate::table::{NodeInner, NodeSettings};

@@ -11,38 +11,21 @@ use std::time::{Duration, Instant};
 
 use livemesh_fanout::{Append, Appended, FanoutSettings, FanoutStore, Slot};
 use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, EndRoomRequest, GiftSent, LoveTotal, PublishBatchRequest, PublishRequest, RoomEvent,
-    StartRoomRequest, StreamPosition, StreamStarted, SubscribeRequest, SubscribeResponse,
-    room_event, subscribe_response,
+    Comment, GiftSent, LoveTotal, PublishBatchRequest, PublishRequest, RoomEvent, StreamPosition,
+    StreamStarted, SubscribeRequest, SubscribeResponse, room_event, subscribe_response,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_subscribe::{RESUME_EPOCH, RESUME_OFFSET};
-use livemesh_testkit::{ProxyMode, TcpProxy, TestServer};
+use livemesh_testkit::{HotBackend, ProxyMode, TcpProxy, TestServer};
 use prost::Message as _;
 use tonic::Streaming;
 
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Memory,
-    Redis,
-    Cluster,
-}
-
-macro_rules! fanout_suite {
-    ($($case:ident),* $(,)?) => {
-        mod memory { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Backend::Memory).await })* }
-        mod redis { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Backend::Redis).await })* }
-        mod cluster { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Backend::Cluster).await })* }
-    };
-}
-
-fanout_suite!(
+livemesh_testkit::hot_backend_suite!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     only_nodes_with_viewers_get_deliver,
     a_killed_stream_resumes_with_every_ordered_event_once_in_order,
     resumes_under_concurrent_publishing_have_no_gap_and_no_duplicate,
@@ -66,17 +49,14 @@ fanout_suite!(
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn store(backend: Backend, phase: &str) -> FanoutStore {
+fn store(backend: HotBackend, phase: &str) -> FanoutStore {
     let settings = FanoutSettings {
         phase: phase.to_owned(),
         ..FanoutSettings::default()
     };
-    match backend {
-        Backend::Memory => FanoutStore::memory(settings),
-        Backend::Redis => FanoutStore::redis(&livemesh_testkit::redis_url(), settings).unwrap(),
-        Backend::Cluster => {
-            FanoutStore::redis(&livemesh_testkit::redis_cluster_urls().join(","), settings).unwrap()
-        }
+    match backend.redis_url() {
+        None => FanoutStore::memory(settings),
+        Some(url) => FanoutStore::redis(&url, settings).unwrap(),
     }
 }
 
@@ -87,30 +67,18 @@ struct Mesh {
     phase: String,
     nodes: Vec<(TestServer, SubscribeNode)>,
     dispatchers: Vec<(TestServer, Dispatcher)>,
-    admin: RoomAdminServiceClient<MeshChannel>,
 }
 
 /// The settings every test mesh uses: fast reports, small queues.
 fn base_config(dir: &std::path::Path, rooms: &TestServer) -> Config {
-    let mut config = Config {
-        data_dir: dir.to_owned(),
-        ..Config::default()
-    };
-    config.subscribe.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    let mut config = livemesh_testkit::config_in(dir);
+    config.subscribe.ongoing_query_url = rooms.url();
+    config.publish.ongoing_query_url = rooms.url();
     config.subscribe.report_interval_ms = 100;
     config.subscribe.lease_ms = 1_000;
     config.subscribe.gap_wait_ms = 20;
     config.subscribe.queue_len = 32;
     config
-}
-
-async fn start_rooms(dir: &std::path::Path) -> TestServer {
-    let config = Config {
-        data_dir: dir.to_owned(),
-        ..Config::default()
-    };
-    TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await
 }
 
 async fn start_dispatcher(config: &Config, store: &FanoutStore) -> (TestServer, Dispatcher) {
@@ -135,7 +103,7 @@ async fn start_node(
     let server = TestServer::start_with(|addr| {
         let mut config = config.clone();
         config.listen = addr;
-        config.subscribe.publish_url = format!("http://{}", dispatcher.addr);
+        config.subscribe.publish_url = dispatcher.url();
         let node = SubscribeNode::from_config(&config, store.clone());
         handle = node.as_ref().ok().cloned();
         async move { node }
@@ -144,9 +112,9 @@ async fn start_node(
     (server, handle.unwrap())
 }
 
-async fn mesh(backend: Backend) -> Mesh {
+async fn mesh(backend: HotBackend) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
-    let rooms = start_rooms(dir.path()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let config = base_config(dir.path(), &rooms);
     // Every test's rooms start at id 1: a key phase of its own keeps them
     // apart on the shared Redis.
@@ -161,7 +129,6 @@ async fn mesh(backend: Backend) -> Mesh {
         nodes.push(start_node(&config, &store, &dispatchers[i % 2].0).await);
     }
     Mesh {
-        admin: RoomAdminServiceClient::new(rooms.channel()),
         _dir: dir,
         rooms,
         store,
@@ -173,7 +140,7 @@ async fn mesh(backend: Backend) -> Mesh {
 
 impl Mesh {
     async fn start_room(&mut self) -> u64 {
-        start_room(&mut self.admin).await
+        livemesh_testkit::start_room(self.rooms.channel(), 1).await
     }
 
     fn node(&self, i: usize) -> SubscribeServiceClient<MeshChannel> {
@@ -198,17 +165,6 @@ impl Mesh {
             .await
             .unwrap()
     }
-}
-
-async fn start_room(admin: &mut RoomAdminServiceClient<MeshChannel>) -> u64 {
-    admin
-        .start_room(StartRoomRequest { anchor_id: 1 })
-        .await
-        .unwrap()
-        .into_inner()
-        .room
-        .unwrap()
-        .room_id
 }
 
 fn comment(text: &str) -> room_event::Kind {
@@ -379,7 +335,7 @@ fn text_of(event: &RoomEvent) -> &str {
     }
 }
 
-async fn only_nodes_with_viewers_get_deliver(backend: Backend) {
+async fn only_nodes_with_viewers_get_deliver(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room_a = mesh.start_room().await;
     let room_b = mesh.start_room().await;
@@ -428,7 +384,7 @@ async fn only_nodes_with_viewers_get_deliver(backend: Backend) {
     assert_eq!(calls(&mesh, 2), before[2] + 1);
 }
 
-async fn a_killed_stream_resumes_with_every_ordered_event_once_in_order(backend: Backend) {
+async fn a_killed_stream_resumes_with_every_ordered_event_once_in_order(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let mut viewer = subscribe(&mut mesh.node(0), room, None).await.unwrap();
@@ -481,7 +437,7 @@ async fn a_killed_stream_resumes_with_every_ordered_event_once_in_order(backend:
     assert_eq!(gift.offset, 10);
 }
 
-async fn resumes_under_concurrent_publishing_have_no_gap_and_no_duplicate(backend: Backend) {
+async fn resumes_under_concurrent_publishing_have_no_gap_and_no_duplicate(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     const PUBLISHERS: u64 = 4;
@@ -527,7 +483,7 @@ async fn resumes_under_concurrent_publishing_have_no_gap_and_no_duplicate(backen
 /// A client whose HTTP/2 windows are tiny, so that a stream it does not
 /// read backs up on the server after a few messages.
 async fn slow_client(server: &TestServer) -> SubscribeServiceClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
         .unwrap()
         .initial_stream_window_size(Some(256))
         .initial_connection_window_size(Some(256))
@@ -537,7 +493,7 @@ async fn slow_client(server: &TestServer) -> SubscribeServiceClient<tonic::trans
     SubscribeServiceClient::new(channel)
 }
 
-async fn a_slow_consumer_gets_the_latest_love_total_not_a_backlog(backend: Backend) {
+async fn a_slow_consumer_gets_the_latest_love_total_not_a_backlog(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let mut client = slow_client(&mesh.nodes[0].0).await;
@@ -601,7 +557,7 @@ async fn a_slow_consumer_gets_the_latest_love_total_not_a_backlog(backend: Backe
     assert!(totals.windows(2).all(|w| w[0] < w[1]), "{totals:?}");
 }
 
-async fn an_overflowing_stream_ends_with_its_resume_position(backend: Backend) {
+async fn an_overflowing_stream_ends_with_its_resume_position(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let mut client = slow_client(&mesh.nodes[0].0).await;
@@ -666,7 +622,7 @@ async fn an_overflowing_stream_ends_with_its_resume_position(backend: Backend) {
     assert!(mesh.nodes[0].1.stats().overflows.load(Ordering::Relaxed) >= 1);
 }
 
-async fn viewer_counts_add_up_across_nodes(backend: Backend) {
+async fn viewer_counts_add_up_across_nodes(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let mut viewers = Vec::new();
@@ -688,7 +644,7 @@ async fn viewer_counts_add_up_across_nodes(backend: Backend) {
     viewers[0].until(is_five).await;
 }
 
-async fn room_end_closes_the_streams_and_the_registrations(backend: Backend) {
+async fn room_end_closes_the_streams_and_the_registrations(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let mut v0 = subscribe(&mut mesh.node(0), room, None).await.unwrap();
@@ -702,10 +658,7 @@ async fn room_end_closes_the_streams_and_the_registrations(backend: Backend) {
             .len(),
         2
     );
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     for viewer in [&mut v0, &mut v2] {
         assert_eq!(text_of(&viewer.next_ordered().await), "before the end");
         let end = viewer.next_ordered().await;
@@ -762,10 +715,10 @@ async fn room_end_closes_the_streams_and_the_registrations(backend: Backend) {
     assert!(late.next().await.unwrap().is_none());
 }
 
-async fn cross_datacenter_forwarding_delivers_once(backend: Backend) {
+async fn cross_datacenter_forwarding_delivers_once(backend: HotBackend) {
     let dir = tempfile::tempdir().unwrap();
     // One rooms service serves both datacenters here (room ids are global).
-    let rooms = start_rooms(dir.path()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let config = base_config(dir.path(), &rooms);
     let stores = [
         store(backend, &livemesh_testkit::unique_name("dc1")),
@@ -806,8 +759,7 @@ async fn cross_datacenter_forwarding_delivers_once(backend: Backend) {
         .await;
         nodes.push(server);
     }
-    let mut admin = RoomAdminServiceClient::new(rooms.channel());
-    let room = start_room(&mut admin).await;
+    let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut viewers = Vec::new();
     for node in &nodes {
         let mut client = SubscribeServiceClient::new(node.channel());
@@ -879,7 +831,7 @@ async fn cross_datacenter_forwarding_delivers_once(backend: Backend) {
     }
 }
 
-async fn bad_requests_get_precise_codes(backend: Backend) {
+async fn bad_requests_get_precise_codes(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let mut node = mesh.node(0);
@@ -959,7 +911,7 @@ async fn bad_requests_get_precise_codes(backend: Backend) {
 /// stored its events, poisoning the room that later got the id. 1,000
 /// comments to 1,000 such rooms leave the store's and every node's count
 /// of stored rooms as they were.
-async fn publishes_to_rooms_never_started_store_nothing_and_poison_nothing(backend: Backend) {
+async fn publishes_to_rooms_never_started_store_nothing_and_poison_nothing(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let started = mesh.start_room().await;
     // A viewer on node 0: the node and the store hold the started room.
@@ -1016,7 +968,9 @@ async fn publishes_to_rooms_never_started_store_nothing_and_poison_nothing(backe
 
 /// Defect 1 of issue 12: anyone could publish `room_ended` (ending a room's
 /// streams for good, even before it started) and gift events.
-async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts(backend: Backend) {
+async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts(
+    backend: HotBackend,
+) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let ended = room_event::Kind::RoomEnded(livemesh_proto::v1::RoomEnded { ended_at: None });
@@ -1062,10 +1016,7 @@ async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts
     let next = mesh.start_room().await;
     subscribe(&mut mesh.node(2), next, None).await.unwrap();
     // A publish to an ended room is refused, and the room's viewers get its end.
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     let end = viewer
         .until(|e| matches!(e.kind, Some(room_event::Kind::RoomEnded(_))))
         .await;
@@ -1080,7 +1031,7 @@ async fn only_a_dispatcher_ends_a_room_and_only_the_gift_settler_publishes_gifts
 /// published as `Publish` would (its checks, its idempotency key) and
 /// answered in its place; a caller that is not a mesh service is refused.
 async fn a_batch_publishes_each_event_as_publish_would_and_answers_each_in_its_place(
-    backend: Backend,
+    backend: HotBackend,
 ) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
@@ -1173,7 +1124,7 @@ async fn a_batch_publishes_each_event_as_publish_would_and_answers_each_in_its_p
 
 /// Defect 5 of issue 12: a resume position past the room's newest event was
 /// accepted as `recovered`, and the next live event was then dropped.
-async fn a_resume_past_the_head_is_out_of_range(backend: Backend) {
+async fn a_resume_past_the_head_is_out_of_range(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let head = mesh.comment(0, room, "one").await;
@@ -1204,10 +1155,7 @@ async fn a_resume_past_the_head_is_out_of_range(backend: Backend) {
     mesh.comment(0, room, "two").await;
     assert_eq!(text_of(&viewer.next_ordered().await), "two");
     // An ended room: the same rule for a replay-only resume.
-    mesh.admin
-        .end_room(EndRoomRequest { room_id: room })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     viewer
         .until(|e| matches!(e.kind, Some(room_event::Kind::RoomEnded(_))))
         .await;
@@ -1225,7 +1173,7 @@ async fn a_resume_past_the_head_is_out_of_range(backend: Backend) {
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
 }
 
-async fn a_dead_nodes_registration_expires(backend: Backend) {
+async fn a_dead_nodes_registration_expires(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let _viewer = subscribe(&mut mesh.node(0), room, None).await.unwrap();
@@ -1272,7 +1220,7 @@ async fn a_dead_nodes_registration_expires(backend: Backend) {
 /// resume from the old epoch is told that its history is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_history_starts_a_new_epoch_and_resume_says_so() {
-    let mut mesh = mesh(Backend::Redis).await;
+    let mut mesh = mesh(HotBackend::Redis).await;
     let room = mesh.start_room().await;
     let mut viewer = subscribe(&mut mesh.node(0), room, None).await.unwrap();
     let first = mesh.comment(0, room, "before").await;
@@ -1314,7 +1262,7 @@ async fn a_lost_history_starts_a_new_epoch_and_resume_says_so() {
 /// resume, instead of holding its drain until the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_node_ends_its_streams_with_a_resume_position() {
-    let mut mesh = mesh(Backend::Memory).await;
+    let mut mesh = mesh(HotBackend::Memory).await;
     let room = mesh.start_room().await;
     let mut viewer = subscribe(&mut mesh.node(2), room, None).await.unwrap();
     let sent = mesh.comment(0, room, "hello").await;
@@ -1347,7 +1295,7 @@ async fn a_stopping_node_ends_its_streams_with_a_resume_position() {
     );
 }
 
-async fn the_last_viewer_leaving_takes_the_node_out_of_the_room(backend: Backend) {
+async fn the_last_viewer_leaving_takes_the_node_out_of_the_room(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let first = subscribe(&mut mesh.node(1), room, None).await.unwrap();
@@ -1429,11 +1377,11 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
     const MIN_PUBLISHES: u64 = 16;
     const BLACK_HOLE_FOR: Duration = Duration::from_secs(2);
     let dir = tempfile::tempdir().unwrap();
-    let rooms = start_rooms(dir.path()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = base_config(dir.path(), &rooms);
     config.subscribe.queue_len = 1024;
     config.publish.deliver_timeout_ms = u64::try_from(CHAOS_DELIVER_TIMEOUT.as_millis()).unwrap();
-    let store = store(Backend::Redis, &livemesh_testkit::unique_name("chaos"));
+    let store = store(HotBackend::Redis, &livemesh_testkit::unique_name("chaos"));
     let (dispatcher_server, dispatcher) = start_dispatcher(&config, &store).await;
     let mut nodes = vec![
         start_node(&config, &store, &dispatcher_server).await,
@@ -1448,7 +1396,7 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
         let mut config = config.clone();
         config.listen = addr;
         config.subscribe.node_url = through.url();
-        config.subscribe.publish_url = format!("http://{}", dispatcher_server.addr);
+        config.subscribe.publish_url = dispatcher_server.url();
         proxy = Some(through);
         let node = SubscribeNode::from_config(&config, store.clone());
         handle = node.as_ref().ok().cloned();
@@ -1459,7 +1407,7 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
     let proxy = proxy.unwrap();
     let node = |i: usize| SubscribeServiceClient::new(nodes[i].0.channel());
     let mut dispatch = PublishServiceClient::new(dispatcher_server.channel());
-    let room = start_room(&mut RoomAdminServiceClient::new(rooms.channel())).await;
+    let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
 
     let mut viewers = Vec::new();
     for i in 0..3 {
@@ -1597,7 +1545,7 @@ fn resume_trailers(status: &tonic::Status) -> StreamPosition {
 }
 
 async fn batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_duplicate(
-    backend: Backend,
+    backend: HotBackend,
 ) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
@@ -1676,7 +1624,7 @@ async fn batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_du
     );
 }
 
-async fn batched_delivery_conflates_latest_values(backend: Backend) {
+async fn batched_delivery_conflates_latest_values(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let mut client = slow_client(&mesh.nodes[0].0).await;
@@ -1735,7 +1683,7 @@ async fn batched_delivery_conflates_latest_values(backend: Backend) {
     assert!(totals.windows(2).all(|w| w[0] < w[1]), "{totals:?}");
 }
 
-async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: Backend) {
+async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
     let mut client = slow_client(&mesh.nodes[0].0).await;
@@ -1800,9 +1748,9 @@ async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: Ba
 /// so only the head check can find the events. Each reaches the viewers of
 /// both nodes within `head_check_ms + gap_wait_ms` (plus store round trips),
 /// once and in offset order, and a normal publish afterwards follows it.
-async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(backend: Backend) {
+async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(backend: HotBackend) {
     let dir = tempfile::tempdir().unwrap();
-    let rooms = start_rooms(dir.path()).await;
+    let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = base_config(dir.path(), &rooms);
     config.subscribe.report_interval_ms = 60_000;
     config.subscribe.lease_ms = 120_000;
@@ -1813,8 +1761,7 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
         start_node(&config, &store, &dispatcher.0).await,
         start_node(&config, &store, &dispatcher.0).await,
     ];
-    let mut admin = RoomAdminServiceClient::new(rooms.channel());
-    let room = start_room(&mut admin).await;
+    let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut viewers = Vec::new();
     for (server, _) in &nodes {
         let mut client = SubscribeServiceClient::new(server.channel());

@@ -14,18 +14,16 @@
 use std::time::Duration;
 
 use livemesh_fanout::{FanoutSettings, FanoutStore};
-use livemesh_mesh::{Config, MeshChannel};
-use livemesh_ongoing_query::OngoingQuery;
-use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
+use livemesh_mesh::MeshChannel;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, DeliverRequest, EndRoomRequest, GiftSent, LoveTotal, RoomEnded, RoomEvent,
-    StreamPosition, SubscribeRequest, ViewerCount, room_event, subscribe_response,
+    DeliverRequest, LoveTotal, RoomEvent, StreamPosition, SubscribeRequest, room_event,
+    subscribe_response,
 };
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_testkit::TestServer;
-use livemesh_testkit::props::{self, amount, id, id_from, key, text, timestamp};
+use livemesh_testkit::props::{self, id, id_from, timestamp};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tonic::Code;
@@ -47,14 +45,9 @@ struct Mesh {
 }
 
 async fn mesh() -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    let rooms = TestServer::start(OngoingQuery::from_config(&config).await.unwrap()).await;
-    config.subscribe.ongoing_query_url = format!("http://{}", rooms.addr);
-    config.publish.ongoing_query_url = format!("http://{}", rooms.addr);
+    let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
+    config.subscribe.ongoing_query_url = rooms.url();
+    config.publish.ongoing_query_url = rooms.url();
     config.subscribe.report_interval_ms = 100;
     config.subscribe.lease_ms = 1_000;
     config.subscribe.gap_wait_ms = 5;
@@ -62,7 +55,7 @@ async fn mesh() -> Mesh {
     let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
     let dispatcher =
         TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;
-    config.subscribe.publish_url = format!("http://{}", dispatcher.addr);
+    config.subscribe.publish_url = dispatcher.url();
     let mut node = None;
     let node_server = TestServer::start_with(|addr| {
         let mut config = config.clone();
@@ -76,12 +69,7 @@ async fn mesh() -> Mesh {
     for _ in 0..3 {
         started.push(livemesh_testkit::start_room(rooms.channel(), 7).await);
     }
-    RoomAdminServiceClient::new(rooms.channel())
-        .end_room(EndRoomRequest {
-            room_id: started[2],
-        })
-        .await
-        .unwrap();
+    livemesh_testkit::end_room(rooms.channel(), started[2]).await;
     let watched = started[0];
     let epoch = keep_watching(node_server.channel(), watched).await;
     Mesh {
@@ -127,22 +115,6 @@ async fn keep_watching(channel: MeshChannel, room: u64) -> u64 {
         .await
         .expect("the viewer's stream started")
         .expect("the viewer's stream started")
-}
-
-fn kind() -> BoxedStrategy<Option<room_event::Kind>> {
-    prop_oneof![
-        1 => Just(None),
-        2 => any::<u64>().prop_map(|total| Some(room_event::Kind::LoveTotal(LoveTotal { total }))),
-        4 => (id(), text()).prop_map(|(viewer_id, text)| {
-            Some(room_event::Kind::Comment(Comment { viewer_id, text }))
-        }),
-        1 => (id(), id(), amount(), key()).prop_map(|(viewer_id, gift_id, amount, transfer_id)| {
-            Some(room_event::Kind::Gift(GiftSent { viewer_id, gift_id, amount, transfer_id }))
-        }),
-        1 => any::<u64>().prop_map(|count| Some(room_event::Kind::ViewerCount(ViewerCount { count }))),
-        1 => timestamp().prop_map(|ended_at| Some(room_event::Kind::RoomEnded(RoomEnded { ended_at }))),
-    ]
-    .boxed()
 }
 
 fn epoch(real: u64) -> impl Strategy<Value = u64> + Clone {
@@ -195,7 +167,7 @@ fn call(rooms: Vec<u64>, real_epoch: u64) -> impl Strategy<Value = Call> {
             epoch(real_epoch),
             offset(),
             timestamp(),
-            kind(),
+            props::room_event_kind([1, 2, 4, 1, 1, 1]),
         )
             .prop_map(|(room_id, epoch, offset, server_time, kind)| RoomEvent {
                 room_id,

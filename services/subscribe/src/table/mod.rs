@@ -28,10 +28,10 @@ use std::time::Duration;
 
 use livemesh_fanout::{FanoutStore, Head, StoreError};
 use livemesh_mesh::MeshChannel;
-use livemesh_mesh::rooms::RoomDirectory;
 use livemesh_proto::encoded::{Latest, Ordered};
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::{RoomEvent, room_event};
+use livemesh_rooms::RoomDirectory;
 
 use self::metrics::NodeMetrics;
 use crate::error::JoinError;

@@ -30,18 +30,22 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
-use futures::future::BoxFuture;
-use http::{Request, Response};
 use opentelemetry::KeyValue;
 use seatbelt::breaker::{AbandonedPolicy, BreakerFuture, HalfOpenMode};
 use seatbelt::{RecoveryInfo, ResilienceContext};
 use tokio::sync::oneshot;
-use tonic::body::Body;
 use tower::Service;
 
-use crate::BoxError;
 use crate::config::ClientConfig;
-use crate::resilience::{StoreFailure, code_counts_as_failure, grpc_timeout, header_code};
+
+mod failure;
+mod peer;
+mod store;
+
+pub(crate) use failure::grpc_timeout;
+pub use failure::{StoreFailure, code_counts_as_failure, header_code};
+pub use peer::{PeerGuard, PeerGuardLayer};
+pub use store::{BreakerOpen, CallBreaker, Guarded};
 
 /// A breaker's state, as tests and metrics see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -451,189 +455,4 @@ impl Permit {
 #[error("circuit to {peer} is open after repeated failures; failing fast, retry later")]
 pub struct CircuitOpen {
     pub peer: String,
-}
-
-/// A gRPC peer's breaker and the per-call time bound, as one tower layer of
-/// the client stack ([`crate::client`]).
-///
-/// The bound is the configured timeout or the caller's shorter gRPC
-/// deadline (`grpc-timeout`, set by `tonic::Request::set_timeout`), until
-/// the response headers arrive; an expired call fails with
-/// DEADLINE_EXCEEDED naming the peer, and counts against the breaker. So do
-/// transport errors and the failure codes of [`code_counts_as_failure`]
-/// in the response headers; an open breaker answers UNAVAILABLE at once.
-#[derive(Clone)]
-pub struct PeerGuardLayer {
-    circuit: Circuit,
-    limit: Duration,
-    peer: Arc<str>,
-}
-
-impl PeerGuardLayer {
-    /// The layer for `peer`, with `timeout` per call, and the view of its breaker.
-    pub fn new(
-        settings: &BreakerSettings,
-        peer: &str,
-        timeout: Duration,
-    ) -> Result<(Self, Breaker), InvalidBreaker> {
-        let circuit = settings.circuit(peer, "grpc")?;
-        let breaker = circuit.view.clone();
-        Ok((
-            Self {
-                circuit,
-                limit: timeout,
-                peer: peer.into(),
-            },
-            breaker,
-        ))
-    }
-}
-
-impl<S> tower::Layer<S> for PeerGuardLayer {
-    type Service = PeerGuard<S>;
-
-    fn layer(&self, inner: S) -> PeerGuard<S> {
-        PeerGuard {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// See [`PeerGuardLayer`].
-#[derive(Clone)]
-pub struct PeerGuard<S> {
-    inner: S,
-    layer: PeerGuardLayer,
-}
-
-impl<S, B> Service<Request<B>> for PeerGuard<S>
-where
-    S: Service<Request<B>, Response = Response<Body>>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let Some(permit) = self.layer.circuit.admit() else {
-            let open = CircuitOpen {
-                peer: self.layer.peer.to_string(),
-            };
-            return Box::pin(std::future::ready(Err(
-                Box::new(tonic::Status::unavailable(open.to_string())) as BoxError,
-            )));
-        };
-        let limit =
-            grpc_timeout(request.headers()).map_or(self.layer.limit, |t| t.min(self.layer.limit));
-        let call = self.inner.call(request);
-        let peer = self.layer.peer.clone();
-        Box::pin(async move {
-            let result = match tokio::time::timeout(limit, call).await {
-                Ok(result) => result.map_err(Into::into),
-                Err(_) => Err(Box::new(tonic::Status::deadline_exceeded(format!(
-                    "{peer} did not answer within {} ms",
-                    limit.as_millis()
-                ))) as BoxError),
-            };
-            let failed = match &result {
-                Ok(response) => header_code(response.headers()).is_some_and(code_counts_as_failure),
-                // Transport errors and timeouts.
-                Err(_) => true,
-            };
-            permit.finish(if failed {
-                Outcome::Failed
-            } else {
-                Outcome::Answered
-            });
-            result
-        })
-    }
-}
-
-/// The breaker around any async operation (a Redis command, a SQL
-/// transaction), for clients that are not tower services. The operation
-/// runs in the caller's future; the breaker times it (slow calls) and
-/// records its outcome as the operation's [`StoreFailure`] says.
-#[derive(Clone)]
-pub struct CallBreaker {
-    circuit: Circuit,
-    what: Arc<str>,
-    open_ms: u128,
-}
-
-impl std::fmt::Debug for CallBreaker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CallBreaker")
-            .field("breaker", &self.circuit.view)
-            .finish()
-    }
-}
-
-/// A [`CallBreaker`] refused the operation, or it failed.
-#[derive(Debug)]
-pub enum Guarded<E> {
-    /// Not attempted: the breaker is open.
-    Open(BreakerOpen),
-    /// Attempted, and failed with the operation's own error.
-    Failed(E),
-}
-
-/// A [`CallBreaker`]'s refusal.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "{what} at {peer} is failing: its circuit breaker is open, so calls fail fast for up to {open_ms} ms"
-)]
-pub struct BreakerOpen {
-    pub what: String,
-    pub peer: String,
-    pub open_ms: u128,
-}
-
-impl CallBreaker {
-    /// A breaker for `what` ("Redis", "SQL") at `peer` (its address,
-    /// passwords masked).
-    pub fn new(
-        settings: &BreakerSettings,
-        what: &str,
-        peer: &str,
-        kind: &'static str,
-    ) -> Result<Self, InvalidBreaker> {
-        Ok(Self {
-            circuit: settings.circuit(peer, kind)?,
-            what: what.into(),
-            open_ms: settings.open.as_millis(),
-        })
-    }
-
-    pub fn breaker(&self) -> &Breaker {
-        &self.circuit.view
-    }
-
-    /// Runs `op` if the breaker admits it, and records its outcome.
-    pub async fn run<T, E, F>(&self, op: F) -> Result<T, Guarded<E>>
-    where
-        F: Future<Output = Result<T, E>>,
-        E: StoreFailure,
-    {
-        let Some(permit) = self.circuit.admit() else {
-            return Err(Guarded::Open(BreakerOpen {
-                what: self.what.to_string(),
-                peer: self.circuit.view.peer().to_owned(),
-                open_ms: self.open_ms,
-            }));
-        };
-        let result = op.await;
-        permit.finish(match &result {
-            Err(err) if err.counts_as_failure() => Outcome::Failed,
-            _ => Outcome::Answered,
-        });
-        result.map_err(Guarded::Failed)
-    }
 }

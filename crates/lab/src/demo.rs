@@ -2,13 +2,14 @@
 //! gRPC clients by a short scripted broadcast. Every step checks what it
 //! got, so the demo fails loudly when the mesh misbehaves.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use livemesh_mesh::config::{SubscribeConfig, TelemetryConfig};
-use livemesh_mesh::server::LocalServer;
+use livemesh_mesh::server::{LocalServer, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel};
 use livemesh_proto::time::ms_from_timestamp;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
@@ -32,8 +33,6 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::Mesh;
-
 /// How often the demo's subscribe node reports viewer counts.
 const REPORT_INTERVAL_MS: u64 = 250;
 
@@ -45,8 +44,16 @@ const VIEWER_WAIT: Duration = Duration::from_secs(3);
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 const SETTLE_POLL: Duration = Duration::from_millis(20);
 
-/// Runs the demo; SQLite files go to `data_dir`, or a temporary directory.
-pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the demo against the services `mesh` builds (the all-in-one mesh
+/// of the product); SQLite files go to `data_dir`, or a temporary directory.
+pub async fn run<S, F>(
+    data_dir: Option<PathBuf>,
+    mesh: impl FnOnce(Config) -> F,
+) -> anyhow::Result<()>
+where
+    S: ServiceSet + Send + 'static,
+    F: Future<Output = anyhow::Result<S>>,
+{
     let _telemetry = livemesh_mesh::telemetry::init(
         &TelemetryConfig {
             log: "warn".into(),
@@ -70,11 +77,10 @@ pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         ..Config::default()
     };
     let server = LocalServer::bind_then(config.listen, |addr| {
-        let config = Config {
+        mesh(Config {
             listen: addr,
             ..config.clone()
-        };
-        async move { Mesh::from_config(&config).await }
+        })
     })
     .await?;
     println!(

@@ -2,7 +2,8 @@
 //! mesh's client stack) and kept for a moment, and told of ends by the
 //! Watch stream at once.
 
-use crate::lock;
+use livemesh_mesh::backoff::Backoff;
+use livemesh_mesh::lock;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 
-use crate::MeshChannel;
+use livemesh_mesh::MeshChannel;
 use livemesh_proto::time::ms_from_timestamp;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::{GetRoomRequest, Room, RoomStatus};
@@ -49,6 +50,25 @@ pub enum LookupError {
     NotFound(u64),
     #[error("ongoing-query did not answer: {0}")]
     Unavailable(String),
+}
+
+/// The one mapping of a failed lookup to the caller's status: an unknown
+/// room is `NOT_FOUND` (the caller named a room that was never started); an
+/// unreachable ongoing-query is `UNAVAILABLE` (logged here, with its cause;
+/// the caller is told to retry).
+impl From<LookupError> for tonic::Status {
+    fn from(err: LookupError) -> Self {
+        match &err {
+            LookupError::NotFound(_) => tonic::Status::not_found(err.to_string()),
+            LookupError::Unavailable(cause) => {
+                tracing::warn!(%cause, "room lookup failed");
+                tonic::Status::unavailable(
+                    "rooms cannot be looked up right now (ongoing-query did not answer); \
+                     retry shortly, with the same idempotency_key where the call has one",
+                )
+            }
+        }
+    }
 }
 
 type Lookup = Shared<BoxFuture<'static, Result<RoomInfo, LookupError>>>;
@@ -180,19 +200,22 @@ pub async fn follow_changes(
     mut on_change: impl FnMut(&livemesh_proto::v1::RoomChange),
 ) {
     let mut from = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(
+        "watching room changes",
+        Duration::from_millis(100),
+        Duration::from_secs(10),
+    );
     loop {
         let request = livemesh_proto::v1::WatchRequest { from: from.clone() };
         let mut stream = match client.clone().watch(request).await {
             Ok(stream) => stream.into_inner(),
             Err(status) => {
                 tracing::debug!(%status, "watching room changes failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff.wait().await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        backoff.reset();
         while let Ok(Some(message)) = stream.message().await {
             if let Some(change) = message.change {
                 // The follower's work on the change (spawned tasks too, when
@@ -206,7 +229,7 @@ pub async fn follow_changes(
                         room_id = change.room.as_ref().map_or(0, |r| r.room_id),
                         kind = ?change.kind(),
                     );
-                    crate::rpc_telemetry::Traceparent::adopt(&change.traceparent, &span);
+                    livemesh_mesh::rpc_telemetry::Traceparent::adopt(&change.traceparent, &span);
                     span.in_scope(|| on_change(&change));
                 }
                 from = change.position;

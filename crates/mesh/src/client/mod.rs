@@ -1,6 +1,6 @@
 //! The one client stack. Every inter-service client (and the demo's and the
 //! tests' clients) is built here, so timeouts, circuit breakers and retry
-//! budgets (see [`crate::resilience`]) apply to every hop from one place.
+//! budgets (see [`crate::breaker`], [`retry`]) apply to every hop from one place.
 
 use std::time::Duration;
 
@@ -12,8 +12,11 @@ use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt as _};
 
 use crate::BoxError;
+use crate::breaker::{Breaker, BreakerSettings, InvalidBreaker, PeerGuardLayer};
 use crate::config::ClientConfig;
-use crate::resilience::{Breaker, BreakerSettings, InvalidBreaker, PeerGuardLayer, RetryPolicy};
+
+mod retry;
+pub use retry::{RetryPolicy, never_reached_peer};
 
 /// A channel to one peer, wrapped in the mesh's middleware. Generated
 /// clients take it as their transport: `CounterServiceClient::new(channel)`.

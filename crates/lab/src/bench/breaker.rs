@@ -66,7 +66,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
 use livemesh_fanout::{FanoutSettings, FanoutStore};
-use livemesh_mesh::resilience::BreakerState;
+use livemesh_mesh::breaker::BreakerState;
 use livemesh_mesh::server::LocalServer;
 use livemesh_mesh::{ClientStack, Config, MeshChannel};
 use livemesh_ongoing_query::OngoingQuery;

@@ -48,7 +48,7 @@ use tonic::body::Body;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
-use crate::coalesce::Coalesce;
+use super::coalesce::Coalesce;
 use crate::config::ServerConfig;
 use crate::shutdown::ShutdownSignal;
 

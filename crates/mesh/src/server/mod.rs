@@ -14,6 +14,12 @@ use tonic::service::RoutesBuilder;
 use tonic_health::ServingStatus;
 use tower::Service;
 
+mod coalesce;
+mod conn;
+mod shed;
+pub use conn::ConnInfo;
+pub use shed::ShedLayer;
+
 /// A service crate's way of adding itself to a server, so the same code
 /// serves it alone (`main.rs`) or inside the all-in-one `livemesh` binary.
 pub trait ServiceSet {
@@ -166,10 +172,10 @@ impl ServerBuilder {
             });
         }
         // One set of connection limits per listener (see `conn`).
-        let connections = crate::conn::Connections::new((&self.limits).into());
+        let connections = conn::Connections::new((&self.limits).into());
         if let Some(listener) = self.health_listener {
             let health_only = health_service.clone();
-            let probes = crate::conn::Connections::new((&self.limits).into());
+            let probes = conn::Connections::new((&self.limits).into());
             let limits = self.limits.clone();
             background.spawn(async move {
                 let incoming = probes.incoming(listener);
@@ -241,9 +247,9 @@ impl ServerBuilder {
         // Connections within `[server]`'s limits, Nagle off, writes
         // coalesced (see `conn` and `coalesce`).
         let incoming = connections.incoming(listener);
-        // Load shedding (see `resilience::ShedLayer`): past the limit a call
+        // Load shedding (see `shed::ShedLayer`): past the limit a call
         // gets UNAVAILABLE at once; streams hold a permit only until they start.
-        let shed = crate::resilience::ShedLayer::new(self.limits.max_concurrent_requests as usize);
+        let shed = ShedLayer::new(self.limits.max_concurrent_requests as usize);
         let mut server = transport(&self.limits);
         // auth: TLS (mutual with a CA) when certificates are configured.
         if let Some(tls) = security.server_tls() {
