@@ -234,12 +234,7 @@ impl NodeInner {
         state.removed = true;
         let joined = room.joined.initialized();
         drop(state);
-        if table
-            .get(&room.id)
-            .is_some_and(|held| Arc::ptr_eq(held, room))
-        {
-            table.remove(&room.id);
-        }
+        take_off(&mut table, room);
         drop(table);
         if joined {
             let node = self.clone();
@@ -333,12 +328,7 @@ impl NodeInner {
         }
         state.removed = true;
         drop(state);
-        if table
-            .get(&room.id)
-            .is_some_and(|held| Arc::ptr_eq(held, room))
-        {
-            table.remove(&room.id);
-        }
+        take_off(&mut table, room);
         drop(table);
         let node = self.clone();
         let room_id = room.id;
@@ -358,6 +348,17 @@ impl NodeInner {
             .iter()
             .map(|room| self.store.leave(room.id, &self.settings.node_id));
         futures::future::join_all(leaves).await;
+    }
+}
+
+/// Takes `room` off the table, unless the table holds another room of the
+/// same id by now (a new join after this one was emptied).
+fn take_off(table: &mut HashMap<u64, Arc<Room>>, room: &Arc<Room>) {
+    if table
+        .get(&room.id)
+        .is_some_and(|held| Arc::ptr_eq(held, room))
+    {
+        table.remove(&room.id);
     }
 }
 
