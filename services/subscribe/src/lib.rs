@@ -20,6 +20,7 @@ mod grpc;
 mod room;
 mod sequencer;
 mod stream;
+mod subscription;
 mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
