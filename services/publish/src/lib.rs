@@ -32,7 +32,7 @@ use livemesh_proto::v1::publish_service_server::PublishServiceServer;
 use livemesh_rooms::RoomDirectory;
 
 use crate::dispatch::DispatcherSettings;
-// `crates/livemesh/src/bench/breaker.rs` names the dispatcher's state until
+// `crates/lab/src/bench/breaker.rs` names the dispatcher's state until
 // it uses `Dispatcher::stats` and `Dispatcher::node_breaker` (`testing`).
 #[cfg(not(feature = "testing"))]
 use crate::dispatch::DispatcherInner;

@@ -21,7 +21,7 @@ impl Dispatcher {
         self.inner.node_breaker(node)
     }
 
-    /// The dispatcher's state. Only `crates/livemesh/src/bench/breaker.rs`
+    /// The dispatcher's state. Only `crates/lab/src/bench/breaker.rs`
     /// uses it, until it calls [`Self::stats`] and [`Self::node_breaker`].
     #[doc(hidden)]
     pub fn inner(&self) -> &Arc<DispatcherInner> {
