@@ -37,12 +37,9 @@ impl AnalyticsLog {
         }
     }
 
+    #[cfg(test)]
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
     }
 }
 

@@ -10,10 +10,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use livemesh_mesh::backoff::Backoff;
 use livemesh_proto::v1::RoomChangeKind;
 
-use crate::Inner;
-use crate::sql::FinalLoves;
+use crate::inner::Inner;
+use crate::store::sql::FinalLoves;
 use livemesh_rooms::RoomInfo;
 use tracing::Instrument as _;
 
@@ -70,7 +71,12 @@ pub fn end_room(inner: &Arc<Inner>, room_id: u64) {
     let inner = inner.clone();
     tokio::spawn(async move {
         tokio::time::sleep(inner.end_grace).await;
-        let mut backoff = Duration::from_millis(100);
+        // Until it is done: 100 ms doubling up to 30 s, never given up.
+        let mut backoff = Backoff::new(
+            format!("finalising room {room_id}'s loves"),
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+        );
         loop {
             match finalize(&inner, room_id).await {
                 Ok(written) => {
@@ -84,8 +90,7 @@ pub fn end_room(inner: &Arc<Inner>, room_id: u64) {
                 }
                 Err(err) => {
                     tracing::warn!(room_id, %err, "finalising the room's loves failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff.wait().await;
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! The gRPC face of the counter, and the one mapping of its errors to statuses.
+//! The gRPC face of the counter: the `CounterService` handlers (errors
+//! become statuses in [`crate::error`]).
 
 use std::sync::Arc;
 
@@ -10,53 +11,16 @@ use livemesh_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::Inner;
 use crate::analytics::LoveLine;
-use crate::core::{BatchFate, SendError, Taken};
-use crate::hot::HotError;
-use crate::sql::FinalLoves;
+use crate::core::{BatchFate, Taken};
+use crate::error::CounterError;
+use crate::inner::Inner;
+use crate::store::sql::FinalLoves;
 use crate::validate::Reason;
-use livemesh_rooms::{LookupError, RoomInfo};
+use livemesh_rooms::RoomInfo;
 
 const DEFAULT_TOP: u32 = 10;
 const MAX_TOP: u32 = 100;
-
-/// What went wrong with a counter request.
-#[derive(Debug, thiserror::Error)]
-pub enum CounterError {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error(transparent)]
-    Lookup(#[from] LookupError),
-    #[error("room {0} has ended; loves are no longer counted")]
-    RoomEnded(u64),
-    #[error(transparent)]
-    Backlogged(#[from] SendError),
-    #[error(transparent)]
-    Hot(#[from] HotError),
-    #[error("the room's final loves cannot be read right now; retry later")]
-    Final,
-}
-
-impl From<CounterError> for Status {
-    fn from(err: CounterError) -> Self {
-        match &err {
-            CounterError::InvalidArgument(_) => Status::invalid_argument(err.to_string()),
-            CounterError::Lookup(LookupError::NotFound(_)) => Status::not_found(err.to_string()),
-            CounterError::RoomEnded(_) => Status::failed_precondition(err.to_string()),
-            CounterError::Lookup(LookupError::Unavailable(cause)) => {
-                tracing::warn!(%cause, "room lookup failed");
-                Status::unavailable("rooms cannot be looked up right now; retry later")
-            }
-            CounterError::Backlogged(_) => Status::unavailable(err.to_string()),
-            CounterError::Final => Status::unavailable(err.to_string()),
-            CounterError::Hot(cause) => {
-                tracing::warn!(%cause, "hot store call failed");
-                Status::unavailable("love totals cannot be read right now; retry later")
-            }
-        }
-    }
-}
 
 /// `CounterService` over the shared state.
 #[derive(Debug, Clone)]
@@ -195,10 +159,13 @@ impl CounterApi {
         if !room.ended {
             return Ok(None);
         }
-        self.inner.final_loves(room.room_id).await.map_err(|e| {
-            tracing::warn!(room_id = room.room_id, %e, "reading a final total failed");
-            CounterError::Final
-        })
+        self.inner
+            .final_loves(room.room_id)
+            .await
+            .map_err(|cause| CounterError::Final {
+                room_id: room.room_id,
+                cause,
+            })
     }
 }
 

@@ -10,7 +10,9 @@ use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use ::redis::AsyncCommands as _;
-use livemesh_counter::hot::{Applied, BatchMark, HotConfig, HotError, HotStore, RoomFlush, keys};
+use livemesh_counter::testing::hot::{
+    Applied, BatchMark, HotConfig, HotError, HotStore, RoomFlush, keys,
+};
 use livemesh_testkit::HotBackend;
 
 /// A direct connection to the backend's Redis, to look at the keys.

@@ -8,8 +8,7 @@
 use std::time::Duration;
 
 use livemesh_counter::Counter;
-use livemesh_counter::core::{BatchFate, Taken};
-use livemesh_counter::sql::LovesDb;
+use livemesh_counter::testing::{BatchFate, LovesDb, Taken};
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::{
@@ -115,7 +114,7 @@ impl Mesh {
         self._counter_server = replica._server;
     }
 
-    async fn final_in_sql(&self, room: u64) -> livemesh_counter::sql::FinalLoves {
+    async fn final_in_sql(&self, room: u64) -> livemesh_counter::testing::FinalLoves {
         let db = LovesDb::open(&self.db_url).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -206,8 +205,6 @@ impl Mesh {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut head = self
             .counter
-            .inner()
-            .core
             .stats()
             .flushes
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -232,8 +229,6 @@ impl Mesh {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 let now = self
                     .counter
-                    .inner()
-                    .core
                     .stats()
                     .flushes
                     .load(std::sync::atomic::Ordering::Relaxed);
@@ -250,7 +245,7 @@ impl Mesh {
     /// Waits until the hot store has every accepted love.
     async fn flushed(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.counter.inner().core.waiting() > 0 {
+        while self.counter.waiting() > 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "loves still waiting after 10 s"
@@ -415,14 +410,12 @@ async fn room_end_writes_sql_once_and_deletes_the_keys(hot: HotBackend) {
     };
     assert_eq!(fin.total, 16);
     assert_eq!(fin.top_lovers, vec![(2, 9), (1, 5), (3, 2)]);
-    let store = m.counter.inner().core.store();
+    let store = m.counter.hot_store();
     assert_eq!(store.total(room).await.unwrap(), 0, "hot keys deleted");
     assert!(store.top(room, 10).await.unwrap().is_empty());
 
     // Running the end again writes nothing new.
-    let again = livemesh_counter::ends::finalize(m.counter.inner(), room)
-        .await
-        .unwrap();
+    let again = m.counter.finalize(room).await.unwrap();
     assert!(!again);
     assert_eq!(db.get(room).await.unwrap().unwrap().total, 16);
 }
@@ -437,7 +430,7 @@ async fn an_ended_room_keeps_its_numbers_also_after_a_restart(hot: HotBackend) {
     m.final_in_sql(room).await;
     // The hot keys are gone once the row is written; wait for that too.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while m.counter.inner().core.store().total(room).await.unwrap() != 0 {
+    while m.counter.hot_store().total(room).await.unwrap() != 0 {
         assert!(tokio::time::Instant::now() < deadline, "hot keys stay");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -498,7 +491,7 @@ async fn a_retry_on_another_replica_counts_once(hot: HotBackend) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(other.counter.inner().core.waiting(), 0);
+    assert_eq!(other.counter.waiting(), 0);
 }
 
 async fn one_replica_finalises_and_both_replicas_loves_count(hot: HotBackend) {
@@ -512,7 +505,7 @@ async fn one_replica_finalises_and_both_replicas_loves_count(hot: HotBackend) {
     assert_eq!((fin.total, fin.top_lovers), (10, vec![(2, 6), (1, 4)]));
     // Both replicas counted for the room and saw it end: wait until both
     // are done with it, then exactly one of them finalised it.
-    let replicas = [m.counter.inner().clone(), other.counter.inner().clone()];
+    let replicas = [m.counter.clone(), other.counter.clone()];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while replicas.iter().any(|r| r.is_ending(room)) {
         assert!(
@@ -521,10 +514,7 @@ async fn one_replica_finalises_and_both_replicas_loves_count(hot: HotBackend) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let finalisers: u64 = replicas
-        .iter()
-        .map(|r| r.finalised_here.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
+    let finalisers: u64 = replicas.iter().map(|r| r.finalised_here()).sum();
     assert_eq!(finalisers, 1);
     assert_eq!(
         read_loves_and_top(&mut other.loves, room, 10).await,
@@ -541,11 +531,10 @@ async fn late_loves_after_the_end_count_into_the_final_total(hot: HotBackend) {
     // A replica whose flush was held back (its store was unreachable) takes
     // the loves in after the room was closed: the store refuses them, and
     // they go to the final total in SQL, once.
-    let inner = m.counter.inner().clone();
+    let counter = m.counter.clone();
     let now = livemesh_mesh::now_ms();
-    let taken = inner
-        .core
-        .send(room, 2, "late", &human_taps(0, 3), 60_000, now)
+    let taken = counter
+        .take_batch(room, 2, "late", &human_taps(0, 3), 60_000, now)
         .unwrap();
     let Taken::New {
         fate: Some(fate), ..
@@ -553,28 +542,22 @@ async fn late_loves_after_the_end_count_into_the_final_total(hot: HotBackend) {
     else {
         panic!("{taken:?}");
     };
-    inner.flush_once().await;
+    counter.flush_once().await;
     assert_eq!(fate.await.unwrap(), BatchFate::Counted);
-    assert_eq!(inner.core.waiting(), 0);
-    assert_eq!(
-        inner
-            .late_batches
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(counter.waiting(), 0);
+    assert_eq!(counter.late_batches(), 1);
     assert_eq!(m.loves_and_top(room, 10).await, (8, vec![(1, 5), (2, 3)]));
     if matches!(hot, HotBackend::Memory) {
         return; // one process: no other replica shares its store
     }
     // The same late batch again (another replica's retry) adds nothing.
     let restarted = m.replica().await;
-    let inner = restarted.counter.inner().clone();
-    inner
-        .core
-        .send(room, 2, "late", &human_taps(0, 3), 60_000, now)
+    let counter = restarted.counter.clone();
+    counter
+        .take_batch(room, 2, "late", &human_taps(0, 3), 60_000, now)
         .unwrap();
-    inner.flush_once().await;
-    assert_eq!(inner.core.waiting(), 0);
+    counter.flush_once().await;
+    assert_eq!(counter.waiting(), 0);
     assert_eq!(m.loves_and_top(room, 10).await, (8, vec![(1, 5), (2, 3)]));
 }
 

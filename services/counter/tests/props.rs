@@ -86,7 +86,7 @@ fn the_counter_answers_any_request_precisely_and_counts_each_accepted_love_once(
         livemesh_testkit::end_room(rooms.channel(), ended).await;
         (dir, rooms, server, counter, vec![ongoing, ended])
     });
-    let store = counter.inner().core.store().clone();
+    let store = counter.hot_store().clone();
     props::run(&rt, CASES, call(started.clone()), |call| {
         let (server, store, started) = (&server, &store, &started);
         async move {
@@ -153,14 +153,14 @@ fn the_counter_answers_any_request_precisely_and_counts_each_accepted_love_once(
     // ongoing room (the ended one takes none).
     rt.block_on(async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while counter.inner().core.waiting() > 0 {
+        while counter.waiting() > 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "loves still waiting after 10 s"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let accepted = counter.inner().core.stats().accepted.load(Ordering::SeqCst);
+        let accepted = counter.stats().accepted.load(Ordering::SeqCst);
         assert_eq!(store.total(started[0]).await.unwrap(), accepted);
     });
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use livemesh_counter::Counter;
-use livemesh_counter::sql::LovesDb;
+use livemesh_counter::testing::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_proto::v1::SendLovesRequest;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
@@ -69,7 +69,7 @@ impl Setup {
     /// Waits until nothing waits for Redis any more.
     async fn drained(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while self.counter.inner().core.waiting() > 0 {
+        while self.counter.waiting() > 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "writes still waiting after 20 s"
@@ -157,14 +157,7 @@ async fn an_acknowledged_love_survives_a_failover_to_a_replica() {
     // The replica stops replicating: the next batch is applied on the
     // master, but never confirmed, so it stays in the buffer.
     let _: () = command(&replica, ::redis::cmd("REPLICAOF").arg("NO").arg("ONE")).await;
-    let failures = |s: &Setup| {
-        s.counter
-            .inner()
-            .core
-            .stats()
-            .flush_failures
-            .load(Ordering::Relaxed)
-    };
+    let failures = |s: &Setup| s.counter.stats().flush_failures.load(Ordering::Relaxed);
     let before = failures(&s);
     assert_eq!(
         s.send(2, 2, 4).await.unwrap(),
@@ -179,7 +172,7 @@ async fn an_acknowledged_love_survives_a_failover_to_a_replica() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(s.counter.inner().core.waiting(), 4, "kept until replicated");
+    assert_eq!(s.counter.waiting(), 4, "kept until replicated");
     assert_eq!(total_on(&master, s.room).await, 9, "applied on the master");
     assert_eq!(total_on(&replica, s.room).await, 5, "not on the replica");
 
@@ -191,10 +184,7 @@ async fn an_acknowledged_love_survives_a_failover_to_a_replica() {
     s.drained().await;
     assert_eq!(total_on(&master, s.room).await, 9, "the kept flush, once");
     assert_eq!(total_on(&replica, s.room).await, 9);
-    assert_eq!(
-        s.counter.inner().core.store().total(s.room).await.unwrap(),
-        9
-    );
+    assert_eq!(s.counter.hot_store().total(s.room).await.unwrap(), 9);
 }
 
 #[tokio::test]
@@ -214,21 +204,10 @@ async fn redis_killed_and_restarted_loses_no_love_and_counts_none_twice() {
             .await
             .expect("accepted while Redis is down");
     }
-    assert!(
-        s.counter.inner().core.waiting() > 0,
-        "held while Redis is down"
-    );
+    assert!(s.counter.waiting() > 0, "held while Redis is down");
     // Some flushes fail while Redis is gone.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while s
-        .counter
-        .inner()
-        .core
-        .stats()
-        .flush_failures
-        .load(Ordering::Relaxed)
-        == 0
-    {
+    while s.counter.stats().flush_failures.load(Ordering::Relaxed) == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no failed flush noticed"
@@ -242,7 +221,7 @@ async fn redis_killed_and_restarted_loses_no_love_and_counts_none_twice() {
     }
     s.drained().await;
     assert_eq!(accepted, 300);
-    let store = s.counter.inner().core.store();
+    let store = s.counter.hot_store();
     assert_eq!(
         store.total(s.room).await.unwrap(),
         300,
@@ -271,10 +250,7 @@ async fn past_the_bound_the_counter_answers_unavailable() {
 
     redis.restart().await;
     s.drained().await;
-    assert_eq!(
-        s.counter.inner().core.store().total(s.room).await.unwrap(),
-        30
-    );
+    assert_eq!(s.counter.hot_store().total(s.room).await.unwrap(), 30);
     // The UNAVAILABLE answers (and their retries) may have opened this
     // client's circuit breaker to the counter: as told, it retries later.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -375,7 +351,7 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     config.counter.max_pending_loves = 250;
     let counter = Counter::from_config(&config).await.unwrap();
     let server = TestServer::start(counter.clone()).await;
-    let stats = || counter.inner().core.stats();
+    let stats = || counter.stats();
 
     let ok_batches = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -418,13 +394,13 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
         .await;
         println!(
             "outage {outage}: {} loves held, {} batches answered while down",
-            counter.inner().core.waiting(),
+            counter.waiting(),
             batches() - down
         );
         redis.restart().await;
         let flushes = stats().flushes.load(Ordering::Relaxed);
         until("the held loves replayed to Redis", WAIT, || {
-            stats().flushes.load(Ordering::Relaxed) > flushes && counter.inner().core.waiting() < 50
+            stats().flushes.load(Ordering::Relaxed) > flushes && counter.waiting() < 50
         })
         .await;
     }
@@ -456,10 +432,10 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     // Once the counter holds nothing more, the restarted Redis has every
     // accepted love once, per viewer.
     until("every held love written to Redis", WAIT, || {
-        counter.inner().core.waiting() == 0
+        counter.waiting() == 0
     })
     .await;
-    let store = counter.inner().core.store();
+    let store = counter.hot_store();
     assert_eq!(
         store.total(room).await.unwrap(),
         accepted,
@@ -502,5 +478,5 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     let mut stored = fin.top_lovers.clone();
     stored.sort_unstable();
     assert_eq!(stored, ranking, "each viewer's accepted loves, once");
-    assert_eq!(counter.inner().core.waiting(), 0);
+    assert_eq!(counter.waiting(), 0);
 }

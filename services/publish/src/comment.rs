@@ -13,27 +13,7 @@
 
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
 
-/// Why a comment's text was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TextError {
-    #[error(
-        "comment.text is empty once whitespace, control and invisible characters are removed; \
-         send visible text"
-    )]
-    Blank,
-    #[error("comment.text has {chars} characters; at most {max} are allowed")]
-    TooLong { chars: usize, max: usize },
-    #[error(
-        "comment.text holds the bidirectional control character U+{code:04X} at character \
-         {at}; remove embeddings, overrides and isolates (U+202A..U+202E, U+2066..U+2069)"
-    )]
-    Bidi { code: u32, at: usize },
-    #[error(
-        "comment.text holds the control character U+{code:04X} at character {at}; only tab \
-         and line breaks are allowed"
-    )]
-    Control { code: u32, at: usize },
-}
+use crate::error::TextError;
 
 /// Checks a comment's text (see the module doc).
 pub fn check(text: &str, max_chars: usize) -> Result<(), TextError> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use livemesh_fanout::{Append, Appended, FanoutStore, ROOM_ENDED_KEY, Slot};
+use livemesh_mesh::backoff::Backoff;
 use livemesh_mesh::breaker::{Breaker, BreakerState};
 use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::time::timestamp_from_ms;
@@ -20,6 +21,8 @@ use livemesh_proto::v1::{
 use livemesh_rooms::{LookupError, RoomDirectory};
 use prost::Message as _;
 use tracing::Instrument as _;
+
+use crate::error::PublishError;
 
 /// How a dispatcher runs.
 #[derive(Debug, Clone)]
@@ -42,27 +45,6 @@ pub struct DispatchStats {
     pub deliver_failures: AtomicU64,
     pub forwarded: AtomicU64,
     pub forward_failures: AtomicU64,
-}
-
-/// Why a publish was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Text(#[from] crate::comment::TextError),
-    #[error("room {0} does not exist; start it first (RoomAdminService.StartRoom)")]
-    UnknownRoom(u64),
-    #[error("room {0} has ended; nothing more can be published to it")]
-    RoomOver(u64),
-    #[error("the rooms service did not answer: {0}")]
-    Rooms(String),
-    #[error(
-        "room {room_id} has ended (its last event is at offset {offset}); nothing more can be published to it"
-    )]
-    Ended { room_id: u64, offset: u64 },
-    #[error(transparent)]
-    Store(#[from] livemesh_fanout::StoreError),
 }
 
 /// The dispatcher's shared state.
@@ -375,6 +357,7 @@ impl DispatcherInner {
     }
 
     /// The state of `node`'s circuit breaker, if the dispatcher has called it.
+    #[cfg(feature = "testing")]
     pub fn node_breaker(&self, node: &str) -> Option<BreakerState> {
         self.nodes
             .lock()
@@ -426,8 +409,15 @@ impl DispatcherInner {
         url: &str,
         request: PublishRequest,
     ) -> bool {
-        let mut backoff = Duration::from_millis(50);
-        for attempt in 1..=6 {
+        // Six attempts, 50 ms doubling between them; the back-off logs
+        // when it gives up.
+        let mut backoff = Backoff::new(
+            format!("forwarding a publish to the peer datacenter {url}"),
+            Duration::from_millis(50),
+            Duration::from_millis(50 << 4),
+        )
+        .with_retries(5);
+        for attempt in 1.. {
             match client.publish(request.clone()).await {
                 Ok(_) => return true,
                 // The peer refused the event itself: retrying cannot help.
@@ -442,12 +432,12 @@ impl DispatcherInner {
                 }
                 Err(status) => {
                     tracing::debug!(%url, %status, attempt, "forwarding failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    if !backoff.wait().await {
+                        return false;
+                    }
                 }
             }
         }
-        tracing::warn!(%url, "forwarding a publish to a peer datacenter failed for good");
         false
     }
 

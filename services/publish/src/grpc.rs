@@ -1,4 +1,5 @@
-//! The gRPC face of the dispatcher; errors become statuses here only.
+//! The gRPC face of the dispatcher: the `PublishService` handlers and who
+//! may publish what (errors become statuses in [`crate::error`]).
 
 use std::sync::Arc;
 
@@ -10,33 +11,7 @@ use livemesh_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::dispatch::{DispatcherInner, PublishError};
-
-impl From<PublishError> for Status {
-    fn from(err: PublishError) -> Self {
-        match &err {
-            PublishError::Invalid(_) | PublishError::Text(_) => {
-                Status::invalid_argument(err.to_string())
-            }
-            PublishError::UnknownRoom(_) => Status::not_found(err.to_string()),
-            PublishError::Ended { .. } | PublishError::RoomOver(_) => {
-                Status::failed_precondition(err.to_string())
-            }
-            PublishError::Rooms(cause) => {
-                tracing::warn!(%cause, "a publish's room lookup failed");
-                Status::unavailable(
-                    "the rooms service did not answer; retry with the same idempotency_key",
-                )
-            }
-            PublishError::Store(cause) => {
-                tracing::warn!(%cause, "publish failed");
-                Status::unavailable(
-                    "the room's event store is unavailable; retry with the same idempotency_key",
-                )
-            }
-        }
-    }
-}
+use crate::dispatch::DispatcherInner;
 
 /// The PublishService implementation.
 #[derive(Debug, Clone)]

@@ -11,9 +11,13 @@
 //! Room ends come from ongoing-query's Watch: the dispatcher publishes the
 //! room-ended event, once whoever else also does.
 
-pub mod comment;
-pub mod dispatch;
-pub mod grpc;
+mod comment;
+mod dispatch;
+mod ends;
+mod error;
+mod grpc;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +27,18 @@ use livemesh_fanout::FanoutStore;
 use livemesh_mesh::auth::{Security, policy};
 use livemesh_mesh::server::{ServeError, ServerBuilder, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, ShutdownSignal};
-use livemesh_proto::v1::RoomChangeKind;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_server::PublishServiceServer;
 use livemesh_rooms::RoomDirectory;
-use tracing::Instrument as _;
 
-pub use crate::dispatch::{DispatcherInner, DispatcherSettings};
+use crate::dispatch::DispatcherSettings;
+// `crates/lab/src/bench/breaker.rs` names the dispatcher's state until
+// it uses `Dispatcher::stats` and `Dispatcher::node_breaker` (`testing`).
+#[cfg(not(feature = "testing"))]
+use crate::dispatch::DispatcherInner;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub use crate::dispatch::DispatcherInner;
 
 /// One dispatcher.
 #[derive(Debug, Clone)]
@@ -65,10 +74,6 @@ impl Dispatcher {
             security,
         })
     }
-
-    pub fn inner(&self) -> &Arc<DispatcherInner> {
-        &self.inner
-    }
 }
 
 impl ServiceSet for Dispatcher {
@@ -83,33 +88,10 @@ impl ServiceSet for Dispatcher {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         );
-        let inner = self.inner.clone();
-        let watch = self.watch.clone();
-        server.add_background("room ends", async move {
-            livemesh_rooms::follow_changes(watch, |change| {
-                if change.kind() != RoomChangeKind::Ended {
-                    return;
-                }
-                let Some(room) = change.room else {
-                    return;
-                };
-                let inner = inner.clone();
-                tokio::spawn(async move {
-                    let mut backoff = Duration::from_millis(100);
-                    for _ in 0..8 {
-                        match inner.end_room(room.room_id, room.ended_at).await {
-                            Ok(_) | Err(dispatch::PublishError::Ended { .. }) => return,
-                            Err(err) => {
-                                tracing::warn!(room_id = room.room_id, %err, "publishing room-ended failed; retrying");
-                                tokio::time::sleep(backoff).await;
-                                backoff *= 2;
-                            }
-                        }
-                    }
-                }.in_current_span());
-            })
-            .await;
-        });
+        server.add_background(
+            "room ends",
+            ends::follow(self.inner.clone(), self.watch.clone()),
+        );
     }
 }
 

@@ -18,7 +18,7 @@ use livemesh_proto::v1::{
     Comment, DeliverRequest, DeliverResponse, PublishRequest, RoomEvent, SubscribeRequest,
     SubscribeResponse, room_event,
 };
-use livemesh_publish::{DispatcherInner, DispatcherSettings};
+use livemesh_publish::testing::{DispatcherInner, DispatcherSettings};
 use livemesh_rooms::{RoomDirectory, RoomInfo};
 use livemesh_testkit::TestServer;
 use tonic::{Request, Response, Status};

@@ -1,22 +1,29 @@
 //! `subscribe`: viewers' server-streaming subscriptions, after seed
 //! `linkedin-million-likes-per-second`.
 //!
-//! Each node keeps an in-memory table room -> local streams ([`table`]).
+//! Each node keeps an in-memory table room -> local streams (`table/`).
 //! The first local viewer of a room registers the node's interest in the
 //! hot store (room -> nodes, with a lease the node renews); the last one
 //! leaving removes it, and a node that dies drops out when its lease ends.
 //! Dispatchers call `Deliver` on exactly the nodes registered for a room;
 //! the node encodes each event once and puts it in the room's feed
-//! ([`feed`]): ordered events in offset order in a bounded ring, latest
-//! values in one slot per kind; each local stream reads the feed at its own
-//! pace and writes its pre-encoded bytes ([`stream`]). `Subscribe` with `resume` replays what the viewer missed
+//! (`feed.rs`): ordered events in offset order (`sequencer.rs`) in a
+//! bounded ring, latest values in one slot per kind; each local stream
+//! reads the feed at its own pace and writes its pre-encoded bytes
+//! (`stream.rs`). `Subscribe` with `resume` replays what the viewer missed
 //! from the room's history, then goes live, with no gap and no duplicate at
 //! the seam.
 
-pub mod feed;
-pub mod grpc;
-pub mod stream;
-pub mod table;
+mod error;
+mod feed;
+mod grpc;
+mod room;
+mod sequencer;
+mod stream;
+mod subscription;
+mod table;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +37,8 @@ use livemesh_proto::encoded::server::subscribe_service_server::SubscribeServiceS
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_rooms::RoomDirectory;
 
-pub use crate::table::{NodeInner, NodeSettings};
+pub use crate::error::{RESUME_EPOCH, RESUME_OFFSET};
+use crate::table::{NodeInner, NodeSettings};
 
 /// One subscribe node.
 #[derive(Debug, Clone)]
@@ -73,10 +81,6 @@ impl SubscribeNode {
             max_streams_per_connection: c.max_streams_per_connection,
             security,
         })
-    }
-
-    pub fn inner(&self) -> &Arc<NodeInner> {
-        &self.inner
     }
 }
 

@@ -15,6 +15,9 @@
 //!   ordered events behind, so the client resumes from there without loss;
 //! - with `UNAVAILABLE` and the same trailers when the node shuts down.
 //!
+//! (Those statuses are built in [`crate::error`], with the trailers
+//! [`RESUME_EPOCH`](crate::RESUME_EPOCH) and [`RESUME_OFFSET`](crate::RESUME_OFFSET).)
+//!
 //! When sent, a latest-value event carries the position of the last
 //! ordered event this stream was sent, so the position of any event a
 //! client received is safe to resume from.
@@ -27,21 +30,18 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use livemesh_proto::encoded::Frame;
 use tonic::Status;
-use tonic::metadata::MetadataValue;
 
+use crate::error::SubscribeError;
 use crate::feed::{Cursor, Delivery, Read};
-use crate::table::{NodeInner, Room};
-
-/// Trailer metadata of a stream that ended early: where to resume.
-pub const RESUME_EPOCH: &str = "livemesh-resume-epoch";
-pub const RESUME_OFFSET: &str = "livemesh-resume-offset";
+use crate::room::Room;
+use crate::table::NodeInner;
 
 /// A stream's registration in its room: it reads the room's feed, and is
 /// removed from the room when dropped.
-pub struct Live {
-    pub node: Arc<NodeInner>,
-    pub room: Arc<Room>,
-    pub cursor: Cursor,
+pub(crate) struct Live {
+    pub(crate) node: Arc<NodeInner>,
+    pub(crate) room: Arc<Room>,
+    pub(crate) cursor: Cursor,
 }
 
 /// The response stream of one `Subscribe` call.
@@ -55,7 +55,7 @@ pub struct ViewerStream {
 }
 
 impl ViewerStream {
-    pub fn new(live: Option<Live>, delivery: Delivery) -> Self {
+    pub(crate) fn new(live: Option<Live>, delivery: Delivery) -> Self {
         Self {
             prefix: VecDeque::new(),
             live,
@@ -65,18 +65,9 @@ impl ViewerStream {
     }
 
     /// Sets what is sent before live events: the start message, replayed events.
-    pub fn set_prefix(&mut self, prefix: VecDeque<Frame>) {
+    pub(crate) fn set_prefix(&mut self, prefix: VecDeque<Frame>) {
         self.prefix = prefix;
     }
-}
-
-/// `status` with the resume position in its trailers.
-fn with_resume(last: (u64, u64), mut status: Status) -> Status {
-    let (epoch, offset) = last;
-    let metadata = status.metadata_mut();
-    metadata.insert(RESUME_EPOCH, MetadataValue::from(epoch));
-    metadata.insert(RESUME_OFFSET, MetadataValue::from(offset));
-    status
 }
 
 impl Stream for ViewerStream {
@@ -103,8 +94,7 @@ impl Stream for ViewerStream {
                 .feed
                 .poll_read(&mut live.cursor, this.delivery, cx)
         );
-        let last = live.cursor.last;
-        let (epoch, offset) = last;
+        let (epoch, offset) = live.cursor.last;
         match read {
             Read::Frame(frame) => Poll::Ready(Some(Ok(frame))),
             Read::Finished => {
@@ -114,20 +104,15 @@ impl Stream for ViewerStream {
             Read::Overflow => {
                 this.done = true;
                 live.node.count_overflow();
-                let status = Status::resource_exhausted(format!(
-                    "this stream fell too far behind the room's events and was ended; \
-                     subscribe again with resume = {{epoch: {epoch}, offset: {offset}}} \
-                     (or your last received position) to get every event after it"
-                ));
-                Poll::Ready(Some(Err(with_resume(last, status))))
+                Poll::Ready(Some(Err(
+                    SubscribeError::FellBehind { epoch, offset }.into()
+                )))
             }
             Read::Shutdown => {
                 this.done = true;
-                let status = Status::unavailable(
-                    "this subscribe node is shutting down; subscribe again (on any node) \
-                     with resume set to your last received position",
-                );
-                Poll::Ready(Some(Err(with_resume(last, status))))
+                Poll::Ready(Some(Err(
+                    SubscribeError::ShuttingDown { epoch, offset }.into()
+                )))
             }
         }
     }

@@ -19,7 +19,7 @@ use livemesh_proto::v1::{
 };
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
-use livemesh_subscribe::stream::{RESUME_EPOCH, RESUME_OFFSET};
+use livemesh_subscribe::{RESUME_EPOCH, RESUME_OFFSET};
 use livemesh_testkit::{HotBackend, ProxyMode, TcpProxy, TestServer};
 use prost::Message as _;
 use tonic::Streaming;
@@ -352,8 +352,7 @@ async fn only_nodes_with_viewers_get_deliver(backend: HotBackend) {
     let calls = |mesh: &Mesh, i: usize| {
         mesh.nodes[i]
             .1
-            .inner()
-            .stats
+            .stats()
             .deliver_calls
             .load(Ordering::Relaxed)
     };
@@ -620,15 +619,7 @@ async fn an_overflowing_stream_ends_with_its_resume_position(backend: HotBackend
         seen.push(viewer.next_ordered().await.offset);
     }
     assert_eq!(seen, (1..=total).collect::<Vec<_>>());
-    assert!(
-        mesh.nodes[0]
-            .1
-            .inner()
-            .stats
-            .overflows
-            .load(Ordering::Relaxed)
-            >= 1
-    );
+    assert!(mesh.nodes[0].1.stats().overflows.load(Ordering::Relaxed) >= 1);
 }
 
 async fn viewer_counts_add_up_across_nodes(backend: HotBackend) {
@@ -827,7 +818,7 @@ async fn cross_datacenter_forwarding_delivers_once(backend: HotBackend) {
     }
     // Each dispatcher forwarded its own 12 ordered publishes (11 for dc2),
     // none of the other's (no loops), and no love total or viewer count.
-    let forwarded = |d: &Dispatcher| d.inner().stats.forwarded.load(Ordering::Relaxed);
+    let forwarded = |d: &Dispatcher| d.stats().forwarded.load(Ordering::Relaxed);
     let deadline = Instant::now() + WAIT;
     while forwarded(&dispatchers[0]) < 12 || forwarded(&dispatchers[1]) < 11 {
         assert!(Instant::now() < deadline, "forwarding did not finish");
@@ -929,7 +920,7 @@ async fn publishes_to_rooms_never_started_store_nothing_and_poison_nothing(backe
         let nodes: Vec<usize> = mesh
             .nodes
             .iter()
-            .map(|(_, node)| node.inner().stored_rooms())
+            .map(|(_, node)| node.stored_rooms())
             .collect();
         let store = mesh.store.clone();
         async move { (store.stored_rooms().await.unwrap(), nodes) }
@@ -1212,7 +1203,7 @@ async fn a_dead_nodes_registration_expires(backend: HotBackend) {
             .nodes(room, livemesh_mesh::now_ms())
             .await
             .unwrap();
-        if nodes == vec![mesh.nodes[0].1.inner().settings.node_id.clone()] {
+        if nodes == vec![mesh.nodes[0].1.node_id().to_owned()] {
             break;
         }
         assert!(
@@ -1309,7 +1300,7 @@ async fn the_last_viewer_leaving_takes_the_node_out_of_the_room(backend: HotBack
     let room = mesh.start_room().await;
     let first = subscribe(&mut mesh.node(1), room, None).await.unwrap();
     let second = subscribe(&mut mesh.node(1), room, None).await.unwrap();
-    let node_id = mesh.nodes[1].1.inner().settings.node_id.clone();
+    let node_id = mesh.nodes[1].1.node_id().to_owned();
     let listed = |nodes: Vec<String>| nodes.contains(&node_id);
     assert!(listed(
         mesh.store
@@ -1320,7 +1311,7 @@ async fn the_last_viewer_leaving_takes_the_node_out_of_the_room(backend: HotBack
     drop(first);
     // Once the node has seen the cancellation, one viewer is left there and
     // the node stays registered.
-    let node = mesh.nodes[1].1.inner().clone();
+    let node = mesh.nodes[1].1.clone();
     let deadline = Instant::now() + WAIT;
     while node.stream_counts() != vec![(room, 1)] {
         assert!(Instant::now() < deadline, "{:?}", node.stream_counts());
@@ -1435,11 +1426,7 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
     let c0 = reply.position.unwrap();
 
     proxy.set_mode(ProxyMode::BlackHole);
-    let failures_before = dispatcher
-        .inner()
-        .stats
-        .deliver_failures
-        .load(Ordering::Relaxed);
+    let failures_before = dispatcher.stats().deliver_failures.load(Ordering::Relaxed);
     let mut latencies = Vec::new();
     let black_hole_began = Instant::now();
     let mut after_first_second = Vec::new();
@@ -1463,12 +1450,7 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
         // A viewer-paced stream of comments, not a flood (queues stay short).
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let failed = dispatcher
-        .inner()
-        .stats
-        .deliver_failures
-        .load(Ordering::Relaxed)
-        - failures_before;
+    let failed = dispatcher.stats().deliver_failures.load(Ordering::Relaxed) - failures_before;
     assert!(failed > 0, "no Deliver to the black-holed node failed");
     latencies.sort();
     let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
@@ -1832,7 +1814,7 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
     }
     let behind: u64 = nodes
         .iter()
-        .map(|(_, node)| node.inner().stats.heads_behind.load(Ordering::Relaxed))
+        .map(|(_, node)| node.stats().heads_behind.load(Ordering::Relaxed))
         .sum();
     assert!(
         behind >= 6,

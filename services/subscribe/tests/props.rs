@@ -234,7 +234,7 @@ fn subscribe_and_deliver_answer_any_request_precisely_and_store_only_known_rooms
                 );
             }
             let stored = mesh.store.stored_rooms().await.unwrap();
-            let held = mesh.node.inner().stored_rooms();
+            let held = mesh.node.stored_rooms();
             prop_assert!(
                 stored <= mesh.started.len() && held <= mesh.started.len(),
                 "{stored} rooms in the store, {held} on the node; {} started",

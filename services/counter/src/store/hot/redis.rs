@@ -330,11 +330,13 @@ impl RedisStore {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub(super) async fn stored_rooms(&self) -> Result<usize, HotError> {
         let prefix = format!("counter|{}|{{room:", self.config.phase);
         self.conn.rooms_under(&prefix).await
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub(super) async fn ping(&self) -> Result<(), HotError> {
         self.conn.ping().await
     }

@@ -338,6 +338,7 @@ impl MemoryStore {
             .map_or_else(Vec::new, |room| room.lovers.top(limit as usize))
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub(super) fn stored_rooms(&self) -> usize {
         self.inner
             .stripes

@@ -39,6 +39,7 @@ pub fn finaliser(phase: &str, room_id: u64) -> String {
 }
 
 /// A `SCAN`/`KEYS` pattern matching every key of the room.
+#[cfg(any(test, feature = "testing"))]
 pub fn room_pattern(phase: &str, room_id: u64) -> String {
     format!("counter|{phase}|{{room:{room_id}}}|*")
 }

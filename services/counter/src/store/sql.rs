@@ -3,7 +3,7 @@
 
 use livemesh_mesh::sql::{Db, Migrations, SqlError};
 
-use crate::hot::BatchMark;
+use crate::store::hot::BatchMark;
 
 pub const MIGRATIONS: Migrations = Migrations {
     table: "_livemesh_counter_migrations",
@@ -11,24 +11,24 @@ pub const MIGRATIONS: Migrations = Migrations {
         (
             1,
             "room loves",
-            include_str!("../migrations/sqlite/0001_room_loves.sql"),
+            include_str!("../../migrations/sqlite/0001_room_loves.sql"),
         ),
         (
             2,
             "room late loves",
-            include_str!("../migrations/sqlite/0002_room_late_loves.sql"),
+            include_str!("../../migrations/sqlite/0002_room_late_loves.sql"),
         ),
     ],
     mysql: &[
         (
             1,
             "room loves",
-            include_str!("../migrations/mysql/0001_room_loves.sql"),
+            include_str!("../../migrations/mysql/0001_room_loves.sql"),
         ),
         (
             2,
             "room late loves",
-            include_str!("../migrations/mysql/0002_room_late_loves.sql"),
+            include_str!("../../migrations/mysql/0002_room_late_loves.sql"),
         ),
     ],
 };
@@ -173,9 +173,5 @@ impl LovesDb {
                 .then_with(|| b.0.to_string().cmp(&a.0.to_string()))
         });
         Ok(Some(fin))
-    }
-
-    pub fn db(&self) -> &Db {
-        &self.db
     }
 }

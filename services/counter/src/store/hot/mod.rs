@@ -257,6 +257,7 @@ impl HotStore {
     ///
     /// Connects lazily: a malformed URL fails here (the message names it,
     /// password masked), an unreachable server fails the later calls.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn connect(urls: &str, config: HotConfig) -> Result<Self, HotError> {
         Self::connect_with(urls, config, RedisOptions::default()).await
     }
@@ -328,6 +329,7 @@ impl HotStore {
     /// How many rooms have anything stored (for tests and diagnostics: on
     /// Redis this is a `KEYS` over the store's phase, on every master of a
     /// Cluster, which walks the whole keyspace).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn stored_rooms(&self) -> Result<usize, HotError> {
         match self {
             HotStore::Memory(store) => Ok(store.stored_rooms()),
@@ -356,6 +358,7 @@ impl HotStore {
     }
 
     /// Checks that the store answers (a readiness probe); always `Ok` in memory.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn ping(&self) -> Result<(), HotError> {
         match self {
             HotStore::Memory(_) => Ok(()),
