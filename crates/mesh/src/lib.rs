@@ -68,15 +68,6 @@ pub fn now_ms() -> i64 {
 pub mod main_shape;
 pub use main_shape::run_service_main;
 
-/// The status of an RPC whose implementation is owned by a later piece of
-/// work: names the RPC and what will implement it, so a caller knows it is
-/// not a fault of theirs.
-pub fn not_yet_implemented(rpc: &str, owner: &str) -> tonic::Status {
-    tonic::Status::unimplemented(format!(
-        "{rpc} is not implemented in this build yet; it arrives with {owner}"
-    ))
-}
-
 /// How much of a client's input an error message may quote: at most this
 /// many characters, and at most [`EXCERPT_BYTES`] bytes once escaped.
 pub const EXCERPT_CHARS: usize = 64;

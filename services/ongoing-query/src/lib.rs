@@ -15,16 +15,10 @@ mod changes;
 mod error;
 mod feed;
 mod grpc;
-// Public only for the in-tree bench (`crates/livemesh/src/bench/rooms.rs`),
-// which names these paths; it moves to `crates/lab` and onto `testing`
-// (issue 17), and these become private then.
-#[doc(hidden)]
-pub mod partition;
-#[doc(hidden)]
-pub mod room;
+mod partition;
+mod room;
 mod rooms;
-#[doc(hidden)]
-pub mod store;
+mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod watch;

@@ -31,14 +31,8 @@ use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_server::PublishServiceServer;
 use livemesh_rooms::RoomDirectory;
 
-use crate::dispatch::DispatcherSettings;
-// `crates/lab/src/bench/breaker.rs` names the dispatcher's state until
-// it uses `Dispatcher::stats` and `Dispatcher::node_breaker` (`testing`).
-#[cfg(not(feature = "testing"))]
 use crate::dispatch::DispatcherInner;
-#[cfg(feature = "testing")]
-#[doc(hidden)]
-pub use crate::dispatch::DispatcherInner;
+use crate::dispatch::DispatcherSettings;
 
 /// One dispatcher.
 #[derive(Debug, Clone)]

@@ -3,8 +3,6 @@
 //! drive it without a server (on a fixed room directory, say). Nothing here
 //! is part of the service's contract.
 
-use std::sync::Arc;
-
 use livemesh_mesh::breaker::BreakerState;
 
 use crate::Dispatcher;
@@ -19,12 +17,5 @@ impl Dispatcher {
     /// The state of `node`'s circuit breaker, if the dispatcher has called it.
     pub fn node_breaker(&self, node: &str) -> Option<BreakerState> {
         self.inner.node_breaker(node)
-    }
-
-    /// The dispatcher's state. Only `crates/lab/src/bench/breaker.rs`
-    /// uses it, until it calls [`Self::stats`] and [`Self::node_breaker`].
-    #[doc(hidden)]
-    pub fn inner(&self) -> &Arc<DispatcherInner> {
-        &self.inner
     }
 }

@@ -415,11 +415,24 @@ pub(super) async fn drive(
                 plan.anchor_id
             );
             credit = Some(settlement.streamer_credit);
-            let reconcile = finance
-                .clone()
-                .reconcile(ReconcileRequest { room_id })
-                .await?
-                .into_inner();
+            // Read-only checks after the chaos: a gift-settler whose MariaDB
+            // just came back may answer "retry later" (and open this
+            // client's breaker) for a moment, as GetSettlement above may.
+            let reconcile = eventually(
+                &format!("Reconcile of room {room_id} (asked gift-settler {f})"),
+                || {
+                    let mut finance = finance.clone();
+                    async move {
+                        Ok(Some(
+                            finance
+                                .reconcile(ReconcileRequest { room_id })
+                                .await?
+                                .into_inner(),
+                        ))
+                    }
+                },
+            )
+            .await?;
             ensure!(
                 reconcile.balanced,
                 "Reconcile of room {room_id} is not balanced: {:?}",
@@ -429,18 +442,21 @@ pub(super) async fn drive(
         // Paid once: the anchor's balance is this room's credit (it has no
         // other income), each sender's is its deposit minus its gifts.
         let credit = credit.context("no gift-settler")?;
-        let balance = |user: u64| {
-            let request = GetBalanceRequest { user_id: user };
-            let mut client = gifts[0].clone();
-            async move {
-                anyhow::Ok(
-                    client
-                        .get_balance(mesh.as_viewer(user, request)?)
-                        .await?
-                        .into_inner()
-                        .balance,
-                )
-            }
+        let balance = async |user: u64| -> anyhow::Result<i64> {
+            eventually(&format!("the balance of user {user}"), || {
+                let request = GetBalanceRequest { user_id: user };
+                let mut client = gifts[0].clone();
+                async move {
+                    Ok(Some(
+                        client
+                            .get_balance(mesh.as_viewer(user, request)?)
+                            .await?
+                            .into_inner()
+                            .balance,
+                    ))
+                }
+            })
+            .await
         };
         let paid = balance(plan.anchor_id).await?;
         ensure!(

@@ -8,8 +8,6 @@ use livemesh_mesh::sql::{Db, Migrations, SqlError};
 
 use crate::room::{RoomRecord, Status, local_id, room_id};
 
-pub use self::feed::FeedEntry;
-
 /// The rooms schema, per dialect.
 pub const MIGRATIONS: Migrations = Migrations {
     table: "_livemesh_rooms_migrations",

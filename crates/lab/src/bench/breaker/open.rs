@@ -4,7 +4,7 @@
 use livemesh_fanout::FanoutStore;
 use livemesh_mesh::breaker::BreakerState;
 use livemesh_mesh::{ClientStack, MeshChannel};
-use livemesh_publish::DispatcherInner;
+use livemesh_publish::Dispatcher;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -34,7 +34,7 @@ pub(super) struct Node4Watch {
 /// node 4 every 2 ms and the room's registered nodes every 50 ms.
 pub(super) async fn watch_node4(
     store: FanoutStore,
-    dispatcher: Arc<DispatcherInner>,
+    dispatcher: Dispatcher,
     room_id: u64,
     node4: String,
     running: Arc<std::sync::atomic::AtomicBool>,

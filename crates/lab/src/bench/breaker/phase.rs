@@ -159,7 +159,7 @@ impl Bench {
     }
 
     pub(super) async fn run_phase(&self, phase: usize) -> anyhow::Result<PhaseResult> {
-        let stats = &self.dispatcher.inner().stats;
+        let stats = self.dispatcher.stats();
         let deliveries_before = stats.deliveries.load(Ordering::Relaxed);
         let failures_before = stats.deliver_failures.load(Ordering::Relaxed);
         let window = Duration::from_secs(self.args.duration);
@@ -168,7 +168,7 @@ impl Bench {
         let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let sampler = tokio::spawn(watch_node4(
             self.store.clone(),
-            self.dispatcher.inner().clone(),
+            self.dispatcher.clone(),
             self.room_id,
             self.node4.clone(),
             sampling.clone(),
