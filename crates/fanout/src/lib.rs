@@ -161,8 +161,8 @@ impl std::fmt::Debug for FanoutStore {
 /// nodes of this process).
 pub fn connect(config: &livemesh_mesh::Config) -> Result<FanoutStore, StoreError> {
     let settings = FanoutSettings::from(&config.fanout);
-    match &config.redis_url {
-        Some(urls) if !urls.trim().is_empty() => FanoutStore::redis_with(
+    match config.redis_urls() {
+        Some(urls) => FanoutStore::redis_with(
             urls,
             settings,
             RedisOptions {
@@ -170,7 +170,7 @@ pub fn connect(config: &livemesh_mesh::Config) -> Result<FanoutStore, StoreError
                 ..RedisOptions::default()
             },
         ),
-        _ => Ok(FanoutStore::memory(settings)),
+        None => Ok(FanoutStore::memory(settings)),
     }
 }
 

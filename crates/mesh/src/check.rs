@@ -184,7 +184,7 @@ pub fn check(role: Role, sources: &Sources) -> Result<Config, Vec<Problem>> {
     match role {
         Role::Subscribe => check_node_url(&config, &mut report),
         Role::Publish | Role::Counter => {
-            if config.redis_url.as_deref().is_none_or(str::is_empty) {
+            if config.redis_urls().is_none() {
                 report(
                     "redis_url",
                     "unset: this process would keep its state in its own memory, where no \
@@ -262,7 +262,7 @@ fn check_node_url(config: &Config, report: &mut impl FnMut(&str, String)) {
             ),
         );
     }
-    if config.redis_url.as_deref().is_none_or(str::is_empty) {
+    if config.redis_urls().is_none() {
         report(
             "redis_url",
             "unset: this node would register its rooms in its own memory, where no dispatcher \
@@ -369,7 +369,7 @@ pub fn run(name: &str, args: &CommonArgs) -> ExitCode {
                 } else {
                     "off"
                 },
-                config.redis_url.as_deref().map_or_else(
+                config.redis_urls().map_or_else(
                     || "in-process".to_owned(),
                     |urls| format!("{} URL(s)", urls.split(',').count())
                 ),

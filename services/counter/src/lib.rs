@@ -83,8 +83,8 @@ impl Counter {
             wait_timeout_ms: c.wait_timeout_ms,
             ..HotConfig::default()
         };
-        let store = match &config.redis_url {
-            Some(urls) if !urls.is_empty() => HotStore::connect_with(
+        let store = match config.redis_urls() {
+            Some(urls) => HotStore::connect_with(
                 urls,
                 hot,
                 hot::RedisOptions {
@@ -94,7 +94,7 @@ impl Counter {
             )
             .await
             .context("connecting the hot store (redis_url)")?,
-            _ => HotStore::memory(hot),
+            None => HotStore::memory(hot),
         };
         let database_url = if !c.database_url.is_empty() {
             c.database_url.clone()

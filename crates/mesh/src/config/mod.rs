@@ -329,6 +329,17 @@ impl Config {
         }
     }
 
+    /// The hot store's Redis URL(s) (one URL, or a comma-separated list of
+    /// Cluster seeds), or `None` for the in-process store: the one reading
+    /// of `redis_url` that the fan-out store and the counter share (unset,
+    /// empty and blank all mean in-process).
+    pub fn redis_urls(&self) -> Option<&str> {
+        self.redis_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|urls| !urls.is_empty())
+    }
+
     /// The SQLite URL of `file` under the data dir, created if missing.
     pub fn sqlite_url(&self, file: &str) -> String {
         sqlite_url(&self.data_dir.join(file))

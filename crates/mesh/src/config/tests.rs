@@ -193,3 +193,18 @@ fn duplicate_regions_are_rejected() {
     .unwrap_err();
     assert!(err.to_string().contains("region 2"), "{err}");
 }
+
+#[test]
+fn unset_empty_and_blank_redis_urls_all_mean_the_in_process_store() {
+    let with = |url: Option<&str>| Config {
+        redis_url: url.map(str::to_owned),
+        ..Config::default()
+    };
+    assert_eq!(with(None).redis_urls(), None);
+    assert_eq!(with(Some("")).redis_urls(), None);
+    assert_eq!(with(Some("  ")).redis_urls(), None);
+    assert_eq!(
+        with(Some(" redis://127.0.0.1:6379,redis://127.0.0.1:6380 ")).redis_urls(),
+        Some("redis://127.0.0.1:6379,redis://127.0.0.1:6380")
+    );
+}
