@@ -90,3 +90,34 @@ where
     )
     .await
 }
+
+/// A service binary's whole `main.rs`: the `Args` of the common flags (the
+/// doc comment given first is the binary's `--help` text) and a `main` that
+/// runs `build` through [`run_service_main`]. The invoking crate depends on
+/// `clap` and `tokio` (the derive and `#[tokio::main]` expand there).
+///
+/// ```ignore
+/// livemesh_mesh::service_main!(
+///     /// Serve the love counter.
+///     "counter",
+///     |config| async move { livemesh_counter::Counter::from_config(&config).await }
+/// );
+/// ```
+#[macro_export]
+macro_rules! service_main {
+    ($(#[$meta:meta])* $name:literal, $build:expr $(,)?) => {
+        $(#[$meta])*
+        #[derive(Debug, clap::Parser)]
+        #[command(version)]
+        struct Args {
+            #[command(flatten)]
+            common: $crate::CommonArgs,
+        }
+
+        #[tokio::main]
+        async fn main() -> std::process::ExitCode {
+            let args = <Args as clap::Parser>::parse();
+            $crate::run_service_main($name, &args.common, $build).await
+        }
+    };
+}

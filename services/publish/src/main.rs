@@ -1,22 +1,11 @@
 //! `livemesh-publish`: one dispatcher as its own process.
 
-use clap::Parser;
-use livemesh_mesh::CommonArgs;
-
-/// Serve the dispatcher that fans room events out to the subscribe nodes
-/// holding viewers of each room. Needs the shared hot store (`--redis-url`),
-/// where the nodes register.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    #[command(flatten)]
-    common: CommonArgs,
-}
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    livemesh_mesh::run_service_main("publish", &args.common, |config| async move {
+livemesh_mesh::service_main!(
+    /// Serve the dispatcher that fans room events out to the subscribe nodes
+    /// holding viewers of each room. Needs the shared hot store (`--redis-url`),
+    /// where the nodes register.
+    "publish",
+    |config| async move {
         let store = livemesh_fanout::connect(&config)?;
         if store.is_memory() {
             tracing::warn!(
@@ -25,6 +14,5 @@ async fn main() -> std::process::ExitCode {
             );
         }
         livemesh_publish::Dispatcher::from_config(&config, store)
-    })
-    .await
-}
+    }
+);

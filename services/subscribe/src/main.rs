@@ -1,21 +1,10 @@
 //! `livemesh-subscribe`: one subscribe node as its own process.
 
-use clap::Parser;
-use livemesh_mesh::CommonArgs;
-
-/// Serve viewers' room subscriptions (one subscribe node). Needs the shared
-/// hot store (`--redis-url`), where dispatchers find the node.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    #[command(flatten)]
-    common: CommonArgs,
-}
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    livemesh_mesh::run_service_main("subscribe", &args.common, |config| async move {
+livemesh_mesh::service_main!(
+    /// Serve viewers' room subscriptions (one subscribe node). Needs the shared
+    /// hot store (`--redis-url`), where dispatchers find the node.
+    "subscribe",
+    |config| async move {
         let store = livemesh_fanout::connect(&config)?;
         if store.is_memory() {
             tracing::warn!(
@@ -24,6 +13,5 @@ async fn main() -> std::process::ExitCode {
             );
         }
         livemesh_subscribe::SubscribeNode::from_config(&config, store)
-    })
-    .await
-}
+    }
+);
