@@ -215,11 +215,17 @@ impl Mesh {
         Ok(stack.channel(url)?)
     }
 
-    fn channels(&self, service: &str, role: &str) -> anyhow::Result<Vec<MeshChannel>> {
+    /// A client of every replica of `service`, each call with `role`'s token.
+    fn clients<C>(
+        &self,
+        service: &str,
+        role: &str,
+        new: impl Fn(MeshChannel) -> C,
+    ) -> anyhow::Result<Vec<C>> {
         self.topology
             .processes(service)?
             .iter()
-            .map(|p| self.channel(&p.url, role))
+            .map(|p| Ok(new(self.channel(&p.url, role)?)))
             .collect()
     }
 

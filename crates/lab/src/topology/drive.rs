@@ -31,36 +31,12 @@ pub(super) async fn drive(
     let admin = vec![RoomAdminServiceClient::new(
         mesh.channel(&mesh.topology.processes("ongoing-query")?[0].url, "admin")?,
     )];
-    let subscribers: Vec<_> = mesh
-        .channels("subscribe", "bff")?
-        .into_iter()
-        .map(SubscribeServiceClient::new)
-        .collect();
-    let dispatchers: Vec<_> = mesh
-        .channels("publish", "bff")?
-        .into_iter()
-        .map(PublishServiceClient::new)
-        .collect();
-    let counters: Vec<_> = mesh
-        .channels("counter", "bff")?
-        .into_iter()
-        .map(CounterServiceClient::new)
-        .collect();
-    let gifts: Vec<_> = mesh
-        .channels("gift-settler", "bff")?
-        .into_iter()
-        .map(GiftsServiceClient::new)
-        .collect();
-    let payments: Vec<_> = mesh
-        .channels("gift-settler", "payments")?
-        .into_iter()
-        .map(GiftsServiceClient::new)
-        .collect();
-    let finance: Vec<_> = mesh
-        .channels("gift-settler", "finance")?
-        .into_iter()
-        .map(SettlementServiceClient::new)
-        .collect();
+    let subscribers = mesh.clients("subscribe", "bff", SubscribeServiceClient::new)?;
+    let dispatchers = mesh.clients("publish", "bff", PublishServiceClient::new)?;
+    let counters = mesh.clients("counter", "bff", CounterServiceClient::new)?;
+    let gifts = mesh.clients("gift-settler", "bff", GiftsServiceClient::new)?;
+    let payments = mesh.clients("gift-settler", "payments", GiftsServiceClient::new)?;
+    let finance = mesh.clients("gift-settler", "finance", SettlementServiceClient::new)?;
     println!(
         "topology: {} ongoing-query, {} publish, {} subscribe, {} counter, {} gift-settler",
         mesh.topology.processes("ongoing-query")?.len(),
