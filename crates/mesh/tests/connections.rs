@@ -1,4 +1,4 @@
-//! Server connection limits (`[server]`, `conn.rs`; issue 12, defect 4 and
+//! Server connection limits (`[server]`, `server/conn/`; issue 12, defect 4 and
 //! the metadata half of defect 6), against real servers on loopback ports:
 //! silent sockets are closed after the handshake timeout, idle connections
 //! after the idle timeout (never one with an open stream), keepalive PINGs
