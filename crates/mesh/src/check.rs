@@ -161,6 +161,20 @@ pub fn check(registry: &Registry, sources: &Sources) -> Result<Config, Vec<Probl
     }
 }
 
+/// The own-process check of a service whose state the mesh shares through
+/// Redis (the counter's totals, the dispatchers' room table): an unset
+/// `redis_url` would keep that state in this one process's memory.
+pub fn require_shared_redis(config: &Config, report: &mut dyn FnMut(&str, String)) {
+    if config.redis_urls().is_none() {
+        report(
+            "redis_url",
+            "unset: this process would keep its state in its own memory, where no \
+             other process looks; set it to the Redis (Cluster) the mesh shares"
+                .into(),
+        );
+    }
+}
+
 /// Checks an `http(s)://host[:port]` URL; the message says what is wrong.
 pub fn http_url(url: &str) -> Result<(), String> {
     let uri = http::Uri::from_str(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;

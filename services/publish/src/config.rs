@@ -85,13 +85,6 @@ impl Section for PublishConfig {
     }
 
     fn check_own_process(&self, config: &Config, report: &mut dyn FnMut(&str, String)) {
-        if config.redis_urls().is_none() {
-            report(
-                "redis_url",
-                "unset: this process would keep its state in its own memory, where no \
-                 other process looks; set it to the Redis (Cluster) the mesh shares"
-                    .into(),
-            );
-        }
+        livemesh_mesh::check::require_shared_redis(config, report);
     }
 }
