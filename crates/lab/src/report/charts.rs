@@ -55,9 +55,40 @@ fn font() -> anyhow::Result<()> {
     }
 }
 
-/// Draws every chart of `report` into `dir`.
-pub fn render(report: &Report, dir: &Path) -> anyhow::Result<Vec<Chart>> {
+/// Whether `file` is a chart this module writes for some run (so that a
+/// report drawn again into the same directory leaves no stale chart).
+pub fn is_chart(file: &str, runs: &[&str]) -> bool {
+    let Some(stem) = file.strip_suffix(".png") else {
+        return false;
+    };
+    runs.iter().any(|run| {
+        stem.strip_prefix(run)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|kind| {
+                kind == "throughput"
+                    || kind == "cpu"
+                    || kind
+                        .strip_prefix("latency-")
+                        .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            })
+    })
+}
+
+/// Draws every chart of `report` into `dir`, after removing the charts an
+/// earlier report of any of `runs` left there.
+pub fn render(report: &Report, dir: &Path, runs: &[&str]) -> anyhow::Result<Vec<Chart>> {
     font()?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|f| is_chart(f, runs))
+        {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
     let mut charts = Vec::new();
     for run in &report.runs {
         for (kind, name, what) in [
@@ -355,6 +386,27 @@ mod tests {
         assert_eq!(percentile_label(0.5), "p50");
         assert_eq!(percentile_label(0.995), "p99.5");
         assert_eq!(percentile_label(0.9999), "p99.99");
+    }
+
+    #[test]
+    fn only_the_charts_of_known_runs_are_charts() {
+        let runs = ["gifts", "gifts-durable", "rpc"];
+        for file in [
+            "gifts-cpu.png",
+            "gifts-durable-latency-12.png",
+            "rpc-throughput.png",
+        ] {
+            assert!(is_chart(file, &runs), "{file}");
+        }
+        for file in [
+            "gifts.png",
+            "rpc-latency-.png",
+            "rpc-latency-1.jpg",
+            "logo.png",
+            "rooms-cpu.png",
+        ] {
+            assert!(!is_chart(file, &runs), "{file}");
+        }
     }
 
     #[test]

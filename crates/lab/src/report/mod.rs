@@ -214,7 +214,8 @@ pub async fn run(args: AllArgs) -> anyhow::Result<()> {
 
 /// summary.md and the charts, from a report; prints the summary's table.
 fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
-    let charts = charts::render(report, dir)?;
+    let runs = PLAN.map(|p| p.name);
+    let charts = charts::render(report, dir, &runs)?;
     let text = summary::markdown(report, &charts);
     let path = dir.join("summary.md");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;

@@ -214,7 +214,13 @@ fn assert_png(path: &Path) {
 fn charts_render_to_png_files() {
     let dir = tempfile::tempdir().expect("temp dir");
     let report = sample();
-    let charts = charts::render(&report, dir.path()).expect("charts render");
+    // A chart of an earlier report goes; other files stay.
+    std::fs::write(dir.path().join("rooms-latency-3.png"), b"old").expect("written");
+    std::fs::write(dir.path().join("notes.png"), b"mine").expect("written");
+    let charts = charts::render(&report, dir.path(), &["rooms", "rpc", "gifts-durable"])
+        .expect("charts render");
+    assert!(!dir.path().join("rooms-latency-3.png").exists());
+    assert!(dir.path().join("notes.png").exists());
     let files: Vec<&str> = charts.iter().map(|c| c.file.as_str()).collect();
     assert_eq!(
         files,
@@ -237,7 +243,7 @@ fn a_distribution_without_any_latency_draws_no_chart() {
     report.runs.truncate(1);
     report.runs[0].distributions =
         vec![Distribution::new("nothing").with("livemesh", false, [f64::NAN; 8])];
-    let charts = charts::render(&report, dir.path()).expect("charts render");
+    let charts = charts::render(&report, dir.path(), &["rpc"]).expect("charts render");
     assert!(
         charts.iter().all(|c| !c.file.contains("latency")),
         "{charts:?}"
