@@ -21,6 +21,7 @@ use super::helpers::{
     started_room, write_json,
 };
 use crate::report::model::Distribution;
+use livemesh_counter::CounterConfig;
 
 /// Options of `bench loves`.
 #[derive(Debug, clap::Args)]
@@ -101,9 +102,9 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
             redis_url: Some(redis_url.clone()),
             ..Config::default()
         };
-        config.counter.ongoing_query_url = rooms_server.uri();
-        config.counter.publish_url = rooms_server.uri();
-        config.counter.phase = format!("bench{}", std::process::id());
+        config.section_mut::<CounterConfig>().ongoing_query_url = rooms_server.uri();
+        config.section_mut::<CounterConfig>().publish_url = rooms_server.uri();
+        config.section_mut::<CounterConfig>().phase = format!("bench{}", std::process::id());
         config
     };
     let writer = LocalServer::start(Counter::from_config(&node("a")).await?, any).await?;

@@ -19,6 +19,7 @@ use super::helpers::{
     FiguresFile, Latencies, cpu_total, cpu_us_per, mariadb_pid, measure, write_json,
 };
 use crate::report::model::Distribution;
+use livemesh_ongoing_query::RoomsConfig;
 
 /// Options of `bench rooms`.
 #[derive(Debug, clap::Args)]
@@ -75,8 +76,8 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     // Only the change feed may explain what becomes visible.
-    config.rooms.scan_interval_ms = 3_600_000;
-    config.rooms.feed_consumer = format!("bench-{}", std::process::id());
+    config.section_mut::<RoomsConfig>().scan_interval_ms = 3_600_000;
+    config.section_mut::<RoomsConfig>().feed_consumer = format!("bench-{}", std::process::id());
     let service = OngoingQuery::from_config(&config).await?;
     let rooms = service.rooms().clone();
     let server = LocalServer::start(service, config.listen).await?;
