@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod report;
 pub mod topology;
 
 use std::future::Future;

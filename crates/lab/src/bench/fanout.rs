@@ -231,6 +231,8 @@ pub(super) struct Window {
     delivered_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The latencies at the JSON's quantiles.
+    percentiles: [f64; crate::report::model::QUANTILES.len()],
     /// Deliveries still missing when the drain gave up.
     undelivered: i64,
     /// CPU time per delivery during the window, in microseconds: of the

@@ -27,6 +27,7 @@ use livemesh_proto::v1::{
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
 use super::helpers::{FiguresFile, measure, started_room, write_json};
+use crate::report::model::Distribution;
 use livemesh_gift_settler::GiftsConfig;
 use livemesh_publish::PublishConfig;
 
@@ -405,6 +406,8 @@ async fn bench(
         statement.balanced, settled.gross
     );
 
+    let (db_cpu, own_cpu) = service_use.cpu_us_per_gift(service_gifts);
+    let (baseline_db_cpu, baseline_own_cpu) = naive_use.cpu_us_per_gift(naive_gifts);
     let figures = BTreeMap::from([
         ("gifts_per_s", service.per_sec),
         ("baseline_gifts_per_s", baseline.per_sec),
@@ -447,9 +450,31 @@ async fn bench(
         ),
         ("concurrency", args.concurrency as f64),
         ("shards", args.shards as f64),
+        ("durable", f64::from(u8::from(args.durable))),
+        ("cpu_us_per_gift", db_cpu + own_cpu),
+        ("db_cpu_us_per_gift", db_cpu),
+        (
+            "baseline_cpu_us_per_gift",
+            baseline_db_cpu + baseline_own_cpu,
+        ),
+        ("baseline_db_cpu_us_per_gift", baseline_db_cpu),
     ]);
+    let distributions = [Distribution::new(format!(
+        "gifts to one hot room, {} senders",
+        args.concurrency
+    ))
+    .with(
+        "livemesh: SendGift over gRPC",
+        false,
+        service.latencies.percentiles(),
+    )
+    .with(
+        "naive: one txn, one database",
+        true,
+        baseline.latencies.percentiles(),
+    )];
     if let Some(path) = &args.out.json {
-        write_json(path, "gifts", &figures)?;
+        write_json(path, "gifts", &figures, &distributions)?;
     }
     if difference != 0 || !statement.balanced {
         bail!("room {room_id} does not reconcile: the differences sum to {difference}");

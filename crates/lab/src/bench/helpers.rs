@@ -1,7 +1,7 @@
 //! What the benches share: the closed-loop driver ([`measure`]), latency
 //! percentiles ([`Latencies`], an HDR histogram), readings from /proc, the
 //! wall clock that published events carry, StartRoom's answer, and the JSON
-//! figures file.
+//! figures file (its schema is `crate::report::model`'s `BenchFile`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -12,6 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, ensure};
 use hdrhistogram::Histogram;
 use livemesh_proto::v1::{Room, StartRoomResponse};
+
+use crate::report::model::{Distribution, QUANTILES};
 
 /// `--json FILE`, which every bench takes.
 #[derive(Debug, clap::Args)]
@@ -27,6 +29,8 @@ pub(crate) struct Side {
     pub per_sec: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Every call's latency (for the distribution in the JSON).
+    pub latencies: Latencies,
 }
 
 /// Latencies to the microsecond in an HDR histogram with five significant
@@ -63,6 +67,11 @@ impl Latencies {
             return f64::NAN;
         }
         self.0.value_at_quantile(q) as f64 / 1e3
+    }
+
+    /// The latencies at [`QUANTILES`] in milliseconds (NaN when empty).
+    pub(crate) fn percentiles(&self) -> [f64; QUANTILES.len()] {
+        QUANTILES.map(|q| self.quantile_ms(q))
     }
 }
 
@@ -114,6 +123,7 @@ where
         per_sec: all.len() as f64 / elapsed,
         p50_ms: all.quantile_ms(0.50),
         p99_ms: all.quantile_ms(0.99),
+        latencies: all,
     })
 }
 
@@ -128,13 +138,18 @@ pub(crate) fn started_room(
         .context("StartRoom returned no room")
 }
 
-/// Writes `{"bench": NAME, "figures": {...}}` to `path`.
+/// Writes `{"bench": NAME, "figures": {...}, "distributions": [...]}` to
+/// `path` (NaN figures as `null`; no `distributions` key when there are none).
 pub(crate) fn write_json(
     path: &Path,
     bench: &str,
     figures: &BTreeMap<&str, f64>,
+    distributions: &[Distribution],
 ) -> anyhow::Result<()> {
-    let body = serde_json::json!({ "bench": bench, "figures": figures });
+    let mut body = serde_json::json!({ "bench": bench, "figures": figures });
+    if !distributions.is_empty() {
+        body["distributions"] = serde_json::to_value(distributions)?;
+    }
     std::fs::write(path, serde_json::to_vec_pretty(&body)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("  figures written to {}", path.display());
@@ -144,17 +159,54 @@ pub(crate) fn write_json(
 /// CPU seconds a process has used so far (user + system); this process
 /// when `pid` is `None`.
 pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    stat_seconds(pid, 11)
+}
+
+/// CPU seconds used so far by this process and `others` together; `None`
+/// when one of them cannot be read.
+pub(crate) fn cpu_total(others: &[u32]) -> Option<f64> {
+    others.iter().try_fold(cpu_seconds(None)?, |sum, pid| {
+        Some(sum + cpu_seconds(Some(*pid))?)
+    })
+}
+
+/// The pid of the harness's MariaDB (`LIVEMESH_TEST_MYSQL_PID`, set by
+/// `scripts/bench`), to read its CPU time.
+pub(crate) fn mariadb_pid() -> Option<u32> {
+    std::env::var("LIVEMESH_TEST_MYSQL_PID").ok()?.parse().ok()
+}
+
+/// CPU seconds (user + system) of this process's children that have
+/// exited and been waited for (e.g. a `redis-benchmark` run).
+pub(crate) fn children_cpu_seconds() -> Option<f64> {
+    stat_seconds(None, 13)
+}
+
+/// Two consecutive tick fields of `/proc/PID/stat`, counted from the
+/// field after the command name, summed, in seconds.
+fn stat_seconds(pid: Option<u32>, first: usize) -> Option<f64> {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/stat"),
         None => "/proc/self/stat".into(),
     };
     let stat = std::fs::read_to_string(path).ok()?;
-    // After the command name: utime and stime are fields 14 and 15.
+    // After the command name: utime and stime are fields 14 and 15,
+    // cutime and cstime 16 and 17 (11-14 here).
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let ticks =
+        fields.get(first)?.parse::<u64>().ok()? + fields.get(first + 1)?.parse::<u64>().ok()?;
     // USER_HZ, 100 on Linux.
     Some(ticks as f64 / 100.0)
+}
+
+/// Microseconds of CPU per operation between two readings (NaN when
+/// either is missing or nothing was done).
+pub(crate) fn cpu_us_per(before: Option<f64>, after: Option<f64>, operations: f64) -> f64 {
+    match (before, after) {
+        (Some(before), Some(after)) if operations > 0.0 => (after - before) * 1e6 / operations,
+        _ => f64::NAN,
+    }
 }
 
 /// The machine's 1-minute load average (NaN if unknown).

@@ -16,7 +16,11 @@ use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{GetLovesRequest, SendLovesRequest, StartRoomRequest};
 
-use super::helpers::{FiguresFile, Latencies, measure, started_room, write_json};
+use super::helpers::{
+    FiguresFile, Latencies, children_cpu_seconds, cpu_seconds, cpu_total, cpu_us_per, measure,
+    started_room, write_json,
+};
+use crate::report::model::Distribution;
 use livemesh_counter::CounterConfig;
 
 /// Options of `bench loves`.
@@ -58,6 +62,13 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
             .context(
                 "bench loves needs Redis: run it as `scripts/bench loves`, or pass --redis-url",
             )?,
+    };
+    // The harness's Redis server, whose CPU time counts on both sides.
+    let redis_pid: Option<u32> = match args.redis_url {
+        Some(_) => None,
+        None => std::env::var("LIVEMESH_TEST_REDIS_PID")
+            .ok()
+            .and_then(|p| p.parse().ok()),
     };
     let dir = tempfile::tempdir()?;
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -107,7 +118,8 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     // The peer varies a lot from run to run on a shared machine (97k to
     // 170k ops/s seen): it is measured before and after the livemesh
     // phases, and compared by the mean of the two.
-    let benchmark_before = redis_benchmark_incr(&redis_url, args.concurrency, phase).await;
+    let benchmark_before =
+        redis_benchmark_incr(&redis_url, redis_pid, args.concurrency, phase).await;
     let commands_before = total_commands(&mut info_conn).await?;
     let started = Instant::now();
     println!(
@@ -126,6 +138,10 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
         probing.clone(),
     ));
     let hot_loves = Arc::new(AtomicU64::new(0));
+    // CPU per love: this process (both counters, the rooms, the senders)
+    // and Redis, over both livemesh phases.
+    let redis_pids: Vec<u32> = redis_pid.into_iter().collect();
+    let cpu_before = cpu_total(&redis_pids);
     let hot = measure(args.concurrency, phase, {
         let (client, loves, taps) = (loves_a.clone(), hot_loves.clone(), args.taps_per_batch);
         move |n| send(client.clone(), hot_room, n, taps, started, loves.clone())
@@ -144,13 +160,15 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
         }
     })
     .await?;
+    let cpu_after = cpu_total(&redis_pids);
     let commands_after = total_commands(&mut info_conn).await?;
 
     // The peer named for this bench: redis-benchmark's INCR at the same
     // concurrency (one connection per client, as a naive counter would
     // use). A multiplexed client loop, which pipelines across callers, is
     // measured too and printed for context.
-    let benchmark_after = redis_benchmark_incr(&redis_url, args.concurrency, phase).await;
+    let benchmark_after =
+        redis_benchmark_incr(&redis_url, redis_pid, args.concurrency, phase).await;
     let key = format!("bench{}|incr", std::process::id());
     let incr_conn = redis.get_multiplexed_async_connection().await?;
     let incrby = measure(args.concurrency, phase, move |_| {
@@ -175,6 +193,19 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     let hot_rate = hot_loves.load(Ordering::Relaxed) as f64 / phase_s;
     let many_rate = many_loves.load(Ordering::Relaxed) as f64 / phase_s;
     let loves_per_s = (hot_rate + many_rate) / 2.0;
+    let cpu_us_per_love = cpu_us_per(
+        cpu_before,
+        cpu_after,
+        (hot_loves.load(Ordering::Relaxed) + many_loves.load(Ordering::Relaxed)) as f64,
+    );
+    let incrby_cpu_us = match (&benchmark_before, &benchmark_after) {
+        (Ok((_, before)), Ok((_, after))) => (before + after) / 2.0,
+        _ => f64::NAN,
+    };
+    let (benchmark_before, benchmark_after) = (
+        benchmark_before.map(|(ops, _)| ops),
+        benchmark_after.map(|(ops, _)| ops),
+    );
     let incrby_ops = match (&benchmark_before, &benchmark_after) {
         (Ok(before), Ok(after)) => (before + after) / 2.0,
         (Err(err), _) | (_, Err(err)) => {
@@ -185,7 +216,8 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
     let ratio = loves_per_s / incrby_ops;
     let request_p99 = hot.p99_ms.max(many.p99_ms);
     ensure!(!visible.is_empty(), "no visibility probe completed");
-    let visible_p99 = visible.into_iter().collect::<Latencies>().quantile_ms(0.99);
+    let visible: Latencies = visible.into_iter().collect();
+    let visible_p99 = visible.quantile_ms(0.99);
     let redis_commands = (commands_after - commands_before) as f64;
 
     println!(
@@ -244,9 +276,37 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
         ("request_p99_ms", request_p99),
         ("visible_p99_ms", visible_p99),
         ("redis_commands", redis_commands),
+        ("cpu_us_per_love", cpu_us_per_love),
+        ("incrby_cpu_us_per_op", incrby_cpu_us),
     ]);
+    let distributions = [
+        Distribution::new(format!(
+            "SendLoves ({} taps) and INCRBY, {} callers",
+            args.taps_per_batch, args.concurrency
+        ))
+        .with(
+            "SendLoves, one hot room",
+            false,
+            hot.latencies.percentiles(),
+        )
+        .with(
+            format!("SendLoves, {} rooms", args.rooms),
+            false,
+            many.latencies.percentiles(),
+        )
+        .with(
+            "INCRBY client loop (pipelined)",
+            true,
+            incrby.latencies.percentiles(),
+        ),
+        Distribution::new("a love sent on one counter node, until the other counts it").with(
+            "visible on the other node",
+            false,
+            visible.percentiles(),
+        ),
+    ];
     if let Some(path) = &args.out.json {
-        write_json(path, "loves", &figures)?;
+        write_json(path, "loves", &figures, &distributions)?;
     }
     Ok(())
 }
@@ -330,8 +390,15 @@ async fn total_commands(conn: &mut redis::aio::MultiplexedConnection) -> anyhow:
 }
 
 /// `redis-benchmark -t incr` against the Redis at `url` with `clients`
-/// connections for about `phase`; its requests per second.
-async fn redis_benchmark_incr(url: &str, clients: usize, phase: Duration) -> anyhow::Result<f64> {
+/// connections for about `phase`; its requests per second, and the CPU
+/// microseconds per request of redis-benchmark and the server (`redis_pid`)
+/// together (NaN when the server's is unknown).
+async fn redis_benchmark_incr(
+    url: &str,
+    redis_pid: Option<u32>,
+    clients: usize,
+    phase: Duration,
+) -> anyhow::Result<(f64, f64)> {
     let authority = url
         .trim_start_matches("redis://")
         .trim_end_matches('/')
@@ -344,17 +411,21 @@ async fn redis_benchmark_incr(url: &str, clients: usize, phase: Duration) -> any
         .context("the Redis URL names no port")?;
     // Sized to run for about the phase at a few hundred thousand ops/s.
     let requests = (150_000.0 * phase.as_secs_f64()) as u64;
+    let cpu = || Some(children_cpu_seconds()? + cpu_seconds(Some(redis_pid?))?);
+    let cpu_before = cpu();
     let out = tokio::process::Command::new("redis-benchmark")
         .args(["-h", host, "-p", port, "-t", "incr", "-q"])
         .args(["-c", &clients.to_string(), "-n", &requests.to_string()])
         .output()
         .await
         .context("running redis-benchmark")?;
+    let cpu_per_op = cpu_us_per(cpu_before, cpu(), requests as f64);
     let text = String::from_utf8_lossy(&out.stdout);
     // e.g. "INCR: 123456.79 requests per second, p50=0.183 msec" (after \r progress lines)
     text.split(['\r', '\n'])
         .rev()
         .filter_map(|line| line.trim().strip_prefix("INCR: "))
         .find_map(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ops| (ops, cpu_per_op))
         .with_context(|| format!("unexpected redis-benchmark output: {text}"))
 }

@@ -6,7 +6,7 @@
 mod breaker;
 mod fanout;
 mod gifts;
-mod helpers;
+pub(crate) mod helpers;
 mod loves;
 mod rooms;
 mod rpc;
@@ -92,6 +92,15 @@ pub enum BenchCommand {
     /// cpu_us_per_call and bare_cpu_us_per_call (this process's CPU, client
     /// and server together, per call at `--concurrency`).
     Rpc(rpc::RpcArgs),
+    /// Every bench in turn (rooms, loves, fanout, gifts, gifts --durable,
+    /// breaker, rpc), each as its own process with the same `--duration`,
+    /// then one report in `--out`: report.json (the machine, each run's
+    /// figures and latency distributions), summary.md (each headline
+    /// figure, its peer, the ratio, the target, PASS/FAIL) and PNG charts
+    /// (throughput and CPU per operation against the peer, latency
+    /// distributions). Run it as `scripts/bench all`, which starts every
+    /// server the benches need.
+    All(crate::report::AllArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -102,5 +111,6 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Gifts(args) => gifts::run(args).await,
         BenchCommand::Breaker(args) => breaker::run(args).await,
         BenchCommand::Rpc(args) => rpc::run(args).await,
+        BenchCommand::All(args) => crate::report::run(args).await,
     }
 }

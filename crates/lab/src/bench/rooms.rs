@@ -15,7 +15,10 @@ use livemesh_ongoing_query::{OngoingQuery, Rooms};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::{GetRoomRequest, PartitionRequest};
 
-use super::helpers::{FiguresFile, Latencies, measure, write_json};
+use super::helpers::{
+    FiguresFile, Latencies, cpu_total, cpu_us_per, mariadb_pid, measure, write_json,
+};
+use crate::report::model::Distribution;
 use livemesh_ongoing_query::RoomsConfig;
 
 /// Options of `bench rooms`.
@@ -49,21 +52,24 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         "--rooms and --concurrency must be positive and --duration at least 3"
     );
     let temp = tempfile::tempdir()?;
-    let (url, backend) = match (&args.database_url, std::env::var("LIVEMESH_TEST_MYSQL_URL")) {
-        (Some(url), _) => (url.clone(), "the given database"),
-        (None, Ok(base)) if !base.is_empty() => (
-            format!(
-                "{}/livemesh_bench_{}",
-                base.trim_end_matches('/'),
-                std::process::id()
+    let (url, backend, mariadb) =
+        match (&args.database_url, std::env::var("LIVEMESH_TEST_MYSQL_URL")) {
+            (Some(url), _) => (url.clone(), "the given database", None),
+            (None, Ok(base)) if !base.is_empty() => (
+                format!(
+                    "{}/livemesh_bench_{}",
+                    base.trim_end_matches('/'),
+                    std::process::id()
+                ),
+                "MariaDB (binlog)",
+                mariadb_pid(),
             ),
-            "MariaDB (binlog)",
-        ),
-        _ => (
-            livemesh_mesh::config::sqlite_url(&temp.path().join("rooms.db")),
-            "SQLite (change table)",
-        ),
-    };
+            _ => (
+                livemesh_mesh::config::sqlite_url(&temp.path().join("rooms.db")),
+                "SQLite (change table)",
+                None,
+            ),
+        };
     let mut config = Config {
         database_url: Some(url.clone()),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -116,6 +122,10 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         ids.push(rooms.start_room(anchor).await?.room_id);
     }
     let ids = Arc::new(ids);
+    // CPU per read: this process (the service, its clients) and, on
+    // MariaDB, the server, over each side's window.
+    let db: Vec<u32> = mariadb.into_iter().collect();
+    let cpu_before = cpu_total(&db);
     let service_side = {
         let (ids, rooms) = (ids.clone(), rooms.clone());
         measure(args.concurrency, phase, move |n| {
@@ -132,6 +142,12 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         })
         .await?
     };
+    let service_cpu = cpu_us_per(
+        cpu_before,
+        cpu_total(&db),
+        service_side.latencies.len() as f64,
+    );
+    let cpu_before = cpu_total(&db);
     let sql_side = {
         let (ids, store) = (ids.clone(), outsider.clone());
         measure(args.concurrency, phase, move |n| {
@@ -148,7 +164,9 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         })
         .await?
     };
+    let sql_cpu = cpu_us_per(cpu_before, cpu_total(&db), sql_side.latencies.len() as f64);
     let channel = ClientStack::new(&config.client).channel(&server.uri())?;
+    let cpu_before = cpu_total(&db);
     let grpc_side = {
         let ids = ids.clone();
         measure(args.concurrency, phase, move |n| {
@@ -170,6 +188,7 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         })
         .await?
     };
+    let grpc_cpu = cpu_us_per(cpu_before, cpu_total(&db), grpc_side.latencies.len() as f64);
     server.stop().await?;
 
     let ratio = service_side.per_sec / sql_side.per_sec;
@@ -204,9 +223,34 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         ("read_ratio_vs_sql", ratio),
         ("grpc_reads_per_s", grpc_side.per_sec),
         ("grpc_read_ratio_vs_sql", grpc_ratio),
+        ("service_cpu_us_per_read", service_cpu),
+        ("grpc_cpu_us_per_read", grpc_cpu),
+        ("sql_cpu_us_per_read", sql_cpu),
     ]);
+    let distributions = [
+        Distribution::new(format!(
+            "reads (9 GetRoom : 1 Partition), {} callers",
+            args.concurrency
+        ))
+        .with(
+            "service read path (in process)",
+            false,
+            service_side.latencies.percentiles(),
+        )
+        .with(
+            "service over gRPC",
+            false,
+            grpc_side.latencies.percentiles(),
+        )
+        .with("SQL queries", true, sql_side.latencies.percentiles()),
+        Distribution::new("room start/end: COMMIT to visible in the cache").with(
+            "change feed",
+            false,
+            visible.percentiles(),
+        ),
+    ];
     if let Some(path) = &args.out.json {
-        write_json(path, "rooms", &figures)?;
+        write_json(path, "rooms", &figures, &distributions)?;
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ use livemesh_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::helpers::{FiguresFile, Side, cpu_seconds, measure, write_json};
+use crate::report::model::Distribution;
 
 /// Options of `bench rpc`.
 #[derive(Debug, clap::Args)]
@@ -317,8 +318,25 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         ("bare_cpu_us_per_call", bare_cpu),
         ("concurrency", args.concurrency as f64),
     ]);
+    let distributions = [
+        Distribution::new("GetRoom, 1 caller")
+            .with(
+                "mesh stacks (auth dev)",
+                false,
+                dev_one.latencies.percentiles(),
+            )
+            .with("bare tonic", true, bare_one.latencies.percentiles()),
+        Distribution::new(format!("GetRoom, {} callers", args.concurrency))
+            .with("mesh stacks (auth dev)", false, dev.latencies.percentiles())
+            .with(
+                "mesh stacks (auth enforce)",
+                false,
+                enforced.latencies.percentiles(),
+            )
+            .with("bare tonic", true, bare.latencies.percentiles()),
+    ];
     if let Some(path) = &args.out.json {
-        write_json(path, "rpc", &figures)?;
+        write_json(path, "rpc", &figures, &distributions)?;
     }
     Ok(())
 }

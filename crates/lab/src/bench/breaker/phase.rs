@@ -2,6 +2,7 @@
 //! what the publisher and the viewers measured, and its figures.
 
 use crate::bench::helpers::{Latencies, now_ns};
+use crate::report::model::QUANTILES;
 use anyhow::bail;
 use livemesh_fanout::FanoutStore;
 use livemesh_mesh::MeshChannel;
@@ -19,13 +20,14 @@ use super::viewers::{Viewer, comment_text};
 use super::{BLACK_HOLED, BreakerArgs, DRAIN_TIMEOUT, READY_EVENTS, SETTLED_RUN};
 
 /// Count, p50, p99 and max of a set of latencies, in milliseconds (NaN when
-/// empty).
+/// empty), and the distribution at the JSON's quantiles.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Summary {
     pub(super) count: usize,
     pub(super) p50: f64,
     pub(super) p99: f64,
     pub(super) max: f64,
+    pub(super) percentiles: [f64; QUANTILES.len()],
 }
 
 impl Summary {
@@ -37,6 +39,7 @@ impl Summary {
             p50: all.quantile_ms(0.50),
             p99: all.quantile_ms(0.99),
             max: all.quantile_ms(1.0),
+            percentiles: all.percentiles(),
         }
     }
 }

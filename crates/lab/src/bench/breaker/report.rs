@@ -1,6 +1,7 @@
 //! The report: the table, the targets and the JSON figures.
 
 use crate::bench::helpers::write_json;
+use crate::report::model::Distribution;
 use std::collections::BTreeMap;
 
 use super::PHASES;
@@ -259,7 +260,15 @@ pub(super) fn report(
         figures.insert("scheduled_per_phase", healthy.scheduled as f64);
         figures.insert("load_average_before", load.0);
         figures.insert("load_average_after", load.1);
-        write_json(path, "breaker", &figures)?;
+        let distributions = [
+            Distribution::new("(a) publish to receive at the viewers of nodes 1-3")
+                .with("node 4 black-holed", false, degraded.receive.percentiles)
+                .with("all four healthy", true, healthy.receive.percentiles),
+            Distribution::new("(b) the Publish RPC at the publisher")
+                .with("node 4 black-holed", false, degraded.rpc.percentiles)
+                .with("all four healthy", true, healthy.rpc.percentiles),
+        ];
+        write_json(path, "breaker", &figures, &distributions)?;
     }
     Ok(lost)
 }

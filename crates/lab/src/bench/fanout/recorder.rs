@@ -75,6 +75,11 @@ impl Recorder {
         livemesh_mesh::lock(&self.latencies).quantile_ms(q)
     }
 
+    /// The latencies at the JSON's quantiles in milliseconds.
+    pub(super) fn percentiles(&self) -> [f64; crate::report::model::QUANTILES.len()] {
+        livemesh_mesh::lock(&self.latencies).percentiles()
+    }
+
     /// Waits until `outstanding` is below `limit` and adds `fanout` to it;
     /// false once `stop` has passed.
     pub(super) async fn acquire(&self, fanout: i64, limit: i64, stop: Instant) -> bool {

@@ -1,6 +1,7 @@
 //! The report: the figures of every layout and side, printed and saved.
 
 use crate::bench::helpers::write_json;
+use crate::report::model::Distribution;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -253,7 +254,27 @@ pub(super) fn print_and_save(
     }
     if let Some(path) = &args.out.json {
         let view: BTreeMap<&str, f64> = figures.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        write_json(path, "fanout", &view)?;
+        // Per layout: the paced window (the same rate on both sides), then
+        // the saturated one.
+        let mut distributions = Vec::new();
+        for (window, label) in [(false, "paced rate"), (true, "saturated")] {
+            for (layout, lm, nats) in results {
+                let mut d = Distribution::new(format!(
+                    "publish to receive, {}, {} streams, {label}",
+                    layout.label, args.streams
+                ));
+                for (side, m, peer) in [("livemesh", lm, false), ("NATS", nats, true)] {
+                    if let Some(m) = m {
+                        let w = if window { &m.saturated } else { &m.paced };
+                        d = d.with(side, peer, w.percentiles);
+                    }
+                }
+                if !d.series.is_empty() {
+                    distributions.push(d);
+                }
+            }
+        }
+        write_json(path, "fanout", &view, &distributions)?;
     }
     Ok(())
 }

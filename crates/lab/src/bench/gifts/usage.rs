@@ -59,6 +59,13 @@ impl Usage {
         (all > 0.0).then(|| busy * 100.0 / all)
     }
 
+    /// Microseconds of CPU per gift over a window: (mariadbd, this
+    /// process); NaN where unknown.
+    pub(super) fn cpu_us_per_gift(&self, gifts: u64) -> (f64, f64) {
+        let per = |s: Option<f64>| s.map_or(f64::NAN, |s| s * 1e6 / gifts.max(1) as f64);
+        (per(self.mariadb_cpu_s), per(self.own_cpu_s))
+    }
+
     /// A counter's change per gift.
     pub(super) fn per(&self, name: &str, gifts: u64) -> f64 {
         self.status.get(name).copied().unwrap_or(0.0) / gifts.max(1) as f64
