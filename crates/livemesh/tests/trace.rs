@@ -63,9 +63,10 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
     let rooms_url = rooms.url();
     config.section_mut::<PublishConfig>().ongoing_query_url = rooms_url.clone();
     config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms_url.clone();
-    config.section_mut::<CounterConfig>().ongoing_query_url = rooms_url;
-    config.section_mut::<CounterConfig>().flush_tick_ms = 5;
-    config.section_mut::<CounterConfig>().publish_tick_ms = 20;
+    let counter_section = config.section_mut::<CounterConfig>();
+    counter_section.ongoing_query_url = rooms_url;
+    counter_section.flush_tick_ms = 5;
+    counter_section.publish_tick_ms = 20;
     let store = FanoutStore::memory(FanoutSettings::default());
 
     let (publish, node) = common::dispatcher_and_node(&mut config, store).await;

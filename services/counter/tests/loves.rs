@@ -66,11 +66,12 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
     config.redis_url = redis_url;
     config.section_mut::<CounterConfig>().ongoing_query_url = rooms.url();
     // No dispatcher in these tests: publishing fails and is counted.
-    config.section_mut::<CounterConfig>().publish_url = rooms.url();
-    config.section_mut::<CounterConfig>().database_url = db_url.clone();
-    config.section_mut::<CounterConfig>().flush_tick_ms = 5;
-    config.section_mut::<CounterConfig>().total_cache_ms = 20;
-    config.section_mut::<CounterConfig>().end_grace_ms = 50;
+    let counter_section = config.section_mut::<CounterConfig>();
+    counter_section.publish_url = rooms.url();
+    counter_section.database_url = db_url.clone();
+    counter_section.flush_tick_ms = 5;
+    counter_section.total_cache_ms = 20;
+    counter_section.end_grace_ms = 50;
     // Every test's rooms start at id 1: a key phase of its own keeps them
     // apart on the shared Redis.
     config.section_mut::<CounterConfig>().phase = livemesh_testkit::unique_name("t");

@@ -37,10 +37,11 @@ async fn setup_with(
     let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     config.redis_url = Some(redis.url());
-    config.section_mut::<CounterConfig>().ongoing_query_url = rooms.url();
-    config.section_mut::<CounterConfig>().publish_url = rooms.url();
-    config.section_mut::<CounterConfig>().flush_tick_ms = 5;
-    config.section_mut::<CounterConfig>().max_pending_loves = max_pending;
+    let counter_section = config.section_mut::<CounterConfig>();
+    counter_section.ongoing_query_url = rooms.url();
+    counter_section.publish_url = rooms.url();
+    counter_section.flush_tick_ms = 5;
+    counter_section.max_pending_loves = max_pending;
     tune(&mut config);
     let counter = Counter::from_config(&config).await.unwrap();
     let server = TestServer::start(counter.clone()).await;
@@ -343,10 +344,11 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let room_started = tokio::time::Instant::now();
     config.redis_url = Some(redis.url());
-    config.section_mut::<CounterConfig>().ongoing_query_url = rooms.url();
-    config.section_mut::<CounterConfig>().publish_url = rooms.url();
-    config.section_mut::<CounterConfig>().flush_tick_ms = 5;
-    config.section_mut::<CounterConfig>().end_grace_ms = 50;
+    let counter_section = config.section_mut::<CounterConfig>();
+    counter_section.ongoing_query_url = rooms.url();
+    counter_section.publish_url = rooms.url();
+    counter_section.flush_tick_ms = 5;
+    counter_section.end_grace_ms = 50;
     // About a second of this load: each outage fills it, so the refusals
     // (and the clients' retries of the same ids) are exercised too.
     config.section_mut::<CounterConfig>().max_pending_loves = 250;

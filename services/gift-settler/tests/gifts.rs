@@ -84,9 +84,10 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
 
 async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
     let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
-    config.section_mut::<GiftsConfig>().shard_urls = shard_urls;
-    config.section_mut::<GiftsConfig>().room_subaccounts = SUBACCOUNTS;
-    config.section_mut::<GiftsConfig>().ongoing_query_url = rooms.url();
+    let gifts_section = config.section_mut::<GiftsConfig>();
+    gifts_section.shard_urls = shard_urls;
+    gifts_section.room_subaccounts = SUBACCOUNTS;
+    gifts_section.ongoing_query_url = rooms.url();
     config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
     // A dispatcher takes each gift's event before the gift commits.
     let store = FanoutStore::memory(FanoutSettings::default());

@@ -76,10 +76,11 @@ fn base_config(dir: &std::path::Path, rooms: &TestServer) -> Config {
     let mut config = livemesh_testkit::config_in(dir);
     config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms.url();
     config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
-    config.section_mut::<SubscribeConfig>().report_interval_ms = 100;
-    config.section_mut::<SubscribeConfig>().lease_ms = 1_000;
-    config.section_mut::<SubscribeConfig>().gap_wait_ms = 20;
-    config.section_mut::<SubscribeConfig>().queue_len = 32;
+    let subscribe_section = config.section_mut::<SubscribeConfig>();
+    subscribe_section.report_interval_ms = 100;
+    subscribe_section.lease_ms = 1_000;
+    subscribe_section.gap_wait_ms = 20;
+    subscribe_section.queue_len = 32;
     config
 }
 
@@ -1727,9 +1728,10 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
     let dir = tempfile::tempdir().unwrap();
     let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = base_config(dir.path(), &rooms);
-    config.section_mut::<SubscribeConfig>().report_interval_ms = 60_000;
-    config.section_mut::<SubscribeConfig>().lease_ms = 120_000;
-    config.section_mut::<SubscribeConfig>().head_check_ms = 100;
+    let subscribe_section = config.section_mut::<SubscribeConfig>();
+    subscribe_section.report_interval_ms = 60_000;
+    subscribe_section.lease_ms = 120_000;
+    subscribe_section.head_check_ms = 100;
     let store = store(backend, &livemesh_testkit::unique_name("lost"));
     let dispatcher = start_dispatcher(&config, &store).await;
     let nodes = [

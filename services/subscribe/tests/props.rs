@@ -51,10 +51,11 @@ async fn mesh() -> Mesh {
     let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms.url();
     config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
-    config.section_mut::<SubscribeConfig>().report_interval_ms = 100;
-    config.section_mut::<SubscribeConfig>().lease_ms = 1_000;
-    config.section_mut::<SubscribeConfig>().gap_wait_ms = 5;
-    config.section_mut::<SubscribeConfig>().queue_len = 32;
+    let subscribe_section = config.section_mut::<SubscribeConfig>();
+    subscribe_section.report_interval_ms = 100;
+    subscribe_section.lease_ms = 1_000;
+    subscribe_section.gap_wait_ms = 5;
+    subscribe_section.queue_len = 32;
     let store = FanoutStore::memory(FanoutSettings::from(&*config.section::<FanoutConfig>()));
     let dispatcher =
         TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;

@@ -102,9 +102,10 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
             redis_url: Some(redis_url.clone()),
             ..Config::default()
         };
-        config.section_mut::<CounterConfig>().ongoing_query_url = rooms_server.uri();
-        config.section_mut::<CounterConfig>().publish_url = rooms_server.uri();
-        config.section_mut::<CounterConfig>().phase = format!("bench{}", std::process::id());
+        let counter_section = config.section_mut::<CounterConfig>();
+        counter_section.ongoing_query_url = rooms_server.uri();
+        counter_section.publish_url = rooms_server.uri();
+        counter_section.phase = format!("bench{}", std::process::id());
         config
     };
     let writer = LocalServer::start(Counter::from_config(&node("a")).await?, any).await?;
