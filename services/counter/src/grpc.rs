@@ -26,11 +26,18 @@ const MAX_TOP: u32 = 100;
 #[derive(Debug, Clone)]
 pub struct CounterApi {
     inner: Arc<Inner>,
+    /// Loves accepted (what `SendLoves` answered as counted), exported as
+    /// `livemesh_counter_loves_total`: one add per call.
+    loves: opentelemetry::metrics::Counter<u64>,
 }
 
 impl CounterApi {
     pub fn new(inner: Arc<Inner>) -> Self {
-        Self { inner }
+        let loves = opentelemetry::global::meter("livemesh")
+            .u64_counter("livemesh.counter.loves")
+            .with_description("Loves (taps) SendLoves accepted")
+            .build();
+        Self { inner, loves }
     }
 
     async fn ongoing_room(&self, room_id: u64) -> Result<RoomInfo, CounterError> {
@@ -128,6 +135,7 @@ impl CounterApi {
                 room_total,
             });
         };
+        self.loves.add(outcome.accepted, &[]);
         Ok(SendLovesResponse {
             accepted: outcome.accepted,
             rejected: outcome.rejected,

@@ -16,6 +16,7 @@ mod dispatch;
 mod ends;
 mod error;
 mod grpc;
+mod metrics;
 #[cfg(feature = "testing")]
 pub mod testing;
 
