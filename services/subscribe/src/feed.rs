@@ -614,7 +614,10 @@ mod tests {
         let feed = Feed::new(8);
         // Resumed at offset 2 that this node had not released yet.
         let mut cursor = feed.cursor((7, 2), (7, 0));
-        feed.push_ordered(Instant::now(), [comment(1), comment(2), comment(3), comment(4)]);
+        feed.push_ordered(
+            Instant::now(),
+            [comment(1), comment(2), comment(3), comment(4)],
+        );
         feed.set_latest(LatestKind::LoveTotal, total(5), Instant::now());
         let batch = frame(read(
             &feed,
