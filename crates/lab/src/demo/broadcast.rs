@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use super::crowd::Crowd;
 use super::traffic::{self, Accepted, Plan};
 use super::{Clients, money, step};
-use crate::live::figures::{Figures, Percentiles};
+use crate::live::figures::{Figures, Percentiles, Window};
 use crate::live::prom::Sample;
 use crate::live::view::View;
 
@@ -143,7 +143,7 @@ pub(super) async fn run(
         ticker.tick().await;
         view.show(&watcher.figures(started, "the room ended; streams closing"));
     }
-    view.show(&watcher.figures(started, "the room ended"));
+    view.show(&watcher.summary(started));
     view.close();
     let stats = crowd.stats.clone();
     crowd.finished().await?;
@@ -217,26 +217,47 @@ pub(super) async fn run(
 struct Watcher<'a> {
     metrics: &'a Metrics,
     crowd: &'a Crowd,
-    before: Sample,
+    first: Sample,
+    window: Window,
 }
 
 impl<'a> Watcher<'a> {
     fn new(metrics: &'a Metrics, crowd: &'a Crowd) -> Self {
+        let first = Sample::parse(&metrics.render());
         Self {
             metrics,
             crowd,
-            before: Sample::parse(&metrics.render()),
+            window: Window::new(first.clone(), Duration::from_secs(1)),
+            first,
         }
     }
 
+    /// The last second's figures.
     fn figures(&mut self, started: Instant, note: &str) -> Figures {
         let now = Sample::parse(&self.metrics.render());
-        let mut figures = Figures::between(&self.before, &now, started.elapsed().as_secs_f64());
-        self.before = now;
+        let figures = self.window.push(now, started.elapsed().as_secs_f64());
+        self.with_crowd(figures, false, note)
+    }
+
+    /// The whole broadcast's figures: its averages and percentiles.
+    fn summary(&mut self, started: Instant) -> Figures {
+        let now = Sample::parse(&self.metrics.render());
+        let mut figures = Figures::between(&self.first, &now, started.elapsed().as_secs_f64());
+        // Every stream has closed by now: the audience the room had.
+        figures.viewers = self.crowd.size() as f64;
+        self.with_crowd(
+            figures,
+            true,
+            "the room ended: rates and percentiles over the whole broadcast",
+        )
+    }
+
+    fn with_crowd(&self, mut figures: Figures, whole: bool, note: &str) -> Figures {
+        let stats = &self.crowd.stats;
         // The room's total as its viewers see it (the metric counts every
         // love this process took, the walkthrough's too).
-        figures.loves_total = self.crowd.stats.love_total.load(Ordering::Relaxed) as f64;
-        figures.end_to_end = Some(self.crowd.stats.take_latency().map_or_else(
+        figures.loves_total = stats.love_total.load(Ordering::Relaxed) as f64;
+        figures.end_to_end = Some(stats.latency(whole).map_or_else(
             Percentiles::default,
             |(p50, p99)| Percentiles {
                 p50: Some(p50),
@@ -245,9 +266,9 @@ impl<'a> Watcher<'a> {
         ));
         figures.note = format!(
             "{note}; watching {}, events received {}, resumed {}",
-            self.crowd.stats.watching.load(Ordering::Relaxed),
-            self.crowd.stats.received.load(Ordering::Relaxed),
-            self.crowd.stats.resumed.load(Ordering::Relaxed)
+            stats.watching.load(Ordering::Relaxed),
+            stats.received.load(Ordering::Relaxed),
+            stats.resumed.load(Ordering::Relaxed)
         );
         figures
     }

@@ -32,9 +32,9 @@ pub(super) struct CrowdStats {
     pub(super) resumed: AtomicU64,
     /// The highest love total a viewer was shown.
     pub(super) love_total: AtomicU64,
-    /// Microseconds from a comment's publish to its arrival, since the
-    /// view last took them.
-    pub(super) latency: Mutex<Histogram<u64>>,
+    /// Microseconds from a comment's publish to its arrival: since the
+    /// view last took them, and over the whole broadcast.
+    latency: Mutex<(Histogram<u64>, Histogram<u64>)>,
 }
 
 impl CrowdStats {
@@ -46,27 +46,37 @@ impl CrowdStats {
             failed: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
             love_total: AtomicU64::new(0),
-            // Three significant digits up to an hour: cannot fail.
-            #[allow(clippy::unwrap_used)]
-            latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap()),
+            latency: Mutex::new((histogram(), histogram())),
         }
     }
 
-    /// The comments' latencies since the last call (then forgotten): p50
-    /// and p99 in seconds, `None` when no comment arrived.
-    pub(super) fn take_latency(&self) -> Option<(f64, f64)> {
+    /// The comments' latencies since the last call (then forgotten), or
+    /// over the whole broadcast: p50 and p99 in seconds, `None` when no
+    /// comment arrived.
+    pub(super) fn latency(&self, whole: bool) -> Option<(f64, f64)> {
         let mut latency = self
             .latency
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if latency.is_empty() {
+        let (recent, all) = &mut *latency;
+        let histogram = if whole { &*all } else { &*recent };
+        if histogram.is_empty() {
             return None;
         }
-        let quantile = |q| latency.value_at_quantile(q) as f64 / 1e6;
+        let quantile = |q| histogram.value_at_quantile(q) as f64 / 1e6;
         let figures = (quantile(0.5), quantile(0.99));
-        latency.reset();
+        if !whole {
+            recent.reset();
+        }
         Some(figures)
     }
+}
+
+/// Microseconds, three significant digits, up to an hour.
+fn histogram() -> Histogram<u64> {
+    // Valid bounds (1 ≤ low, high ≥ 2·low, 3 digits): cannot fail.
+    #[allow(clippy::unwrap_used)]
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap()
 }
 
 /// Nanoseconds since the Unix epoch (the comments' send time).
@@ -136,6 +146,11 @@ impl Crowd {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(crowd)
+    }
+
+    /// How many viewers joined.
+    pub(super) fn size(&self) -> u64 {
+        self.viewers
     }
 
     /// Whether every stream has ended (OK or not).
@@ -265,7 +280,8 @@ impl Viewer {
                         .latency
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    latency.saturating_record(micros.max(1));
+                    latency.0.saturating_record(micros.max(1));
+                    latency.1.saturating_record(micros.max(1));
                 }
             }
             _ => {}

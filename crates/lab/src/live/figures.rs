@@ -2,7 +2,9 @@
 //! metrics (the same for `livemesh top` and the demo's broadcast, which
 //! reads its own process's metrics) plus what only a client can see.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use super::prom::{Sample, quantile};
 
@@ -21,6 +23,41 @@ pub mod names {
     pub const FANOUT_LAG: &str = "livemesh_fanout_lag_seconds";
     /// Deliver reaching a node → the last of the room's streams sending it.
     pub const WRITE_DELAY: &str = "livemesh_subscribe_write_delay_seconds";
+}
+
+/// The samples of the last `span`: rates and percentiles over a second or
+/// so move smoothly even when the view is redrawn four times a second.
+#[derive(Debug)]
+pub struct Window {
+    span: Duration,
+    samples: VecDeque<Sample>,
+}
+
+impl Window {
+    pub fn new(first: Sample, span: Duration) -> Self {
+        Self {
+            span,
+            samples: VecDeque::from([first]),
+        }
+    }
+
+    /// Adds the newest sample; the figures between it and the oldest one
+    /// still within the span.
+    pub fn push(&mut self, sample: Sample, elapsed: f64) -> Figures {
+        self.samples.push_back(sample);
+        while self.samples.len() > 2
+            && self.samples[self.samples.len() - 1]
+                .at
+                .duration_since(self.samples[1].at)
+                >= self.span
+        {
+            self.samples.pop_front();
+        }
+        match (self.samples.front(), self.samples.back()) {
+            (Some(oldest), Some(newest)) => Figures::between(oldest, newest, elapsed),
+            _ => Figures::default(),
+        }
+    }
 }
 
 /// p50 and p99 in seconds over an interval; `None` when nothing was observed.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use super::figures::Figures;
+use super::figures::{Figures, Window};
 use super::prom::{Endpoint, scrape_all};
 use super::view::View;
 
@@ -36,10 +36,12 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         );
     }
     let timeout = args.interval.max(Duration::from_millis(500));
-    let (mut before, errors) = scrape_all(&endpoints, timeout).await;
-    if before.answered == 0 {
+    let (first, errors) = scrape_all(&endpoints, timeout).await;
+    if first.answered == 0 {
         bail!("no metrics endpoint answered: {}", errors.join("; "));
     }
+    // Rates and percentiles over the last second at least.
+    let mut window = Window::new(first, args.interval.max(Duration::from_secs(1)));
     let started = Instant::now();
     let mut view = View::new("livemesh top", args.plain);
     if !view.in_place() {
@@ -58,17 +60,23 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
             _ = ticker.tick() => {}
             _ = tokio::signal::ctrl_c() => break,
         }
-        let (after, errors) = scrape_all(&endpoints, timeout).await;
-        let mut figures = Figures::between(&before, &after, started.elapsed().as_secs_f64());
+        let (sample, errors) = scrape_all(&endpoints, timeout).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        // A scrape where nobody answered is no baseline for the next rates.
+        let mut figures = if sample.answered > 0 {
+            window.push(sample, elapsed)
+        } else {
+            Figures {
+                elapsed,
+                asked: sample.asked,
+                ..Figures::default()
+            }
+        };
         if let Some(error) = errors.first() {
             figures.note = format!("not answering: {error}");
         }
         view.show(&figures);
         shown += 1;
-        // A scrape where nobody answered is no baseline for the next rates.
-        if after.answered > 0 {
-            before = after;
-        }
         if args.count.is_some_and(|count| shown >= count) {
             break;
         }
