@@ -38,7 +38,9 @@ async fn top_shows_the_figures_of_a_running_mesh_move() {
         "top-test",
     )
     .unwrap();
-    let metrics = telemetry.metrics_addr().expect("the metrics endpoint is bound");
+    let metrics = telemetry
+        .metrics_addr()
+        .expect("the metrics endpoint is bound");
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_owned();
     let mesh = TestServer::start_with(|addr| async move {
@@ -121,7 +123,10 @@ async fn top_shows_the_figures_of_a_running_mesh_move() {
             break false;
         };
         seen.push(line.clone());
-        assert!(!line.contains('\u{1b}'), "no terminal escapes when piped: {line:?}");
+        assert!(
+            !line.contains('\u{1b}'),
+            "no terminal escapes when piped: {line:?}"
+        );
         let Some(total) = figure(&line, "loves_total") else {
             continue;
         };

@@ -716,4 +716,50 @@ mod tests {
             Poll::Ready(Read::Shutdown)
         ));
     }
+
+    /// The streams an event still waits for, before its write delay is
+    /// recorded (by the last of them).
+    fn waiting_for(feed: &Feed) -> Vec<u64> {
+        feed.lock().ring.iter().map(|e| e.unsent.streams).collect()
+    }
+
+    #[test]
+    fn the_last_stream_to_send_an_event_records_its_delay_and_leavers_count_as_sent() {
+        let feed = Feed::new(8);
+        let mut a = feed.cursor((0, 0), (7, 0));
+        let mut b = feed.cursor((0, 0), (7, 0));
+        let c = feed.cursor((0, 0), (7, 0));
+        feed.push_ordered(Instant::now(), [comment(1), comment(2)]);
+        assert_eq!(waiting_for(&feed), [3, 3]);
+        frame(read(&feed, &mut a, Delivery::Single));
+        assert_eq!(waiting_for(&feed), [2, 3]);
+        frame(read(
+            &feed,
+            &mut b,
+            Delivery::Batches { max_bytes: 1 << 20 },
+        ));
+        assert_eq!(waiting_for(&feed), [1, 2]);
+        // The third stream leaves without reading: nothing waits for it.
+        feed.forget(&c);
+        assert_eq!(waiting_for(&feed), [0, 1]);
+        assert_eq!(feed.lock().delays.len(), 0, "nothing records: no histogram");
+        frame(read(&feed, &mut a, Delivery::Single));
+        assert_eq!(waiting_for(&feed), [0, 0]);
+        // A stream that joins later waits for what comes next (with the two
+        // still here), not for what came before.
+        let _d = feed.cursor((0, 0), (7, 0));
+        feed.push_ordered(Instant::now(), [comment(3)]);
+        assert_eq!(waiting_for(&feed), [0, 0, 3]);
+    }
+
+    #[test]
+    fn an_event_sent_to_every_stream_yields_exactly_one_delay() {
+        let mut unsent = Unsent {
+            received: Instant::now(),
+            streams: 3,
+        };
+        let delays: Vec<f64> = (0..5).filter_map(|_| unsent.sent()).collect();
+        assert_eq!(delays.len(), 1, "{delays:?}");
+        assert!(delays[0] >= 0.0);
+    }
 }
