@@ -471,8 +471,8 @@ fn read_one(state: &mut State, cursor: &mut Cursor) -> Option<Frame> {
     }
     // Only skipped events were left.
     cursor.next = *head;
-    for kind in 0..KINDS {
-        if let Some((version, value, unsent)) = &mut latest[kind]
+    for (kind, slot) in latest.iter_mut().enumerate() {
+        if let Some((version, value, unsent)) = slot
             && *version > cursor.seen[kind]
         {
             cursor.seen[kind] = *version;
@@ -511,8 +511,8 @@ fn read_batch(state: &mut State, cursor: &mut Cursor, max_bytes: usize) -> Optio
     }
     cursor.next = next;
     if next == *head {
-        for kind in 0..KINDS {
-            if let Some((version, value, unsent)) = &mut latest[kind]
+        for (kind, slot) in latest.iter_mut().enumerate() {
+            if let Some((version, value, unsent)) = slot
                 && *version > cursor.seen[kind]
             {
                 cursor.seen[kind] = *version;
