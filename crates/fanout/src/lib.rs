@@ -22,6 +22,7 @@
 //! default: one process's dispatchers and nodes share it) and
 //! [`FanoutStore::Redis`] (standalone or Cluster).
 
+mod config;
 mod memory;
 mod redis_store;
 
@@ -29,6 +30,7 @@ use std::sync::Arc;
 
 pub use livemesh_redis::{RedisError as StoreError, RedisOptions};
 
+pub use self::config::FanoutConfig;
 pub use self::memory::MemoryFanout;
 pub use self::redis_store::RedisFanout;
 
@@ -47,8 +49,8 @@ pub struct FanoutSettings {
     pub ended_ttl_secs: u64,
 }
 
-impl From<&livemesh_mesh::config::FanoutConfig> for FanoutSettings {
-    fn from(c: &livemesh_mesh::config::FanoutConfig) -> Self {
+impl From<&FanoutConfig> for FanoutSettings {
+    fn from(c: &FanoutConfig) -> Self {
         Self {
             phase: c.phase.clone(),
             history_len: c.history_len.max(1),
@@ -61,7 +63,7 @@ impl From<&livemesh_mesh::config::FanoutConfig> for FanoutSettings {
 
 impl Default for FanoutSettings {
     fn default() -> Self {
-        Self::from(&livemesh_mesh::config::FanoutConfig::default())
+        Self::from(&FanoutConfig::default())
     }
 }
 
@@ -160,7 +162,7 @@ impl std::fmt::Debug for FanoutStore {
 /// else a new in-process store (which only reaches the dispatchers and
 /// nodes of this process).
 pub fn connect(config: &livemesh_mesh::Config) -> Result<FanoutStore, StoreError> {
-    let settings = FanoutSettings::from(&config.fanout);
+    let settings = FanoutSettings::from(&*config.section::<FanoutConfig>());
     match config.redis_urls() {
         Some(urls) => FanoutStore::redis_with(
             urls,

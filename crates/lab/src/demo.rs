@@ -26,7 +26,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use livemesh_mesh::config::{SubscribeConfig, TelemetryConfig};
+use livemesh_gift_settler::GiftsConfig;
+use livemesh_mesh::config::TelemetryConfig;
 use livemesh_mesh::server::{LocalServer, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel};
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
@@ -35,6 +36,7 @@ use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
+use livemesh_subscribe::SubscribeConfig;
 use tonic_health::pb::health_client::HealthClient;
 
 /// How often the demo's subscribe node reports viewer counts.
@@ -90,14 +92,14 @@ where
     let config = Config {
         data_dir: data_dir.clone(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        // Viewer counts every quarter second rather than every two, so the
-        // demo's viewers see them change within its few seconds.
-        subscribe: SubscribeConfig {
-            report_interval_ms: REPORT_INTERVAL_MS,
-            ..SubscribeConfig::default()
-        },
         ..Config::default()
-    };
+    }
+    // Viewer counts every quarter second rather than every two, so the
+    // demo's viewers see them change within its few seconds.
+    .with(SubscribeConfig {
+        report_interval_ms: REPORT_INTERVAL_MS,
+        ..SubscribeConfig::default()
+    });
     let server = LocalServer::bind_then(config.listen, |addr| {
         mesh(Config {
             listen: addr,
@@ -119,7 +121,7 @@ where
             livemesh_mesh::auth::policy::GIFT_SETTLER,
         )?
         .channel(&server.uri())?;
-    let platform_cut_bps = config.gifts.platform_cut_bps;
+    let platform_cut_bps = config.section::<GiftsConfig>().platform_cut_bps;
     let result = async {
         if args.walkthrough {
             script(channel.clone(), as_gift_settler, platform_cut_bps).await?;

@@ -149,7 +149,8 @@ const RETRY_FOR: Duration = Duration::from_secs(60);
 /// Runs the workload against `topology` and checks the outcome.
 pub async fn run(common: &CommonArgs, topology: &Path, workload: Workload) -> anyhow::Result<()> {
     let topology = Topology::read(topology)?;
-    let config = common.load()?;
+    // The check reads only the runtime's keys (client, auth).
+    let config = common.load(&livemesh_mesh::config::Registry::new())?;
     let security = Security::from_config(&config.auth)?;
     let mut base = ClientStack::new(&config.client);
     if let Some(tls) = security.client_tls() {

@@ -22,7 +22,8 @@ pub async fn run(
     if addrs.is_empty() {
         bail!("give at least one --addr URL");
     }
-    let config = common.load()?;
+    // A health check needs only the runtime's keys (client, auth).
+    let config = common.load(&livemesh_mesh::config::Registry::new())?;
     let security = Security::from_config(&config.auth)?;
     let stack = ClientStack::new(&config.client).secured(&security, "health-check")?;
     let deadline = Instant::now() + wait;

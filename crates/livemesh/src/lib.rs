@@ -14,6 +14,18 @@ use livemesh_ongoing_query::OngoingQuery;
 use livemesh_publish::Dispatcher;
 use livemesh_subscribe::SubscribeNode;
 
+/// The config sections the all-in-one reads: every service's, none its own
+/// (as one process it calls its siblings at its own address).
+pub fn config_sections() -> livemesh_mesh::config::Registry {
+    livemesh_mesh::config::Registry::new()
+        .with::<livemesh_counter::CounterConfig>()
+        .with::<livemesh_gift_settler::GiftsConfig>()
+        .with::<livemesh_ongoing_query::RoomsConfig>()
+        .with::<livemesh_subscribe::SubscribeConfig>()
+        .with::<livemesh_publish::PublishConfig>()
+        .with::<livemesh_fanout::FanoutConfig>()
+}
+
 /// All five services, built from one config.
 #[derive(Debug, Clone)]
 pub struct Mesh {

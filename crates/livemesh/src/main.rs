@@ -155,14 +155,17 @@ enum ConfigCommand {
 async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Up { common } => {
-            livemesh_mesh::run_service_main("livemesh", &common, |config| async move {
-                Mesh::from_config(&config).await
-            })
+            livemesh_mesh::run_service_main(
+                "livemesh",
+                &livemesh::config_sections(),
+                &common,
+                |config| async move { Mesh::from_config(&config).await },
+            )
             .await
         }
         Command::Config {
             command: ConfigCommand::Check { common },
-        } => livemesh_mesh::check::run("livemesh", &common),
+        } => livemesh_mesh::check::run("livemesh", &livemesh::config_sections(), &common),
         Command::Health {
             common,
             addrs,
@@ -208,7 +211,8 @@ fn print_token(
     ttl_secs: u64,
 ) -> anyhow::Result<()> {
     use livemesh_mesh::auth::{Claims, Security};
-    let config = common.load()?;
+    // A token needs only the runtime's `auth` keys.
+    let config = common.load(&livemesh_mesh::config::Registry::new())?;
     let security = Security::from_config(&config.auth)?;
     let keys = security.keys().ok_or_else(|| {
         anyhow::anyhow!(

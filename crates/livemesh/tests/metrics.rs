@@ -17,6 +17,8 @@ use livemesh_proto::v1::{
     subscribe_response,
 };
 use livemesh_publish::Dispatcher;
+use livemesh_publish::PublishConfig;
+use livemesh_subscribe::SubscribeConfig;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_testkit::TestServer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -142,8 +144,8 @@ async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
     let telemetry = init_telemetry();
     let metrics = telemetry.metrics_addr().unwrap();
     let (_dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
-    config.publish.ongoing_query_url = rooms.url();
-    config.subscribe.ongoing_query_url = rooms.url();
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms.url();
     let store = FanoutStore::memory(FanoutSettings::default());
     let (publish_config, publish_store) = (config.clone(), store.clone());
     let publish = TestServer::start_with(|addr| async move {
@@ -156,7 +158,7 @@ async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
         )
     })
     .await;
-    config.subscribe.publish_url = publish.url();
+    config.section_mut::<SubscribeConfig>().publish_url = publish.url();
     let node = TestServer::start_with(|addr| async move {
         SubscribeNode::from_config(
             &Config {

@@ -122,18 +122,21 @@ fn half_a_tls_configuration_is_refused_with_the_keys_named() {
     // With TLS on, a plaintext peer URL could never connect.
     let dir = tempfile::tempdir().unwrap();
     let certs = livemesh_testkit::mesh_certificates(dir.path());
-    let err = livemesh_mesh::config::Config::load(&livemesh_mesh::config::Sources {
-        env: vec![
-            ("LIVEMESH_AUTH__TLS_CERT".into(), certs.tls_cert),
-            ("LIVEMESH_AUTH__TLS_KEY".into(), certs.tls_key),
-            ("LIVEMESH_AUTH__TLS_CA".into(), certs.tls_ca),
-            (
-                "LIVEMESH_COUNTER__PUBLISH_URL".into(),
-                "http://10.0.0.7:50051".into(),
-            ),
-        ],
-        ..livemesh_mesh::config::Sources::default()
-    })
+    let err = livemesh_mesh::config::Config::load(
+        &livemesh::config_sections(),
+        &livemesh_mesh::config::Sources {
+            env: vec![
+                ("LIVEMESH_AUTH__TLS_CERT".into(), certs.tls_cert),
+                ("LIVEMESH_AUTH__TLS_KEY".into(), certs.tls_key),
+                ("LIVEMESH_AUTH__TLS_CA".into(), certs.tls_ca),
+                (
+                    "LIVEMESH_COUNTER__PUBLISH_URL".into(),
+                    "http://10.0.0.7:50051".into(),
+                ),
+            ],
+            ..livemesh_mesh::config::Sources::default()
+        },
+    )
     .unwrap_err()
     .to_string();
     assert!(err.contains("counter.publish_url"), "{err}");

@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use livemesh_counter::Counter;
+use livemesh_counter::CounterConfig;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
+use livemesh_gift_settler::GiftsConfig;
 use livemesh_mesh::Config;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
@@ -22,6 +24,8 @@ use livemesh_proto::v1::{
     EndRoomRequest, SendLovesRequest, SubscribeRequest, room_event, subscribe_response,
 };
 use livemesh_publish::Dispatcher;
+use livemesh_publish::PublishConfig;
+use livemesh_subscribe::SubscribeConfig;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_testkit::TestServer;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
@@ -58,11 +62,11 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
     let exporter = install_tracing();
     let (_dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     let rooms_url = rooms.url();
-    config.publish.ongoing_query_url = rooms_url.clone();
-    config.subscribe.ongoing_query_url = rooms_url.clone();
-    config.counter.ongoing_query_url = rooms_url;
-    config.counter.flush_tick_ms = 5;
-    config.counter.publish_tick_ms = 20;
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms_url.clone();
+    config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms_url.clone();
+    config.section_mut::<CounterConfig>().ongoing_query_url = rooms_url;
+    config.section_mut::<CounterConfig>().flush_tick_ms = 5;
+    config.section_mut::<CounterConfig>().publish_tick_ms = 20;
     let store = FanoutStore::memory(FanoutSettings::default());
 
     let publish_config = config.clone();
@@ -75,8 +79,8 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
         Dispatcher::from_config(&config, publish_store)
     })
     .await;
-    config.subscribe.publish_url = publish.url();
-    config.counter.publish_url = publish.url();
+    config.section_mut::<SubscribeConfig>().publish_url = publish.url();
+    config.section_mut::<CounterConfig>().publish_url = publish.url();
     let node_config = config.clone();
     let node = TestServer::start_with(|addr| async move {
         let config = Config {
@@ -235,9 +239,9 @@ async fn connected_trace(
 async fn ending_a_room_is_one_trace_through_watch_to_the_settlement() {
     let exporter = install_tracing();
     let (_dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
-    config.gifts.ongoing_query_url = rooms.url();
+    config.section_mut::<GiftsConfig>().ongoing_query_url = rooms.url();
     // No dispatcher: the settlement does not need one.
-    config.gifts.publish_url = rooms.url();
+    config.section_mut::<GiftsConfig>().publish_url = rooms.url();
     let settler = TestServer::start(GiftSettler::from_config(&config).await.unwrap()).await;
     let room_id = livemesh_testkit::start_room(rooms.channel(), 5).await;
     // The settler follows the Watch once it has opened the room's accounts.

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::str::FromStr as _;
 
 use crate::auth::Security;
-use crate::config::{CommonArgs, Config, Sources};
+use crate::config::{CommonArgs, Config, Registry, Sources};
 
 /// One thing wrong with a configuration: the key and what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,57 +29,12 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// What the checked process runs: one service as its own process, or the
-/// all-in-one `livemesh up`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    AllInOne,
-    OngoingQuery,
-    Publish,
-    Subscribe,
-    Counter,
-    GiftSettler,
-}
-
-impl Role {
-    /// The role of a `run_service_main` name (`counter`, `publish`, ...;
-    /// anything else is the all-in-one).
-    pub fn from_name(name: &str) -> Self {
-        match name {
-            crate::auth::policy::ONGOING_QUERY => Self::OngoingQuery,
-            crate::auth::policy::PUBLISH => Self::Publish,
-            crate::auth::policy::SUBSCRIBE => Self::Subscribe,
-            crate::auth::policy::COUNTER => Self::Counter,
-            crate::auth::policy::GIFT_SETTLER => Self::GiftSettler,
-            _ => Self::AllInOne,
-        }
-    }
-
-    /// The peer-URL keys this role calls, with the service each must name.
-    fn peers(self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            Self::AllInOne | Self::OngoingQuery => &[],
-            Self::Publish => &[("publish.ongoing_query_url", "ongoing-query")],
-            Self::Subscribe => &[
-                ("subscribe.ongoing_query_url", "ongoing-query"),
-                ("subscribe.publish_url", "publish"),
-            ],
-            Self::Counter => &[
-                ("counter.ongoing_query_url", "ongoing-query"),
-                ("counter.publish_url", "publish"),
-            ],
-            Self::GiftSettler => &[
-                ("gifts.ongoing_query_url", "ongoing-query"),
-                ("gifts.publish_url", "publish"),
-            ],
-        }
-    }
-}
-
-/// Loads and checks the configuration `sources` describe for `role`.
-/// Returns the configuration when nothing is wrong, else every problem.
-pub fn check(role: Role, sources: &Sources) -> Result<Config, Vec<Problem>> {
-    let config = match Config::load(sources) {
+/// Loads and checks the configuration `sources` describe, with the
+/// sections `registry` names; when the registry names the process's own
+/// service section, as that service running on its own. Returns the
+/// configuration when nothing is wrong, else every problem.
+pub fn check(registry: &Registry, sources: &Sources) -> Result<Config, Vec<Problem>> {
+    let config = match Config::load(registry, sources) {
         Ok(config) => config,
         // Loading stops at the first problem; its message names the key.
         Err(err) => {
@@ -130,25 +85,9 @@ pub fn check(role: Role, sources: &Sources) -> Result<Config, Vec<Problem>> {
     }
 
     // SQL URLs: parsed as the pools would, without connecting.
-    let mut sql_urls: Vec<(String, &str)> = Vec::new();
-    if let Some(url) = &config.database_url {
-        sql_urls.push(("database_url".into(), url));
-    }
-    if !config.counter.database_url.is_empty() {
-        sql_urls.push(("counter.database_url".into(), &config.counter.database_url));
-    }
-    for (i, url) in config.gifts.shard_urls.iter().enumerate() {
-        sql_urls.push((format!("gifts.shard_urls[{i}]"), url));
-    }
-    for region in &config.rooms.regions {
-        sql_urls.push((
-            format!("rooms.regions[id = {}].database_url", region.id),
-            &region.database_url,
-        ));
-    }
-    for (key, url) in &sql_urls {
+    for (key, url) in config.sql_urls() {
         if let Err(why) = sql_url(url) {
-            report(key, why);
+            report(&key, why);
         }
     }
     if let Some(urls) = &config.redis_url {
@@ -161,52 +100,31 @@ pub fn check(role: Role, sources: &Sources) -> Result<Config, Vec<Problem>> {
 
     // Peers: every configured one must be a URL a channel can dial; as its
     // own process a service has no sibling in the process to fall back to.
-    for (key, url) in config.peer_urls() {
-        if !url.is_empty()
-            && let Err(why) = http_url(url)
+    let own = registry.own_section();
+    for peer in config.peers() {
+        if !peer.url.is_empty()
+            && let Err(why) = http_url(peer.url)
         {
-            report(key, why);
+            report(peer.key, why);
         }
     }
-    for (key, peer) in role.peers() {
-        if peer_value(&config, key).is_empty() {
-            report(
-                key,
-                format!(
-                    "empty: as its own process this service would call itself at {}, which \
-                     serves no {peer} service; set it to {peer}'s address",
-                    config.peer_url("")
-                ),
-            );
-        }
-    }
-
-    match role {
-        Role::Subscribe => check_node_url(&config, &mut report),
-        Role::Publish | Role::Counter => {
-            if config.redis_urls().is_none() {
+    if let Some(own) = own {
+        for peer in config.peers() {
+            if peer.key.split('.').next() == Some(own)
+                && let Some(service) = peer.required
+                && peer.url.is_empty()
+            {
                 report(
-                    "redis_url",
-                    "unset: this process would keep its state in its own memory, where no \
-                     other process looks; set it to the Redis (Cluster) the mesh shares"
-                        .into(),
+                    peer.key,
+                    format!(
+                        "empty: as its own process this service would call itself at {}, which \
+                         serves no {service} service; set it to {service}'s address",
+                        config.peer_url("")
+                    ),
                 );
             }
         }
-        Role::AllInOne | Role::OngoingQuery | Role::GiftSettler => {}
-    }
-    if role == Role::OngoingQuery
-        && let Some(url) = &config.database_url
-        && url.starts_with("mysql:")
-        && config.rooms.feed
-        && sql_database(url).is_none()
-    {
-        report(
-            "database_url",
-            "names no database: the binlog tail filters the rooms table by database; \
-             use mysql://USER:PASS@HOST:PORT/DATABASE"
-                .into(),
-        );
+        config.check_own_process(own, &mut report);
     }
 
     // The files the service reads before it binds: the token secret and
@@ -243,45 +161,8 @@ pub fn check(role: Role, sources: &Sources) -> Result<Config, Vec<Problem>> {
     }
 }
 
-fn check_node_url(config: &Config, report: &mut impl FnMut(&str, String)) {
-    let node_url = config.peer_url(&config.subscribe.node_url);
-    let host = http::Uri::from_str(&node_url)
-        .ok()
-        .and_then(|uri| uri.host().map(str::to_owned));
-    let unspecified = host
-        .as_deref()
-        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
-        .is_some_and(|ip| ip.is_unspecified());
-    if unspecified {
-        report(
-            "subscribe.node_url",
-            format!(
-                "{node_url:?} is not an address dispatchers can call; set it to this node's own \
-                 address (e.g. LIVEMESH_SUBSCRIBE__NODE_URL=http://$(POD_IP):50051)"
-            ),
-        );
-    }
-    if config.redis_urls().is_none() {
-        report(
-            "redis_url",
-            "unset: this node would register its rooms in its own memory, where no dispatcher \
-             of another process looks; set it to the Redis (Cluster) the dispatchers use"
-                .into(),
-        );
-    }
-}
-
-fn peer_value<'a>(config: &'a Config, key: &str) -> &'a str {
-    config
-        .peer_urls()
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .map_or("", |(_, url)| url)
-}
-
-/// An `http(s)://host[:port]` URL.
-fn http_url(url: &str) -> Result<(), String> {
+/// Checks an `http(s)://host[:port]` URL; the message says what is wrong.
+pub fn http_url(url: &str) -> Result<(), String> {
     let uri = http::Uri::from_str(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
@@ -326,11 +207,9 @@ fn sql_url(url: &str) -> Result<(), String> {
 /// The SQL databases the configuration names, passwords masked.
 fn summarize_sql(config: &Config) -> String {
     let mut urls: Vec<String> = config
-        .database_url
-        .iter()
-        .chain(std::iter::once(&config.counter.database_url).filter(|u| !u.is_empty()))
-        .chain(&config.gifts.shard_urls)
-        .map(|u| crate::sql::redact(u))
+        .sql_urls()
+        .into_iter()
+        .map(|(_, url)| crate::sql::redact(url))
         .collect();
     if urls.is_empty() {
         return "SQLite files under data_dir".to_owned();
@@ -343,7 +222,8 @@ fn summarize_sql(config: &Config) -> String {
     urls.join(", ")
 }
 
-fn sql_database(url: &str) -> Option<String> {
+/// The database a MySQL/MariaDB URL names, if any.
+pub fn sql_database(url: &str) -> Option<String> {
     sqlx::mysql::MySqlConnectOptions::from_str(&url.replacen("mariadb:", "mysql:", 1))
         .ok()?
         .get_database()
@@ -353,9 +233,9 @@ fn sql_database(url: &str) -> Option<String> {
 /// `--check-config` / `config check`: checks the configuration `args`
 /// describe (from the process environment) for the service `name`, prints
 /// the outcome, and returns the exit code (0 usable, 2 not).
-pub fn run(name: &str, args: &CommonArgs) -> ExitCode {
+pub fn run(name: &str, registry: &Registry, args: &CommonArgs) -> ExitCode {
     let sources = Sources::from_process(args.config.clone(), args.overrides());
-    match check(Role::from_name(name), &sources) {
+    match check(registry, &sources) {
         Ok(config) => {
             println!(
                 "{name}: configuration OK (listen {}, auth.mode {}, TLS {}, redis {}, sql {})",
@@ -388,140 +268,5 @@ pub fn run(name: &str, args: &CommonArgs) -> ExitCode {
             );
             ExitCode::from(2)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    fn sources(pairs: &[(&str, &str)]) -> Sources {
-        Sources {
-            env: pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..Sources::default()
-        }
-    }
-
-    fn keys(problems: &[Problem]) -> Vec<&str> {
-        problems.iter().map(|p| p.key.as_str()).collect()
-    }
-
-    const SUBSCRIBE_OK: &[(&str, &str)] = &[
-        ("LIVEMESH_LISTEN", "0.0.0.0:50051"),
-        ("LIVEMESH_REDIS_URL", "redis://r1:6379,redis://r2:6379"),
-        ("LIVEMESH_SUBSCRIBE__NODE_URL", "http://10.1.2.3:50051"),
-        (
-            "LIVEMESH_SUBSCRIBE__ONGOING_QUERY_URL",
-            "http://ongoing-query:50051",
-        ),
-        ("LIVEMESH_SUBSCRIBE__PUBLISH_URL", "http://publish:50051"),
-        ("LIVEMESH_TELEMETRY__METRICS_LISTEN", "0.0.0.0:9464"),
-    ];
-
-    #[test]
-    fn a_complete_service_configuration_passes() {
-        check(Role::Subscribe, &sources(SUBSCRIBE_OK)).unwrap();
-        check(Role::AllInOne, &Sources::default()).unwrap();
-    }
-
-    #[test]
-    fn a_service_on_its_own_needs_its_peers_its_store_and_a_callable_node_url() {
-        let problems = check(
-            Role::Subscribe,
-            &sources(&[("LIVEMESH_LISTEN", "0.0.0.0:50051")]),
-        )
-        .unwrap_err();
-        assert_eq!(
-            keys(&problems),
-            [
-                "subscribe.ongoing_query_url",
-                "subscribe.publish_url",
-                "subscribe.node_url",
-                "redis_url"
-            ],
-            "{problems:?}"
-        );
-        assert!(problems[2].message.contains("0.0.0.0"), "{problems:?}");
-        let problems = check(Role::Counter, &Sources::default()).unwrap_err();
-        assert_eq!(
-            keys(&problems),
-            [
-                "counter.ongoing_query_url",
-                "counter.publish_url",
-                "redis_url"
-            ]
-        );
-    }
-
-    #[test]
-    fn malformed_urls_and_addresses_are_named_by_key() {
-        let mut env = SUBSCRIBE_OK.to_vec();
-        env.extend([
-            ("LIVEMESH_DATABASE_URL", "postgres://x/y"),
-            ("LIVEMESH_GIFTS__SHARD_URLS", "mysql://u:p@db:3306/s0,db1"),
-            ("LIVEMESH_TELEMETRY__METRICS_LISTEN", "localhost"),
-            ("LIVEMESH_TELEMETRY__OTLP_ENDPOINT", "collector:4317"),
-        ]);
-        env.retain(|(k, v)| !(k == &"LIVEMESH_TELEMETRY__METRICS_LISTEN" && v == &"0.0.0.0:9464"));
-        env.retain(|(k, _)| k != &"LIVEMESH_REDIS_URL");
-        env.push(("LIVEMESH_REDIS_URL", "http://r1:6379"));
-        let problems = check(Role::Subscribe, &sources(&env)).unwrap_err();
-        assert_eq!(
-            keys(&problems),
-            [
-                "telemetry.metrics_listen",
-                "telemetry.otlp_endpoint",
-                "database_url",
-                "gifts.shard_urls[1]",
-                "redis_url"
-            ],
-            "{problems:?}"
-        );
-    }
-
-    #[test]
-    fn an_unknown_key_and_a_plaintext_peer_under_tls_fail_with_the_key_named() {
-        let mut env = SUBSCRIBE_OK.to_vec();
-        env.push(("LIVEMESH_SUBSCRIBE__QUEUE_LENGTH", "5"));
-        let problems = check(Role::Subscribe, &sources(&env)).unwrap_err();
-        assert!(
-            problems[0].message.contains("queue_length")
-                && problems[0]
-                    .message
-                    .contains("LIVEMESH_SUBSCRIBE__QUEUE_LENGTH"),
-            "{problems:?}"
-        );
-        let mut env = SUBSCRIBE_OK.to_vec();
-        env.extend([
-            ("LIVEMESH_AUTH__TLS_CERT", "/tls/tls.crt"),
-            ("LIVEMESH_AUTH__TLS_KEY", "/tls/tls.key"),
-            ("LIVEMESH_AUTH__TLS_CA", "/tls/ca.crt"),
-        ]);
-        let problems = check(Role::Subscribe, &sources(&env)).unwrap_err();
-        assert!(
-            problems[0].message.contains("subscribe.node_url")
-                && problems[0].message.contains("https://"),
-            "{problems:?}"
-        );
-    }
-
-    #[test]
-    fn missing_secret_and_certificate_files_are_reported() {
-        let mut env = SUBSCRIBE_OK.to_vec();
-        env.extend([
-            ("LIVEMESH_AUTH__MODE", "enforce"),
-            ("LIVEMESH_AUTH__TOKEN_SECRET_FILE", "/nonexistent/secret"),
-        ]);
-        let problems = check(Role::Subscribe, &sources(&env)).unwrap_err();
-        assert_eq!(keys(&problems), ["auth"], "{problems:?}");
-        assert!(
-            problems[0].message.contains("auth.token_secret_file"),
-            "{problems:?}"
-        );
     }
 }

@@ -5,16 +5,19 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::{CommonArgs, Config};
+use crate::config::{CommonArgs, Config, Registry};
 use crate::server::{ServerBuilder, ServiceSet, bind};
 use crate::shutdown::{os_signal, run_with_drain};
 
 /// Runs one service as its own process. `build` turns the loaded config into
 /// the service (connecting to its databases); any failure is printed with
 /// its cause and the process exits non-zero. With `--check-config` it only
-/// checks the configuration ([`crate::check`]) and exits.
+/// checks the configuration ([`crate::check`]) and exits. `sections` are
+/// the config sections the service reads, its own marked (see
+/// [`Registry::own`]).
 pub async fn run_service_main<S, F>(
     name: &'static str,
+    sections: &Registry,
     args: &CommonArgs,
     build: impl FnOnce(Config) -> F,
 ) -> ExitCode
@@ -23,9 +26,9 @@ where
     F: Future<Output = anyhow::Result<S>>,
 {
     if args.check_config {
-        return crate::check::run(name, args);
+        return crate::check::run(name, sections, args);
     }
-    let config = match args.load() {
+    let config = match args.load(sections) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("{name}: {err}");
@@ -93,19 +96,21 @@ where
 
 /// A service binary's whole `main.rs`: the `Args` of the common flags (the
 /// doc comment given first is the binary's `--help` text) and a `main` that
-/// runs `build` through [`run_service_main`]. The invoking crate depends on
+/// runs `build` through [`run_service_main`] with the config sections
+/// `sections` names. The invoking crate depends on
 /// `clap` and `tokio` (the derive and `#[tokio::main]` expand there).
 ///
 /// ```ignore
 /// livemesh_mesh::service_main!(
 ///     /// Serve the love counter.
 ///     "counter",
+///     livemesh_counter::config_sections(),
 ///     |config| async move { livemesh_counter::Counter::from_config(&config).await }
 /// );
 /// ```
 #[macro_export]
 macro_rules! service_main {
-    ($(#[$meta:meta])* $name:literal, $build:expr $(,)?) => {
+    ($(#[$meta:meta])* $name:literal, $sections:expr, $build:expr $(,)?) => {
         $(#[$meta])*
         #[derive(Debug, clap::Parser)]
         #[command(version)]
@@ -117,7 +122,7 @@ macro_rules! service_main {
         #[tokio::main]
         async fn main() -> std::process::ExitCode {
             let args = <Args as clap::Parser>::parse();
-            $crate::run_service_main($name, &args.common, $build).await
+            $crate::run_service_main($name, &$sections, &args.common, $build).await
         }
     };
 }

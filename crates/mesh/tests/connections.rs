@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use livemesh_mesh::Shutdown;
-use livemesh_mesh::config::ServerConfig;
+use livemesh_mesh::config::{Registry, ServerConfig};
 use livemesh_mesh::server::{ServeError, ServerBuilder};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -368,15 +368,20 @@ fn the_limits_are_validated() {
             "server.http2_max_header_list_bytes",
         ),
     ] {
-        let err = Config::load(&Sources {
-            env: vec![(var.to_owned(), value.to_owned())],
-            ..Sources::default()
-        })
+        let err = Config::load(
+            &Registry::new(),
+            &Sources {
+                env: vec![(var.to_owned(), value.to_owned())],
+                ..Sources::default()
+            },
+        )
         .unwrap_err()
         .to_string();
         assert!(err.contains(named), "{var}={value}: {err}");
     }
-    let defaults = Config::load(&Sources::default()).unwrap().server;
+    let defaults = Config::load(&Registry::new(), &Sources::default())
+        .unwrap()
+        .server;
     assert!(defaults.max_header_bytes * 2 <= defaults.http2_max_header_list_bytes);
     assert!(defaults.idle_timeout_ms > 0 && defaults.keepalive_interval_ms > 0);
 }

@@ -19,6 +19,7 @@
 #![recursion_limit = "256"]
 
 mod analytics;
+mod config;
 mod core;
 mod ends;
 mod error;
@@ -28,6 +29,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod validate;
+pub use crate::config::CounterConfig;
 
 use livemesh_mesh::lock;
 use std::collections::{HashMap, HashSet};
@@ -72,7 +74,7 @@ impl Counter {
     /// database, and points the clients at ongoing-query and the dispatcher
     /// (by default this process's own address).
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let c = &config.counter;
+        let c = &*config.section::<CounterConfig>();
         let hot = HotConfig {
             phase: c.phase.clone(),
             total_shards: c.total_shards,
@@ -225,4 +227,9 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServeError> {
     livemesh_mesh::server::serve_set(counter, listener, shutdown).await
+}
+
+/// The config sections `livemesh-counter` reads: its own `[counter]`.
+pub fn config_sections() -> livemesh_mesh::config::Registry {
+    livemesh_mesh::config::Registry::new().own::<CounterConfig>()
 }

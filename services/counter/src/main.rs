@@ -6,6 +6,7 @@ livemesh_mesh::service_main!(
     /// database for final totals; set counter.ongoing_query_url and
     /// counter.publish_url in the config file.
     "counter",
+    livemesh_counter::config_sections(),
     |config| async move {
         livemesh_counter::Counter::from_config(&config).await
     }

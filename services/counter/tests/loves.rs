@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use livemesh_counter::Counter;
+use livemesh_counter::CounterConfig;
 use livemesh_counter::testing::{BatchFate, LovesDb, Taken};
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
@@ -63,16 +64,16 @@ async fn mesh_with(redis_url: Option<String>, tune: impl FnOnce(&mut Config)) ->
         livemesh_mesh::config::sqlite_url(&dir.path().join("counter.db"))
     };
     config.redis_url = redis_url;
-    config.counter.ongoing_query_url = rooms.url();
+    config.section_mut::<CounterConfig>().ongoing_query_url = rooms.url();
     // No dispatcher in these tests: publishing fails and is counted.
-    config.counter.publish_url = rooms.url();
-    config.counter.database_url = db_url.clone();
-    config.counter.flush_tick_ms = 5;
-    config.counter.total_cache_ms = 20;
-    config.counter.end_grace_ms = 50;
+    config.section_mut::<CounterConfig>().publish_url = rooms.url();
+    config.section_mut::<CounterConfig>().database_url = db_url.clone();
+    config.section_mut::<CounterConfig>().flush_tick_ms = 5;
+    config.section_mut::<CounterConfig>().total_cache_ms = 20;
+    config.section_mut::<CounterConfig>().end_grace_ms = 50;
     // Every test's rooms start at id 1: a key phase of its own keeps them
     // apart on the shared Redis.
-    config.counter.phase = livemesh_testkit::unique_name("t");
+    config.section_mut::<CounterConfig>().phase = livemesh_testkit::unique_name("t");
     tune(&mut config);
     let counter = Counter::from_config(&config).await.unwrap();
     let counter_server = TestServer::start(counter.clone()).await;
@@ -444,8 +445,8 @@ async fn an_ended_room_keeps_its_numbers_also_after_a_restart(hot: HotBackend) {
 async fn a_batch_retried_after_many_others_counts_once(hot: HotBackend) {
     let mut m = mesh_with(hot.redis_url(), |c| {
         // 71 batches of one viewer, far apart in video time, sent at once.
-        c.counter.future_skew_ms = 10_000_000;
-        c.counter.burst = 10_000;
+        c.section_mut::<CounterConfig>().future_skew_ms = 10_000_000;
+        c.section_mut::<CounterConfig>().burst = 10_000;
     })
     .await;
     let room = m.start_room().await;

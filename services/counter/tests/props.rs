@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use livemesh_counter::Counter;
+use livemesh_counter::CounterConfig;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::{GetLovesRequest, SendLovesRequest, TopLoversRequest};
 use livemesh_testkit::TestServer;
@@ -72,13 +73,13 @@ fn the_counter_answers_any_request_precisely_and_counts_each_accepted_love_once(
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (_dir, _rooms, server, counter, started) = rt.block_on(async {
         let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
-        config.counter.ongoing_query_url = rooms.url();
+        config.section_mut::<CounterConfig>().ongoing_query_url = rooms.url();
         // No dispatcher: publishing totals fails and is counted.
-        config.counter.publish_url = rooms.url();
-        config.counter.database_url =
+        config.section_mut::<CounterConfig>().publish_url = rooms.url();
+        config.section_mut::<CounterConfig>().database_url =
             livemesh_mesh::config::sqlite_url(&dir.path().join("counter.db"));
-        config.counter.flush_tick_ms = 5;
-        config.counter.end_grace_ms = 50;
+        config.section_mut::<CounterConfig>().flush_tick_ms = 5;
+        config.section_mut::<CounterConfig>().end_grace_ms = 50;
         let counter = Counter::from_config(&config).await.unwrap();
         let server = TestServer::start(counter.clone()).await;
         let ongoing = livemesh_testkit::start_room(rooms.channel(), 7).await;

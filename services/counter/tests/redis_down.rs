@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use livemesh_counter::Counter;
+use livemesh_counter::CounterConfig;
 use livemesh_counter::testing::LovesDb;
 use livemesh_mesh::{Config, MeshChannel};
 use livemesh_proto::v1::SendLovesRequest;
@@ -36,10 +37,10 @@ async fn setup_with(
     let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     config.redis_url = Some(redis.url());
-    config.counter.ongoing_query_url = rooms.url();
-    config.counter.publish_url = rooms.url();
-    config.counter.flush_tick_ms = 5;
-    config.counter.max_pending_loves = max_pending;
+    config.section_mut::<CounterConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<CounterConfig>().publish_url = rooms.url();
+    config.section_mut::<CounterConfig>().flush_tick_ms = 5;
+    config.section_mut::<CounterConfig>().max_pending_loves = max_pending;
     tune(&mut config);
     let counter = Counter::from_config(&config).await.unwrap();
     let server = TestServer::start(counter.clone()).await;
@@ -146,8 +147,8 @@ async fn an_acknowledged_love_survives_a_failover_to_a_replica() {
     let replica = PrivateRedis::start().await;
     replicate(&replica, &master).await;
     let mut s = setup_with(&master, 1_000_000, |c| {
-        c.counter.wait_replicas = 1;
-        c.counter.wait_timeout_ms = 100;
+        c.section_mut::<CounterConfig>().wait_replicas = 1;
+        c.section_mut::<CounterConfig>().wait_timeout_ms = 100;
     })
     .await;
     assert_eq!(s.send(1, 1, 5).await.unwrap(), 5);
@@ -342,13 +343,13 @@ async fn chaos_redis_killed_twice_under_love_load_loses_and_doubles_nothing() {
     let room = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let room_started = tokio::time::Instant::now();
     config.redis_url = Some(redis.url());
-    config.counter.ongoing_query_url = rooms.url();
-    config.counter.publish_url = rooms.url();
-    config.counter.flush_tick_ms = 5;
-    config.counter.end_grace_ms = 50;
+    config.section_mut::<CounterConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<CounterConfig>().publish_url = rooms.url();
+    config.section_mut::<CounterConfig>().flush_tick_ms = 5;
+    config.section_mut::<CounterConfig>().end_grace_ms = 50;
     // About a second of this load: each outage fills it, so the refusals
     // (and the clients' retries of the same ids) are exercised too.
-    config.counter.max_pending_loves = 250;
+    config.section_mut::<CounterConfig>().max_pending_loves = 250;
     let counter = Counter::from_config(&config).await.unwrap();
     let server = TestServer::start(counter.clone()).await;
     let stats = || counter.stats();

@@ -17,6 +17,7 @@
 
 mod announce;
 mod batch;
+mod config;
 mod error;
 mod finance;
 mod gifts;
@@ -27,6 +28,7 @@ mod settle;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub use crate::config::GiftsConfig;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +71,7 @@ impl GiftSettler {
     /// under the data dir) and points the clients at ongoing-query and the
     /// dispatcher (by default this process's own address).
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let g = &config.gifts;
+        let g = &*config.section::<GiftsConfig>();
         let urls: Vec<String> = if g.shard_urls.is_empty() {
             (0..g.shards)
                 .map(|n| config.sqlite_url(&format!("gifts-shard-{n}.db")))
@@ -153,6 +155,11 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServeError> {
     livemesh_mesh::server::serve_set(settler, listener, shutdown).await
+}
+
+/// The config sections `livemesh-gift-settler` reads: its own `[gifts]`.
+pub fn config_sections() -> livemesh_mesh::config::Registry {
+    livemesh_mesh::config::Registry::new().own::<GiftsConfig>()
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use livemesh_gift_settler::GiftsConfig;
 use livemesh_proto::v1::SettleRoomRequest;
+use livemesh_publish::PublishConfig;
 use livemesh_testkit::{PrivateMariadb, SqlBackend, TestServer, until};
 
 livemesh_testkit::sql_backend_suite!(
@@ -82,15 +84,15 @@ async fn mesh_on(shard_urls: Vec<String>) -> Mesh {
 
 async fn mesh_on_with(shard_urls: Vec<String>, tune: impl FnOnce(&mut Config)) -> Mesh {
     let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
-    config.gifts.shard_urls = shard_urls;
-    config.gifts.room_subaccounts = SUBACCOUNTS;
-    config.gifts.ongoing_query_url = rooms.url();
-    config.publish.ongoing_query_url = rooms.url();
+    config.section_mut::<GiftsConfig>().shard_urls = shard_urls;
+    config.section_mut::<GiftsConfig>().room_subaccounts = SUBACCOUNTS;
+    config.section_mut::<GiftsConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
     // A dispatcher takes each gift's event before the gift commits.
-    let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
+    let store = FanoutStore::memory(FanoutSettings::default());
     let dispatcher =
         TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;
-    config.gifts.publish_url = dispatcher.url();
+    config.section_mut::<GiftsConfig>().publish_url = dispatcher.url();
     tune(&mut config);
     let settler = GiftSettler::from_config(&config).await.unwrap();
     let gifts_server = TestServer::start(settler.clone()).await;
@@ -607,7 +609,7 @@ async fn a_refused_transfer_in_a_group_commit_is_rolled_back_alone(backend: SqlB
 /// transfers take the same batch worker, so they share its batches.
 fn same_lane_as(user: u64, count: usize) -> Vec<u64> {
     use livemesh_gift_settler::{shard_of, testing::lane};
-    let workers = Config::default().gifts.batch_workers as u64;
+    let workers = GiftsConfig::default().batch_workers as u64;
     (user + 1..)
         .filter(|u| {
             shard_of(*u, SHARDS) == shard_of(user, SHARDS)
@@ -622,7 +624,7 @@ fn same_lane_as(user: u64, count: usize) -> Vec<u64> {
 /// the unrelated deposits batched with it.
 async fn balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone(backend: SqlBackend) {
     let mut mesh = mesh_with(&backend, |config| {
-        config.gifts.max_transfer_amount = i64::MAX
+        config.section_mut::<GiftsConfig>().max_transfer_amount = i64::MAX
     })
     .await;
     let rich = 1_000;

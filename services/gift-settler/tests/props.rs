@@ -18,8 +18,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use futures::StreamExt as _;
+use livemesh_fanout::FanoutConfig;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
+use livemesh_gift_settler::GiftsConfig;
 use livemesh_gift_settler::testing::{CLEARING, EXTERNAL};
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::settlement_service_client::SettlementServiceClient;
@@ -28,6 +30,7 @@ use livemesh_proto::v1::{
     SendGiftRequest, SettleRoomRequest,
 };
 use livemesh_publish::Dispatcher;
+use livemesh_publish::PublishConfig;
 use livemesh_testkit::props::{self, amount, id, id_from, key, timestamp};
 use livemesh_testkit::{SqlBackend, TestServer};
 use proptest::prelude::*;
@@ -110,16 +113,16 @@ async fn mesh(backend: &SqlBackend) -> Mesh {
     let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
     for shard in 0..SHARDS {
         config
-            .gifts
+            .section_mut::<GiftsConfig>()
             .shard_urls
             .push(backend.database_url(&format!("props{shard}")).await);
     }
-    config.gifts.ongoing_query_url = rooms.url();
-    config.publish.ongoing_query_url = rooms.url();
-    config.gifts.max_transfer_amount = i64::MAX;
-    let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
+    config.section_mut::<GiftsConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<GiftsConfig>().max_transfer_amount = i64::MAX;
+    let store = FanoutStore::memory(FanoutSettings::from(&*config.section::<FanoutConfig>()));
     let dispatcher = TestServer::start(Dispatcher::from_config(&config, store).unwrap()).await;
-    config.gifts.publish_url = dispatcher.url();
+    config.section_mut::<GiftsConfig>().publish_url = dispatcher.url();
     let settler = GiftSettler::from_config(&config).await.unwrap();
     let server = TestServer::start(settler.clone()).await;
     let ongoing = livemesh_testkit::start_room(rooms.channel(), 9).await;

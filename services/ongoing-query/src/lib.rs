@@ -12,6 +12,7 @@
 mod binlog;
 mod cache;
 mod changes;
+mod config;
 mod error;
 mod feed;
 mod grpc;
@@ -34,6 +35,7 @@ use livemesh_mesh::{Config, ShutdownSignal};
 use livemesh_proto::v1::ongoing_query_service_server::OngoingQueryServiceServer;
 use livemesh_proto::v1::room_admin_service_server::RoomAdminServiceServer;
 
+pub use crate::config::{RegionConfig, RoomsConfig};
 pub use crate::error::RoomError;
 use crate::feed::{FeedConfig, FeedStart};
 pub use crate::rooms::Rooms;
@@ -55,14 +57,14 @@ impl OngoingQuery {
     /// fills the cache with a first full scan.
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         let security = Security::from_config(&config.auth)?;
+        let section = config.section::<RoomsConfig>();
         let local_url = config
             .database_url
             .clone()
             .unwrap_or_else(|| config.sqlite_url("rooms.db"));
-        let mut urls = vec![(config.rooms.local_region, local_url)];
+        let mut urls = vec![(section.local_region, local_url)];
         urls.extend(
-            config
-                .rooms
+            section
                 .regions
                 .iter()
                 .map(|r| (r.id, r.database_url.clone())),
@@ -80,10 +82,10 @@ impl OngoingQuery {
                 .with_context(|| format!("rooms database of region {region}"))?;
             stores.push(store);
         }
-        let feed = config.rooms.feed.then(|| FeedConfig {
-            poll: Duration::from_millis(config.rooms.feed_poll_ms),
-            consumer: FeedConfig::consumer_name(&config.rooms.feed_consumer),
-            server_id: config.rooms.binlog_server_id,
+        let feed = section.feed.then(|| FeedConfig {
+            poll: Duration::from_millis(section.feed_poll_ms),
+            consumer: FeedConfig::consumer_name(&section.feed_consumer),
+            server_id: section.binlog_server_id,
         });
         // Feed positions are taken before the cache is filled: whatever
         // commits during the scan then also arrives through the feed.
@@ -96,8 +98,8 @@ impl OngoingQuery {
         }
         let rooms = Rooms::new(
             stores,
-            Duration::from_millis(config.rooms.ended_retention_ms),
-            config.rooms.watch_window,
+            Duration::from_millis(section.ended_retention_ms),
+            section.watch_window,
         );
         let report = rooms
             .scan_all()
@@ -106,7 +108,7 @@ impl OngoingQuery {
         tracing::info!(ongoing = report.ongoing, "room cache filled");
         Ok(Self {
             rooms: Arc::new(rooms),
-            scan_interval: Duration::from_millis(config.rooms.scan_interval_ms),
+            scan_interval: Duration::from_millis(section.scan_interval_ms),
             feed: feed.map(|config| (config, feed_starts)),
             security,
         })
@@ -161,4 +163,9 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServeError> {
     livemesh_mesh::server::serve_set(service, listener, shutdown).await
+}
+
+/// The config sections `livemesh-ongoing-query` reads: its own `[rooms]`.
+pub fn config_sections() -> livemesh_mesh::config::Registry {
+    livemesh_mesh::config::Registry::new().own::<RoomsConfig>()
 }

@@ -5,6 +5,7 @@ livemesh_mesh::service_main!(
     /// (OngoingQuery). Point --database-url at the local region's rooms
     /// database; further regions go in the config file's [[rooms.regions]].
     "ongoing-query",
+    livemesh_ongoing_query::config_sections(),
     |config| async move {
         livemesh_ongoing_query::OngoingQuery::from_config(&config).await
     }

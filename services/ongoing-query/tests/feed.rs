@@ -11,6 +11,7 @@ use std::time::Duration;
 use livemesh_mesh::sql::Db;
 use livemesh_mesh::{Config, MeshChannel, on_db};
 use livemesh_ongoing_query::OngoingQuery;
+use livemesh_ongoing_query::RoomsConfig;
 use livemesh_ongoing_query::testing::{local_id, room_id};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
@@ -37,8 +38,8 @@ fn config(url: &str, consumer: &str) -> Config {
         database_url: Some(url.to_owned()),
         ..Config::default()
     };
-    config.rooms.scan_interval_ms = 3_600_000;
-    config.rooms.feed_consumer = consumer.to_owned();
+    config.section_mut::<RoomsConfig>().scan_interval_ms = 3_600_000;
+    config.section_mut::<RoomsConfig>().feed_consumer = consumer.to_owned();
     config
 }
 
@@ -262,7 +263,7 @@ async fn a_watcher_beyond_the_window_gets_a_snapshot(backend: SqlBackend) {
     let _binlog = backend.binlog_lock().await;
     let url = backend.database_url("window").await;
     let mut config = config(&url, "feed-window");
-    config.rooms.watch_window = 3;
+    config.section_mut::<RoomsConfig>().watch_window = 3;
     let (_service, server) = serve(&config).await;
     let mut admin = admin(&server);
     let mut changes = watch(&server, None).await;

@@ -6,9 +6,10 @@
 
 use std::collections::BTreeSet;
 
-use livemesh_mesh::config::RegionConfig;
 use livemesh_mesh::{Config, MeshChannel, on_db};
 use livemesh_ongoing_query::OngoingQuery;
+use livemesh_ongoing_query::RegionConfig;
+use livemesh_ongoing_query::RoomsConfig;
 use livemesh_ongoing_query::testing::{REGION_SHIFT, region_of};
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
@@ -283,7 +284,7 @@ async fn full_scan_heals_changes_made_behind_the_cache(backend: SqlBackend) {
     let (_a, _server_a, mut writer) = serve(&url).await;
     // The reader follows no change feed: only its scans can tell it anything.
     let mut no_feed = config(&url);
-    no_feed.rooms.feed = false;
+    no_feed.section_mut::<RoomsConfig>().feed = false;
     let b = OngoingQuery::from_config(&no_feed).await.unwrap();
     let _server_b = TestServer::start(b.clone()).await;
     let mut reader = Clients::new(&_server_b);
@@ -346,10 +347,13 @@ async fn room_ids_route_to_the_anchor_region(backend: SqlBackend) {
     let local = backend.database_url("region0").await;
     let remote = backend.database_url("region1").await;
     let mut config = config(&local);
-    config.rooms.regions.push(RegionConfig {
-        id: 1,
-        database_url: remote,
-    });
+    config
+        .section_mut::<RoomsConfig>()
+        .regions
+        .push(RegionConfig {
+            id: 1,
+            database_url: remote,
+        });
     let service = OngoingQuery::from_config(&config).await.unwrap();
     let server = TestServer::start(service.clone()).await;
     let mut c = Clients::new(&server);

@@ -12,6 +12,7 @@
 //! room-ended event, once whoever else also does.
 
 mod comment;
+mod config;
 mod dispatch;
 mod ends;
 mod error;
@@ -19,6 +20,7 @@ mod grpc;
 mod metrics;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub use crate::config::PublishConfig;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +50,7 @@ impl Dispatcher {
     /// of the same process), following ongoing-query's Watch as `config`
     /// says (by default this process's own address).
     pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
-        let c = &config.publish;
+        let c = &*config.section::<PublishConfig>();
         let security = Security::from_config(&config.auth)?;
         let stack = ClientStack::new(&config.client).secured(&security, policy::PUBLISH)?;
         let ongoing = stack
@@ -97,4 +99,12 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServeError> {
     livemesh_mesh::server::serve_set(dispatcher, listener, shutdown).await
+}
+
+/// The config sections `livemesh-publish` reads: its own `[publish]`, and
+/// `[fanout]` for the hot store it shares with the subscribe nodes.
+pub fn config_sections() -> livemesh_mesh::config::Registry {
+    livemesh_mesh::config::Registry::new()
+        .own::<PublishConfig>()
+        .with::<livemesh_fanout::FanoutConfig>()
 }

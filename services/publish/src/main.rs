@@ -5,6 +5,7 @@ livemesh_mesh::service_main!(
     /// holding viewers of each room. Needs the shared hot store (`--redis-url`),
     /// where the nodes register.
     "publish",
+    livemesh_publish::config_sections(),
     |config| async move {
         let store = livemesh_fanout::connect(&config)?;
         if store.is_memory() {

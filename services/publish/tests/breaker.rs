@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use livemesh_fanout::FanoutConfig;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::ClientStack;
 use livemesh_mesh::breaker::BreakerState;
-use livemesh_mesh::config::{ClientConfig, FanoutConfig};
+use livemesh_mesh::config::ClientConfig;
 use livemesh_mesh::server::{ServerBuilder, ServiceSet};
 use livemesh_proto::v1::subscribe_service_server::{SubscribeService, SubscribeServiceServer};
 use livemesh_proto::v1::{

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 
+use livemesh_fanout::FanoutConfig;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::auth::policy;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
@@ -20,6 +21,7 @@ use livemesh_proto::v1::{
     Comment, GiftSent, PublishRequest, RoomEvent, StreamPosition, room_event,
 };
 use livemesh_publish::Dispatcher;
+use livemesh_publish::PublishConfig;
 use livemesh_testkit::TestServer;
 use livemesh_testkit::props::{self, id, id_from, key, text};
 use proptest::prelude::*;
@@ -88,8 +90,8 @@ struct Mesh {
 
 async fn mesh() -> Mesh {
     let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
-    config.publish.ongoing_query_url = rooms.url();
-    let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
+    let store = FanoutStore::memory(FanoutSettings::from(&*config.section::<FanoutConfig>()));
     let dispatcher =
         TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;
     let mut started = Vec::new();

@@ -14,6 +14,7 @@
 //! from the room's history, then goes live, with no gap and no duplicate at
 //! the seam.
 
+mod config;
 mod error;
 mod feed;
 mod grpc;
@@ -37,6 +38,7 @@ use livemesh_proto::encoded::server::subscribe_service_server::SubscribeServiceS
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
 use livemesh_rooms::RoomDirectory;
 
+pub use crate::config::SubscribeConfig;
 pub use crate::error::{RESUME_EPOCH, RESUME_OFFSET};
 use crate::table::{NodeInner, NodeSettings};
 
@@ -53,7 +55,7 @@ impl SubscribeNode {
     /// of the same process), calling ongoing-query and the dispatcher as
     /// `config` says (by default this process's own address).
     pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
-        let c = &config.subscribe;
+        let c = &*config.section::<SubscribeConfig>();
         let security = Security::from_config(&config.auth)?;
         let stack = ClientStack::new(&config.client).secured(&security, policy::SUBSCRIBE)?;
         let rooms = RoomDirectory::new(
@@ -128,4 +130,12 @@ pub async fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServeError> {
     livemesh_mesh::server::serve_set(node, listener, shutdown).await
+}
+
+/// The config sections `livemesh-subscribe` reads: its own `[subscribe]`,
+/// and `[fanout]` for the hot store it shares with the dispatchers.
+pub fn config_sections() -> livemesh_mesh::config::Registry {
+    livemesh_mesh::config::Registry::new()
+        .own::<SubscribeConfig>()
+        .with::<livemesh_fanout::FanoutConfig>()
 }

@@ -4,6 +4,7 @@ livemesh_mesh::service_main!(
     /// Serve viewers' room subscriptions (one subscribe node). Needs the shared
     /// hot store (`--redis-url`), where dispatchers find the node.
     "subscribe",
+    livemesh_subscribe::config_sections(),
     |config| async move {
         let store = livemesh_fanout::connect(&config)?;
         if store.is_memory() {

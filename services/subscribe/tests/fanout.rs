@@ -18,6 +18,8 @@ use livemesh_proto::v1::{
     StreamStarted, SubscribeRequest, SubscribeResponse, room_event, subscribe_response,
 };
 use livemesh_publish::Dispatcher;
+use livemesh_publish::PublishConfig;
+use livemesh_subscribe::SubscribeConfig;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_subscribe::{RESUME_EPOCH, RESUME_OFFSET};
 use livemesh_testkit::{HotBackend, ProxyMode, TcpProxy, TestServer};
@@ -72,12 +74,12 @@ struct Mesh {
 /// The settings every test mesh uses: fast reports, small queues.
 fn base_config(dir: &std::path::Path, rooms: &TestServer) -> Config {
     let mut config = livemesh_testkit::config_in(dir);
-    config.subscribe.ongoing_query_url = rooms.url();
-    config.publish.ongoing_query_url = rooms.url();
-    config.subscribe.report_interval_ms = 100;
-    config.subscribe.lease_ms = 1_000;
-    config.subscribe.gap_wait_ms = 20;
-    config.subscribe.queue_len = 32;
+    config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<SubscribeConfig>().report_interval_ms = 100;
+    config.section_mut::<SubscribeConfig>().lease_ms = 1_000;
+    config.section_mut::<SubscribeConfig>().gap_wait_ms = 20;
+    config.section_mut::<SubscribeConfig>().queue_len = 32;
     config
 }
 
@@ -103,7 +105,7 @@ async fn start_node(
     let server = TestServer::start_with(|addr| {
         let mut config = config.clone();
         config.listen = addr;
-        config.subscribe.publish_url = dispatcher.url();
+        config.section_mut::<SubscribeConfig>().publish_url = dispatcher.url();
         let node = SubscribeNode::from_config(&config, store.clone());
         handle = node.as_ref().ok().cloned();
         async move { node }
@@ -736,8 +738,8 @@ async fn cross_datacenter_forwarding_delivers_once(backend: HotBackend) {
     for dc in 0..2 {
         let mut config = config.clone();
         config.listen = addrs[dc];
-        config.publish.datacenter = format!("dc{}", dc + 1);
-        config.publish.peers = vec![format!("http://{}", addrs[1 - dc])];
+        config.section_mut::<PublishConfig>().datacenter = format!("dc{}", dc + 1);
+        config.section_mut::<PublishConfig>().peers = vec![format!("http://{}", addrs[1 - dc])];
         let dispatcher = Dispatcher::from_config(&config, stores[dc].clone()).unwrap();
         let server = livemesh_mesh::server::LocalServer::start(dispatcher.clone(), addrs[dc])
             .await
@@ -751,7 +753,7 @@ async fn cross_datacenter_forwarding_delivers_once(backend: HotBackend) {
         let server = TestServer::start_with(|addr| {
             let mut config = config.clone();
             config.listen = addr;
-            config.subscribe.publish_url = format!("http://{}", addrs[dc]);
+            config.section_mut::<SubscribeConfig>().publish_url = format!("http://{}", addrs[dc]);
             let node = SubscribeNode::from_config(&config, stores[dc].clone());
             handle = node.as_ref().ok().cloned();
             async move { node }
@@ -1379,8 +1381,9 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
     let dir = tempfile::tempdir().unwrap();
     let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = base_config(dir.path(), &rooms);
-    config.subscribe.queue_len = 1024;
-    config.publish.deliver_timeout_ms = u64::try_from(CHAOS_DELIVER_TIMEOUT.as_millis()).unwrap();
+    config.section_mut::<SubscribeConfig>().queue_len = 1024;
+    config.section_mut::<PublishConfig>().deliver_timeout_ms =
+        u64::try_from(CHAOS_DELIVER_TIMEOUT.as_millis()).unwrap();
     let store = store(HotBackend::Redis, &livemesh_testkit::unique_name("chaos"));
     let (dispatcher_server, dispatcher) = start_dispatcher(&config, &store).await;
     let mut nodes = vec![
@@ -1395,8 +1398,8 @@ async fn chaos_a_black_holed_node_loses_nothing_and_does_not_fail_publishes() {
         let through = TcpProxy::start(addr);
         let mut config = config.clone();
         config.listen = addr;
-        config.subscribe.node_url = through.url();
-        config.subscribe.publish_url = dispatcher_server.url();
+        config.section_mut::<SubscribeConfig>().node_url = through.url();
+        config.section_mut::<SubscribeConfig>().publish_url = dispatcher_server.url();
         proxy = Some(through);
         let node = SubscribeNode::from_config(&config, store.clone());
         handle = node.as_ref().ok().cloned();
@@ -1752,9 +1755,9 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
     let dir = tempfile::tempdir().unwrap();
     let rooms = livemesh_testkit::ongoing_query(dir.path()).await;
     let mut config = base_config(dir.path(), &rooms);
-    config.subscribe.report_interval_ms = 60_000;
-    config.subscribe.lease_ms = 120_000;
-    config.subscribe.head_check_ms = 100;
+    config.section_mut::<SubscribeConfig>().report_interval_ms = 60_000;
+    config.section_mut::<SubscribeConfig>().lease_ms = 120_000;
+    config.section_mut::<SubscribeConfig>().head_check_ms = 100;
     let store = store(backend, &livemesh_testkit::unique_name("lost"));
     let dispatcher = start_dispatcher(&config, &store).await;
     let nodes = [
@@ -1776,8 +1779,11 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
     }
     // The bound the configuration promises, plus room for two store round
     // trips on a busy CI machine.
-    let bound =
-        Duration::from_millis(config.subscribe.head_check_ms + config.subscribe.gap_wait_ms + 700);
+    let bound = Duration::from_millis(
+        config.section::<SubscribeConfig>().head_check_ms
+            + config.section::<SubscribeConfig>().gap_wait_ms
+            + 700,
+    );
     for n in 0..3u64 {
         let text = format!("appended {n}, never delivered");
         let payload = RoomEvent {

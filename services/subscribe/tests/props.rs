@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+use livemesh_fanout::FanoutConfig;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::MeshChannel;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
@@ -21,6 +22,8 @@ use livemesh_proto::v1::{
     subscribe_response,
 };
 use livemesh_publish::Dispatcher;
+use livemesh_publish::PublishConfig;
+use livemesh_subscribe::SubscribeConfig;
 use livemesh_subscribe::SubscribeNode;
 use livemesh_testkit::TestServer;
 use livemesh_testkit::props::{self, id, id_from};
@@ -46,16 +49,16 @@ struct Mesh {
 
 async fn mesh() -> Mesh {
     let (dir, mut config, rooms) = livemesh_testkit::config_with_rooms().await;
-    config.subscribe.ongoing_query_url = rooms.url();
-    config.publish.ongoing_query_url = rooms.url();
-    config.subscribe.report_interval_ms = 100;
-    config.subscribe.lease_ms = 1_000;
-    config.subscribe.gap_wait_ms = 5;
-    config.subscribe.queue_len = 32;
-    let store = FanoutStore::memory(FanoutSettings::from(&config.fanout));
+    config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
+    config.section_mut::<SubscribeConfig>().report_interval_ms = 100;
+    config.section_mut::<SubscribeConfig>().lease_ms = 1_000;
+    config.section_mut::<SubscribeConfig>().gap_wait_ms = 5;
+    config.section_mut::<SubscribeConfig>().queue_len = 32;
+    let store = FanoutStore::memory(FanoutSettings::from(&*config.section::<FanoutConfig>()));
     let dispatcher =
         TestServer::start(Dispatcher::from_config(&config, store.clone()).unwrap()).await;
-    config.subscribe.publish_url = dispatcher.url();
+    config.section_mut::<SubscribeConfig>().publish_url = dispatcher.url();
     let mut node = None;
     let node_server = TestServer::start_with(|addr| {
         let mut config = config.clone();

@@ -77,6 +77,8 @@ use tokio::task::JoinSet;
 use tonic::transport::Endpoint;
 
 use super::helpers::{FiguresFile, load_average, started_room};
+use livemesh_publish::PublishConfig;
+use livemesh_subscribe::SubscribeConfig;
 
 mod open;
 mod phase;
@@ -160,11 +162,11 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     let rooms = LocalServer::start(OngoingQuery::from_config(&config).await?, any).await?;
-    config.subscribe.ongoing_query_url = rooms.uri();
-    config.publish.ongoing_query_url = rooms.uri();
+    config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms.uri();
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms.uri();
     if let Some(ms) = args.deliver_timeout_ms {
         ensure!(ms >= 1, "--deliver-timeout-ms must be at least 1");
-        config.publish.deliver_timeout_ms = ms;
+        config.section_mut::<PublishConfig>().deliver_timeout_ms = ms;
     }
     let store = FanoutStore::memory(FanoutSettings::default());
 
@@ -178,14 +180,19 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
     })
     .await?;
     let dispatcher = built.context("the dispatcher was not built")?;
-    config.subscribe.publish_url = dispatch_server.uri();
+    config.section_mut::<SubscribeConfig>().publish_url = dispatch_server.uri();
     // Node 4 keeps its viewers fed from the history while black-holed (it
     // sees the gap when it renews its lease) and hands them a lease
     // interval's worth of comments at once: with the default queue they
     // would overflow and end, node 4 would leave the room, and the degraded
     // phase would stop being degraded. Room for two intervals' worth.
-    let catch_up = (2.0 * args.rate * config.subscribe.report_interval_ms as f64 / 1e3).ceil();
-    config.subscribe.queue_len = config.subscribe.queue_len.max(catch_up as usize);
+    let catch_up =
+        (2.0 * args.rate * config.section::<SubscribeConfig>().report_interval_ms as f64 / 1e3)
+            .ceil();
+    config.section_mut::<SubscribeConfig>().queue_len = config
+        .section::<SubscribeConfig>()
+        .queue_len
+        .max(catch_up as usize);
 
     let proxy_listener = tokio::net::TcpListener::bind(any).await?;
     let proxy_uri = format!("http://{}", proxy_listener.local_addr()?);
@@ -193,7 +200,7 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
     for i in 0..NODES {
         let mut config = config.clone();
         if i == BLACK_HOLED {
-            config.subscribe.node_url = proxy_uri.clone();
+            config.section_mut::<SubscribeConfig>().node_url = proxy_uri.clone();
         }
         nodes.push(
             LocalServer::bind_then(any, |addr| {
@@ -263,7 +270,8 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
         "expected the 4 nodes (node 4 at {proxy_uri}) registered for the room, found {registered:?}"
     );
 
-    let deliver_timeout = Duration::from_millis(config.publish.deliver_timeout_ms);
+    let deliver_timeout =
+        Duration::from_millis(config.section::<PublishConfig>().deliver_timeout_ms);
     let request_timeout = Duration::from_millis(config.client.request_timeout_ms);
     println!(
         "bench breaker: 1 dispatcher, {NODES} subscribe nodes with {} viewers each (node 4 behind a \
@@ -276,7 +284,7 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
         args.warmup,
         deliver_timeout.as_millis(),
         request_timeout.as_millis(),
-        config.subscribe.queue_len,
+        config.section::<SubscribeConfig>().queue_len,
     );
     let c = &config.client;
     println!(
@@ -290,11 +298,12 @@ pub async fn run(args: BreakerArgs) -> anyhow::Result<()> {
         c.breaker_open_ms,
         c.breaker_half_open_calls,
     );
-    if config.publish.deliver_timeout_ms >= c.breaker_slow_call_ms {
+    if config.section::<PublishConfig>().deliver_timeout_ms >= c.breaker_slow_call_ms {
         println!(
             "  NOTE: publish.deliver_timeout_ms {} >= client.breaker_slow_call_ms {} (the config \
              refuses this): until node 4's breaker opens every Publish counts as slow at its caller",
-            config.publish.deliver_timeout_ms, c.breaker_slow_call_ms
+            config.section::<PublishConfig>().deliver_timeout_ms,
+            c.breaker_slow_call_ms
         );
     }
 

@@ -27,6 +27,8 @@ use livemesh_proto::v1::{
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
 use super::helpers::{FiguresFile, measure, started_room, write_json};
+use livemesh_gift_settler::GiftsConfig;
+use livemesh_publish::PublishConfig;
 
 mod naive;
 mod usage;
@@ -160,20 +162,20 @@ async fn bench(
         data_dir: dir.path().join("gifts"),
         ..Config::default()
     };
-    config.gifts.shard_urls = shard_dbs.iter().map(|db| format!("{base}/{db}")).collect();
-    config.gifts.ongoing_query_url = rooms_server.uri();
+    config.section_mut::<GiftsConfig>().shard_urls =
+        shard_dbs.iter().map(|db| format!("{base}/{db}")).collect();
+    config.section_mut::<GiftsConfig>().ongoing_query_url = rooms_server.uri();
     // A dispatcher (in-process fan-out store, no viewers) takes each gift's
     // event before the gift commits, as in production.
-    config.publish.ongoing_query_url = rooms_server.uri();
-    let fanout =
-        livemesh_fanout::FanoutStore::memory(livemesh_fanout::FanoutSettings::from(&config.fanout));
+    config.section_mut::<PublishConfig>().ongoing_query_url = rooms_server.uri();
+    let fanout = livemesh_fanout::FanoutStore::memory(livemesh_fanout::FanoutSettings::default());
     let publish_server = LocalServer::start(
         livemesh_publish::Dispatcher::from_config(&config, fanout)?,
         any,
     )
     .await?;
-    config.gifts.publish_url = publish_server.uri();
-    let subaccounts = config.gifts.room_subaccounts;
+    config.section_mut::<GiftsConfig>().publish_url = publish_server.uri();
+    let subaccounts = config.section::<GiftsConfig>().room_subaccounts;
     let gifts_server = LocalServer::start(GiftSettler::from_config(&config).await?, any).await?;
     let stack = ClientStack::new(&config.client);
     let mut admin = RoomAdminServiceClient::new(stack.channel(&rooms_server.uri())?);

@@ -17,6 +17,7 @@ use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::{GetLovesRequest, SendLovesRequest, StartRoomRequest};
 
 use super::helpers::{FiguresFile, Latencies, measure, started_room, write_json};
+use livemesh_counter::CounterConfig;
 
 /// Options of `bench loves`.
 #[derive(Debug, clap::Args)]
@@ -90,9 +91,9 @@ pub async fn run(args: LovesArgs) -> anyhow::Result<()> {
             redis_url: Some(redis_url.clone()),
             ..Config::default()
         };
-        config.counter.ongoing_query_url = rooms_server.uri();
-        config.counter.publish_url = rooms_server.uri();
-        config.counter.phase = format!("bench{}", std::process::id());
+        config.section_mut::<CounterConfig>().ongoing_query_url = rooms_server.uri();
+        config.section_mut::<CounterConfig>().publish_url = rooms_server.uri();
+        config.section_mut::<CounterConfig>().phase = format!("bench{}", std::process::id());
         config
     };
     let writer = LocalServer::start(Counter::from_config(&node("a")).await?, any).await?;

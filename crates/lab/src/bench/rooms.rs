@@ -16,6 +16,7 @@ use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::{GetRoomRequest, PartitionRequest};
 
 use super::helpers::{FiguresFile, Latencies, measure, write_json};
+use livemesh_ongoing_query::RoomsConfig;
 
 /// Options of `bench rooms`.
 #[derive(Debug, clap::Args)]
@@ -69,8 +70,8 @@ pub async fn run(args: RoomsArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     // Only the change feed may explain what becomes visible.
-    config.rooms.scan_interval_ms = 3_600_000;
-    config.rooms.feed_consumer = format!("bench-{}", std::process::id());
+    config.section_mut::<RoomsConfig>().scan_interval_ms = 3_600_000;
+    config.section_mut::<RoomsConfig>().feed_consumer = format!("bench-{}", std::process::id());
     let service = OngoingQuery::from_config(&config).await?;
     let rooms = service.rooms().clone();
     let server = LocalServer::start(service, config.listen).await?;

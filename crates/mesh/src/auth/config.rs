@@ -208,13 +208,16 @@ mod tests {
     #[test]
     fn the_secret_set_by_the_environment_works_and_the_config_debug_hides_it() {
         let secret = "env-secret-that-must-never-be-logged-0123456789";
-        let config = crate::config::Config::load(&crate::config::Sources {
-            env: vec![
-                ("LIVEMESH_AUTH__MODE".into(), "enforce".into()),
-                ("LIVEMESH_AUTH__TOKEN_SECRET".into(), secret.into()),
-            ],
-            ..crate::config::Sources::default()
-        })
+        let config = crate::config::Config::load(
+            &crate::config::Registry::new(),
+            &crate::config::Sources {
+                env: vec![
+                    ("LIVEMESH_AUTH__MODE".into(), "enforce".into()),
+                    ("LIVEMESH_AUTH__TOKEN_SECRET".into(), secret.into()),
+                ],
+                ..crate::config::Sources::default()
+            },
+        )
         .unwrap();
         assert_eq!(config.auth.mode, AuthMode::Enforce);
         assert_eq!(config.auth.secret().unwrap().unwrap().expose(), secret);

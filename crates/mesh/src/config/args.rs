@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use super::{Config, ConfigError, Sources};
+use super::{Config, ConfigError, Registry, Sources};
 
 /// Flags every livemesh binary takes. They override the file and environment.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -63,11 +63,12 @@ impl CommonArgs {
         out
     }
 
-    /// Loads the configuration these flags describe, from the process environment.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        Config::load(&Sources::from_process(
-            self.config.clone(),
-            self.overrides(),
-        ))
+    /// Loads the configuration these flags describe, from the process
+    /// environment, with the sections `registry` names.
+    pub fn load(&self, registry: &Registry) -> Result<Config, ConfigError> {
+        Config::load(
+            registry,
+            &Sources::from_process(self.config.clone(), self.overrides()),
+        )
     }
 }

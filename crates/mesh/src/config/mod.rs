@@ -14,16 +14,13 @@ use serde::{Deserialize, Serialize};
 
 mod args;
 mod runtime;
-mod services;
+mod section;
 #[cfg(test)]
 mod tests;
 
 pub use args::CommonArgs;
 pub use runtime::{ClientConfig, ServerConfig, ShutdownConfig, TelemetryConfig};
-pub use services::{
-    CounterConfig, FanoutConfig, GiftsConfig, PublishConfig, RegionConfig, RoomsConfig,
-    SubscribeConfig,
-};
+pub use section::{Peer, Registry, SERVICE_SECTIONS, Section, Sections};
 
 /// Variables with this prefix configure livemesh.
 pub const ENV_PREFIX: &str = "LIVEMESH_";
@@ -46,8 +43,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The whole mesh's configuration. Each service reads the sections it needs;
-/// the all-in-one binary reads them all from the same file.
+/// A process's configuration: the shared runtime's keys, plus the sections
+/// of the services it runs ([`Section`], read with [`Config::section`]).
+/// The all-in-one binary reads every section from the same file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -64,14 +62,14 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub client: ClientConfig,
     pub server: ServerConfig,
-    pub rooms: RoomsConfig,
-    pub counter: CounterConfig,
-    pub fanout: FanoutConfig,
-    pub subscribe: SubscribeConfig,
-    pub publish: PublishConfig,
-    pub gifts: GiftsConfig,
     /// Authentication, authorisation, TLS and limits (see [`crate::auth`]).
     pub auth: crate::auth::AuthConfig,
+    /// The services' sections this configuration holds; read and change
+    /// them with [`Config::section`], [`Config::section_mut`] and
+    /// [`Config::with`]. (Public only so that `Config { listen, ..config }`
+    /// works outside this crate.)
+    #[serde(skip)]
+    pub sections: Sections,
 }
 
 impl Default for Config {
@@ -85,13 +83,8 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             client: ClientConfig::default(),
             server: ServerConfig::default(),
-            rooms: RoomsConfig::default(),
-            counter: CounterConfig::default(),
-            fanout: FanoutConfig::default(),
-            subscribe: SubscribeConfig::default(),
-            publish: PublishConfig::default(),
-            gifts: GiftsConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            sections: Sections::default(),
         }
     }
 }
@@ -119,11 +112,15 @@ impl Sources {
 }
 
 impl Config {
-    /// Builds the configuration from `sources`, layered over the defaults.
-    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+    /// Builds the configuration from `sources`, layered over the defaults:
+    /// the runtime's keys and the sections `registry` names.
+    pub fn load(registry: &Registry, sources: &Sources) -> Result<Self, ConfigError> {
         let invalid = |e: config::ConfigError| ConfigError::Invalid(e.to_string());
         let defaults = config::Config::try_from(&Config::default()).map_err(invalid)?;
         let mut builder = config::Config::builder().add_source(defaults);
+        for section in registry.defaults()? {
+            builder = builder.add_source(section);
+        }
         if let Some(path) = &sources.file {
             if !path.is_file() {
                 return Err(ConfigError::Invalid(format!(
@@ -148,169 +145,111 @@ impl Config {
             })
             .cloned()
             .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("LIVEMESH")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("publish.peers")
-                .with_list_parse_key("gifts.shard_urls")
-                .source(Some(env.clone())),
-        );
+        let mut environment = config::Environment::with_prefix("LIVEMESH")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true);
+        let list_keys = registry.list_keys();
+        // (Without named list keys, a list separator would split every value.)
+        if !list_keys.is_empty() {
+            environment = environment.list_separator(",");
+            for key in &list_keys {
+                environment = environment.with_list_parse_key(key);
+            }
+        }
+        builder = builder.add_source(environment.source(Some(env.clone())));
         for (key, value) in &sources.overrides {
             builder = builder
                 .set_override(key.as_str(), value.as_str())
                 .map_err(invalid)?;
         }
-        let config: Config = builder
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| ConfigError::Invalid(name_env_source(e.to_string(), &env)))?;
+        let named =
+            |e: config::ConfigError| ConfigError::Invalid(name_env_source(e.to_string(), &env));
+        let built = builder.build().map_err(named)?;
+        let sections = registry.parse(&built).map_err(named)?;
+        // The runtime's keys: everything but the sections, read or not.
+        let mut table: config::Map<String, config::Value> =
+            built.try_deserialize().map_err(named)?;
+        table.retain(|key, _| {
+            !registry.is_registered(key) && !SERVICE_SECTIONS.contains(&key.as_str())
+        });
+        let mut config: Config = config::Value::new(None, config::ValueKind::Table(table))
+            .try_deserialize()
+            .map_err(named)?;
+        config.sections = sections;
         config.validate()?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |message: &str| Err(ConfigError::Invalid(message.to_owned()));
-        let sub = &self.subscribe;
-        if sub.queue_len == 0
-            || sub.report_interval_ms == 0
-            || sub.gap_wait_ms == 0
-            || sub.max_streams_per_connection == 0
-            || self.fanout.history_len == 0
-            || self.publish.deliver_timeout_ms == 0
-            || self.gifts.shards == 0
-            || self.gifts.room_subaccounts == 0
-            || self.gifts.max_batch == 0
-            || self.gifts.batch_workers == 0
-        {
-            return invalid(
-                "subscribe.queue_len, report_interval_ms, gap_wait_ms, \
-                 max_streams_per_connection, fanout.history_len, \
-                 publish.deliver_timeout_ms, gifts.shards, gifts.room_subaccounts, \
-                 gifts.max_batch and gifts.batch_workers must be at least 1",
-            );
-        }
-        if self.gifts.platform_cut_bps > 10_000 {
-            return invalid("gifts.platform_cut_bps is at most 10000 (100%)");
-        }
-        if self.gifts.max_transfer_amount <= 0 {
-            return invalid("gifts.max_transfer_amount must be at least 1");
-        }
-        if self.gifts.announce_timeout_ms == 0 {
-            return invalid("gifts.announce_timeout_ms must be at least 1");
-        }
-        if sub.lease_ms < 2 * sub.report_interval_ms {
-            return invalid(
-                "subscribe.lease_ms must be at least twice subscribe.report_interval_ms, \
-                 or a live node's registrations expire between renewals",
-            );
-        }
-        if let Some(peer) = self
-            .publish
-            .peers
-            .iter()
-            .find(|p| !(p.starts_with("http://") || p.starts_with("https://")))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "publish.peers: {peer:?} is not an http:// or https:// URL"
-            )));
-        }
-        if self.rooms.scan_interval_ms == 0 {
-            return Err(ConfigError::Invalid(
-                "rooms.scan_interval_ms must be at least 1".into(),
-            ));
-        }
-        if self.rooms.feed_poll_ms == 0 || self.rooms.watch_window == 0 {
-            return Err(ConfigError::Invalid(
-                "rooms.feed_poll_ms and rooms.watch_window must be at least 1".into(),
-            ));
-        }
-        let c = &self.counter;
-        if c.max_taps_per_request == 0
-            || c.taps_per_second == 0
-            || c.burst == 0
-            || c.flush_tick_ms == 0
-            || c.publish_tick_ms == 0
-            || c.total_shards == 0
-            || c.top_length == 0
-            || c.analytics_queue == 0
-            || c.analytics_files == 0
-        {
-            return Err(ConfigError::Invalid(
-                "counter.max_taps_per_request, taps_per_second, burst, flush_tick_ms, \
-                 publish_tick_ms, total_shards, top_length, analytics_queue and analytics_files \
-                 must be at least 1"
-                    .into(),
-            ));
-        }
+    /// The section `S`: as loaded, or its defaults when this configuration
+    /// does not hold it.
+    pub fn section<S: Section>(&self) -> std::borrow::Cow<'_, S> {
+        self.sections.section()
+    }
+
+    /// The section `S` to change (its defaults are put in first when this
+    /// configuration does not hold it).
+    pub fn section_mut<S: Section>(&mut self) -> &mut S {
+        self.sections.section_mut()
+    }
+
+    /// This configuration with `section` in place of its `S`.
+    #[must_use]
+    pub fn with<S: Section>(mut self, section: S) -> Self {
+        self.sections.put(Box::new(section));
+        self
+    }
+
+    /// Checks the runtime's keys and every section this configuration
+    /// holds; the message names the key to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.client.request_timeout_ms == 0 || self.client.connect_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "client.connect_timeout_ms and client.request_timeout_ms must be at least 1".into(),
             ));
         }
         self.client.validate()?;
-        if self.publish.deliver_timeout_ms >= self.client.breaker_slow_call_ms {
-            return Err(ConfigError::Invalid(format!(
-                "publish.deliver_timeout_ms ({}) must be below client.breaker_slow_call_ms ({}): \
-                 until a dead subscribe node's breaker opens, every Publish waits the Deliver \
-                 timeout, and callers' breakers would count those publishes as slow and open on \
-                 the dispatcher",
-                self.publish.deliver_timeout_ms, self.client.breaker_slow_call_ms
-            )));
-        }
         self.server.validate()?;
         self.auth.validate().map_err(ConfigError::Invalid)?;
+        for section in self.sections.iter() {
+            section.validate(self).map_err(ConfigError::Invalid)?;
+        }
         // auth: with TLS on, servers speak nothing else, so every peer is https.
         if self.auth.tls_enabled()
-            && let Some((key, url)) = self
-                .peer_urls()
+            && let Some(peer) = self
+                .peers()
                 .into_iter()
-                .find(|(_, url)| url.starts_with("http://"))
+                .find(|peer| peer.url.starts_with("http://"))
         {
             return Err(ConfigError::Invalid(format!(
-                "{key} = {url:?}: with auth.tls_cert set, peers speak TLS only; use https://"
+                "{} = {:?}: with auth.tls_cert set, peers speak TLS only; use https://",
+                peer.key, peer.url
             )));
-        }
-        let mut seen = vec![self.rooms.local_region];
-        for region in &self.rooms.regions {
-            if seen.contains(&region.id) {
-                return Err(ConfigError::Invalid(format!(
-                    "region {} is configured twice (rooms.local_region and rooms.regions must name distinct regions)",
-                    region.id
-                )));
-            }
-            seen.push(region.id);
         }
         Ok(())
     }
 
-    /// Every configured peer URL, with its key.
-    pub(crate) fn peer_urls(&self) -> Vec<(&'static str, &str)> {
-        let mut urls = vec![
-            (
-                "counter.ongoing_query_url",
-                self.counter.ongoing_query_url.as_str(),
-            ),
-            ("counter.publish_url", &self.counter.publish_url),
-            ("subscribe.node_url", &self.subscribe.node_url),
-            (
-                "subscribe.ongoing_query_url",
-                &self.subscribe.ongoing_query_url,
-            ),
-            ("subscribe.publish_url", &self.subscribe.publish_url),
-            ("publish.ongoing_query_url", &self.publish.ongoing_query_url),
-            ("gifts.ongoing_query_url", &self.gifts.ongoing_query_url),
-            ("gifts.publish_url", &self.gifts.publish_url),
-        ];
-        urls.extend(
-            self.publish
-                .peers
-                .iter()
-                .map(|p| ("publish.peers", p.as_str())),
-        );
+    /// Every configured peer URL of every section, with its key.
+    pub fn peers(&self) -> Vec<Peer<'_>> {
+        self.sections.iter().flat_map(|s| s.peers()).collect()
+    }
+
+    /// Every SQL database URL the configuration names, with its key.
+    pub fn sql_urls(&self) -> Vec<(String, &str)> {
+        let mut urls: Vec<(String, &str)> = Vec::new();
+        if let Some(url) = &self.database_url {
+            urls.push(("database_url".into(), url));
+        }
+        urls.extend(self.sections.iter().flat_map(|s| s.sql_urls()));
         urls
+    }
+
+    /// The own-process checks of the section `name` (see
+    /// [`Section::check_own_process`]).
+    pub(crate) fn check_own_process(&self, name: &str, report: &mut dyn FnMut(&str, String)) {
+        if let Some(section) = self.sections.get(name) {
+            section.check_own_process(self, report);
+        }
     }
 
     /// The URL a service calls a peer at: `configured`, or when that is
@@ -365,23 +304,4 @@ fn name_env_source(message: String, env: &HashMap<String, String>) -> String {
 /// A `sqlite://` URL for `path`, creating the file when it is missing.
 pub fn sqlite_url(path: &Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
-}
-
-#[cfg(test)]
-mod example_file {
-    use super::*;
-
-    /// The documented example must stay loadable and equal to the defaults,
-    /// so the reference cannot drift from the code.
-    #[test]
-    fn the_example_config_loads_and_documents_the_defaults() {
-        let path =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config/livemesh.example.toml");
-        let config = Config::load(&Sources {
-            file: Some(path),
-            ..Sources::default()
-        })
-        .unwrap();
-        assert_eq!(config, Config::default());
-    }
 }

@@ -1,3 +1,5 @@
+use serde::{Deserialize, Serialize};
+
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -9,106 +11,8 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 #[test]
 fn defaults_apply_without_sources() {
-    let config = Config::load(&Sources::default()).unwrap();
+    let config = Config::load(&Registry::new(), &Sources::default()).unwrap();
     assert_eq!(config, Config::default());
-}
-
-#[test]
-fn file_beats_defaults_env_beats_file_flags_beat_env() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("livemesh.toml");
-    std::fs::write(
-        &file,
-        "listen = \"127.0.0.1:7001\"\ndatabase_url = \"sqlite://file.db\"\n\
-         [rooms]\nscan_interval_ms = 111\nended_retention_ms = 5\n\
-         [[rooms.regions]]\nid = 3\ndatabase_url = \"mysql://r3\"\n",
-    )
-    .unwrap();
-    let sources = Sources {
-        file: Some(file),
-        env: env(&[
-            ("LIVEMESH_DATABASE_URL", "sqlite://env.db"),
-            ("LIVEMESH_ROOMS__SCAN_INTERVAL_MS", "222"),
-            ("LIVEMESH_TEST_MYSQL_URL", "mysql://not-config"),
-            ("LIVEMESH_CONFIG", "ignored.toml"),
-            ("UNRELATED", "x"),
-        ]),
-        overrides: vec![("rooms.scan_interval_ms".into(), "333".into())],
-    };
-    let config = Config::load(&sources).unwrap();
-    assert_eq!(config.listen.port(), 7001, "file beats the default");
-    assert_eq!(config.database_url.as_deref(), Some("sqlite://env.db"));
-    assert_eq!(config.rooms.scan_interval_ms, 333, "flags beat env");
-    assert_eq!(config.rooms.ended_retention_ms, 5);
-    assert_eq!(
-        config.rooms.regions,
-        vec![RegionConfig {
-            id: 3,
-            database_url: "mysql://r3".into()
-        }]
-    );
-    assert_eq!(config.client, ClientConfig::default());
-}
-
-#[test]
-fn unknown_keys_and_bad_values_are_rejected_with_the_key_named() {
-    let err = Config::load(&Sources {
-        env: env(&[("LIVEMESH_ROOMS__SCAN_INTERVL_MS", "1")]),
-        ..Sources::default()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("scan_intervl_ms"), "{err}");
-    assert!(err.contains("LIVEMESH_ROOMS__SCAN_INTERVL_MS"), "{err}");
-
-    let err = Config::load(&Sources {
-        overrides: vec![("listen".into(), "not-an-address".into())],
-        ..Sources::default()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("listen") || err.contains("address"), "{err}");
-
-    let err = Config::load(&Sources {
-        file: Some(PathBuf::from("/nonexistent/livemesh.toml")),
-        ..Sources::default()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("does not exist"), "{err}");
-}
-
-#[test]
-fn peers_come_from_a_comma_list_and_leases_outlive_renewals() {
-    let config = Config::load(&Sources {
-        env: env(&[(
-            "LIVEMESH_PUBLISH__PEERS",
-            "http://dc2:50051,https://dc3:50051",
-        )]),
-        ..Sources::default()
-    })
-    .unwrap();
-    assert_eq!(
-        config.publish.peers,
-        vec![
-            "http://dc2:50051".to_owned(),
-            "https://dc3:50051".to_owned()
-        ]
-    );
-    let err = Config::load(&Sources {
-        env: env(&[("LIVEMESH_PUBLISH__PEERS", "dc2:50051")]),
-        ..Sources::default()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("publish.peers"), "{err}");
-    let err = Config::load(&Sources {
-        env: env(&[("LIVEMESH_SUBSCRIBE__LEASE_MS", "3000")]),
-        ..Sources::default()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("lease_ms"), "{err}");
 }
 
 #[test]
@@ -141,57 +45,17 @@ fn bad_breaker_retry_and_server_settings_are_rejected_with_the_key_named() {
             "max_concurrent_requests",
         ),
     ] {
-        let err = Config::load(&Sources {
-            env: env(&[(var, value)]),
-            ..Sources::default()
-        })
+        let err = Config::load(
+            &Registry::new(),
+            &Sources {
+                env: env(&[(var, value)]),
+                ..Sources::default()
+            },
+        )
         .unwrap_err()
         .to_string();
         assert!(err.contains(key), "{var}={value}: {err}");
     }
-}
-
-#[test]
-fn the_deliver_timeout_must_stay_below_the_slow_call_threshold() {
-    let err = Config::load(&Sources {
-        env: env(&[("LIVEMESH_PUBLISH__DELIVER_TIMEOUT_MS", "1000")]),
-        ..Sources::default()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("publish.deliver_timeout_ms (1000)")
-            && err.contains("client.breaker_slow_call_ms (1000)"),
-        "{err}"
-    );
-    let config = Config::load(&Sources {
-        env: env(&[
-            ("LIVEMESH_PUBLISH__DELIVER_TIMEOUT_MS", "1000"),
-            ("LIVEMESH_CLIENT__BREAKER_SLOW_CALL_MS", "2000"),
-        ]),
-        ..Sources::default()
-    })
-    .unwrap();
-    assert_eq!(config.publish.deliver_timeout_ms, 1_000);
-}
-
-#[test]
-fn duplicate_regions_are_rejected() {
-    let err = Config::load(&Sources {
-        env: env(&[("LIVEMESH_ROOMS__LOCAL_REGION", "2")]),
-        overrides: vec![],
-        file: None,
-    })
-    .map(|mut c| {
-        c.rooms.regions.push(RegionConfig {
-            id: 2,
-            database_url: "x".into(),
-        });
-        c.validate()
-    })
-    .unwrap()
-    .unwrap_err();
-    assert!(err.to_string().contains("region 2"), "{err}");
 }
 
 #[test]
@@ -207,4 +71,102 @@ fn unset_empty_and_blank_redis_urls_all_mean_the_in_process_store() {
         with(Some(" redis://127.0.0.1:6379,redis://127.0.0.1:6380 ")).redis_urls(),
         Some("redis://127.0.0.1:6379,redis://127.0.0.1:6380")
     );
+}
+
+/// A service section, as a service's `config.rs` writes one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Counter {
+    burst: u32,
+    peers: Vec<String>,
+    publish_url: String,
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Self {
+            burst: 200,
+            peers: Vec::new(),
+            publish_url: String::new(),
+        }
+    }
+}
+
+impl Section for Counter {
+    const NAME: &'static str = "counter";
+    const LIST_KEYS: &'static [&'static str] = &["peers"];
+
+    fn validate(&self, _config: &Config) -> Result<(), String> {
+        if self.burst == 0 {
+            return Err("counter.burst must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn peers(&self) -> Vec<Peer<'_>> {
+        vec![Peer {
+            key: "counter.publish_url",
+            url: &self.publish_url,
+            required: Some("publish"),
+        }]
+    }
+}
+
+fn file(text: &str) -> (tempfile::TempDir, Sources) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("livemesh.toml");
+    std::fs::write(&path, text).unwrap();
+    let sources = Sources {
+        file: Some(path),
+        ..Sources::default()
+    };
+    (dir, sources)
+}
+
+#[test]
+fn a_registered_section_is_layered_read_and_validated() {
+    let registry = Registry::new().own::<Counter>();
+    let (_dir, mut sources) = file("[counter]\nburst = 7\npublish_url = \"http://p:1\"\n");
+    sources.env = env(&[("LIVEMESH_COUNTER__PEERS", "http://a:1,http://b:2")]);
+    let config = Config::load(&registry, &sources).unwrap();
+    let counter = config.section::<Counter>();
+    assert_eq!(counter.burst, 7);
+    assert_eq!(counter.peers, ["http://a:1", "http://b:2"]);
+    assert_eq!(config.peers()[0].url, "http://p:1");
+
+    sources.overrides = vec![("counter.burst".into(), "0".into())];
+    let err = Config::load(&registry, &sources).unwrap_err().to_string();
+    assert!(err.contains("counter.burst must be at least 1"), "{err}");
+
+    let (_dir, sources) = file("[counter]\nburts = 7\n");
+    let err = Config::load(&registry, &sources).unwrap_err().to_string();
+    assert!(err.contains("burts"), "{err}");
+}
+
+#[test]
+fn other_services_sections_are_accepted_unread_and_a_misspelt_one_is_refused() {
+    let (_dir, sources) =
+        file("[counter]\nburst = 7\n[gifts]\nshards = 2\n[rooms]\nanything = 1\n");
+    let config = Config::load(&Registry::new().own::<Counter>(), &sources).unwrap();
+    assert_eq!(config.section::<Counter>().burst, 7);
+    let config = Config::load(&Registry::new(), &sources).unwrap();
+    assert_eq!(config, Config::default(), "no section read");
+
+    let (_dir, sources) = file("[counter]\nburst = 7\n[gfits]\nshards = 2\n");
+    let err = Config::load(&Registry::new().own::<Counter>(), &sources)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gfits"), "{err}");
+}
+
+#[test]
+fn a_section_not_held_reads_as_its_defaults_and_can_be_set() {
+    let mut config = Config::default();
+    assert_eq!(*config.section::<Counter>(), Counter::default());
+    assert_eq!(config, Config::default().with(Counter::default()));
+    config.section_mut::<Counter>().burst = 3;
+    assert_eq!(config.section::<Counter>().burst, 3);
+    assert_ne!(config, Config::default());
+    let copy = config.clone();
+    assert_eq!(copy.section::<Counter>().burst, 3);
 }
