@@ -7,12 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
-use livemesh::Mesh;
 use livemesh_mesh::auth::{AuthConfig, AuthMode, Claims, Credential, Secret, TokenKeys};
 use livemesh_mesh::config::ClientConfig;
-use livemesh_mesh::{ClientStack, Config, MeshChannel};
+use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
@@ -23,7 +24,7 @@ use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
     Comment, DeliverRequest, DepositRequest, GetBalanceRequest, GetRoomRequest, LoveTotal,
     PublishRequest, ReconcileRequest, RoomEvent, SendLovesRequest, StartRoomRequest,
-    SubscribeRequest, TopLoversRequest, room_event, subscribe_response,
+    TopLoversRequest, room_event,
 };
 use livemesh_testkit::TestServer;
 use tonic::Code;
@@ -41,33 +42,11 @@ async fn enforcing_mesh(dir: &std::path::Path, tweak: impl FnOnce(&mut AuthConfi
     };
     tweak(&mut auth);
     auth.validate().unwrap();
-    let dir = dir.to_owned();
-    TestServer::start_with(|addr| async move {
-        Mesh::from_config(&Config {
-            data_dir: dir,
-            listen: addr,
-            auth,
-            ..Config::default()
-        })
-        .await
-    })
-    .await
+    common::mesh(dir, auth).await
 }
 
 fn keys() -> TokenKeys {
     TokenKeys::new(&Secret::new(SECRET)).unwrap()
-}
-
-fn token(sub: &str, roles: &[&str]) -> String {
-    keys()
-        .mint(&Claims::new(sub, roles, Duration::from_secs(600)))
-        .unwrap()
-}
-
-fn viewer_token(viewer: u64) -> String {
-    keys()
-        .mint(&Claims::viewer(viewer, Duration::from_secs(600)))
-        .unwrap()
 }
 
 /// A channel whose calls carry `authorization: Bearer <token>` (or nothing).
@@ -81,17 +60,12 @@ fn channel(server: &TestServer, token: Option<&str>) -> MeshChannel {
 }
 
 fn as_role(server: &TestServer, role: &str) -> MeshChannel {
-    channel(server, Some(&token(&format!("test-{role}"), &[role])))
+    channel(server, Some(&common::role_token(&keys(), role)))
 }
 
 /// `message` with the viewer token of `viewer` in `x-livemesh-viewer`.
 fn for_viewer<T>(viewer: u64, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        livemesh_mesh::auth::VIEWER_HEADER,
-        viewer_token(viewer).parse().unwrap(),
-    );
-    request
+    common::for_viewer(&keys(), viewer, message)
 }
 
 async fn start_room(server: &TestServer) -> u64 {
@@ -332,18 +306,7 @@ async fn a_love_reaches_a_viewer_end_to_end_with_auth_enforced() {
     let room_id = start_room(&server).await;
     let bff = as_role(&server, "bff");
 
-    let mut stream = SubscribeServiceClient::new(bff.clone())
-        .subscribe(for_viewer(
-            7,
-            SubscribeRequest {
-                room_id,
-                viewer_id: 0,
-                ..SubscribeRequest::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = common::subscribe_as(bff.clone(), &keys(), 7, room_id).await;
     let sent = CounterServiceClient::new(bff)
         .send_loves(for_viewer(
             8,
@@ -361,22 +324,7 @@ async fn a_love_reaches_a_viewer_end_to_end_with_auth_enforced() {
 
     // The counter publishes the total (its own token), the dispatcher
     // delivers it to this node (its own token): the viewer sees 10.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let message = tokio::time::timeout_at(deadline, stream.message())
-            .await
-            .expect("the love total reached the viewer within 10 s")
-            .unwrap()
-            .expect("the stream stays open");
-        if let Some(subscribe_response::Message::Event(RoomEvent {
-            kind: Some(room_event::Kind::LoveTotal(LoveTotal { total })),
-            ..
-        })) = message.message
-            && total == 10
-        {
-            break;
-        }
-    }
+    common::love_total_reaches(&mut stream, 10).await;
 }
 
 #[tokio::test]
@@ -448,19 +396,9 @@ async fn rate_and_size_limits_answer_with_precise_statuses() {
     assert_code(oversize, Code::OutOfRange, "the limit is: 1024 bytes");
 }
 
-/// Runs the `livemesh` binary with the mesh's secret in its environment,
-/// off the runtime thread that serves the mesh it talks to.
+/// Runs the `livemesh` binary with the mesh's secret in its environment.
 async fn livemesh_cli(args: &[&str]) -> std::process::Output {
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_livemesh"))
-            .args(args)
-            .env("LIVEMESH_AUTH__TOKEN_SECRET", SECRET)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    common::livemesh_cli(args, &[("LIVEMESH_AUTH__TOKEN_SECRET", SECRET)]).await
 }
 
 #[tokio::test]

@@ -4,10 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use livemesh_fanout::{FanoutSettings, FanoutStore};
-use livemesh_mesh::Config;
 use livemesh_mesh::config::TelemetryConfig;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
@@ -16,11 +17,8 @@ use livemesh_proto::v1::{
     Comment, GetRoomRequest, PublishRequest, RoomEvent, SubscribeRequest, room_event,
     subscribe_response,
 };
-use livemesh_publish::Dispatcher;
 use livemesh_publish::PublishConfig;
 use livemesh_subscribe::SubscribeConfig;
-use livemesh_subscribe::SubscribeNode;
-use livemesh_testkit::TestServer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Metrics exported at a fresh endpoint on a free port.
@@ -147,28 +145,7 @@ async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
     config.section_mut::<PublishConfig>().ongoing_query_url = rooms.url();
     config.section_mut::<SubscribeConfig>().ongoing_query_url = rooms.url();
     let store = FanoutStore::memory(FanoutSettings::default());
-    let (publish_config, publish_store) = (config.clone(), store.clone());
-    let publish = TestServer::start_with(|addr| async move {
-        Dispatcher::from_config(
-            &Config {
-                listen: addr,
-                ..publish_config
-            },
-            publish_store,
-        )
-    })
-    .await;
-    config.section_mut::<SubscribeConfig>().publish_url = publish.url();
-    let node = TestServer::start_with(|addr| async move {
-        SubscribeNode::from_config(
-            &Config {
-                listen: addr,
-                ..config
-            },
-            store,
-        )
-    })
-    .await;
+    let (publish, node) = common::dispatcher_and_node(&mut config, store).await;
     let room_id = livemesh_testkit::start_room(rooms.channel(), 1).await;
     let mut viewer = SubscribeServiceClient::new(node.channel())
         .subscribe(SubscribeRequest {

@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 
 use livemesh_mesh::ClientStack;
@@ -148,12 +150,8 @@ fn half_a_tls_configuration_is_refused_with_the_keys_named() {
 /// and a viewer sees the love total.
 #[tokio::test]
 async fn the_mesh_works_end_to_end_over_mutual_tls_with_auth_enforced() {
-    use livemesh_mesh::Config;
+    use livemesh_proto::v1::SendLovesRequest;
     use livemesh_proto::v1::counter_service_client::CounterServiceClient;
-    use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
-    use livemesh_proto::v1::{
-        LoveTotal, RoomEvent, SendLovesRequest, SubscribeRequest, room_event, subscribe_response,
-    };
 
     let dir = tempfile::tempdir().unwrap();
     let auth = AuthConfig {
@@ -162,27 +160,11 @@ async fn the_mesh_works_end_to_end_over_mutual_tls_with_auth_enforced() {
         ..livemesh_testkit::mesh_certificates(dir.path())
     };
     let security = Security::from_config(&auth).unwrap();
-    let data_dir = dir.path().to_owned();
-    let server = livemesh_testkit::TestServer::start_with(|addr| async move {
-        livemesh::Mesh::from_config(&Config {
-            data_dir,
-            listen: addr,
-            auth,
-            ..Config::default()
-        })
-        .await
-    })
-    .await;
+    let server = common::mesh(dir.path(), auth).await;
     let https = format!("https://{}", server.addr);
     let keys = security.keys().unwrap();
     let as_role = |role: &str| {
-        let token = keys
-            .mint(&Claims::new(
-                format!("test-{role}"),
-                &[role],
-                std::time::Duration::from_secs(600),
-            ))
-            .unwrap();
+        let token = common::role_token(keys, role);
         ClientStack::new(&ClientConfig::default())
             .with_tls(security.client_tls().unwrap())
             .with_credential(Credential::bearer(&token).unwrap())
@@ -190,21 +172,9 @@ async fn the_mesh_works_end_to_end_over_mutual_tls_with_auth_enforced() {
             .unwrap()
     };
     let room_id = livemesh_testkit::start_room(as_role("admin"), 77).await;
-    let mut stream = SubscribeServiceClient::new(as_role("bff"))
-        .subscribe(for_viewer(
-            keys,
-            3,
-            SubscribeRequest {
-                room_id,
-                viewer_id: 0,
-                ..SubscribeRequest::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = common::subscribe_as(as_role("bff"), keys, 3, room_id).await;
     CounterServiceClient::new(as_role("bff"))
-        .send_loves(for_viewer(
+        .send_loves(common::for_viewer(
             keys,
             4,
             SendLovesRequest {
@@ -216,35 +186,5 @@ async fn the_mesh_works_end_to_end_over_mutual_tls_with_auth_enforced() {
         ))
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let message = tokio::time::timeout_at(deadline, stream.message())
-            .await
-            .expect("the love total reached the viewer within 10 s")
-            .unwrap()
-            .expect("the stream stays open");
-        if let Some(subscribe_response::Message::Event(RoomEvent {
-            kind: Some(room_event::Kind::LoveTotal(LoveTotal { total: 4 })),
-            ..
-        })) = message.message
-        {
-            break;
-        }
-    }
-}
-
-/// `message` with a viewer token for `viewer` in `x-livemesh-viewer`.
-fn for_viewer<T>(
-    keys: &livemesh_mesh::auth::TokenKeys,
-    viewer: u64,
-    message: T,
-) -> tonic::Request<T> {
-    let token = keys
-        .mint(&Claims::viewer(viewer, std::time::Duration::from_secs(600)))
-        .unwrap();
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert(livemesh_mesh::auth::VIEWER_HEADER, token.parse().unwrap());
-    request
+    common::love_total_reaches(&mut stream, 4).await;
 }

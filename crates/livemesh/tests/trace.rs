@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -16,17 +18,14 @@ use livemesh_counter::CounterConfig;
 use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_gift_settler::GiftSettler;
 use livemesh_gift_settler::GiftsConfig;
-use livemesh_mesh::Config;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
 use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
     EndRoomRequest, SendLovesRequest, SubscribeRequest, room_event, subscribe_response,
 };
-use livemesh_publish::Dispatcher;
 use livemesh_publish::PublishConfig;
 use livemesh_subscribe::SubscribeConfig;
-use livemesh_subscribe::SubscribeNode;
 use livemesh_testkit::TestServer;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -69,27 +68,8 @@ async fn one_send_loves_is_one_connected_trace_across_counter_publish_and_subscr
     config.section_mut::<CounterConfig>().publish_tick_ms = 20;
     let store = FanoutStore::memory(FanoutSettings::default());
 
-    let publish_config = config.clone();
-    let publish_store = store.clone();
-    let publish = TestServer::start_with(|addr| async move {
-        let config = Config {
-            listen: addr,
-            ..publish_config
-        };
-        Dispatcher::from_config(&config, publish_store)
-    })
-    .await;
-    config.section_mut::<SubscribeConfig>().publish_url = publish.url();
+    let (publish, node) = common::dispatcher_and_node(&mut config, store).await;
     config.section_mut::<CounterConfig>().publish_url = publish.url();
-    let node_config = config.clone();
-    let node = TestServer::start_with(|addr| async move {
-        let config = Config {
-            listen: addr,
-            ..node_config
-        };
-        SubscribeNode::from_config(&config, store)
-    })
-    .await;
     let counter = TestServer::start(Counter::from_config(&config).await.unwrap()).await;
 
     let room_id = livemesh_testkit::start_room(rooms.channel(), 1).await;

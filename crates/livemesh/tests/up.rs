@@ -5,13 +5,15 @@
 // Helpers outside #[test] functions unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use livemesh::Mesh;
 use livemesh::ledger_csv;
+use livemesh_mesh::auth::AuthConfig;
 use livemesh_mesh::config::ClientConfig;
-use livemesh_mesh::{ClientStack, Config, MeshChannel};
+use livemesh_mesh::{ClientStack, MeshChannel};
 use livemesh_proto::v1::gifts_service_client::GiftsServiceClient;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::room_admin_service_client::RoomAdminServiceClient;
@@ -26,18 +28,9 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 
-/// The whole mesh on a loopback port; its services call each other there.
+/// The whole mesh on a loopback port, in dev mode.
 async fn mesh(dir: &std::path::Path) -> TestServer {
-    let dir = dir.to_owned();
-    TestServer::start_with(|addr| async move {
-        Mesh::from_config(&Config {
-            data_dir: dir,
-            listen: addr,
-            ..Config::default()
-        })
-        .await
-    })
-    .await
+    common::mesh(dir, AuthConfig::default()).await
 }
 
 async fn reflect(channel: MeshChannel, request: MessageRequest) -> MessageResponse {
@@ -131,18 +124,8 @@ async fn the_demo_completes() {
     .expect("demo");
 }
 
-/// Runs the `livemesh` binary off the test's runtime thread, which serves
-/// the mesh the binary talks to.
 async fn livemesh_cli(args: &[&str]) -> std::process::Output {
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_livemesh"))
-            .args(args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    common::livemesh_cli(args, &[]).await
 }
 
 #[tokio::test]

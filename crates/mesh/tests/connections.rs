@@ -1,4 +1,4 @@
-//! Server connection limits (`[server]`, `conn.rs`; issue 12, defect 4 and
+//! Server connection limits (`[server]`, `server/conn/`; issue 12, defect 4 and
 //! the metadata half of defect 6), against real servers on loopback ports:
 //! silent sockets are closed after the handshake timeout, idle connections
 //! after the idle timeout (never one with an open stream), keepalive PINGs
@@ -11,51 +11,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use livemesh_mesh::Shutdown;
 use livemesh_mesh::config::{Registry, ServerConfig};
-use livemesh_mesh::server::{ServeError, ServerBuilder};
+use livemesh_mesh::server::ServerBuilder;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Longer than any wait below should take: reaching it is the failure.
 const PATIENCE: Duration = Duration::from_secs(8);
 
-struct Running {
-    addr: SocketAddr,
-    shutdown: Shutdown,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
 /// An empty server (health and reflection only) with `limits`.
-async fn serve(limits: ServerConfig) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+async fn serve(limits: ServerConfig) -> common::Running {
     let mut server = ServerBuilder::new();
     server.limits(&limits);
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(server.serve(listener, shutdown.signal()));
-    Running {
-        addr,
-        shutdown,
-        task,
-    }
-}
-
-async fn health(addr: SocketAddr) -> HealthClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    HealthClient::new(channel)
+    common::serve(server).await
 }
 
 /// Reads (and drops) whatever the server sends until it closes the
@@ -160,13 +137,7 @@ async fn a_silent_connection_is_closed_after_the_handshake_timeout() {
         closed - opened
     );
     // A connection that speaks is served as usual.
-    let status = health(server.addr)
-        .await
-        .check(HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .status();
+    let status = common::serving_status(&mut common::health(server.addr).await).await;
     assert_eq!(status, ServingStatus::Serving);
 }
 
@@ -248,7 +219,7 @@ async fn connections_past_the_maximum_are_closed_at_once() {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let served = async {
-            health(server.addr)
+            common::health(server.addr)
                 .await
                 .check(HealthCheckRequest::default())
                 .await
@@ -264,7 +235,7 @@ async fn connections_past_the_maximum_are_closed_at_once() {
 #[tokio::test]
 async fn a_request_with_too_much_metadata_is_refused_alone() {
     let server = serve(ServerConfig::default()).await;
-    let mut client = health(server.addr).await;
+    let mut client = common::health(server.addr).await;
     // A stream on the same connection, which must outlive the refusal.
     let mut watch = client
         .watch(HealthCheckRequest::default())
@@ -290,12 +261,7 @@ async fn a_request_with_too_much_metadata_is_refused_alone() {
 
     // The connection and its stream are unharmed: a call with ordinary
     // metadata is answered, and the stream sees the server stop.
-    let status = client
-        .check(HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .status();
+    let status = common::serving_status(&mut client).await;
     assert_eq!(status, ServingStatus::Serving);
     server.shutdown.trigger();
     let last = tokio::time::timeout(PATIENCE, watch.message())
@@ -326,7 +292,7 @@ async fn stopping_with_a_silent_connection_open_finishes_at_once() {
     let _silent = TcpStream::connect(addr).await.unwrap();
     // Accepted in order: once a later connection is served, the silent one
     // is held by the server. That one stays open too, idle after its call.
-    let mut client = health(addr).await;
+    let mut client = common::health(addr).await;
     client.check(HealthCheckRequest::default()).await.unwrap();
 
     let stopping = Instant::now();

@@ -3,42 +3,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use livemesh_mesh::Shutdown;
 use livemesh_mesh::server::ServerBuilder;
 use livemesh_mesh::server::ShedLayer;
-use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
-use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use tokio::sync::Semaphore;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::{Layer as _, ServiceExt as _};
 
 #[tokio::test]
 async fn the_health_listener_serves_health_and_nothing_else_and_stops_with_the_server() {
-    let main = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let health = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let health_addr = health.local_addr().unwrap();
     let mut server = ServerBuilder::new();
     server.health_listener(health);
-    let shutdown = Shutdown::new();
-    let signal = shutdown.signal();
-    let task = tokio::spawn(server.serve(main, signal));
+    let server = common::serve(server).await;
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{health_addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let status = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .status();
+    let channel = common::channel(health_addr).await;
+    let status = common::serving_status(&mut HealthClient::new(channel.clone())).await;
     assert_eq!(status, ServingStatus::Serving);
     // Reflection (served on the main port) is not on this one.
     let mut reflection =
@@ -51,8 +37,8 @@ async fn the_health_listener_serves_health_and_nothing_else_and_stops_with_the_s
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
 
-    shutdown.trigger();
-    tokio::time::timeout(Duration::from_secs(10), task)
+    server.shutdown.trigger();
+    tokio::time::timeout(Duration::from_secs(10), server.task)
         .await
         .unwrap()
         .unwrap()
@@ -66,11 +52,7 @@ async fn the_health_listener_serves_health_and_nothing_else_and_stops_with_the_s
 
 #[tokio::test]
 async fn every_shed_call_is_counted_by_method() {
-    let exporter = InMemoryMetricExporter::default();
-    let provider = SdkMeterProvider::builder()
-        .with_reader(PeriodicReader::builder(exporter.clone()).build())
-        .build();
-    opentelemetry::global::set_meter_provider(provider.clone());
+    let (exporter, provider) = common::install_meter();
 
     // A service that says when a call entered it (it holds the only
     // permit then) and holds it until the gate opens.
@@ -105,26 +87,11 @@ async fn every_shed_call_is_counted_by_method() {
     gate.add_permits(1);
     held.await.unwrap().unwrap();
 
-    provider.force_flush().unwrap();
-    let exported = exporter.get_finished_metrics().unwrap();
-    let shed_metric = exported
-        .iter()
-        .flat_map(|rm| rm.scope_metrics())
-        .flat_map(|sm| sm.metrics())
-        .find(|m| m.name() == "livemesh.server.shed")
-        .expect("a livemesh.server.shed counter");
-    let AggregatedMetrics::U64(MetricData::Sum(sum)) = shed_metric.data() else {
-        panic!("not a u64 counter: {:?}", shed_metric.data());
-    };
-    let counted: u64 = sum
-        .data_points()
-        .filter(|dp| {
-            dp.attributes().any(|kv| {
-                kv.key.as_str() == "rpc.method"
-                    && kv.value.as_str() == "/livemesh.v1.CounterService/SendLoves"
-            })
-        })
-        .map(|dp| dp.value())
-        .sum();
+    let exported = common::exported(&exporter, &provider);
+    let shed_metric = common::metric(&exported, "livemesh.server.shed");
+    let counted = common::counted(
+        shed_metric,
+        &[("rpc.method", "/livemesh.v1.CounterService/SendLoves")],
+    );
     assert!(counted >= 1, "shed calls counted: {counted}");
 }

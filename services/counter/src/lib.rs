@@ -25,6 +25,7 @@ mod ends;
 mod error;
 mod grpc;
 mod inner;
+mod loves;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

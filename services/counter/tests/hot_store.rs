@@ -74,6 +74,11 @@ impl Raw {
         keys
     }
 
+    /// The seconds `key` has left to live.
+    async fn ttl(&mut self, key: &str) -> i64 {
+        self.query(::redis::cmd("TTL").arg(key)).await
+    }
+
     async fn get(&mut self, key: &str) -> Option<u64> {
         match self {
             Raw::Single(conn) => conn.get(key).await.unwrap(),
@@ -208,9 +213,7 @@ async fn a_batch_counts_once_whichever_replica_flushes_it(backend: HotBackend) {
     assert_eq!(a.total(room).await.unwrap(), 111);
     assert_eq!(a.top(room, 1).await.unwrap(), vec![(7, 108)]);
     if let Some(mut raw) = backend.raw().await {
-        let ttl: i64 = raw
-            .query(::redis::cmd("TTL").arg(keys::batch("release", room, 7, "A")))
-            .await;
+        let ttl = raw.ttl(&keys::batch("release", room, 7, "A")).await;
         let configured = HotConfig::default().batch_ttl_secs as i64;
         assert!(
             (configured - 60..=configured).contains(&ttl),
@@ -389,9 +392,7 @@ async fn a_replayed_flush_counts_once(backend: HotBackend) {
     assert_eq!(store.top(room, 10).await.unwrap(), vec![(7, 5)]);
 
     if let Some(mut raw) = backend.raw().await {
-        let ttl: i64 = raw
-            .query(::redis::cmd("TTL").arg(keys::flush("release", room, "n1:1")))
-            .await;
+        let ttl = raw.ttl(&keys::flush("release", room, "n1:1")).await;
         let configured = HotConfig::default().flush_id_ttl_secs as i64;
         assert!(
             (configured - 60..=configured).contains(&ttl),
@@ -482,7 +483,7 @@ async fn delete_room_removes_the_counters(backend: HotBackend) {
             "only flush markers are left: {left:?}"
         );
         for marker in markers {
-            let ttl: i64 = raw.query(::redis::cmd("TTL").arg(marker)).await;
+            let ttl = raw.ttl(marker).await;
             assert!(ttl > 0, "{marker} expires (ttl {ttl})");
         }
     }

@@ -189,16 +189,7 @@ impl Mesh {
         batch: &str,
         taps: Vec<u64>,
     ) -> SendLovesResponse {
-        self.loves
-            .send_loves(SendLovesRequest {
-                room_id,
-                viewer_id,
-                batch_id: batch.to_owned(),
-                taps_ms: taps,
-            })
-            .await
-            .unwrap()
-            .into_inner()
+        send_to(&mut self.loves, room_id, viewer_id, batch, taps).await
     }
 
     /// Waits until GetLoves reports `expected` (flushes happen every 5 ms).
@@ -397,18 +388,7 @@ async fn room_end_writes_sql_once_and_deletes_the_keys(hot: HotBackend) {
     m.send(room, 3, "a", human_taps(0, 2)).await;
     livemesh_testkit::end_room(m.rooms.channel(), room).await;
 
-    let db = LovesDb::open(&m.db_url).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let fin = loop {
-        if let Some(fin) = db.get(room).await.unwrap() {
-            break fin;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no final total in SQL"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let fin = m.final_in_sql(room).await;
     assert_eq!(fin.total, 16);
     assert_eq!(fin.top_lovers, vec![(2, 9), (1, 5), (3, 2)]);
     let store = m.counter.hot_store();
@@ -418,6 +398,7 @@ async fn room_end_writes_sql_once_and_deletes_the_keys(hot: HotBackend) {
     // Running the end again writes nothing new.
     let again = m.counter.finalize(room).await.unwrap();
     assert!(!again);
+    let db = LovesDb::open(&m.db_url).await.unwrap();
     assert_eq!(db.get(room).await.unwrap().unwrap().total, 16);
 }
 

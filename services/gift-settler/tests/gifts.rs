@@ -132,6 +132,33 @@ impl Mesh {
             .balance)
     }
 
+    /// Deposits of `amount` for each of `users` (keys `<tag>-<n>`), each in
+    /// a task of its own, so they share batches with what the test does
+    /// meanwhile.
+    fn deposits_meanwhile(
+        &self,
+        tag: &str,
+        users: &[u64],
+        amount: i64,
+    ) -> tokio::task::JoinSet<Result<(), tonic::Status>> {
+        let mut calls = tokio::task::JoinSet::new();
+        for (n, user) in users.iter().copied().enumerate() {
+            let mut gifts = self.gifts.clone();
+            let key = format!("{tag}-{n}");
+            calls.spawn(async move {
+                gifts
+                    .deposit(DepositRequest {
+                        idempotency_key: key,
+                        user_id: user,
+                        amount,
+                    })
+                    .await
+                    .map(|_| ())
+            });
+        }
+        calls
+    }
+
     async fn gift(
         &mut self,
         key: &str,
@@ -160,6 +187,15 @@ impl Mesh {
             .unwrap()
             .into_inner()
             .balance
+    }
+
+    /// The Reconcile statement of `room_id`.
+    async fn statement(&self, room_id: u64) -> livemesh_proto::v1::ReconcileResponse {
+        SettlementServiceClient::new(self._gifts_server.channel())
+            .reconcile(ReconcileRequest { room_id })
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     /// The room's virtual balance over every shard and sub-account.
@@ -399,6 +435,43 @@ async fn expected_cut(mesh: &Mesh, room: u64) -> (i64, i64) {
     (gross, cut)
 }
 
+/// Polls GetSettlement (15 s at most) until the room's settlement, which
+/// the test does not ask for, is settled; returns it.
+async fn settled_by_itself(
+    settlement: &mut SettlementServiceClient<MeshChannel>,
+    room_id: u64,
+) -> livemesh_proto::v1::Settlement {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let row = settlement
+            .get_settlement(GetSettlementRequest { room_id })
+            .await
+            .unwrap()
+            .into_inner()
+            .settlement
+            .unwrap();
+        if row.state() == SettlementState::Settled {
+            return row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never settled: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A settled room's statement: balanced, and in every shard no difference
+/// and nothing left in the room's virtual accounts.
+fn assert_reconciled(statement: &livemesh_proto::v1::ReconcileResponse) {
+    assert!(statement.balanced, "{statement:?}");
+    for shard in &statement.shards {
+        assert_eq!(shard.gift_difference, 0, "{statement:?}");
+        assert_eq!(shard.settlement_difference, 0, "{statement:?}");
+        assert_eq!(shard.virtual_balance, 0, "{statement:?}");
+    }
+}
+
 async fn settlement_pays_exactly_once_with_a_crash_before_and_after_each_step(backend: SqlBackend) {
     let mut mesh = mesh(&backend).await;
     let shards = u32::try_from(SHARDS).unwrap();
@@ -479,24 +552,7 @@ async fn a_room_end_settles_by_itself_and_reconciles_to_zero(backend: SqlBackend
     );
     livemesh_testkit::end_room(mesh.rooms.channel(), room).await;
     // The Watch's end starts the Settler; await its result.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let row = loop {
-        let row = settlement
-            .get_settlement(GetSettlementRequest { room_id: room })
-            .await
-            .unwrap()
-            .into_inner()
-            .settlement
-            .unwrap();
-        if row.state() == SettlementState::Settled {
-            break row;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never settled: {row:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let row = settled_by_itself(&mut settlement, room).await;
     assert_eq!(
         (row.gross, row.platform_cut, row.streamer_credit),
         (gross, cut, gross - cut)
@@ -675,20 +731,7 @@ async fn balances_never_wrap_and_a_transfer_past_a_limit_is_refused_alone(backen
     // 2^62 twice: the second would pass i64::MAX. It is refused for good
     // (OUT_OF_RANGE, not "retry"), and the deposits batched with it go in.
     mesh.deposit("big-1", twice, 1 << 62).await.unwrap();
-    let mut calls = tokio::task::JoinSet::new();
-    for (n, user) in others.iter().copied().enumerate() {
-        let mut gifts = mesh.gifts.clone();
-        calls.spawn(async move {
-            gifts
-                .deposit(DepositRequest {
-                    idempotency_key: format!("small-{n}"),
-                    user_id: user,
-                    amount: 5,
-                })
-                .await
-                .map(|_| ())
-        });
-    }
+    let calls = mesh.deposits_meanwhile("small", &others, 5);
     let err = mesh.deposit("big-2", twice, 1 << 62).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
     for reply in calls.join_all().await {
@@ -740,20 +783,7 @@ async fn a_transfer_the_database_refuses_is_refused_alone_and_never_unavailable(
         };
         sqlx::query(trigger).execute(pool).await.unwrap();
     });
-    let mut calls = tokio::task::JoinSet::new();
-    for (n, other) in others.iter().copied().enumerate() {
-        let mut gifts = mesh.gifts.clone();
-        calls.spawn(async move {
-            gifts
-                .deposit(DepositRequest {
-                    idempotency_key: format!("ok-{n}"),
-                    user_id: other,
-                    amount: 7,
-                })
-                .await
-                .map(|_| ())
-        });
-    }
+    let calls = mesh.deposits_meanwhile("ok", &others, 7);
     let err = mesh.deposit("poison", user, 10).await.unwrap_err();
     assert_eq!(
         err.code(),
@@ -1212,11 +1242,7 @@ async fn chaos_mariadb_killed_during_gifts_loses_and_doubles_nothing() {
             "{id} answered OK but is not in the ledger"
         );
     }
-    let statement = SettlementServiceClient::new(mesh._gifts_server.channel())
-        .reconcile(ReconcileRequest { room_id: room })
-        .await
-        .unwrap()
-        .into_inner();
+    let statement = mesh.statement(room).await;
     assert!(statement.balanced, "{statement:?}");
     let debited: i64 = statement.shards.iter().map(|s| s.gifts_debited).sum();
     assert_eq!(debited, gifted);
@@ -1250,13 +1276,13 @@ async fn settled(
 /// Checks a settled room: streamer paid gross minus the cut exactly once,
 /// every virtual account zero, Reconcile balanced, each settlement transfer
 /// in the ledger once.
-async fn assert_settled_once(
-    mesh: &mut Mesh,
-    room: u64,
-    gross: i64,
-    cut: i64,
-    streamer_before: i64,
-) {
+async fn assert_settled_once(mesh: &mut Mesh, gifted: &Gifted) {
+    let &Gifted {
+        room,
+        gross,
+        cut,
+        before: streamer_before,
+    } = gifted;
     let failures = AtomicU64::new(0);
     let row = settled(mesh, room, &failures).await;
     assert_eq!(row.state(), SettlementState::Settled, "{row:?}");
@@ -1274,17 +1300,7 @@ async fn assert_settled_once(
         0,
         "every virtual account emptied"
     );
-    let statement = SettlementServiceClient::new(mesh._gifts_server.channel())
-        .reconcile(ReconcileRequest { room_id: room })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(statement.balanced, "{statement:?}");
-    for shard in &statement.shards {
-        assert_eq!(shard.gift_difference, 0, "{statement:?}");
-        assert_eq!(shard.settlement_difference, 0, "{statement:?}");
-        assert_eq!(shard.virtual_balance, 0, "{statement:?}");
-    }
+    assert_reconciled(&mesh.statement(room).await);
     let ledger = ledger(mesh).await;
     for s in 0..CHAOS_SHARDS {
         for kind in ["settle-in", "cut"] {
@@ -1373,24 +1389,16 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     let inner = mesh.settler.clone();
 
     // Room A: the end commits, then MariaDB dies at once.
-    let Gifted {
-        room: room_a,
-        gross: gross_a,
-        cut: cut_a,
-        before,
-    } = gifted_room(&mut mesh, "a", streamer).await;
+    let a = gifted_room(&mut mesh, "a", streamer).await;
+    let room_a = a.room;
     livemesh_testkit::end_room(mesh.rooms.channel(), room_a).await;
     let killed_at = kill_and_restart(&db).await;
     settles_by_itself(&mesh, room_a, killed_at).await;
-    assert_settled_once(&mut mesh, room_a, gross_a, cut_a, before).await;
+    assert_settled_once(&mut mesh, &a).await;
 
     // Room C: killed once the settlement has begun.
-    let Gifted {
-        room: room_c,
-        gross: gross_c,
-        cut: cut_c,
-        before,
-    } = gifted_room(&mut mesh, "c", streamer).await;
+    let c = gifted_room(&mut mesh, "c", streamer).await;
+    let room_c = c.room;
     livemesh_testkit::end_room(mesh.rooms.channel(), room_c).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -1406,15 +1414,11 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
     }
     let killed_at = kill_and_restart(&db).await;
     settles_by_itself(&mesh, room_c, killed_at).await;
-    assert_settled_once(&mut mesh, room_c, gross_c, cut_c, before).await;
+    assert_settled_once(&mut mesh, &c).await;
 
     // Room B: killed at a precise point of the settlement.
-    let Gifted {
-        room: room_b,
-        gross: gross_b,
-        cut: cut_b,
-        before,
-    } = gifted_room(&mut mesh, "b", streamer).await;
+    let b = gifted_room(&mut mesh, "b", streamer).await;
+    let room_b = b.room;
     let killer = db.clone();
     let err = inner
         .settle(room_b, streamer, &move |step| {
@@ -1451,7 +1455,7 @@ async fn chaos_mariadb_killed_during_settlement_pays_exactly_once() {
         "shard 1 was not swept before the kill"
     );
     livemesh_testkit::end_room(mesh.rooms.channel(), room_b).await;
-    assert_settled_once(&mut mesh, room_b, gross_b, cut_b, before).await;
+    assert_settled_once(&mut mesh, &b).await;
     mesh.assert_conserved().await;
 }
 
@@ -1544,36 +1548,14 @@ async fn two_settlers_racing_on_one_room_end_settle_it_once(backend: SqlBackend)
         // Both Watch followers settle the room too; await each replica's view.
         for server in [&mesh._gifts_server, &second_server] {
             let mut settlement = SettlementServiceClient::new(server.channel());
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-            loop {
-                let row = settlement
-                    .get_settlement(GetSettlementRequest { room_id: room })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .settlement
-                    .unwrap();
-                if row.state() == SettlementState::Settled {
-                    assert_eq!((row.gross, row.streamer_id), (gross, streamer));
-                    break;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never settled: {row:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let row = settled_by_itself(&mut settlement, room).await;
+            assert_eq!((row.gross, row.streamer_id), (gross, streamer));
             let statement = settlement
                 .reconcile(ReconcileRequest { room_id: room })
                 .await
                 .unwrap()
                 .into_inner();
-            assert!(statement.balanced, "{statement:?}");
-            for shard in &statement.shards {
-                assert_eq!(shard.gift_difference, 0, "{statement:?}");
-                assert_eq!(shard.settlement_difference, 0, "{statement:?}");
-                assert_eq!(shard.virtual_balance, 0, "{statement:?}");
-            }
+            assert_reconciled(&statement);
         }
         // Once more on both, after the followers: nothing changes.
         let (again_a, again_b) = tokio::join!(

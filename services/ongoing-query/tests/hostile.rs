@@ -20,6 +20,17 @@ async fn serve() -> (tempfile::TempDir, TestServer) {
     (dir, server)
 }
 
+/// `err` is INVALID_ARGUMENT with a message under [`SHORT`] bytes.
+fn assert_short_invalid_argument(err: &tonic::Status) {
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.code());
+    assert!(
+        err.message().len() < SHORT,
+        "{} bytes: {}…",
+        err.message().len(),
+        &err.message()[..200.min(err.message().len())]
+    );
+}
+
 #[tokio::test]
 async fn a_100_kb_page_token_or_watch_token_gets_a_short_invalid_argument() {
     let (_dir, server) = serve().await;
@@ -33,13 +44,7 @@ async fn a_100_kb_page_token_or_watch_token_gets_a_short_invalid_argument() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.code());
-    assert!(
-        err.message().len() < SHORT,
-        "{} bytes: {}…",
-        err.message().len(),
-        &err.message()[..200.min(err.message().len())]
-    );
+    assert_short_invalid_argument(&err);
     assert!(err.message().contains("next_page_token"), "{err:?}");
     assert!(err.message().contains("100000 bytes"), "{err:?}");
 
@@ -49,13 +54,7 @@ async fn a_100_kb_page_token_or_watch_token_gets_a_short_invalid_argument() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.code());
-    assert!(
-        err.message().len() < SHORT,
-        "{} bytes: {}…",
-        err.message().len(),
-        &err.message()[..200.min(err.message().len())]
-    );
+    assert_short_invalid_argument(&err);
     assert!(err.message().contains("from.token"), "{err:?}");
 }
 

@@ -46,14 +46,37 @@ pub enum PublishError {
     Ended { room_id: u64, offset: u64 },
     #[error(transparent)]
     Store(#[from] livemesh_fanout::StoreError),
+    #[error(
+        "room_ended is published by the dispatcher itself when the rooms service reports \
+         the room's end; end a room with RoomAdminService.EndRoom"
+    )]
+    RoomEndedNotFromPeer,
+    #[error(
+        "gift events are published by the gift-settler when a gift is paid; send the \
+         gift with GiftsService.SendGift"
+    )]
+    GiftNotFromSettler,
+    #[error(
+        "only the mesh's own services may publish a batch of events; publish each with \
+         Publish"
+    )]
+    BatchNotFromMesh,
+    #[error("a batch takes at most {max} events, not {len}")]
+    BatchTooLarge { len: usize, max: usize },
+    #[error("comments are a viewer's: publish each with Publish, not in a batch")]
+    CommentInBatch,
 }
 
 impl From<PublishError> for Status {
     fn from(err: PublishError) -> Self {
         match &err {
-            PublishError::Invalid(_) | PublishError::Text(_) => {
-                Status::invalid_argument(err.to_string())
-            }
+            PublishError::Invalid(_)
+            | PublishError::Text(_)
+            | PublishError::BatchTooLarge { .. }
+            | PublishError::CommentInBatch => Status::invalid_argument(err.to_string()),
+            PublishError::RoomEndedNotFromPeer
+            | PublishError::GiftNotFromSettler
+            | PublishError::BatchNotFromMesh => Status::permission_denied(err.to_string()),
             PublishError::UnknownRoom(_) => Status::not_found(err.to_string()),
             PublishError::Ended { .. } | PublishError::RoomOver(_) => {
                 Status::failed_precondition(err.to_string())

@@ -12,6 +12,7 @@ use livemesh_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::dispatch::DispatcherInner;
+use crate::error::PublishError;
 
 /// The PublishService implementation.
 #[derive(Debug, Clone)]
@@ -31,18 +32,16 @@ impl PublishApi {
 /// dispatcher stores the local one itself, when the rooms service reports
 /// the end), a gift only the gift-settler (which announces a gift before
 /// committing it) or a peer dispatcher forwarding one.
-fn check_origin(kind: Option<&Kind>, forwarded: bool, caller: Option<&str>) -> Result<(), Status> {
+fn check_origin(
+    kind: Option<&Kind>,
+    forwarded: bool,
+    caller: Option<&str>,
+) -> Result<(), PublishError> {
     let from_peer = forwarded && caller == Some(auth::policy::PUBLISH);
     match kind {
-        Some(Kind::RoomEnded(_)) if !from_peer => Err(Status::permission_denied(
-            "room_ended is published by the dispatcher itself when the rooms service reports \
-             the room's end; end a room with RoomAdminService.EndRoom",
-        )),
+        Some(Kind::RoomEnded(_)) if !from_peer => Err(PublishError::RoomEndedNotFromPeer),
         Some(Kind::Gift(_)) if !from_peer && caller != Some(auth::policy::GIFT_SETTLER) => {
-            Err(Status::permission_denied(
-                "gift events are published by the gift-settler when a gift is paid; send the \
-                 gift with GiftsService.SendGift",
-            ))
+            Err(PublishError::GiftNotFromSettler)
         }
         _ => Ok(()),
     }
@@ -78,23 +77,19 @@ impl PublishService for PublishApi {
         // The policy lets only mesh services call this when auth is
         // enforced; in dev mode the caller is taken at its word.
         let Some(caller) = auth::mesh_caller(&extensions, &metadata, &self.security) else {
-            return Err(Status::permission_denied(
-                "only the mesh's own services may publish a batch of events; publish each with \
-                 Publish",
-            ));
+            return Err(PublishError::BatchNotFromMesh.into());
         };
         if request.requests.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "a batch takes at most {MAX_BATCH} events, not {}",
-                request.requests.len()
-            )));
+            return Err(PublishError::BatchTooLarge {
+                len: request.requests.len(),
+                max: MAX_BATCH,
+            }
+            .into());
         }
         let answers = request.requests.into_iter().map(|request| {
             let kind = request.event.as_ref().and_then(|e| e.kind.as_ref());
             let checked = match kind {
-                Some(Kind::Comment(_)) => Err(Status::invalid_argument(
-                    "comments are a viewer's: publish each with Publish, not in a batch",
-                )),
+                Some(Kind::Comment(_)) => Err(PublishError::CommentInBatch),
                 _ => check_origin(kind, request.forwarded_from.is_some(), Some(&caller)),
             };
             let inner = self.inner.clone();

@@ -235,39 +235,51 @@ async fn one_key_on_a_comment_and_a_gift_publishes_both() {
     };
     let mut outside = PublishServiceClient::new(mesh.dispatcher.channel());
     let mut settler = PublishServiceClient::new(mesh.dispatcher.channel_as(policy::GIFT_SETTLER));
-    let comment = outside
-        .publish(PublishRequest {
-            room_id: room,
-            event: Some(event(room_event::Kind::Comment(Comment {
-                viewer_id: 3,
-                text: "hello".into(),
-            }))),
-            idempotency_key: Some("k1".into()),
-            forwarded_from: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .position
-        .unwrap();
-    let gift = settler
-        .publish(PublishRequest {
-            room_id: room,
-            event: Some(event(room_event::Kind::Gift(GiftSent {
-                viewer_id: 3,
-                gift_id: 1,
-                amount: 5,
-                transfer_id: "gift:3:k1".into(),
-            }))),
-            idempotency_key: Some("k1".into()),
-            forwarded_from: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .position
-        .unwrap();
+    let comment = publish_with_key(
+        &mut outside,
+        room,
+        event(room_event::Kind::Comment(Comment {
+            viewer_id: 3,
+            text: "hello".into(),
+        })),
+        "k1",
+    )
+    .await;
+    let gift = publish_with_key(
+        &mut settler,
+        room,
+        event(room_event::Kind::Gift(GiftSent {
+            viewer_id: 3,
+            gift_id: 1,
+            amount: 5,
+            transfer_id: "gift:3:k1".into(),
+        })),
+        "k1",
+    )
+    .await;
     assert_eq!(gift.offset, comment.offset + 1, "the gift is a new event");
     let history = mesh.store.history(room, 0, u64::MAX).await.unwrap();
     assert_eq!(history.entries.len(), 2, "both are in the history");
+}
+
+/// Publishes `event` to `room_id` with the idempotency key `key`; returns
+/// its position.
+async fn publish_with_key(
+    client: &mut PublishServiceClient<livemesh_mesh::MeshChannel>,
+    room_id: u64,
+    event: RoomEvent,
+    key: &str,
+) -> StreamPosition {
+    client
+        .publish(PublishRequest {
+            room_id,
+            event: Some(event),
+            idempotency_key: Some(key.into()),
+            forwarded_from: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .position
+        .unwrap()
 }

@@ -482,9 +482,13 @@ async fn resumes_under_concurrent_publishing_have_no_gap_and_no_duplicate(backen
     assert_eq!(seen, expected, "every event once, in offset order");
 }
 
-/// A client whose HTTP/2 windows are tiny, so that a stream it does not
-/// read backs up on the server after a few messages.
-async fn slow_client(server: &TestServer) -> SubscribeServiceClient<tonic::transport::Channel> {
+/// The stream `request` opens on a client whose HTTP/2 windows are tiny,
+/// so that a stream it does not read backs up on the server after a few
+/// messages.
+async fn slow_stream(
+    server: &TestServer,
+    request: SubscribeRequest,
+) -> Streaming<SubscribeResponse> {
     let channel = tonic::transport::Endpoint::from_shared(server.url())
         .unwrap()
         .initial_stream_window_size(Some(256))
@@ -493,21 +497,21 @@ async fn slow_client(server: &TestServer) -> SubscribeServiceClient<tonic::trans
         .await
         .unwrap();
     SubscribeServiceClient::new(channel)
+        .subscribe(request)
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 async fn a_slow_consumer_gets_the_latest_love_total_not_a_backlog(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
-    let mut client = slow_client(&mesh.nodes[0].0).await;
-    let mut stream = client
-        .subscribe(SubscribeRequest {
-            room_id: room,
-            viewer_id: 7,
-            ..SubscribeRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let viewer_7 = SubscribeRequest {
+        room_id: room,
+        viewer_id: 7,
+        ..SubscribeRequest::default()
+    };
+    let mut stream = slow_stream(&mesh.nodes[0].0, viewer_7).await;
     // Not reading: every total below is published while the viewer stalls.
     let mut dispatcher = mesh.dispatcher(0);
     for total in 1..=500 {
@@ -562,16 +566,12 @@ async fn a_slow_consumer_gets_the_latest_love_total_not_a_backlog(backend: HotBa
 async fn an_overflowing_stream_ends_with_its_resume_position(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
-    let mut client = slow_client(&mesh.nodes[0].0).await;
-    let mut stream = client
-        .subscribe(SubscribeRequest {
-            room_id: room,
-            viewer_id: 7,
-            ..SubscribeRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let viewer_7 = SubscribeRequest {
+        room_id: room,
+        viewer_id: 7,
+        ..SubscribeRequest::default()
+    };
+    let mut stream = slow_stream(&mesh.nodes[0].0, viewer_7).await;
     let total = 200; // the test queue holds 32
     for i in 1..=total {
         mesh.comment(0, room, &format!("c{i}")).await;
@@ -594,20 +594,7 @@ async fn an_overflowing_stream_ends_with_its_resume_position(backend: HotBackend
     };
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("resume"), "{}", status.message());
-    let read = |key: &str| -> u64 {
-        status
-            .metadata()
-            .get(key)
-            .unwrap_or_else(|| panic!("{key} in the trailers"))
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let resume = StreamPosition {
-        epoch: read(RESUME_EPOCH),
-        offset: read(RESUME_OFFSET),
-    };
+    let resume = resume_trailers(&status);
     assert_eq!(resume.offset, seen.last().copied().unwrap_or(0));
     assert!(
         (seen.len() as u64) < total,
@@ -1554,12 +1541,7 @@ async fn batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_du
     let room = mesh.start_room().await;
     // Tiny windows: once a few messages are in flight the node cannot send
     // more, so the comments below wait for this stream in the room's feed.
-    let mut client = slow_client(&mesh.nodes[0].0).await;
-    let stream = client
-        .subscribe(batched(room, None))
-        .await
-        .unwrap()
-        .into_inner();
+    let stream = slow_stream(&mesh.nodes[0].0, batched(room, None)).await;
     let mut viewer = Viewer::started(stream).await.unwrap();
     let first = 20; // the test queue holds 32
     for i in 1..=first {
@@ -1630,12 +1612,7 @@ async fn batched_delivery_keeps_order_and_resumes_from_a_batch_without_gap_or_du
 async fn batched_delivery_conflates_latest_values(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
-    let mut client = slow_client(&mesh.nodes[0].0).await;
-    let stream = client
-        .subscribe(batched(room, None))
-        .await
-        .unwrap()
-        .into_inner();
+    let stream = slow_stream(&mesh.nodes[0].0, batched(room, None)).await;
     let mut viewer = Viewer::started(stream).await.unwrap();
     // Not reading: every total below is published while the viewer stalls.
     let mut dispatcher = mesh.dispatcher(0);
@@ -1689,12 +1666,7 @@ async fn batched_delivery_conflates_latest_values(backend: HotBackend) {
 async fn an_overflowing_batched_stream_ends_with_its_resume_position(backend: HotBackend) {
     let mut mesh = mesh(backend).await;
     let room = mesh.start_room().await;
-    let mut client = slow_client(&mesh.nodes[0].0).await;
-    let mut stream = client
-        .subscribe(batched(room, None))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = slow_stream(&mesh.nodes[0].0, batched(room, None)).await;
     let total = 200; // the test queue holds 32
     for i in 1..=total {
         mesh.comment(0, room, &format!("c{i}")).await;
