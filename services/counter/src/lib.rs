@@ -109,8 +109,7 @@ impl Counter {
         let db = LovesDb::open(&database_url)
             .await
             .context("opening the counter's SQL database")?;
-        let security = Security::from_config(&config.auth)?;
-        let stack = ClientStack::new(&config.client).secured(&security, policy::COUNTER)?;
+        let (security, stack) = ClientStack::for_service(config, policy::COUNTER)?;
         let ongoing = stack.channel(&config.peer_url(&c.ongoing_query_url))?;
         let publish = stack.channel(&config.peer_url(&c.publish_url))?;
         let analytics_dir = if c.analytics_dir.is_empty() {

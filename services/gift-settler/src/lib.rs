@@ -88,8 +88,7 @@ impl GiftSettler {
                     .with_context(|| format!("opening balance shard {index}"))?,
             );
         }
-        let security = Security::from_config(&config.auth)?;
-        let stack = ClientStack::new(&config.client).secured(&security, policy::GIFT_SETTLER)?;
+        let (security, stack) = ClientStack::for_service(config, policy::GIFT_SETTLER)?;
         let ongoing = stack
             .channel(&config.peer_url(&g.ongoing_query_url))
             .context("gifts.ongoing_query_url")?;

@@ -51,8 +51,7 @@ impl Dispatcher {
     /// says (by default this process's own address).
     pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
         let c = &*config.section::<PublishConfig>();
-        let security = Security::from_config(&config.auth)?;
-        let stack = ClientStack::new(&config.client).secured(&security, policy::PUBLISH)?;
+        let (security, stack) = ClientStack::for_service(config, policy::PUBLISH)?;
         let ongoing = stack
             .channel(&config.peer_url(&c.ongoing_query_url))
             .context("publish.ongoing_query_url")?;

@@ -56,8 +56,7 @@ impl SubscribeNode {
     /// `config` says (by default this process's own address).
     pub fn from_config(config: &Config, store: FanoutStore) -> anyhow::Result<Self> {
         let c = &*config.section::<SubscribeConfig>();
-        let security = Security::from_config(&config.auth)?;
-        let stack = ClientStack::new(&config.client).secured(&security, policy::SUBSCRIBE)?;
+        let (security, stack) = ClientStack::for_service(config, policy::SUBSCRIBE)?;
         let rooms = RoomDirectory::new(
             stack
                 .channel(&config.peer_url(&c.ongoing_query_url))

@@ -70,6 +70,18 @@ impl ClientStack {
         }
     }
 
+    /// What a service's `from_config` starts from: the process's security
+    /// (tokens, TLS, limits, from `config.auth`) and the stack of
+    /// `service`'s own outgoing calls ([`ClientStack::secured`]).
+    pub fn for_service(
+        config: &crate::Config,
+        service: &str,
+    ) -> Result<(crate::auth::Security, Self), crate::auth::AuthError> {
+        let security = crate::auth::Security::from_config(&config.auth)?;
+        let stack = Self::new(&config.client).secured(&security, service)?;
+        Ok((security, stack))
+    }
+
     /// The stack of `service`'s own outgoing calls: they carry its service
     /// token (when a secret is configured) and use TLS (when certificates are).
     pub fn secured(
