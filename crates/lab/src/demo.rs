@@ -1,17 +1,24 @@
 //! `livemesh demo`: the whole mesh in this process, driven through the real
-//! gRPC clients by a short scripted broadcast. Every step checks what it
-//! got, so the demo fails loudly when the mesh misbehaves.
+//! gRPC clients: first a short scripted walkthrough, then a live broadcast
+//! to a crowd. Every step checks what it got, so the demo fails loudly when
+//! the mesh misbehaves.
 //!
-//! [`script`] lists the steps; each is one function that prints its title,
-//! what it got, and fails unless it got what it expected: the rooms' steps
-//! in `rooms`, the live room's viewers in `stream` (on the viewer tasks of
-//! `viewers`), loves, gifts and the settlement in `money`.
-use livemesh_gift_settler::GiftsConfig;
+//! [`script`] lists the walkthrough's steps; each is one function that
+//! prints its title, what it got, and fails unless it got what it
+//! expected: the rooms' steps in `rooms`, the live room's viewers in
+//! `stream` (on the viewer tasks of `viewers`), loves, gifts and the
+//! settlement in `money`. The broadcast is `broadcast` (its crowd in
+//! `crowd`, what the crowd does in `traffic`).
 
+mod broadcast;
+mod crowd;
 mod money;
 mod rooms;
 mod stream;
+mod traffic;
 mod viewers;
+
+pub use broadcast::Broadcast;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +26,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use livemesh_gift_settler::GiftsConfig;
 use livemesh_mesh::config::TelemetryConfig;
 use livemesh_mesh::server::{LocalServer, ServiceSet};
 use livemesh_mesh::{ClientStack, Config, MeshChannel};
@@ -42,27 +50,45 @@ const VIEWER_WAIT: Duration = Duration::from_secs(3);
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 const SETTLE_POLL: Duration = Duration::from_millis(20);
 
+/// What `livemesh demo` runs.
+#[derive(Debug, Clone, Default)]
+pub struct DemoArgs {
+    /// Keep the SQLite files here instead of a temporary directory.
+    pub data_dir: Option<PathBuf>,
+    pub walkthrough: bool,
+    /// The broadcast after the walkthrough, if any.
+    pub live: Option<Broadcast>,
+}
+
 /// Runs the demo against the services `mesh` builds (the all-in-one mesh
-/// of the product); SQLite files go to `data_dir`, or a temporary directory.
-pub async fn run<S, F>(
-    data_dir: Option<PathBuf>,
-    mesh: impl FnOnce(Config) -> F,
-) -> anyhow::Result<()>
+/// of the product).
+pub async fn run<S, F>(args: DemoArgs, mesh: impl FnOnce(Config) -> F) -> anyhow::Result<()>
 where
     S: ServiceSet + Send + 'static,
     F: Future<Output = anyhow::Result<S>>,
 {
-    let _telemetry = livemesh_mesh::telemetry::init(
+    let began = std::time::Instant::now();
+    // While the live view is redrawn in place, a warning written to the
+    // same terminal would tear it: only errors then (RUST_LOG still wins).
+    let in_place = args
+        .live
+        .as_ref()
+        .is_some_and(|live| !live.plain && std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    let telemetry = livemesh_mesh::telemetry::init(
         &TelemetryConfig {
-            log: "warn".into(),
-            // The demo is a short run in the foreground: no metrics endpoint.
+            log: if in_place { "error" } else { "warn" }.into(),
+            // The demo is a short run in the foreground: no metrics
+            // endpoint; its live view reads the process's metrics directly.
             metrics_listen: String::new(),
             ..TelemetryConfig::default()
         },
         "livemesh-demo",
     )?;
     let temp = tempfile::tempdir().context("creating a temporary data dir")?;
-    let data_dir = data_dir.unwrap_or_else(|| temp.path().to_owned());
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_owned());
     let config = Config {
         data_dir: data_dir.clone(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -95,15 +121,33 @@ where
             livemesh_mesh::auth::policy::GIFT_SETTLER,
         )?
         .channel(&server.uri())?;
-    let result = script(
-        channel,
-        as_gift_settler,
-        config.section::<GiftsConfig>().platform_cut_bps,
-    )
+    let platform_cut_bps = config.section::<GiftsConfig>().platform_cut_bps;
+    let result = async {
+        if args.walkthrough {
+            script(channel.clone(), as_gift_settler, platform_cut_bps).await?;
+        }
+        if let Some(plan) = &args.live {
+            let metrics = telemetry
+                .metrics()
+                .context("the demo's metrics are not installed")?;
+            // The viewers' connections, as BFFs would hold them: the
+            // script's own and as many more as asked.
+            let mut channels = vec![channel.clone()];
+            for _ in 1..plan.connections.max(1) {
+                channels.push(ClientStack::new(&config.client).channel(&server.uri())?);
+            }
+            let mut c = Clients::new(channel);
+            broadcast::run(&mut c, channels, metrics, plan, platform_cut_bps).await?;
+        }
+        anyhow::Ok(())
+    }
     .await;
     server.stop().await?;
     match &result {
-        Ok(()) => println!("\ndemo complete: every step got the answer it expected."),
+        Ok(()) => println!(
+            "\ndemo complete in {:.1} s: every step got the answer it expected.",
+            began.elapsed().as_secs_f64()
+        ),
         Err(err) => println!("\ndemo FAILED: {err:#}"),
     }
     result

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod live;
 pub mod report;
 pub mod topology;
 
@@ -40,12 +41,60 @@ pub enum LabCommand {
         #[arg(long)]
         no_chaos: bool,
     },
-    /// Start the mesh in this process and run a short scripted broadcast
-    /// against it through the real gRPC clients, printing each step.
+    /// Start the mesh in this process and run, through the real gRPC
+    /// clients, a short scripted walkthrough (every feature once, each
+    /// step printed), then a live broadcast: a crowd of viewers subscribes
+    /// over several HTTP/2 connections, taps loves in bursts, comments and
+    /// sends gifts while a live view shows the mesh's figures (redrawn in
+    /// place on a terminal, plain lines otherwise); the room ends on its top
+    /// lovers and its settlement with the reconciliation.
     Demo {
         /// Keep the demo's SQLite files here instead of a temporary directory.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// Viewers in the live broadcast.
+        #[arg(long, value_name = "N", default_value_t = 2_000)]
+        viewers: u64,
+        /// How long the live broadcast's viewers tap, comment and gift.
+        #[arg(long, value_name = "SECS", default_value_t = 20)]
+        duration: u64,
+        /// HTTP/2 connections the viewers are spread over.
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        connections: usize,
+        /// Only the scripted walkthrough.
+        #[arg(long, conflicts_with = "live_only")]
+        walkthrough_only: bool,
+        /// Only the live broadcast.
+        #[arg(long)]
+        live_only: bool,
+        /// Plain lines even on a terminal.
+        #[arg(long)]
+        plain: bool,
+    },
+    /// A live view of a running mesh, read from its services' Prometheus
+    /// endpoints: viewers, loves/s and the total, comments, gifts and
+    /// deliveries per second, the per-hop latencies (p50/p99 over each
+    /// refresh), queue drops, load shed and circuit breakers. Redrawn in
+    /// place on a terminal, one plain line per refresh otherwise.
+    #[command(after_help = "Examples:\n  \
+        livemesh up --metrics-listen 127.0.0.1:9464 &\n  \
+        livemesh top --metrics http://127.0.0.1:9464/metrics\n  \
+        livemesh top --metrics http://10.0.0.5:9464,http://10.0.0.6:9464 --plain | tee top.log")]
+    Top {
+        /// Metrics endpoints, comma-separated or repeated: every pod of a
+        /// deployment, summed (`http://HOST:PORT[/PATH]`; the path
+        /// defaults to /metrics).
+        #[arg(long, value_name = "URL[,URL...]", required = true)]
+        metrics: Vec<String>,
+        /// Time between refreshes.
+        #[arg(long, value_name = "MS", default_value_t = 500)]
+        interval_ms: u64,
+        /// Stop after N refreshes [default: until Ctrl-C].
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Plain lines even on a terminal.
+        #[arg(long)]
+        plain: bool,
     },
     /// Run a benchmark; each prints ratios against a peer measured in the
     /// same run. Use `scripts/bench NAME` to run it against the private
@@ -83,7 +132,43 @@ impl LabCommand {
                 )
                 .await
             }
-            Self::Demo { data_dir } => demo::run(data_dir, mesh).await,
+            Self::Demo {
+                data_dir,
+                viewers,
+                duration,
+                connections,
+                walkthrough_only,
+                live_only,
+                plain,
+            } => {
+                let live = (!walkthrough_only).then(|| demo::Broadcast {
+                    viewers,
+                    duration: std::time::Duration::from_secs(duration),
+                    connections,
+                    plain,
+                    ..demo::Broadcast::default()
+                });
+                let args = demo::DemoArgs {
+                    data_dir,
+                    walkthrough: !live_only,
+                    live,
+                };
+                demo::run(args, mesh).await
+            }
+            Self::Top {
+                metrics,
+                interval_ms,
+                count,
+                plain,
+            } => {
+                live::top::run(live::top::TopArgs {
+                    metrics,
+                    interval: std::time::Duration::from_millis(interval_ms.max(50)),
+                    count,
+                    plain,
+                })
+                .await
+            }
             Self::Bench { bench } => bench::run(bench).await,
         }
     }

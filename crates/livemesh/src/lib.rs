@@ -73,15 +73,16 @@ impl ServiceSet for Mesh {
 /// `livemesh demo`: the lab's scripted broadcast against this mesh.
 #[cfg(feature = "lab")]
 pub mod demo {
-    use std::path::PathBuf;
+    pub use livemesh_lab::demo::{Broadcast, DemoArgs};
 
     use super::Mesh;
 
-    /// Runs the demo; SQLite files go to `data_dir`, or a temporary directory.
-    pub async fn run(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-        livemesh_lab::demo::run(data_dir, |config| async move {
-            Mesh::from_config(&config).await
-        })
+    /// Runs the demo as `args` says.
+    pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+        livemesh_lab::demo::run(
+            args,
+            |config| async move { Mesh::from_config(&config).await },
+        )
         .await
     }
 }

@@ -108,9 +108,20 @@ async fn every_service_is_serving_and_listed_by_reflection() {
 #[tokio::test]
 async fn the_demo_completes() {
     let dir = tempfile::tempdir().unwrap();
-    livemesh::demo::run(Some(dir.path().to_owned()))
-        .await
-        .expect("demo");
+    // The walkthrough, then a small live broadcast (the default crowd is
+    // for a person watching, not for a test run beside others).
+    livemesh::demo::run(livemesh::demo::DemoArgs {
+        data_dir: Some(dir.path().to_owned()),
+        walkthrough: true,
+        live: Some(livemesh::demo::Broadcast {
+            viewers: 200,
+            duration: Duration::from_secs(3),
+            plain: true,
+            ..livemesh::demo::Broadcast::default()
+        }),
+    })
+    .await
+    .expect("demo");
 }
 
 async fn livemesh_cli(args: &[&str]) -> std::process::Output {

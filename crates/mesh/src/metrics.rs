@@ -17,6 +17,15 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use prometheus::{Encoder as _, TextEncoder};
 
+/// Buckets, in seconds, of the per-hop latency histograms (publish →
+/// `Deliver` sent, `Deliver` received → written to a stream): 50 µs up to
+/// 10 s, since a hop inside one process takes tens of microseconds and a
+/// hop behind a failing store seconds.
+pub const HOP_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
 /// The installed meter provider and the registry the scrape endpoint reads.
 #[derive(Debug, Clone)]
 pub struct Metrics {

@@ -20,11 +20,18 @@ use crate::validate::Reason;
 #[derive(Debug, Clone)]
 pub struct CounterApi {
     inner: Arc<Inner>,
+    /// Loves accepted (what `SendLoves` answered as counted), exported as
+    /// `livemesh_counter_loves_total`: one add per call.
+    loves: opentelemetry::metrics::Counter<u64>,
 }
 
 impl CounterApi {
     pub fn new(inner: Arc<Inner>) -> Self {
-        Self { inner }
+        let loves = opentelemetry::global::meter("livemesh")
+            .u64_counter("livemesh.counter.loves")
+            .with_description("Loves (taps) SendLoves accepted")
+            .build();
+        Self { inner, loves }
     }
 }
 
@@ -50,20 +57,23 @@ impl CounterService for CounterApi {
             Sent::Taken {
                 outcome,
                 room_total,
-            } => SendLovesResponse {
-                accepted: outcome.accepted,
-                rejected: outcome.rejected,
-                reason: match outcome.reason {
-                    None => RejectReason::Unspecified,
-                    Some(Reason::TooManyTaps) => RejectReason::TooManyTaps,
-                    Some(Reason::RateLimited) => RejectReason::RateLimited,
-                    Some(Reason::InTheFuture) => RejectReason::InTheFuture,
-                    Some(Reason::Duplicate) => RejectReason::Duplicate,
+            } => {
+                self.loves.add(outcome.accepted, &[]);
+                SendLovesResponse {
+                    accepted: outcome.accepted,
+                    rejected: outcome.rejected,
+                    reason: match outcome.reason {
+                        None => RejectReason::Unspecified,
+                        Some(Reason::TooManyTaps) => RejectReason::TooManyTaps,
+                        Some(Reason::RateLimited) => RejectReason::RateLimited,
+                        Some(Reason::InTheFuture) => RejectReason::InTheFuture,
+                        Some(Reason::Duplicate) => RejectReason::Duplicate,
+                    }
+                    .into(),
+                    detail: outcome.detail,
+                    room_total,
                 }
-                .into(),
-                detail: outcome.detail,
-                room_total,
-            },
+            }
         };
         Ok(Response::new(reply))
     }

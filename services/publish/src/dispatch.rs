@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use livemesh_fanout::{Append, Appended, FanoutStore, ROOM_ENDED_KEY, Slot};
@@ -23,6 +23,7 @@ use prost::Message as _;
 use tracing::Instrument as _;
 
 use crate::error::PublishError;
+use crate::metrics::PublishMetrics;
 
 /// How a dispatcher runs.
 #[derive(Debug, Clone)]
@@ -52,6 +53,7 @@ pub struct DispatcherInner {
     pub settings: DispatcherSettings,
     pub store: FanoutStore,
     pub stats: DispatchStats,
+    metrics: PublishMetrics,
     stack: ClientStack,
     /// Which rooms exist and have not ended: nothing is stored for a room
     /// the rooms service does not know.
@@ -100,6 +102,7 @@ impl DispatcherInner {
             settings,
             store,
             stats: DispatchStats::default(),
+            metrics: PublishMetrics::new(),
             stack,
             rooms,
             nodes: Mutex::new(HashMap::new()),
@@ -157,9 +160,10 @@ impl DispatcherInner {
         self: &Arc<Self>,
         request: PublishRequest,
     ) -> Result<PublishResponse, PublishError> {
+        let accepted = Instant::now();
         let kind = self.validate(&request)?;
         self.check_room(request.room_id, &kind).await?;
-        self.append(request, kind).await
+        self.append(request, kind, accepted).await
     }
 
     /// Refuses rooms the rooms service does not know, and rooms it says
@@ -198,6 +202,7 @@ impl DispatcherInner {
         self: &Arc<Self>,
         request: PublishRequest,
         mut kind: room_event::Kind,
+        accepted: Instant,
     ) -> Result<PublishResponse, PublishError> {
         let now = livemesh_mesh::now_ms();
         if let room_event::Kind::RoomEnded(RoomEnded {
@@ -252,12 +257,16 @@ impl DispatcherInner {
             }
         };
         self.stats.published.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stored(&kind);
         let event = RoomEvent {
             room_id,
             epoch,
             offset,
             ..stored
         };
+        if !nodes.is_empty() {
+            self.metrics.delivering(accepted);
+        }
         let handed = self.deliver(&event, &nodes).await;
         // Ordered events (comments, gifts, room ended) go to every
         // datacenter's viewers. Latest values (love totals, viewer counts)
@@ -458,7 +467,7 @@ impl DispatcherInner {
             idempotency_key: Some(ROOM_ENDED_KEY.to_owned()),
             forwarded_from: None,
         };
-        self.append(request, kind).await
+        self.append(request, kind, Instant::now()).await
     }
 }
 

@@ -17,6 +17,7 @@ mod dispatch;
 mod ends;
 mod error;
 mod grpc;
+mod metrics;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub use crate::config::PublishConfig;

@@ -19,11 +19,19 @@
 //!
 //! **Invariant:** a stream's memory does not grow with the room's traffic:
 //! a cursor is a few integers, and the ring is the room's, bounded.
+//!
+//! The feed also measures its hop (`livemesh.subscribe.write_delay`): each
+//! event remembers when the `Deliver` that released it arrived and how many
+//! of the room's streams have yet to send it; the stream that sends it last
+//! records the delay, once per event, never per stream. A stream that
+//! leaves counts as having sent what it had not; a latest value replaced
+//! before every stream sent it is not recorded.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use livemesh_proto::encoded::{BatchWriter, Frame, Latest, Ordered};
 
@@ -96,6 +104,31 @@ struct Entry {
     epoch: u64,
     offset: u64,
     event: Ordered,
+    unsent: Unsent,
+}
+
+/// When an event reached the node, and how many streams have yet to send it.
+#[derive(Debug, Clone, Copy)]
+struct Unsent {
+    received: Instant,
+    streams: u64,
+}
+
+impl Unsent {
+    /// One more stream sent it (or left without): the last one returns the delay.
+    fn sent(&mut self) -> Option<f64> {
+        match self.streams {
+            0 => None,
+            1 => {
+                self.streams = 0;
+                Some(self.received.elapsed().as_secs_f64())
+            }
+            _ => {
+                self.streams -= 1;
+                None
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -104,7 +137,7 @@ struct State {
     ring: VecDeque<Entry>,
     /// Sequence number of the next ordered event.
     head: u64,
-    latest: [Option<(u64, Latest)>; KINDS],
+    latest: [Option<(u64, Latest, Unsent)>; KINDS],
     /// Versions handed out to latest values (the first is 1).
     versions: u64,
     ended: Option<Ended>,
@@ -112,6 +145,11 @@ struct State {
     waiters: Vec<Option<Waker>>,
     /// The previous waiter list, emptied, kept for its allocation.
     spare: Vec<Option<Waker>>,
+    /// Live cursors: how many streams each new event waits for.
+    streams: u64,
+    /// Delays of events their last stream just sent, recorded by the
+    /// reader after it let go of the lock.
+    delays: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +169,7 @@ pub struct Feed {
     /// generation is still on the list and has nothing new to read.
     generation: AtomicU64,
     state: Mutex<State>,
+    write_delay: Option<opentelemetry::metrics::Histogram<f64>>,
 }
 
 impl Feed {
@@ -140,6 +179,16 @@ impl Feed {
             capacity: capacity.max(1),
             generation: AtomicU64::new(0),
             state: Mutex::new(State::default()),
+            write_delay: None,
+        }
+    }
+
+    /// The same, recording each event's delay from its `Deliver` to its
+    /// last stream in `write_delay`.
+    pub fn recording(capacity: usize, write_delay: opentelemetry::metrics::Histogram<f64>) -> Self {
+        Self {
+            write_delay: Some(write_delay),
+            ..Self::new(capacity)
         }
     }
 
@@ -154,8 +203,10 @@ impl Feed {
     /// A cursor for a stream that goes live now: it reads the ordered
     /// events pushed from here on, and the newest latest values.
     pub fn cursor(&self, skip: (u64, u64), last: (u64, u64)) -> Cursor {
+        let mut state = self.lock();
+        state.streams += 1;
         Cursor {
-            next: self.lock().head,
+            next: state.head,
             seen: [0; KINDS],
             skip,
             last,
@@ -163,12 +214,22 @@ impl Feed {
         }
     }
 
-    /// Adds released ordered events, in order, and wakes the waiting streams.
-    pub fn push_ordered(&self, events: impl IntoIterator<Item = (u64, u64, Ordered)>) {
+    /// Adds released ordered events, in order, and wakes the waiting
+    /// streams; `received` is when the `Deliver` (or gap fill) that
+    /// released them arrived.
+    pub fn push_ordered(
+        &self,
+        received: Instant,
+        events: impl IntoIterator<Item = (u64, u64, Ordered)>,
+    ) {
         let mut state = self.lock();
         if state.ended.is_some() {
             return;
         }
+        let unsent = Unsent {
+            received,
+            streams: state.streams,
+        };
         for (epoch, offset, event) in events {
             if state.ring.len() == self.capacity {
                 state.ring.pop_front();
@@ -177,6 +238,7 @@ impl Feed {
                 epoch,
                 offset,
                 event,
+                unsent,
             });
             state.head += 1;
         }
@@ -185,14 +247,18 @@ impl Feed {
 
     /// Sets a latest value (the caller decides it is newer) and wakes the
     /// waiting streams.
-    pub fn set_latest(&self, kind: LatestKind, value: Latest) {
+    pub fn set_latest(&self, kind: LatestKind, value: Latest, received: Instant) {
         let mut state = self.lock();
         if state.ended.is_some() {
             return;
         }
         state.versions += 1;
         let version = state.versions;
-        state.latest[kind as usize] = Some((version, value));
+        let unsent = Unsent {
+            received,
+            streams: state.streams,
+        };
+        state.latest[kind as usize] = Some((version, value, unsent));
         self.wake_all(state);
     }
 
@@ -255,14 +321,15 @@ impl Feed {
             return Poll::Ready(Read::Overflow);
         }
         let frame = match delivery {
-            Delivery::Single => read_one(&state, cursor),
-            Delivery::Batches { max_bytes } => read_batch(&state, cursor, max_bytes),
+            Delivery::Single => read_one(&mut state, cursor),
+            Delivery::Batches { max_bytes } => read_batch(&mut state, cursor, max_bytes),
         };
+        let delays = self.take_delays(&mut state);
         let caught_up = cursor.next == state.head
             && (0..KINDS).all(|k| {
                 state.latest[k]
                     .as_ref()
-                    .is_none_or(|(v, _)| *v <= cursor.seen[k])
+                    .is_none_or(|(v, _, _)| *v <= cursor.seen[k])
             });
         match frame {
             Some(frame) => {
@@ -271,11 +338,19 @@ impl Feed {
                     // the lock is held anyway.
                     self.register(&mut state, cursor, cx.waker());
                 }
+                drop(state);
+                self.record(delays);
                 Poll::Ready(Read::Frame(frame))
             }
-            None if caught_up && state.ended == Some(Ended::Finish) => Poll::Ready(Read::Finished),
+            None if caught_up && state.ended == Some(Ended::Finish) => {
+                drop(state);
+                self.record(delays);
+                Poll::Ready(Read::Finished)
+            }
             None => {
                 self.register(&mut state, cursor, cx.waker());
+                drop(state);
+                self.record(delays);
                 Poll::Pending
             }
         }
@@ -305,50 +380,103 @@ impl Feed {
         }
     }
 
-    /// Takes a dropped stream off the waiter list.
+    /// Takes a dropped stream off the waiter list; what it had not sent
+    /// no longer waits for it.
     pub fn forget(&self, cursor: &Cursor) {
-        let Some(waiting) = cursor.waiting else {
-            return;
-        };
-        if waiting.generation != self.generation.load(Ordering::Acquire) {
-            return;
-        }
         let mut state = self.lock();
-        if waiting.generation == self.generation.load(Ordering::Relaxed)
+        state.streams = state.streams.saturating_sub(1);
+        let oldest = state.head - state.ring.len() as u64;
+        let from = cursor.next.saturating_sub(oldest) as usize;
+        let State {
+            ring,
+            latest,
+            delays,
+            ..
+        } = &mut *state;
+        for entry in ring.range_mut(from.min(ring.len())..) {
+            delays.extend(entry.unsent.sent());
+        }
+        for (kind, slot) in latest.iter_mut().enumerate() {
+            if let Some((version, _, unsent)) = slot
+                && *version > cursor.seen[kind]
+            {
+                delays.extend(unsent.sent());
+            }
+        }
+        if let Some(waiting) = cursor.waiting
+            && waiting.generation == self.generation.load(Ordering::Relaxed)
             && let Some(slot) = state.waiters.get_mut(waiting.index)
         {
             *slot = None;
         }
+        let delays = self.take_delays(&mut state);
+        drop(state);
+        self.record(delays);
+    }
+
+    /// The delays gathered under the lock, if anything records them.
+    fn take_delays(&self, state: &mut State) -> Vec<f64> {
+        if state.delays.is_empty() || self.write_delay.is_none() {
+            state.delays.clear();
+            return Vec::new();
+        }
+        std::mem::take(&mut state.delays)
+    }
+
+    fn record(&self, delays: Vec<f64>) {
+        if let Some(histogram) = &self.write_delay {
+            for delay in delays {
+                histogram.record(delay, &[]);
+            }
+        }
     }
 }
 
-/// Ordered events a stream has not sent, from sequence number `next`, with
-/// their sequence numbers; those in its `skip` range are passed over.
-fn unsent(state: &State, next: u64, skip: (u64, u64)) -> impl Iterator<Item = (u64, &Entry)> {
-    let oldest = state.head - state.ring.len() as u64;
+/// The ring's entries from sequence number `next` on (the ring ends just
+/// before `head`), with their sequence numbers.
+fn unsent(
+    ring: &mut VecDeque<Entry>,
+    head: u64,
+    next: u64,
+) -> impl Iterator<Item = (u64, &mut Entry)> {
+    let oldest = head - ring.len() as u64;
     let from = (next - oldest) as usize;
-    state
-        .ring
-        .range(from..)
+    ring.range_mut(from..)
         .enumerate()
         .map(move |(i, entry)| (next + i as u64, entry))
-        .filter(move |(_, e)| !(e.epoch == skip.0 && e.offset <= skip.1))
+}
+
+/// Whether the stream passes over `entry`: replayed, or at or before the
+/// client's resume position.
+fn skipped(entry: &Entry, skip: (u64, u64)) -> bool {
+    entry.epoch == skip.0 && entry.offset <= skip.1
 }
 
 /// The next ordered event, else the newest unsent latest value.
-fn read_one(state: &State, cursor: &mut Cursor) -> Option<Frame> {
-    if let Some((seq, entry)) = unsent(state, cursor.next, cursor.skip).next() {
+fn read_one(state: &mut State, cursor: &mut Cursor) -> Option<Frame> {
+    let State {
+        ring,
+        head,
+        latest,
+        delays,
+        ..
+    } = state;
+    for (seq, entry) in unsent(ring, *head, cursor.next) {
+        delays.extend(entry.unsent.sent());
         cursor.next = seq + 1;
-        cursor.last = (entry.epoch, entry.offset);
-        return Some(entry.event.frame());
+        if !skipped(entry, cursor.skip) {
+            cursor.last = (entry.epoch, entry.offset);
+            return Some(entry.event.frame());
+        }
     }
     // Only skipped events were left.
-    cursor.next = state.head;
-    for kind in 0..KINDS {
-        if let Some((version, value)) = &state.latest[kind]
+    cursor.next = *head;
+    for (kind, slot) in latest.iter_mut().enumerate() {
+        if let Some((version, value, unsent)) = slot
             && *version > cursor.seen[kind]
         {
             cursor.seen[kind] = *version;
+            delays.extend(unsent.sent());
             return Some(value.frame(cursor.last));
         }
     }
@@ -357,25 +485,38 @@ fn read_one(state: &State, cursor: &mut Cursor) -> Option<Frame> {
 
 /// Every unsent ordered event (up to `max_bytes`; at least one), then the
 /// unsent latest values, as one batch.
-fn read_batch(state: &State, cursor: &mut Cursor, max_bytes: usize) -> Option<Frame> {
+fn read_batch(state: &mut State, cursor: &mut Cursor, max_bytes: usize) -> Option<Frame> {
+    let State {
+        ring,
+        head,
+        latest,
+        delays,
+        ..
+    } = state;
     let mut batch = BatchWriter::new();
-    let mut next = state.head;
-    for (seq, entry) in unsent(state, cursor.next, cursor.skip) {
+    let mut next = *head;
+    for (seq, entry) in unsent(ring, *head, cursor.next) {
+        if skipped(entry, cursor.skip) {
+            delays.extend(entry.unsent.sent());
+            continue;
+        }
         if !batch.is_empty() && batch.len() + entry.event.len() > max_bytes {
             // The rest goes in the next message, right after this one.
             next = seq;
             break;
         }
+        delays.extend(entry.unsent.sent());
         batch.push_ordered(&entry.event);
         cursor.last = (entry.epoch, entry.offset);
     }
     cursor.next = next;
-    if next == state.head {
-        for kind in 0..KINDS {
-            if let Some((version, value)) = &state.latest[kind]
+    if next == *head {
+        for (kind, slot) in latest.iter_mut().enumerate() {
+            if let Some((version, value, unsent)) = slot
                 && *version > cursor.seen[kind]
             {
                 cursor.seen[kind] = *version;
+                delays.extend(unsent.sent());
                 batch.push_latest(value, cursor.last);
             }
         }
@@ -452,9 +593,9 @@ mod tests {
     fn single_delivery_sends_ordered_events_first_then_the_newest_latest_value() {
         let feed = Feed::new(8);
         let mut cursor = feed.cursor((0, 0), (7, 0));
-        feed.set_latest(LatestKind::LoveTotal, total(1));
-        feed.set_latest(LatestKind::LoveTotal, total(2));
-        feed.push_ordered([comment(1), comment(2)]);
+        feed.set_latest(LatestKind::LoveTotal, total(1), Instant::now());
+        feed.set_latest(LatestKind::LoveTotal, total(2), Instant::now());
+        feed.push_ordered(Instant::now(), [comment(1), comment(2)]);
         let offsets: Vec<u64> = (0..2)
             .map(|_| frame(read(&feed, &mut cursor, Delivery::Single))[0].offset)
             .collect();
@@ -473,8 +614,11 @@ mod tests {
         let feed = Feed::new(8);
         // Resumed at offset 2 that this node had not released yet.
         let mut cursor = feed.cursor((7, 2), (7, 0));
-        feed.push_ordered([comment(1), comment(2), comment(3), comment(4)]);
-        feed.set_latest(LatestKind::LoveTotal, total(5));
+        feed.push_ordered(
+            Instant::now(),
+            [comment(1), comment(2), comment(3), comment(4)],
+        );
+        feed.set_latest(LatestKind::LoveTotal, total(5), Instant::now());
         let batch = frame(read(
             &feed,
             &mut cursor,
@@ -489,8 +633,8 @@ mod tests {
     fn a_batch_over_its_byte_limit_continues_in_the_next_message() {
         let feed = Feed::new(16);
         let mut cursor = feed.cursor((0, 0), (7, 0));
-        feed.push_ordered((1..=10).map(comment));
-        feed.set_latest(LatestKind::LoveTotal, total(5));
+        feed.push_ordered(Instant::now(), (1..=10).map(comment));
+        feed.set_latest(LatestKind::LoveTotal, total(5), Instant::now());
         let delivery = Delivery::Batches { max_bytes: 60 };
         let mut offsets = Vec::new();
         let mut messages = 0;
@@ -507,7 +651,7 @@ mod tests {
         let feed = Feed::new(4);
         let mut slow = feed.cursor((0, 0), (7, 0));
         let mut fast = feed.cursor((0, 0), (7, 0));
-        feed.push_ordered((1..=4).map(comment));
+        feed.push_ordered(Instant::now(), (1..=4).map(comment));
         assert_eq!(
             frame(read(
                 &feed,
@@ -517,7 +661,7 @@ mod tests {
             .len(),
             4
         );
-        feed.push_ordered([comment(5)]);
+        feed.push_ordered(Instant::now(), [comment(5)]);
         assert!(matches!(
             read(&feed, &mut slow, Delivery::Single),
             Poll::Ready(Read::Overflow)
@@ -542,14 +686,14 @@ mod tests {
                 .is_pending()
         );
         assert_eq!(feed.lock().waiters.len(), 1, "registered once");
-        feed.push_ordered([comment(1)]);
+        feed.push_ordered(Instant::now(), [comment(1)]);
         assert_eq!(counter.0.load(Ordering::Relaxed), 1);
         assert!(
             feed.poll_read(&mut cursor, Delivery::Single, &mut cx)
                 .is_ready()
         );
         // Caught up: registered while reading, so the next change wakes it.
-        feed.push_ordered([comment(2)]);
+        feed.push_ordered(Instant::now(), [comment(2)]);
         assert_eq!(counter.0.load(Ordering::Relaxed), 2);
     }
 
@@ -558,9 +702,9 @@ mod tests {
         let feed = Feed::new(4);
         let mut a = feed.cursor((0, 0), (7, 0));
         let mut b = feed.cursor((0, 0), (7, 0));
-        feed.push_ordered([comment(1)]);
+        feed.push_ordered(Instant::now(), [comment(1)]);
         feed.finish();
-        feed.set_latest(LatestKind::LoveTotal, total(9));
+        feed.set_latest(LatestKind::LoveTotal, total(9), Instant::now());
         assert_eq!(frame(read(&feed, &mut a, Delivery::Single))[0].offset, 1);
         assert!(matches!(
             read(&feed, &mut a, Delivery::Single),
@@ -571,5 +715,51 @@ mod tests {
             read(&feed, &mut b, Delivery::Single),
             Poll::Ready(Read::Shutdown)
         ));
+    }
+
+    /// The streams an event still waits for, before its write delay is
+    /// recorded (by the last of them).
+    fn waiting_for(feed: &Feed) -> Vec<u64> {
+        feed.lock().ring.iter().map(|e| e.unsent.streams).collect()
+    }
+
+    #[test]
+    fn the_last_stream_to_send_an_event_records_its_delay_and_leavers_count_as_sent() {
+        let feed = Feed::new(8);
+        let mut a = feed.cursor((0, 0), (7, 0));
+        let mut b = feed.cursor((0, 0), (7, 0));
+        let c = feed.cursor((0, 0), (7, 0));
+        feed.push_ordered(Instant::now(), [comment(1), comment(2)]);
+        assert_eq!(waiting_for(&feed), [3, 3]);
+        frame(read(&feed, &mut a, Delivery::Single));
+        assert_eq!(waiting_for(&feed), [2, 3]);
+        frame(read(
+            &feed,
+            &mut b,
+            Delivery::Batches { max_bytes: 1 << 20 },
+        ));
+        assert_eq!(waiting_for(&feed), [1, 2]);
+        // The third stream leaves without reading: nothing waits for it.
+        feed.forget(&c);
+        assert_eq!(waiting_for(&feed), [0, 1]);
+        assert_eq!(feed.lock().delays.len(), 0, "nothing records: no histogram");
+        frame(read(&feed, &mut a, Delivery::Single));
+        assert_eq!(waiting_for(&feed), [0, 0]);
+        // A stream that joins later waits for what comes next (with the two
+        // still here), not for what came before.
+        let _d = feed.cursor((0, 0), (7, 0));
+        feed.push_ordered(Instant::now(), [comment(3)]);
+        assert_eq!(waiting_for(&feed), [0, 0, 3]);
+    }
+
+    #[test]
+    fn an_event_sent_to_every_stream_yields_exactly_one_delay() {
+        let mut unsent = Unsent {
+            received: Instant::now(),
+            streams: 3,
+        };
+        let delays: Vec<f64> = (0..5).filter_map(|_| unsent.sent()).collect();
+        assert_eq!(delays.len(), 1, "{delays:?}");
+        assert!(delays[0] >= 0.0);
     }
 }

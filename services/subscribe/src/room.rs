@@ -46,12 +46,16 @@ pub(crate) struct Joined {
 
 impl Room {
     /// A room this node has not joined in the hot store yet.
-    pub(crate) fn new(id: u64, queue_len: usize) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        queue_len: usize,
+        write_delay: opentelemetry::metrics::Histogram<f64>,
+    ) -> Self {
         Self {
             id,
             joined: tokio::sync::OnceCell::new(),
             state: Mutex::new(RoomState::default()),
-            feed: Feed::new(queue_len),
+            feed: Feed::recording(queue_len, write_delay),
         }
     }
 }

@@ -66,7 +66,7 @@ impl NodeInner {
                 );
                 ready.extend(state.seq.skip_to(upto));
             }
-            self.release(&room, &mut state, ready);
+            self.release(&room, &mut state, ready, std::time::Instant::now());
         }
     }
 

@@ -10,6 +10,14 @@ pub(super) struct NodeMetrics {
     pub(super) lag: opentelemetry::metrics::Histogram<f64>,
     /// Streams ended for falling behind (their queue was full).
     pub(super) overflows: opentelemetry::metrics::Counter<u64>,
+    /// From a `Deliver` reaching the node to the last of the room's
+    /// streams sending its event (recorded by the room's feed, per event).
+    pub(super) write_delay: opentelemetry::metrics::Histogram<f64>,
+    /// Viewer streams held (up on join, down when a stream ends).
+    pub(super) streams: opentelemetry::metrics::UpDownCounter<i64>,
+    /// Events handed to streams: each released event times the room's
+    /// streams, added once per release, never per stream.
+    pub(super) deliveries: opentelemetry::metrics::Counter<u64>,
 }
 
 /// Fan-out lag buckets in seconds: 1 ms up to 10 s.
@@ -33,6 +41,24 @@ impl NodeMetrics {
                 .u64_counter("livemesh.subscribe.queue_drops")
                 .with_description(
                     "Viewer streams ended because their queue of ordered events was full",
+                )
+                .build(),
+            write_delay: meter
+                .f64_histogram("livemesh.subscribe.write_delay")
+                .with_unit("s")
+                .with_description(
+                    "Time from a Deliver reaching the node to the last of the room's streams sending its event",
+                )
+                .with_boundaries(livemesh_mesh::metrics::HOP_BUCKETS.to_vec())
+                .build(),
+            streams: meter
+                .i64_up_down_counter("livemesh.subscribe.streams")
+                .with_description("Viewer streams this node holds")
+                .build(),
+            deliveries: meter
+                .u64_counter("livemesh.subscribe.deliveries")
+                .with_description(
+                    "Events handed to viewer streams (each event once per stream of its room)",
                 )
                 .build(),
         }

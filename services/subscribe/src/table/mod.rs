@@ -24,7 +24,7 @@ use livemesh_mesh::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use livemesh_fanout::{FanoutStore, Head, StoreError};
 use livemesh_mesh::MeshChannel;
@@ -143,7 +143,13 @@ impl NodeInner {
         loop {
             let room = lock(&self.table)
                 .entry(room_id)
-                .or_insert_with(|| Arc::new(Room::new(room_id, self.settings.queue_len)))
+                .or_insert_with(|| {
+                    Arc::new(Room::new(
+                        room_id,
+                        self.settings.queue_len,
+                        self.metrics.write_delay.clone(),
+                    ))
+                })
                 .clone();
             let joined = room
                 .joined
@@ -182,6 +188,7 @@ impl NodeInner {
             let start = (state.seq.epoch, state.seq.released.max(resume_offset));
             let cursor = room.feed.cursor(start, start);
             state.streams += 1;
+            self.metrics.streams.add(1, &[]);
             let (epoch, released) = (state.seq.epoch, state.seq.released);
             drop(state);
             return Ok(Joined {
@@ -204,14 +211,16 @@ impl NodeInner {
             {
                 let event = Arc::new(event);
                 if state.set_latest(kind, &event) {
-                    room.feed.set_latest(kind, Latest::new(&event));
+                    room.feed
+                        .set_latest(kind, Latest::new(&event), Instant::now());
                 }
             }
         }
         let early = state.seq.take_early();
         drop(state);
+        let received = Instant::now();
         for event in early {
-            self.deliver_one(room, event);
+            self.deliver_one(room, event, received);
         }
     }
 
@@ -222,6 +231,7 @@ impl NodeInner {
             let mut state = lock(&room.state);
             state.streams = state.streams.saturating_sub(1);
         }
+        self.metrics.streams.add(-1, &[]);
         self.remove_if_empty(room);
     }
 
@@ -251,18 +261,20 @@ impl NodeInner {
     /// Hands delivered events to the room's streams; returns how many
     /// streams the room has here (0: no viewers on this node).
     pub(crate) fn deliver(self: &Arc<Self>, room_id: u64, events: Vec<RoomEvent>) -> u64 {
+        let received = Instant::now();
         self.stats.deliver_calls.fetch_add(1, Ordering::Relaxed);
         self.metrics.delivered(&events);
         let Some(room) = lock(&self.table).get(&room_id).cloned() else {
             return 0;
         };
         for event in events {
-            self.deliver_one(&room, Arc::new(event));
+            self.deliver_one(&room, Arc::new(event), received);
         }
         lock(&room.state).streams
     }
 
-    fn deliver_one(self: &Arc<Self>, room: &Arc<Room>, event: Arc<RoomEvent>) {
+    /// `received`: when the `Deliver` bringing `event` arrived.
+    fn deliver_one(self: &Arc<Self>, room: &Arc<Room>, event: Arc<RoomEvent>, received: Instant) {
         let mut state = lock(&room.state);
         if state.removed || state.seq.ended {
             return;
@@ -272,12 +284,13 @@ impl NodeInner {
                 state.seq.hold_early(event);
             } else if state.set_latest(kind, &event) {
                 // Encoded once for every stream of the room.
-                room.feed.set_latest(kind, Latest::new(&event));
+                room.feed.set_latest(kind, Latest::new(&event), received);
+                self.metrics.deliveries.add(state.streams, &[]);
             }
             return;
         }
         let ready = state.seq.sequence(event);
-        self.release(room, &mut state, ready);
+        self.release(room, &mut state, ready, received);
         if state.seq.gap().is_some() && !state.gap_fill_running {
             state.gap_fill_running = true;
             tokio::spawn(self.clone().fill_gaps(room.clone()));
@@ -292,6 +305,7 @@ impl NodeInner {
         room: &Arc<Room>,
         state: &mut RoomState,
         ready: Vec<Arc<RoomEvent>>,
+        received: Instant,
     ) {
         if ready.is_empty() {
             return;
@@ -304,7 +318,11 @@ impl NodeInner {
         self.stats
             .ordered_delivered
             .fetch_add(released as u64 * state.streams, Ordering::Relaxed);
+        self.metrics
+            .deliveries
+            .add(released as u64 * state.streams, &[]);
         room.feed.push_ordered(
+            received,
             ready[..released]
                 .iter()
                 .map(|event| (event.epoch, event.offset, Ordered::new(event))),
