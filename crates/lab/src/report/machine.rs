@@ -76,3 +76,47 @@ fn now_rfc3339() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown".into())
 }
+
+/// The machine's busy share of CPU time (0 to 1) over `window`, from
+/// `/proc/stat`; `None` where it cannot be read.
+pub async fn busy_share(window: std::time::Duration) -> Option<f64> {
+    fn ticks() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...: idle and iowait are idle.
+        let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+        Some((fields.iter().sum(), idle))
+    }
+    let (total_before, idle_before) = ticks()?;
+    tokio::time::sleep(window).await;
+    let (total_after, idle_after) = ticks()?;
+    let total = total_after.saturating_sub(total_before);
+    let idle = idle_after.saturating_sub(idle_before);
+    (total > 0).then(|| 1.0 - idle as f64 / total as f64)
+}
+
+/// Waits until the machine is quiet (under `QUIET` busy over one second)
+/// before the next bench, at most `MAX_WAIT`: what one bench leaves behind
+/// (MariaDB flushing and purging after the rooms or gifts bench, a server
+/// still closing connections) would otherwise be charged to the next one
+/// (the loves bench ran about 25% slower right after the rooms bench than
+/// on its own). Returns the seconds waited and the last busy share.
+pub async fn settle() -> (f64, Option<f64>) {
+    const QUIET: f64 = 0.10;
+    const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    let mut busy = None;
+    while started.elapsed() < MAX_WAIT {
+        busy = busy_share(std::time::Duration::from_secs(1)).await;
+        if busy.is_none_or(|b| b < QUIET) {
+            break;
+        }
+    }
+    (started.elapsed().as_secs_f64(), busy)
+}

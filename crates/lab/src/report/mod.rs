@@ -238,7 +238,12 @@ async fn run_one(exe: &Path, args: &AllArgs, planned: &Planned, dir: &Path) -> R
     let json = dir.join(format!("{}.json", planned.name));
     let log = dir.join(format!("{}.log", planned.name));
     let argv = args.args(planned, &json);
-    println!("\nbench all: livemesh {}", argv.join(" "));
+    let (waited, busy) = machine::settle().await;
+    println!(
+        "\nbench all: machine settled in {waited:.0} s (busy {}); livemesh {}",
+        busy.map_or_else(|| "unknown".to_owned(), |b| format!("{:.0}%", b * 100.0)),
+        argv.join(" ")
+    );
     let started = Instant::now();
     // A file from an earlier run must not pass for this one's.
     let _ = std::fs::remove_file(&json);
