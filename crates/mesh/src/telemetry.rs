@@ -65,7 +65,10 @@ pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<T
     let filter = EnvFilter::try_new(&spec)
         .map_err(|e| anyhow::anyhow!("telemetry.log {spec:?} is not a valid filter: {e}"))?;
     let filter = without_rpc_spans(filter, &spec);
-    let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    // Colours only on a terminal: piped or collected logs get plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(true)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     // Incoming trace context is read as W3C trace context whatever happens
     // below; this makes it the process's global format too.
     opentelemetry::global::set_text_map_propagator(
