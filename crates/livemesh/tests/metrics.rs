@@ -12,10 +12,8 @@ use livemesh_fanout::{FanoutSettings, FanoutStore};
 use livemesh_mesh::config::TelemetryConfig;
 use livemesh_proto::v1::ongoing_query_service_client::OngoingQueryServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
 use livemesh_proto::v1::{
-    Comment, GetRoomRequest, PublishRequest, RoomEvent, SubscribeRequest, room_event,
-    subscribe_response,
+    Comment, GetRoomRequest, PublishRequest, RoomEvent, room_event, subscribe_response,
 };
 use livemesh_publish::PublishConfig;
 use livemesh_subscribe::SubscribeConfig;
@@ -147,16 +145,7 @@ async fn a_delivered_event_shows_in_the_fan_out_lag_histogram() {
     let store = FanoutStore::memory(FanoutSettings::default());
     let (publish, node) = common::dispatcher_and_node(&mut config, store).await;
     let room_id = livemesh_testkit::start_room(rooms.channel(), 1).await;
-    let mut viewer = SubscribeServiceClient::new(node.channel())
-        .subscribe(SubscribeRequest {
-            room_id,
-            viewer_id: 3,
-            ..SubscribeRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    viewer.message().await.unwrap().expect("the start message");
+    let mut viewer = common::live_viewer(node.channel(), room_id, 3).await;
     PublishServiceClient::new(publish.channel())
         .publish(PublishRequest {
             room_id,

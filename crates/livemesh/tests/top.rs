@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -13,10 +15,7 @@ use livemesh_mesh::Config;
 use livemesh_mesh::config::TelemetryConfig;
 use livemesh_proto::v1::counter_service_client::CounterServiceClient;
 use livemesh_proto::v1::publish_service_client::PublishServiceClient;
-use livemesh_proto::v1::subscribe_service_client::SubscribeServiceClient;
-use livemesh_proto::v1::{
-    Comment, PublishRequest, RoomEvent, SendLovesRequest, SubscribeRequest, room_event,
-};
+use livemesh_proto::v1::{Comment, PublishRequest, RoomEvent, SendLovesRequest, room_event};
 use livemesh_testkit::TestServer;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
@@ -53,16 +52,7 @@ async fn top_shows_the_figures_of_a_running_mesh_move() {
     })
     .await;
     let room_id = livemesh_testkit::start_room(mesh.channel(), 7).await;
-    let mut viewer = SubscribeServiceClient::new(mesh.channel())
-        .subscribe(SubscribeRequest {
-            room_id,
-            viewer_id: 3,
-            ..SubscribeRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    viewer.message().await.unwrap().expect("the start message");
+    let mut viewer = common::live_viewer(mesh.channel(), room_id, 3).await;
     // The viewer reads everything it is sent, so its stream never falls behind.
     tokio::spawn(async move { while let Ok(Some(_)) = viewer.message().await {} });
 

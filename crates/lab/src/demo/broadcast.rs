@@ -16,7 +16,7 @@ use anyhow::{Context as _, ensure};
 use livemesh_mesh::MeshChannel;
 use livemesh_mesh::metrics::Metrics;
 use livemesh_proto::time::ms_from_timestamp;
-use livemesh_proto::v1::{EndRoomRequest, GetLovesRequest, StartRoomRequest, TopLoversRequest};
+use livemesh_proto::v1::{EndRoomRequest, GetLovesRequest, StartRoomRequest};
 use tokio::sync::watch;
 
 use super::crowd::Crowd;
@@ -189,20 +189,7 @@ pub(super) async fn run(
         total == loves,
         "the room's total is {total}, but SendLoves accepted {loves}"
     );
-    let top = c
-        .counter
-        .top_lovers(TopLoversRequest { room_id, limit: 5 })
-        .await?
-        .into_inner()
-        .lovers;
-    for (rank, lover) in top.iter().enumerate() {
-        println!(
-            "  #{} viewer {} with {} loves",
-            rank + 1,
-            lover.viewer_id,
-            lover.loves
-        );
-    }
+    money::print_top_lovers(&mut c.counter, room_id, 5).await?;
     money::settlement_statement(
         &mut c.settlement,
         &mut c.gifts,

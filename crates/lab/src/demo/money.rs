@@ -82,8 +82,17 @@ pub(super) async fn loves(c: &mut Clients, audience: &mut Audience) -> anyhow::R
     println!(
         "  every viewer's stream shows {total} loves (the counter publishes totals) and 3 viewers"
     );
+    print_top_lovers(counter, room_id, 3).await
+}
+
+/// Prints the room's `limit` top lovers (CounterService.TopLovers), ranked.
+pub(super) async fn print_top_lovers(
+    counter: &mut CounterServiceClient<MeshChannel>,
+    room_id: u64,
+    limit: u32,
+) -> anyhow::Result<()> {
     let top = counter
-        .top_lovers(TopLoversRequest { room_id, limit: 3 })
+        .top_lovers(TopLoversRequest { room_id, limit })
         .await?
         .into_inner()
         .lovers;

@@ -118,6 +118,26 @@ pub async fn subscribe_as(
         .into_inner()
 }
 
+/// Opens the stream of `room_id` for `viewer_id` (dev mode: the id in the
+/// request) and reads its start message.
+pub async fn live_viewer(
+    channel: MeshChannel,
+    room_id: u64,
+    viewer_id: u64,
+) -> tonic::Streaming<SubscribeResponse> {
+    let mut viewer = SubscribeServiceClient::new(channel)
+        .subscribe(SubscribeRequest {
+            room_id,
+            viewer_id,
+            ..SubscribeRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    viewer.message().await.unwrap().expect("the start message");
+    viewer
+}
+
 /// Reads `stream` until it carries the love total `total`; a stream that
 /// ends, fails or has not carried it within 10 s fails the test.
 pub async fn love_total_reaches(stream: &mut tonic::Streaming<SubscribeResponse>, total: u64) {
