@@ -18,6 +18,11 @@
 //! - A **batch** (`SubscribeResponse { batch }`) is its tag and length, then
 //!   the elements above, copied from the shared bytes ([`BatchWriter`]).
 //!
+//! - A frame of a stream that asked for `stamp_writes` ([`Frame::stamped`])
+//!   gets `SubscribeResponse.written_at` appended when the encoder writes it:
+//!   a top-level field after the message's other fields, read with the
+//!   clock at that moment. Unstamped frames are written as before.
+//!
 //! The request side stays prost, with [`LeanCodec`]'s decoder.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -33,6 +38,11 @@ use crate::v1::{RoomEvent, SubscribeRequest, SubscribeResponse};
 const EVENT_FIELD: u32 = 1;
 /// `SubscribeResponse.batch`.
 const BATCH_FIELD: u32 = 3;
+/// `SubscribeResponse.written_at`.
+const WRITTEN_AT_FIELD: u32 = 4;
+/// The most `written_at` takes: tag, length, and a `Timestamp` (two fields
+/// of at most 11 bytes each).
+const STAMP_BYTES: usize = 2 + 22;
 /// `RoomEvent.epoch` and `RoomEvent.offset`.
 const EPOCH_FIELD: u32 = 2;
 const OFFSET_FIELD: u32 = 3;
@@ -108,8 +118,8 @@ impl Ordered {
     /// a fan-out.
     pub fn frame(&self) -> Frame {
         match Inline::copy(&self.bytes) {
-            Some(inline) => Frame(Inner::Inline(inline)),
-            None => Frame(Inner::Whole(self.bytes.clone())),
+            Some(inline) => Frame::of(Inner::Inline(inline)),
+            None => Frame::of(Inner::Whole(self.bytes.clone())),
         }
     }
 }
@@ -160,9 +170,9 @@ impl Latest {
             let mut out = &mut inline.bytes[..];
             self.write_element(position, &mut out);
             inline.len = len as u8;
-            return Frame(Inner::Inline(inline));
+            return Frame::of(Inner::Inline(inline));
         }
-        Frame(Inner::Latest {
+        Frame::of(Inner::Latest {
             body: self.clone(),
             position,
         })
@@ -222,7 +232,7 @@ impl BatchWriter {
         let mut head = &mut buf[start..BATCH_HEAD];
         encode_key(BATCH_FIELD, WireType::LengthDelimited, &mut head);
         encode_varint(len, &mut head);
-        Some(Frame(Inner::Whole(buf.freeze().slice(start..))))
+        Some(Frame::of(Inner::Whole(buf.freeze().slice(start..))))
     }
 }
 
@@ -234,7 +244,11 @@ impl Default for BatchWriter {
 
 /// One `SubscribeResponse` on the wire, from pre-encoded parts.
 #[derive(Debug, Clone)]
-pub struct Frame(Inner);
+pub struct Frame {
+    body: Inner,
+    /// Append `written_at` when written.
+    stamped: bool,
+}
 
 /// Frames up to this size are copied rather than shared.
 const INLINE_BYTES: usize = 120;
@@ -279,33 +293,63 @@ enum Inner {
 }
 
 impl Frame {
-    /// A message encoded with prost (a stream's start, replayed events).
-    pub fn message(message: &SubscribeResponse) -> Self {
-        Self(Inner::Whole(message.encode_to_vec().into()))
+    fn of(body: Inner) -> Self {
+        Self {
+            body,
+            stamped: false,
+        }
     }
 
+    /// A message encoded with prost (a stream's start, replayed events).
+    pub fn message(message: &SubscribeResponse) -> Self {
+        Self::of(Inner::Whole(message.encode_to_vec().into()))
+    }
+
+    /// This frame with `written_at` set to the time it is written (for a
+    /// stream that asked for `stamp_writes`).
+    #[must_use]
+    pub fn stamped(self) -> Self {
+        Self {
+            stamped: true,
+            ..self
+        }
+    }
+
+    /// The length of the message without its write stamp (exact for an
+    /// unstamped frame; a stamp adds at most a few dozen bytes).
     pub fn encoded_len(&self) -> usize {
-        match &self.0 {
+        match &self.body {
             Inner::Whole(bytes) => bytes.len(),
             Inner::Inline(inline) => inline.as_slice().len(),
             Inner::Latest { body, position } => body.element_len(*position),
         }
     }
 
+    /// Writes the message, and its stamp (the clock read now) if stamped.
     fn write(&self, dst: &mut impl BufMut) {
-        match &self.0 {
+        match &self.body {
             Inner::Whole(bytes) => dst.put_slice(bytes),
             Inner::Inline(inline) => dst.put_slice(inline.as_slice()),
             Inner::Latest { body, position } => body.write_element(*position, dst),
         }
+        if self.stamped {
+            let now = prost_types::Timestamp::from(std::time::SystemTime::now());
+            prost::encoding::message::encode(WRITTEN_AT_FIELD, &now, dst);
+        }
     }
 
-    /// The bytes of this message (what the encoder writes).
+    /// At most how many bytes [`Self::write`] writes.
+    fn max_len(&self) -> usize {
+        self.encoded_len() + if self.stamped { STAMP_BYTES } else { 0 }
+    }
+
+    /// The bytes of this message (what the encoder writes, stamped now if
+    /// stamped).
     pub fn to_bytes(&self) -> Bytes {
-        match &self.0 {
-            Inner::Whole(bytes) => bytes.clone(),
-            Inner::Inline(_) | Inner::Latest { .. } => {
-                let mut buf = BytesMut::with_capacity(self.encoded_len());
+        match &self.body {
+            Inner::Whole(bytes) if !self.stamped => bytes.clone(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(self.max_len());
                 self.write(&mut buf);
                 buf.freeze()
             }
@@ -322,7 +366,7 @@ impl Encoder for FrameEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: Frame, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.encoded_len());
+        dst.reserve(item.max_len());
         item.write(dst);
         Ok(())
     }
@@ -404,6 +448,7 @@ mod tests {
     fn event(event: RoomEvent) -> SubscribeResponse {
         SubscribeResponse {
             message: Some(subscribe_response::Message::Event(event)),
+            written_at: None,
         }
     }
 
@@ -469,6 +514,7 @@ mod tests {
                 message: Some(subscribe_response::Message::Batch(EventBatch {
                     events: expected
                 })),
+                written_at: None,
             }
         );
     }
@@ -488,5 +534,39 @@ mod tests {
             }
         }
         assert!(BatchWriter::new().finish().is_none());
+    }
+
+    #[test]
+    fn a_stamped_frame_carries_its_write_time_and_the_same_message() {
+        let mut batch = BatchWriter::new();
+        batch.push_ordered(&Ordered::new(&comment(3, "in a batch")));
+        let frames = [
+            Ordered::new(&comment(1, "short")).frame(),
+            Ordered::new(&comment(2, &"long ".repeat(100))).frame(),
+            Latest::new(&total(7)).frame((1_700_000_000_123, 2)),
+            batch.finish().unwrap(),
+            Frame::message(&SubscribeResponse::default()),
+        ];
+        for frame in frames {
+            let unstamped = decode(&frame);
+            let before = std::time::SystemTime::now();
+            let bytes = frame.clone().stamped().to_bytes();
+            let after = std::time::SystemTime::now();
+            assert!(bytes.len() <= frame.encoded_len() + STAMP_BYTES);
+            let stamped = SubscribeResponse::decode(bytes).unwrap();
+            let written = std::time::SystemTime::try_from(stamped.written_at.unwrap()).unwrap();
+            assert!(
+                before <= written && written <= after,
+                "{written:?} not in [{before:?}, {after:?}]"
+            );
+            assert_eq!(
+                SubscribeResponse {
+                    written_at: None,
+                    ..stamped
+                },
+                unstamped
+            );
+            assert_eq!(unstamped.written_at, None);
+        }
     }
 }

@@ -18,6 +18,9 @@
 //! (Those statuses are built in [`crate::error`], with the trailers
 //! [`RESUME_EPOCH`](crate::RESUME_EPOCH) and [`RESUME_OFFSET`](crate::RESUME_OFFSET).)
 //!
+//! A subscriber that set `stamp_writes` gets each message with the time the
+//! encoder wrote it (`written_at`); other streams send the frames as they are.
+//!
 //! When sent, a latest-value event carries the position of the last
 //! ordered event this stream was sent, so the position of any event a
 //! client received is safe to resume from.
@@ -51,17 +54,25 @@ pub struct ViewerStream {
     /// `None` for a stream that only replays (its room has ended).
     live: Option<Live>,
     delivery: Delivery,
+    /// The subscriber asked for `stamp_writes`.
+    stamp: bool,
     done: bool,
 }
 
 impl ViewerStream {
-    pub(crate) fn new(live: Option<Live>, delivery: Delivery) -> Self {
+    pub(crate) fn new(live: Option<Live>, delivery: Delivery, stamp: bool) -> Self {
         Self {
             prefix: VecDeque::new(),
             live,
             delivery,
+            stamp,
             done: false,
         }
+    }
+
+    /// `frame`, stamped with its write time if the subscriber asked.
+    fn out(&self, frame: Frame) -> Poll<Option<Result<Frame, Status>>> {
+        Poll::Ready(Some(Ok(if self.stamp { frame.stamped() } else { frame })))
     }
 
     /// Sets what is sent before live events: the start message, replayed events.
@@ -80,7 +91,7 @@ impl Stream for ViewerStream {
                 // Idle streams are many: give the replay buffer back.
                 this.prefix = VecDeque::new();
             }
-            return Poll::Ready(Some(Ok(frame)));
+            return this.out(frame);
         }
         if this.done {
             return Poll::Ready(None);
@@ -96,7 +107,7 @@ impl Stream for ViewerStream {
         );
         let (epoch, offset) = live.cursor.last;
         match read {
-            Read::Frame(frame) => Poll::Ready(Some(Ok(frame))),
+            Read::Frame(frame) => this.out(frame),
             Read::Finished => {
                 this.done = true;
                 Poll::Ready(None)

@@ -45,7 +45,9 @@ pub(crate) async fn open(
     let info = node.rooms.get(room_id).await?;
     if info.ended {
         return match resume {
-            Some(resume) => replay_only(node, room_id, resume, delivery).await,
+            Some(resume) => {
+                replay_only(node, room_id, resume, delivery, request.stamp_writes).await
+            }
             None => Err(SubscribeError::Ended(room_id)),
         };
     }
@@ -54,7 +56,9 @@ pub(crate) async fn open(
         Err(JoinError::Store(err)) => return Err(err.into()),
         Err(JoinError::Ended) => {
             return match resume {
-                Some(resume) => replay_only(node, room_id, resume, delivery).await,
+                Some(resume) => {
+                    replay_only(node, room_id, resume, delivery, request.stamp_writes).await
+                }
                 None => Err(SubscribeError::Ended(room_id)),
             };
         }
@@ -67,7 +71,7 @@ pub(crate) async fn open(
     };
     // From here the stream is registered; dropping `stream` on an error
     // below unregisters it.
-    let mut stream = ViewerStream::new(Some(live), delivery);
+    let mut stream = ViewerStream::new(Some(live), delivery, request.stamp_writes);
     if let Some((resume_epoch, offset)) = resume
         && resume_epoch == epoch
         && offset > released
@@ -133,6 +137,7 @@ async fn replay_only(
     room_id: u64,
     resume: (u64, u64),
     delivery: Delivery,
+    stamp: bool,
 ) -> Result<ViewerStream, SubscribeError> {
     let history = node.store.history(room_id, 0, u64::MAX).await?;
     if history.epoch == 0 {
@@ -149,7 +154,7 @@ async fn replay_only(
     }
     let replay = replay(node, room_id, history.epoch, resume, upto).await?;
     let prefix = start(history.epoch, upto, Some(resume), replay, delivery);
-    let mut stream = ViewerStream::new(None, delivery);
+    let mut stream = ViewerStream::new(None, delivery, stamp);
     stream.set_prefix(prefix);
     Ok(stream)
 }
@@ -188,6 +193,7 @@ fn start(
             epoch_changed,
             replayed: replay.len() as u64,
         })),
+        written_at: None,
     }));
     let events = replay.iter().map(Ordered::new);
     match delivery {

@@ -7,7 +7,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use livemesh_fanout::{Append, Appended, FanoutSettings, FanoutStore, Slot};
 use livemesh_mesh::{Config, MeshChannel};
@@ -47,6 +47,7 @@ livemesh_testkit::hot_backend_suite!(
     batched_delivery_conflates_latest_values,
     an_overflowing_batched_stream_ends_with_its_resume_position,
     an_event_appended_without_deliver_reaches_viewers_within_the_bound,
+    only_streams_that_ask_get_their_write_times,
 );
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -231,6 +232,7 @@ async fn subscribe(
             viewer_id: 7,
             resume,
             accept_batches: false,
+            stamp_writes: false,
         })
         .await?
         .into_inner();
@@ -244,6 +246,7 @@ fn batched(room_id: u64, resume: Option<StreamPosition>) -> SubscribeRequest {
         viewer_id: 7,
         resume,
         accept_batches: true,
+        stamp_writes: false,
     }
 }
 
@@ -1808,5 +1811,92 @@ async fn an_event_appended_without_deliver_reaches_viewers_within_the_bound(back
     for viewer in &mut viewers {
         let event = viewer.next_ordered().await;
         assert_eq!((text_of(&event), event.offset), ("after", after.offset));
+    }
+}
+
+/// Reads `stream` until a comment with `text` arrived; checks on every
+/// message that it carries a write time between `since` and its arrival
+/// exactly when `stamped`.
+async fn read_until_comment(
+    stream: &mut Streaming<SubscribeResponse>,
+    text: &str,
+    stamped: bool,
+    since: SystemTime,
+) {
+    loop {
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .expect("the stream went on");
+        let arrived = SystemTime::now();
+        match (message.written_at, stamped) {
+            (Some(at), true) => {
+                let written = SystemTime::try_from(at).unwrap();
+                assert!(
+                    since <= written && written <= arrived,
+                    "written at {written:?}, not between {since:?} and its arrival {arrived:?}"
+                );
+            }
+            (None, false) => {}
+            (at, _) => panic!("stamp_writes {stamped}, but written_at is {at:?}"),
+        }
+        let events = match message.message {
+            Some(subscribe_response::Message::Event(event)) => vec![event],
+            Some(subscribe_response::Message::Batch(batch)) => batch.events,
+            _ => Vec::new(),
+        };
+        if events.iter().any(|e| is_comment(e) && text_of(e) == text) {
+            return;
+        }
+    }
+}
+
+async fn only_streams_that_ask_get_their_write_times(backend: HotBackend) {
+    let mut mesh = mesh(backend).await;
+    let room = mesh.start_room().await;
+    let since = SystemTime::now();
+    let request = |stamp_writes, accept_batches, resume| SubscribeRequest {
+        room_id: room,
+        viewer_id: 7,
+        resume,
+        accept_batches,
+        stamp_writes,
+    };
+    let mut streams = Vec::new();
+    for (stamped, batches) in [(true, false), (true, true), (false, false), (false, true)] {
+        let stream = mesh
+            .node(0)
+            .subscribe(request(stamped, batches, None))
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push((stamped, stream));
+    }
+    // The start message is stamped too.
+    let mut first = mesh
+        .node(1)
+        .subscribe(request(true, false, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let started = first.message().await.unwrap().unwrap();
+    assert!(started.written_at.is_some(), "{started:?}");
+    let Some(subscribe_response::Message::Started(started)) = started.message else {
+        panic!("the first message must be `started`");
+    };
+    mesh.comment(1, room, "stamped?").await;
+    for (stamped, stream) in &mut streams {
+        read_until_comment(stream, "stamped?", *stamped, since).await;
+    }
+    // A resumed stream's replayed events are stamped as they are written.
+    for stamped in [true, false] {
+        let mut resumed = mesh
+            .node(2)
+            .subscribe(request(stamped, true, started.position))
+            .await
+            .unwrap()
+            .into_inner();
+        read_until_comment(&mut resumed, "stamped?", stamped, since).await;
     }
 }

@@ -156,15 +156,19 @@ fn call(rooms: Vec<u64>, real_epoch: u64) -> impl Strategy<Value = Call> {
                 .prop_map(|(epoch, offset)| StreamPosition { epoch, offset }),
         ),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(room_id, viewer_id, resume, accept_batches)| {
-            Call::Subscribe(SubscribeRequest {
-                room_id,
-                viewer_id,
-                resume,
-                accept_batches,
-            })
-        });
+        .prop_map(
+            |(room_id, viewer_id, resume, accept_batches, stamp_writes)| {
+                Call::Subscribe(SubscribeRequest {
+                    room_id,
+                    viewer_id,
+                    resume,
+                    accept_batches,
+                    stamp_writes,
+                })
+            },
+        );
     let deliver = id_from(rooms).prop_flat_map(move |room_id| {
         let event = props::room_event(
             prop_oneof![4 => Just(room_id), 1 => id()],

@@ -61,6 +61,12 @@
 //! loop costs a few atomic increments and one short lock per event, so
 //! 100,000 of them stay cheap.
 //!
+//! The last hop, written by the node → received here, is timed apart on
+//! one livemesh stream in 64, which asks for write stamps (`stamp_writes`:
+//! each of its messages carries the time the node wrote it); the paced
+//! window's p50/p99 of it are `written_to_receive_p50_ms` / `_p99_ms` (hot
+//! room, and per layout). NATS has no such stamp.
+//!
 //! Where the time goes, per delivery in each saturation window: CPU
 //! seconds of the server (the node; nats-server when `scripts/bench`
 //! exported its pid) and of this process from `/proc/PID/stat`, and the
@@ -233,6 +239,9 @@ pub(super) struct Window {
     p99_ms: f64,
     /// The latencies at the JSON's quantiles.
     percentiles: [f64; crate::report::model::QUANTILES.len()],
+    /// livemesh: p50 and p99 of written → received, in milliseconds (the
+    /// streams that asked for write stamps); `None` for NATS.
+    last_hop_ms: Option<(f64, f64)>,
     /// Deliveries still missing when the drain gave up.
     undelivered: i64,
     /// CPU time per delivery during the window, in microseconds: of the

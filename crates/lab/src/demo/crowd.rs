@@ -1,7 +1,10 @@
 //! The broadcast's audience: thousands of viewer streams spread over a few
 //! HTTP/2 connections, as BFFs hold them, each a task that counts what it
 //! receives. A sample of them also times each comment from its publish
-//! (the send time leads the comment's text) to its arrival.
+//! (the send time leads the comment's text) to its arrival, and asks for
+//! write stamps (`stamp_writes`) to time the last hop, written by the node →
+//! received, into `livemesh.client.receive_delay` (this process's metrics,
+//! so the view and `livemesh top` show it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +38,8 @@ pub(super) struct CrowdStats {
     /// Microseconds from a comment's publish to its arrival: since the
     /// view last took them, and over the whole broadcast.
     latency: Mutex<(Histogram<u64>, Histogram<u64>)>,
+    /// Seconds from a node writing a message to a timed viewer receiving it.
+    receive_delay: opentelemetry::metrics::Histogram<f64>,
 }
 
 impl CrowdStats {
@@ -47,7 +52,24 @@ impl CrowdStats {
             resumed: AtomicU64::new(0),
             love_total: AtomicU64::new(0),
             latency: Mutex::new((histogram(), histogram())),
+            receive_delay: opentelemetry::global::meter("livemesh")
+                .f64_histogram("livemesh.client.receive_delay")
+                .with_unit("s")
+                .with_description(
+                    "Time from a subscribe node writing a message to a client receiving it \
+                     (clients that ask for write stamps: the demo's timed viewers)",
+                )
+                .with_boundaries(livemesh_mesh::metrics::HOP_BUCKETS.to_vec())
+                .build(),
         }
+    }
+
+    /// A message the node wrote at `written` arrived now.
+    fn written(&self, written: SystemTime) {
+        let hop = SystemTime::now()
+            .duration_since(written)
+            .unwrap_or(Duration::ZERO);
+        self.receive_delay.record(hop.as_secs_f64(), &[]);
     }
 
     /// The comments' latencies since the last call (then forgotten), or
@@ -197,6 +219,7 @@ impl Viewer {
                 viewer_id: self.viewer_id,
                 resume,
                 accept_batches: true,
+                stamp_writes: self.timed,
             };
             let mut stream = match self.client.subscribe(request).await {
                 Ok(stream) => stream.into_inner(),
@@ -214,21 +237,27 @@ impl Viewer {
             let mut started = false;
             let ended = loop {
                 match stream.message().await {
-                    Ok(Some(response)) => match response.message {
-                        Some(Message::Started(_)) => {
-                            started = true;
-                            if resume.is_none() {
-                                self.stats.watching.fetch_add(1, Ordering::Relaxed);
-                            }
+                    Ok(Some(response)) => {
+                        if let Some(written) = response.written_at {
+                            self.stats
+                                .written(SystemTime::try_from(written).unwrap_or(UNIX_EPOCH));
                         }
-                        Some(Message::Event(event)) => self.saw(&event, &mut resume),
-                        Some(Message::Batch(batch)) => {
-                            for event in &batch.events {
-                                self.saw(event, &mut resume);
+                        match response.message {
+                            Some(Message::Started(_)) => {
+                                started = true;
+                                if resume.is_none() {
+                                    self.stats.watching.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
+                            Some(Message::Event(event)) => self.saw(&event, &mut resume),
+                            Some(Message::Batch(batch)) => {
+                                for event in &batch.events {
+                                    self.saw(event, &mut resume);
+                                }
+                            }
+                            None => {}
                         }
-                        None => {}
-                    },
+                    }
                     Ok(None) => break Ok(()),
                     Err(status) => break Err(status),
                 }

@@ -59,7 +59,7 @@ pub(super) struct Viewer {
 impl Viewer {
     fn apply(&mut self, seen: Seen) {
         let message = match seen {
-            Seen::Message(SubscribeResponse { message }) => message,
+            Seen::Message(SubscribeResponse { message, .. }) => message,
             Seen::Closed(result) => {
                 self.closed =
                     Some(result.map_err(|s| format!("{:?} \"{}\"", s.code(), s.message())));
@@ -212,6 +212,7 @@ impl Audience {
                 viewer_id,
                 resume,
                 accept_batches: false,
+                stamp_writes: false,
             })
             .await
             .with_context(|| format!("viewer {viewer_id} subscribing to room {}", self.room_id))?
@@ -314,7 +315,7 @@ async fn follow(
         };
         let edge = match &seen {
             Seen::Closed(_) => true,
-            Seen::Message(SubscribeResponse { message }) => match message {
+            Seen::Message(SubscribeResponse { message, .. }) => match message {
                 Some(Message::Started(_)) => true,
                 Some(Message::Event(event)) => {
                     matches!(event.kind, Some(room_event::Kind::RoomEnded(_)))
@@ -342,7 +343,7 @@ fn describe_seen(seen: &Seen) -> String {
                 status.message()
             );
         }
-        Seen::Message(SubscribeResponse { message }) => message,
+        Seen::Message(SubscribeResponse { message, .. }) => message,
     };
     let event = match message {
         Some(Message::Started(started)) => {

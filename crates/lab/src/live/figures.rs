@@ -23,6 +23,9 @@ pub mod names {
     pub const FANOUT_LAG: &str = "livemesh_fanout_lag_seconds";
     /// Deliver reaching a node → the last of the room's streams sending it.
     pub const WRITE_DELAY: &str = "livemesh_subscribe_write_delay_seconds";
+    /// written by a node → received by a client that asked for write
+    /// stamps (recorded by such clients: the demo's timed viewers).
+    pub const RECEIVE_DELAY: &str = "livemesh_client_receive_delay_seconds";
 }
 
 /// The samples of the last `span`: rates and percentiles over a second or
@@ -110,6 +113,9 @@ pub struct Figures {
     pub deliver_delay: Percentiles,
     pub fanout_lag: Percentiles,
     pub write_delay: Percentiles,
+    /// written → received by a client, where a client records it in the
+    /// metrics read (the demo); `None` when no endpoint has it.
+    pub receive_delay: Option<Percentiles>,
     /// publish → received by a client (the demo's viewers); `None` in `top`.
     pub end_to_end: Option<Percentiles>,
     pub queue_drops: f64,
@@ -152,6 +158,8 @@ impl Figures {
             deliver_delay: Percentiles::between(before, after, names::DELIVER_DELAY),
             fanout_lag: Percentiles::between(before, after, names::FANOUT_LAG),
             write_delay: Percentiles::between(before, after, names::WRITE_DELAY),
+            receive_delay: (!after.buckets(names::RECEIVE_DELAY).is_empty())
+                .then(|| Percentiles::between(before, after, names::RECEIVE_DELAY)),
             end_to_end: None,
             queue_drops: after.sum(names::QUEUE_DROPS, &[]),
             shed: after.sum(names::SHED, &[]),
@@ -192,6 +200,12 @@ impl Figures {
             "  Deliver → written to streams     {}",
             self.write_delay.show()
         ));
+        if let Some(receive) = &self.receive_delay {
+            lines.push(format!(
+                "  written → received by a viewer   {}",
+                receive.show()
+            ));
+        }
         let mut health = format!(
             "  queue drops {:.0}   shed {:.0}   breakers {} closed, {} half-open, {} open",
             self.queue_drops, self.shed, self.breakers[0], self.breakers[1], self.breakers[2]
@@ -234,6 +248,9 @@ impl Figures {
         hop("publish_to_deliver", &self.deliver_delay);
         hop("fanout_lag", &self.fanout_lag);
         hop("deliver_to_written", &self.write_delay);
+        if let Some(receive) = &self.receive_delay {
+            hop("written_to_receive", receive);
+        }
         let _ = write!(
             line,
             " queue_drops={:.0} shed={:.0} breakers_closed={} breakers_half_open={} \
@@ -250,5 +267,55 @@ impl Figures {
             let _ = write!(line, " [{}]", self.note);
         }
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn sample(receive_delay: Option<[u64; 3]>) -> Sample {
+        let mut text = String::from("livemesh_subscribe_streams 5\n");
+        if let Some([fast, slow, all]) = receive_delay {
+            text.push_str(&format!(
+                "livemesh_client_receive_delay_seconds_bucket{{le=\"0.0001\"}} {fast}\n\
+                 livemesh_client_receive_delay_seconds_bucket{{le=\"0.001\"}} {slow}\n\
+                 livemesh_client_receive_delay_seconds_bucket{{le=\"+Inf\"}} {all}\n"
+            ));
+        }
+        Sample::parse(&text)
+    }
+
+    #[test]
+    fn the_last_hop_is_shown_only_where_a_client_records_it() {
+        let figures = Figures::between(&sample(None), &sample(None), 1.0);
+        assert_eq!(figures.receive_delay, None);
+        assert!(
+            !figures
+                .lines("t")
+                .iter()
+                .any(|l| l.contains("written → received"))
+        );
+        assert!(!figures.plain().contains("written_to_receive"));
+
+        // 100 messages in the second: 98 under 0.1 ms, 2 under 1 ms.
+        let before = sample(Some([2, 2, 2]));
+        let after = sample(Some([100, 102, 102]));
+        let figures = Figures::between(&before, &after, 1.0);
+        let receive = figures.receive_delay.unwrap();
+        assert!(receive.p50.unwrap() <= 0.000_1, "{receive:?}");
+        assert!(
+            receive.p99.unwrap() > 0.000_1 && receive.p99.unwrap() <= 0.001,
+            "{receive:?}"
+        );
+        assert!(
+            figures
+                .lines("t")
+                .iter()
+                .any(|l| l.starts_with("  written → received by a viewer"))
+        );
+        assert!(figures.plain().contains("written_to_receive_p99_ms="));
     }
 }

@@ -261,6 +261,13 @@ pub const ROWS: &[Row] = &[
     .targets(&[Target::new(Ratio, AtMost, 1.5)]),
     row(
         "fanout",
+        "of which written → received by the client, p99, paced, hot room",
+        "written_to_receive_p99_ms",
+        "ms",
+        Latency,
+    ),
+    row(
+        "fanout",
         "server CPU per delivery, hot room",
         "server_cpu_us_per_delivery",
         "µs",

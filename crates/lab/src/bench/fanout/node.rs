@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
@@ -27,6 +27,11 @@ use super::{
     FanoutArgs, Layout, MAX_STREAMS_DEFAULT, MAX_STREAMS_ENV, Measured, OPEN_CONCURRENCY,
     OPEN_RETRIES,
 };
+
+/// One livemesh stream in this many asks for write stamps
+/// (`stamp_writes`), to time the last hop, written → received, apart from
+/// the rest; the others are plain subscribers, as NATS's are.
+const STAMPED_EVERY: u64 = 64;
 
 /// `livemesh up` as a child process on a fresh data dir.
 pub(super) struct Node {
@@ -276,11 +281,16 @@ pub(super) async fn viewer(
     };
     loop {
         match stream.message().await {
-            Ok(Some(reply)) => match &reply.message {
-                Some(Message::Event(event)) => comment(event),
-                Some(Message::Batch(batch)) => batch.events.iter().for_each(comment),
-                _ => {}
-            },
+            Ok(Some(reply)) => {
+                if let Some(written) = reply.written_at {
+                    rec.written(SystemTime::try_from(written).unwrap_or(UNIX_EPOCH));
+                }
+                match &reply.message {
+                    Some(Message::Event(event)) => comment(event),
+                    Some(Message::Batch(batch)) => batch.events.iter().for_each(comment),
+                    _ => {}
+                }
+            }
             Ok(None) => return rec.stream_ended("the server ended a stream".into()),
             Err(status) => return rec.stream_ended(format!("a stream failed: {status}")),
         }
@@ -358,6 +368,7 @@ pub(super) async fn run_livemesh(
             SubscribeRequest {
                 room_id: room_ids[i as usize % room_ids.len()],
                 viewer_id: 1_000_000 + i,
+                stamp_writes: i % STAMPED_EVERY == 0,
                 ..SubscribeRequest::default()
             },
             rec.clone(),

@@ -8,7 +8,7 @@ use prost::Message as _;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
 use super::PUBLISHER_VIEWER;
@@ -22,6 +22,9 @@ pub(super) struct Recorder {
     pub(super) limit: AtomicI64,
     wake: Notify,
     latencies: Mutex<Latencies>,
+    /// livemesh: written by the node → received here, on the streams that
+    /// asked for write stamps (the last hop of `latencies`).
+    last_hop: Mutex<Latencies>,
     /// Streams that ended before the bench closed them.
     pub(super) ended: AtomicU64,
     pub(super) first_end: Mutex<Option<String>>,
@@ -37,6 +40,7 @@ impl Recorder {
             limit: AtomicI64::new(i64::MAX),
             wake: Notify::new(),
             latencies: Mutex::new(Latencies::new()),
+            last_hop: Mutex::new(Latencies::new()),
             ended: AtomicU64::new(0),
             first_end: Mutex::new(None),
             event_len: AtomicUsize::new(0),
@@ -66,8 +70,24 @@ impl Recorder {
         livemesh_mesh::lock(&self.latencies).record(latency);
     }
 
+    /// A message written by the node at `written` arrived now.
+    pub(super) fn written(&self, written: SystemTime) {
+        let hop = SystemTime::now()
+            .duration_since(written)
+            .unwrap_or(Duration::ZERO);
+        livemesh_mesh::lock(&self.last_hop).record(hop);
+    }
+
     pub(super) fn reset_histogram(&self) {
         livemesh_mesh::lock(&self.latencies).reset();
+        livemesh_mesh::lock(&self.last_hop).reset();
+    }
+
+    /// p50 and p99 of the last hop in milliseconds; `None` when no stamped
+    /// message arrived (NATS).
+    pub(super) fn last_hop_ms(&self) -> Option<(f64, f64)> {
+        let last_hop = livemesh_mesh::lock(&self.last_hop);
+        (last_hop.len() > 0).then(|| (last_hop.quantile_ms(0.5), last_hop.quantile_ms(0.99)))
     }
 
     /// The `q` quantile of the latencies in milliseconds.

@@ -138,6 +138,10 @@ pub(super) fn print_and_save(
             put("paced_events_per_s", m.paced.events_per_s);
             put("latency_p50_ms", m.paced.p50_ms);
             put("latency_p99_ms", m.paced.p99_ms);
+            if let Some((p50, p99)) = m.paced.last_hop_ms {
+                put("written_to_receive_p50_ms", p50);
+                put("written_to_receive_p99_ms", p99);
+            }
             put("open_s", m.open_s);
             put("server_cpu_us_per_delivery", m.saturated.server_cpu_us);
             put("client_cpu_us_per_delivery", m.saturated.client_cpu_us);
@@ -198,6 +202,10 @@ pub(super) fn print_and_save(
         hot("nats_server_cpu_us_per_delivery"),
     );
     let (p99, nats_p99) = (hot("latency_p99_ms"), hot("nats_latency_p99_ms"));
+    let last_hop = (
+        hot("written_to_receive_p50_ms"),
+        hot("written_to_receive_p99_ms"),
+    );
     if let Some(ours) = cpu {
         figures.insert("server_cpu_us_per_delivery".into(), ours);
     }
@@ -218,6 +226,14 @@ pub(super) fn print_and_save(
             "  hot room, paced p99 at the same rate: livemesh {ours:.1} ms, NATS {theirs:.1} ms \
              ({:.2}x)",
             ours / theirs
+        );
+    }
+    if let (Some(hop_p50), Some(hop_p99)) = last_hop {
+        figures.insert("written_to_receive_p50_ms".into(), hop_p50);
+        figures.insert("written_to_receive_p99_ms".into(), hop_p99);
+        println!(
+            "  hot room, paced: the last hop, written by the node -> received here (the streams that \
+             asked for write stamps): p50 {hop_p50:.2} ms, p99 {hop_p99:.2} ms"
         );
     }
     for (prefix, storm) in [("", &storms.0), ("nats_", &storms.1)] {

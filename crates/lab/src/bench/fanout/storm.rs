@@ -232,6 +232,7 @@ impl Viewers {
                             viewer_id: 1_000_000 + id,
                             resume: None,
                             accept_batches: true,
+                            stamp_writes: false,
                         },
                         self.rec.clone(),
                         opening.clone(),
