@@ -575,6 +575,6 @@ mod tests {
     #[test]
     fn a_frame_stays_two_cache_lines() {
         // Every stream of a room moves each of its frames through a poll.
-        assert_eq!(std::mem::size_of::<Frame>(), 128);
+        assert_eq!(size_of::<Frame>(), 128);
     }
 }
