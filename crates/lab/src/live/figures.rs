@@ -317,5 +317,13 @@ mod tests {
                 .any(|l| l.starts_with("  written → received by a viewer"))
         );
         assert!(figures.plain().contains("written_to_receive_p99_ms="));
+
+        // The longest view (every optional line) fits the terminal view.
+        let longest = Figures {
+            end_to_end: Some(Percentiles::default()),
+            note: "the demo's phase".into(),
+            ..figures
+        };
+        assert_eq!(longest.lines("t").len(), usize::from(super::super::view::HEIGHT));
     }
 }

@@ -13,7 +13,7 @@ use ratatui::{TerminalOptions, Viewport};
 use super::figures::Figures;
 
 /// The lines the terminal view keeps for the figures (the longest view).
-const HEIGHT: u16 = 10;
+pub(super) const HEIGHT: u16 = 10;
 
 /// The live view of a run.
 pub struct View {
