@@ -324,6 +324,9 @@ mod tests {
             note: "the demo's phase".into(),
             ..figures
         };
-        assert_eq!(longest.lines("t").len(), usize::from(super::super::view::HEIGHT));
+        assert_eq!(
+            longest.lines("t").len(),
+            usize::from(super::super::view::HEIGHT)
+        );
     }
 }
