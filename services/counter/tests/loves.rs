@@ -131,6 +131,19 @@ impl Mesh {
         }
     }
 
+    /// Waits until the room's hot keys (total and ranking) are deleted:
+    /// the end deletes them after it wrote the SQL row.
+    async fn hot_keys_deleted(&self, room: u64) {
+        let store = self.counter.hot_store();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.total(room).await.unwrap() != 0
+            || !store.top(room, 10).await.unwrap().is_empty()
+        {
+            assert!(tokio::time::Instant::now() < deadline, "hot keys stay");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn loves_and_top(&mut self, room_id: u64, limit: u32) -> (u64, Vec<(u64, u64)>) {
         read_loves_and_top(&mut self.loves, room_id, limit).await
     }
@@ -392,9 +405,7 @@ async fn room_end_writes_sql_once_and_deletes_the_keys(hot: HotBackend) {
     let fin = m.final_in_sql(room).await;
     assert_eq!(fin.total, 16);
     assert_eq!(fin.top_lovers, vec![(2, 9), (1, 5), (3, 2)]);
-    let store = m.counter.hot_store();
-    assert_eq!(store.total(room).await.unwrap(), 0, "hot keys deleted");
-    assert!(store.top(room, 10).await.unwrap().is_empty());
+    m.hot_keys_deleted(room).await;
 
     // Running the end again writes nothing new.
     let again = m.counter.finalize(room).await.unwrap();
@@ -412,11 +423,7 @@ async fn an_ended_room_keeps_its_numbers_also_after_a_restart(hot: HotBackend) {
     livemesh_testkit::end_room(m.rooms.channel(), room).await;
     m.final_in_sql(room).await;
     // The hot keys are gone once the row is written; wait for that too.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while m.counter.hot_store().total(room).await.unwrap() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "hot keys stay");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    m.hot_keys_deleted(room).await;
     let ranking = vec![(2, 9), (1, 5), (3, 2)];
     assert_eq!(m.loves_and_top(room, 10).await, (16, ranking.clone()));
     assert_eq!(m.loves_and_top(room, 2).await, (16, ranking[..2].to_vec()));
