@@ -98,6 +98,30 @@ impl Dice {
     }
 }
 
+/// Every `period` until `stop` turns true: the calls `next(tick)` makes
+/// for that tick (from 1), spawned so that a slow reply never holds the
+/// next tick back. The calls still in flight at the stop are awaited, so
+/// what was sent is counted before the room ends.
+async fn paced<F, Fut>(period: Duration, mut stop: watch::Receiver<bool>, mut next: F)
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut ticker = tokio::time::interval(period);
+    let mut inflight = JoinSet::new();
+    let mut tick = 0_u64;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => break,
+        }
+        while inflight.try_join_next().is_some() {}
+        tick += 1;
+        inflight.spawn(next(tick));
+    }
+    while inflight.join_next().await.is_some() {}
+}
+
 /// Every 100 ms a group of viewers sends the taps their apps buffered:
 /// a calm stream, and every few seconds a burst five times as large (the
 /// streamer did something).
@@ -105,58 +129,54 @@ async fn loves(
     channels: &[MeshChannel],
     plan: &Plan,
     accepted: &Arc<Accepted>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let clients: Vec<_> = channels
         .iter()
         .map(|c| CounterServiceClient::new(c.clone()))
         .collect();
     let mut dice = Dice(0x9e37_79b9_7f4a_7c15);
-    let mut ticker = tokio::time::interval(Duration::from_millis(100));
     let calm = (plan.viewers / 150).clamp(1, 40);
     let started = Instant::now();
     let mut batch = 0_u64;
-    let mut inflight = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => break,
-        }
-        while inflight.try_join_next().is_some() {}
+    paced(Duration::from_millis(100), stop, |_| {
         let second = started.elapsed().as_secs();
         let senders = if second % 6 >= 4 { calm * 5 } else { calm };
         let video_now = u64::try_from(livemesh_mesh::now_ms() - plan.started_at_ms).unwrap_or(0);
-        let calls = (0..senders).map(|_| {
-            batch += 1;
-            let viewer_id = plan.first_viewer + dice.below(plan.viewers);
-            let taps = 3 + dice.below(12);
-            // Taps a human could make: 60 ms apart, ending now.
-            let taps_ms = (0..taps)
-                .filter_map(|i| video_now.checked_sub(i * 60))
-                .collect();
-            let mut client = clients[batch as usize % clients.len()].clone();
-            let request = SendLovesRequest {
-                room_id: plan.room_id,
-                viewer_id,
-                batch_id: format!("live-{viewer_id}-{batch}"),
-                taps_ms,
-            };
-            let accepted = accepted.clone();
-            async move {
-                match client.send_loves(request).await {
-                    Ok(reply) => {
-                        accepted
-                            .loves
-                            .fetch_add(reply.into_inner().accepted, Ordering::Relaxed);
+        let calls: Vec<_> = (0..senders)
+            .map(|_| {
+                batch += 1;
+                let viewer_id = plan.first_viewer + dice.below(plan.viewers);
+                let taps = 3 + dice.below(12);
+                // Taps a human could make: 60 ms apart, ending now.
+                let taps_ms = (0..taps)
+                    .filter_map(|i| video_now.checked_sub(i * 60))
+                    .collect();
+                let mut client = clients[batch as usize % clients.len()].clone();
+                let request = SendLovesRequest {
+                    room_id: plan.room_id,
+                    viewer_id,
+                    batch_id: format!("live-{viewer_id}-{batch}"),
+                    taps_ms,
+                };
+                let accepted = accepted.clone();
+                async move {
+                    match client.send_loves(request).await {
+                        Ok(reply) => {
+                            accepted
+                                .loves
+                                .fetch_add(reply.into_inner().accepted, Ordering::Relaxed);
+                        }
+                        Err(status) => accepted.failed("SendLoves", &status),
                     }
-                    Err(status) => accepted.failed("SendLoves", &status),
                 }
-            }
-        });
-        inflight.spawn(futures::future::join_all(calls.collect::<Vec<_>>()));
-    }
-    // What was sent before the stop is counted before the room ends.
-    while inflight.join_next().await.is_some() {}
+            })
+            .collect();
+        async move {
+            futures::future::join_all(calls).await;
+        }
+    })
+    .await;
 }
 
 /// Comments at a steady rate from random viewers; the text starts with
@@ -165,7 +185,7 @@ async fn comments(
     channels: &[MeshChannel],
     plan: &Plan,
     accepted: &Arc<Accepted>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     if plan.comments_per_s == 0 {
         return;
@@ -175,19 +195,11 @@ async fn comments(
         .map(|c| PublishServiceClient::new(c.clone()))
         .collect();
     let mut dice = Dice(0x2545_f491_4f6c_dd1d);
-    let mut ticker = tokio::time::interval(Duration::from_secs(1) / plan.comments_per_s.max(1));
-    let mut sent = 0_usize;
-    let mut inflight = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => break,
-        }
-        while inflight.try_join_next().is_some() {}
-        sent += 1;
+    let period = Duration::from_secs(1) / plan.comments_per_s.max(1);
+    paced(period, stop, |sent| {
         let viewer_id = plan.first_viewer + dice.below(plan.viewers);
         let phrase = PHRASES[dice.below(PHRASES.len() as u64) as usize];
-        let mut client = clients[sent % clients.len()].clone();
+        let mut client = clients[sent as usize % clients.len()].clone();
         let request = PublishRequest {
             room_id: plan.room_id,
             event: Some(RoomEvent {
@@ -200,17 +212,16 @@ async fn comments(
             ..PublishRequest::default()
         };
         let accepted = accepted.clone();
-        inflight.spawn(async move {
+        async move {
             match client.publish(request).await {
                 Ok(_) => {
                     accepted.comments.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(status) => accepted.failed("Publish (comment)", &status),
             }
-        });
-    }
-    // What was sent before the stop is counted before the room ends.
-    while inflight.join_next().await.is_some() {}
+        }
+    })
+    .await;
 }
 
 /// A few viewers top up, then send gifts at a steady rate; each gift's
@@ -219,7 +230,7 @@ async fn gifts(
     channels: &[MeshChannel],
     plan: &Plan,
     accepted: &Arc<Accepted>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     if plan.gifts_per_s == 0 {
         return;
@@ -240,16 +251,8 @@ async fn gifts(
         }
     }
     let mut dice = Dice(0xd1b5_4a32_d192_ed03);
-    let mut ticker = tokio::time::interval(Duration::from_secs(1) / plan.gifts_per_s.max(1));
-    let mut sent = 0_u64;
-    let mut inflight = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => break,
-        }
-        while inflight.try_join_next().is_some() {}
-        sent += 1;
+    let period = Duration::from_secs(1) / plan.gifts_per_s.max(1);
+    paced(period, stop, |sent| {
         let viewer_id = plan.first_viewer + dice.below(gifters);
         let amount = AMOUNTS[dice.below(AMOUNTS.len() as u64) as usize];
         let request = SendGiftRequest {
@@ -261,7 +264,7 @@ async fn gifts(
         };
         let mut client = client.clone();
         let accepted = accepted.clone();
-        inflight.spawn(async move {
+        async move {
             match client.send_gift(request).await {
                 Ok(_) => {
                     accepted.gifts.fetch_add(1, Ordering::Relaxed);
@@ -269,8 +272,7 @@ async fn gifts(
                 }
                 Err(status) => accepted.failed("SendGift", &status),
             }
-        });
-    }
-    // What was sent before the stop is counted before the room ends.
-    while inflight.join_next().await.is_some() {}
+        }
+    })
+    .await;
 }
