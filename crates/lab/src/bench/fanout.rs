@@ -65,7 +65,11 @@
 //! one livemesh stream in 64, which asks for write stamps (`stamp_writes`:
 //! each of its messages carries the time the node wrote it); the paced
 //! window's p50/p99 of it are `written_to_receive_p50_ms` / `_p99_ms` (hot
-//! room, and per layout). NATS has no such stamp.
+//! room, and per layout). NATS has no such stamp. The node's own hops over
+//! the same window come from its Prometheus endpoint, scraped before and
+//! after: publish → `Deliver` sent (`publish_to_deliver_*`) and `Deliver` →
+//! written by the room's last stream (`deliver_to_written_*`), so the p99
+//! of publish → received splits into its three hops.
 //!
 //! Where the time goes, per delivery in each saturation window: CPU
 //! seconds of the server (the node; nats-server when `scripts/bench`
@@ -230,6 +234,18 @@ impl Layout {
     }
 }
 
+/// The node's own hops over a window, from its metrics scraped before and
+/// after (Prometheus histograms, so each quantile is interpolated within
+/// `livemesh_mesh::metrics::HOP_BUCKETS`): p50 and p99 in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NodeHops {
+    /// publish reaching the dispatcher → its `Deliver` going out.
+    deliver: (f64, f64),
+    /// `Deliver` reaching the node → the last of the room's streams
+    /// writing the event.
+    write: (f64, f64),
+}
+
 /// What one measurement window found.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Window {
@@ -242,6 +258,8 @@ pub(super) struct Window {
     /// livemesh: p50 and p99 of written → received, in milliseconds (the
     /// streams that asked for write stamps); `None` for NATS.
     last_hop_ms: Option<(f64, f64)>,
+    /// livemesh, paced window: the node's own hops.
+    node_hops: Option<NodeHops>,
     /// Deliveries still missing when the drain gave up.
     undelivered: i64,
     /// CPU time per delivery during the window, in microseconds: of the

@@ -261,7 +261,21 @@ pub const ROWS: &[Row] = &[
     .targets(&[Target::new(Ratio, AtMost, 1.5)]),
     row(
         "fanout",
-        "of which written → received by the client, p99, paced, hot room",
+        "hop 1: publish → Deliver sent, p99, paced, hot room",
+        "publish_to_deliver_p99_ms",
+        "ms",
+        Latency,
+    ),
+    row(
+        "fanout",
+        "hop 2: Deliver → written by the room's last stream (per event), p99, paced, hot room",
+        "deliver_to_written_p99_ms",
+        "ms",
+        Latency,
+    ),
+    row(
+        "fanout",
+        "hop 3: written → received by the client, p99, paced, hot room",
         "written_to_receive_p99_ms",
         "ms",
         Latency,

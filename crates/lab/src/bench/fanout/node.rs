@@ -27,6 +27,7 @@ use super::{
     FanoutArgs, Layout, MAX_STREAMS_DEFAULT, MAX_STREAMS_ENV, Measured, OPEN_CONCURRENCY,
     OPEN_RETRIES,
 };
+use crate::live::prom;
 
 /// One livemesh stream in this many asks for write stamps
 /// (`stamp_writes`), to time the last hop, written → received, apart from
@@ -38,6 +39,8 @@ pub(super) struct Node {
     child: tokio::process::Child,
     pub(super) pid: u32,
     addr: SocketAddr,
+    /// Its Prometheus endpoint.
+    metrics: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -45,10 +48,10 @@ pub(super) struct Node {
 impl Node {
     pub(super) async fn start(streams_per_connection: u64) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let addr = {
-            let probe = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-            probe.local_addr()?
+        let free_port = || -> std::io::Result<SocketAddr> {
+            std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()
         };
+        let (addr, metrics) = (free_port()?, free_port()?);
         let log = dir.path().join("node.log");
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
@@ -61,9 +64,9 @@ impl Node {
             .arg(dir.path().join("data"))
             .arg("--log")
             .arg("warn")
-            // Several nodes on one machine: each its own metrics port.
+            // A port of its own, read for the node's hops.
             .arg("--metrics-listen")
-            .arg("127.0.0.1:0")
+            .arg(metrics.to_string())
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -77,6 +80,7 @@ impl Node {
             child,
             pid,
             addr,
+            metrics,
             log,
             _dir: dir,
         };
@@ -86,6 +90,14 @@ impl Node {
 
     pub(super) fn uri(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The node's Prometheus endpoint.
+    pub(super) fn metrics(&self) -> prom::Endpoint {
+        prom::Endpoint {
+            authority: self.metrics.to_string(),
+            path: "/metrics".into(),
+        }
     }
 
     async fn wait_serving(&mut self) -> anyhow::Result<()> {
@@ -409,6 +421,7 @@ pub(super) async fn run_livemesh(
     let target = Arc::new(Target::Livemesh {
         client: PublishServiceClient::new(control.clone()),
         rooms: room_ids,
+        metrics: node.metrics(),
     });
     let (saturated, paced, rate) = measure_windows(
         args,

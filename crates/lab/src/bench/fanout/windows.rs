@@ -12,12 +12,16 @@ use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use super::recorder::Recorder;
-use super::{CpuMeter, FanoutArgs, PUBLISHER_VIEWER, Window};
+use super::{CpuMeter, FanoutArgs, NodeHops, PUBLISHER_VIEWER, Window};
+use crate::live::figures::names;
+use crate::live::prom::{Endpoint, Sample, quantile};
 
 pub(super) enum Target {
     Livemesh {
         client: PublishServiceClient<Channel>,
         rooms: Vec<u64>,
+        /// The node's Prometheus endpoint: its own hops.
+        metrics: Endpoint,
     },
     Nats {
         client: async_nats::Client,
@@ -31,7 +35,7 @@ impl Target {
     /// just before the call.
     async fn publish(&self, room: usize) -> anyhow::Result<()> {
         match self {
-            Target::Livemesh { client, rooms } => {
+            Target::Livemesh { client, rooms, .. } => {
                 let sent = now_ns();
                 let request = PublishRequest {
                     room_id: rooms[room],
@@ -65,6 +69,21 @@ impl Target {
             }
         }
         Ok(())
+    }
+
+    /// The node's metrics now; `None` for NATS, or when the node's
+    /// endpoint does not answer (said once per window).
+    async fn node_sample(&self) -> Option<Sample> {
+        let Target::Livemesh { metrics, .. } = self else {
+            return None;
+        };
+        match metrics.scrape(Duration::from_secs(5)).await {
+            Ok(text) => Some(Sample::parse(&text)),
+            Err(err) => {
+                println!("  (the node's hops are left out: {err:#})");
+                None
+            }
+        }
     }
 
     /// Publishes to `room` with its fan-out already counted as outstanding;
@@ -177,6 +196,7 @@ async fn saturate(
         p99_ms: rec.quantile_ms(0.99),
         percentiles: rec.percentiles(),
         last_hop_ms: rec.last_hop_ms(),
+        node_hops: None,
         undelivered,
         server_cpu_us,
         client_cpu_us,
@@ -194,6 +214,7 @@ pub(super) async fn paced(
     rate: f64,
 ) -> anyhow::Result<Window> {
     rec.reset_histogram();
+    let node_before = target.node_sample().await;
     let started = Instant::now();
     let stop = started + window;
     let delivered_before = rec.delivered.load(Ordering::Acquire);
@@ -229,6 +250,13 @@ pub(super) async fn paced(
         joined??;
     }
     let undelivered = rec.drain(drain_limit(args.streams)).await;
+    let node_hops = match node_before {
+        Some(before) => target
+            .node_sample()
+            .await
+            .and_then(|after| NodeHops::between(&before, &after)),
+        None => None,
+    };
     Ok(Window {
         events_per_s: sent as f64 / elapsed,
         delivered_per_s: delivered as f64 / elapsed,
@@ -236,6 +264,7 @@ pub(super) async fn paced(
         p99_ms: rec.quantile_ms(0.99),
         percentiles: rec.percentiles(),
         last_hop_ms: rec.last_hop_ms(),
+        node_hops,
         undelivered,
         server_cpu_us,
         client_cpu_us,
@@ -250,4 +279,22 @@ pub(super) fn first_end(rec: &Recorder) -> String {
         .as_ref()
         .map(|why| format!("; the first: {why}"))
         .unwrap_or_default()
+}
+
+impl NodeHops {
+    /// The node's hops between two samples of its metrics; `None` when
+    /// either histogram saw nothing in between.
+    fn between(before: &Sample, after: &Sample) -> Option<Self> {
+        let hop = |name: &str| {
+            let (b, a) = (before.buckets(name), after.buckets(name));
+            Some((
+                quantile(&b, &a, 0.5)? * 1_000.0,
+                quantile(&b, &a, 0.99)? * 1_000.0,
+            ))
+        };
+        Some(Self {
+            deliver: hop(names::DELIVER_DELAY)?,
+            write: hop(names::WRITE_DELAY)?,
+        })
+    }
 }
