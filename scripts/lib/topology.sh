@@ -204,10 +204,12 @@ topology_start() {
     cat >"$TOPO_DIR/config/livemesh.toml" <<EOF
 [fanout]
 phase = "topology"
+wait_replicas = 1
 
 [counter]
 phase = "topology"
 total_shards = 8
+wait_replicas = 1
 
 [gifts]
 shards = 4

@@ -21,6 +21,14 @@ pub struct FanoutConfig {
     pub room_ttl_secs: u64,
     /// ... and this long after it ended (viewers may still resume until then).
     pub ended_ttl_secs: u64,
+    /// A publish is acknowledged only once this many Redis replicas have
+    /// the event (`WAIT` after the append), so a failover cannot lose an
+    /// acknowledged event; one not replicated within `wait_timeout_ms` is
+    /// UNAVAILABLE (it may be stored: retry with the same idempotency key).
+    /// 0 (default): do not wait (a Redis without replicas). Redis only.
+    pub wait_replicas: u32,
+    /// How long `WAIT` waits for those replicas (ms).
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for FanoutConfig {
@@ -31,6 +39,8 @@ impl Default for FanoutConfig {
             idempotency_ttl_secs: 600,
             room_ttl_secs: 86_400,
             ended_ttl_secs: 3_600,
+            wait_replicas: 0,
+            wait_timeout_ms: 100,
         }
     }
 }
@@ -41,6 +51,13 @@ impl Section for FanoutConfig {
     fn validate(&self, _config: &Config) -> Result<(), String> {
         if self.history_len == 0 {
             return Err("fanout.history_len must be at least 1".into());
+        }
+        if self.wait_replicas > 0 && self.wait_timeout_ms == 0 {
+            return Err(
+                "fanout.wait_timeout_ms must be at least 1 when fanout.wait_replicas is set \
+                 (WAIT with 0 waits forever)"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -47,6 +47,9 @@ pub struct FanoutSettings {
     pub idempotency_ttl_secs: u64,
     pub room_ttl_secs: u64,
     pub ended_ttl_secs: u64,
+    /// Redis replicas an append waits for (0: none), and how long (ms).
+    pub wait_replicas: u32,
+    pub wait_timeout_ms: u64,
 }
 
 impl From<&FanoutConfig> for FanoutSettings {
@@ -57,6 +60,8 @@ impl From<&FanoutConfig> for FanoutSettings {
             idempotency_ttl_secs: c.idempotency_ttl_secs.max(1),
             room_ttl_secs: c.room_ttl_secs.max(1),
             ended_ttl_secs: c.ended_ttl_secs.max(1),
+            wait_replicas: c.wait_replicas,
+            wait_timeout_ms: c.wait_timeout_ms.max(1),
         }
     }
 }

@@ -220,14 +220,24 @@ impl RedisFanout {
         };
         let what = format!("publish to room {room}");
         let conn = self.conn.checkout().await?;
+        let mut handle = conn.handle();
         let reply: Vec<Value> = self
             .conn
-            .eval(&what, &mut conn.handle(), &self.append, &keys, fill)
+            .eval(&what, &mut handle, &self.append, &keys, fill)
             .await?;
         let mut reply = reply.into_iter();
         let status = self.number(&what, reply.next())?;
         let epoch = self.number(&what, reply.next())?;
         let offset = self.number(&what, reply.next())?;
+        if status == 0 {
+            // Acknowledged only once on the replicas asked for: a failover
+            // must not lose it.
+            let (replicas, timeout_ms) =
+                (self.settings.wait_replicas, self.settings.wait_timeout_ms);
+            self.conn
+                .replicated(&mut handle, replicas, timeout_ms)
+                .await?;
+        }
         Ok(match status {
             0 => Appended::New {
                 epoch,

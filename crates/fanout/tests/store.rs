@@ -46,6 +46,8 @@ fn settings(history_len: u32) -> FanoutSettings {
         idempotency_ttl_secs: 600,
         room_ttl_secs: 600,
         ended_ttl_secs: 600,
+        wait_replicas: 0,
+        wait_timeout_ms: 100,
     }
 }
 
@@ -663,6 +665,58 @@ async fn concurrent_appends_get_distinct_gap_free_offsets(backend: HotBackend) {
     assert_eq!(offsets, (1..=APPENDS).collect::<Vec<_>>());
     // Each event is stored at the offset its append was told.
     assert_eq!(all_history(&store, ROOM).await, stored);
+}
+
+/// With `wait_replicas`, an append is acknowledged once the replicas have
+/// it: on the harness's Cluster (one replica per master) that is at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_an_append_is_acknowledged_once_a_replica_has_it() {
+    let url = livemesh_testkit::redis_cluster_urls().join(",");
+    let store = FanoutStore::redis(
+        &url,
+        FanoutSettings {
+            wait_replicas: 1,
+            wait_timeout_ms: 2_000,
+            ..settings(100)
+        },
+    )
+    .unwrap();
+    let (_, offset, _) = append_new(&store, &ordered(ROOM, b"e1", T0)).await;
+    assert_eq!(offset, 1);
+    assert_eq!(all_history(&store, ROOM).await, vec![(1, b"e1".to_vec())]);
+}
+
+/// A standalone Redis has no replica: an append that asks for one is
+/// UNAVAILABLE, saying so; the event may be stored, and a retry with the
+/// same idempotency key finds it rather than storing it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_no_replica_acknowledged_is_unavailable_and_its_retry_is_a_duplicate() {
+    let store = FanoutStore::redis(
+        &livemesh_testkit::redis_url(),
+        FanoutSettings {
+            wait_replicas: 1,
+            wait_timeout_ms: 50,
+            ..settings(100)
+        },
+    )
+    .unwrap();
+    let append = keyed(ordered(ROOM, b"e1", T0), "k1");
+    let first = store.append(&append).await;
+    let Err(StoreError::Unavailable(message)) = &first else {
+        panic!("expected Unavailable, got {first:?}");
+    };
+    assert!(
+        message.contains("0 of 1 replicas acknowledged within 50 ms"),
+        "{message}"
+    );
+    assert!(
+        matches!(
+            store.append(&append).await.unwrap(),
+            Appended::Duplicate { offset: 1, .. }
+        ),
+        "the retry finds the stored event"
+    );
+    assert_eq!(all_history(&store, ROOM).await, vec![(1, b"e1".to_vec())]);
 }
 
 /// Nothing listens on port 1: every call fails as `Unavailable`, quickly.

@@ -324,6 +324,34 @@ impl RedisConn {
         RedisError::Unavailable(format!("{what} on {}: {error}", self.shown))
     }
 
+    /// `WAIT` until `replicas` replicas have this connection's writes, for
+    /// at most `timeout_ms`; `Ok` at once when none are asked for. On a
+    /// Cluster the client sends it to every master and answers the fewest
+    /// replicas. Fewer acknowledgements than asked for is `Unavailable`: the
+    /// write may be on the master alone, and a failover would lose it.
+    pub async fn replicated(
+        &self,
+        conn: &mut Handle,
+        replicas: u32,
+        timeout_ms: u64,
+    ) -> Result<(), RedisError> {
+        if replicas == 0 {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout_ms);
+        let what = "WAIT for replicas";
+        let bound = self.options.command_timeout + Duration::from_millis(timeout_ms);
+        let acked: i64 = self.bounded(what, bound, cmd.query_async(conn)).await?;
+        if acked < i64::from(replicas) {
+            return Err(self.unavailable(
+                what,
+                format!("{acked} of {replicas} replicas acknowledged within {timeout_ms} ms"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Runs `fut` for at most `limit`, through the circuit breaker: while it
     /// is open, fails at once. Timeouts, lost connections and pool errors
     /// count against Redis; an error Redis answered with (a script error, a

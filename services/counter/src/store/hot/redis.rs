@@ -173,30 +173,10 @@ impl RedisStore {
         results
     }
 
-    /// `WAIT` for the configured replicas, after this connection's writes;
-    /// `Ok` at once when no replica is asked for. On a Cluster the client
-    /// sends it to every master and answers the fewest replicas.
+    /// `WAIT` for the configured replicas, after this connection's writes.
     async fn replicated(&self, conn: &mut Handle) -> Result<(), HotError> {
-        let wanted = self.config.wait_replicas;
-        if wanted == 0 {
-            return Ok(());
-        }
-        let timeout = self.config.wait_timeout_ms;
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(wanted).arg(timeout);
-        let what = "WAIT for replicas";
-        let bound = self.conn.command_timeout() + Duration::from_millis(timeout);
-        let acked: i64 = self
-            .conn
-            .bounded(what, bound, cmd.query_async(conn))
-            .await?;
-        if acked < i64::from(wanted) {
-            return Err(self.conn.unavailable(
-                what,
-                format!("{acked} of {wanted} replicas acknowledged within {timeout} ms"),
-            ));
-        }
-        Ok(())
+        let (replicas, timeout_ms) = (self.config.wait_replicas, self.config.wait_timeout_ms);
+        self.conn.replicated(conn, replicas, timeout_ms).await
     }
 
     async fn apply(&self, conn: &mut Handle, flush: &RoomFlush) -> Result<Applied, HotError> {
