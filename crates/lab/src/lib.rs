@@ -9,7 +9,6 @@
 
 pub mod bench;
 pub mod demo;
-pub mod live;
 pub mod report;
 pub mod topology;
 
@@ -67,31 +66,6 @@ pub enum LabCommand {
         /// Only the live broadcast.
         #[arg(long)]
         live_only: bool,
-        /// Plain lines even on a terminal.
-        #[arg(long)]
-        plain: bool,
-    },
-    /// A live view of a running mesh, read from its services' Prometheus
-    /// endpoints: viewers, loves/s and the total, comments, gifts and
-    /// deliveries per second, the per-hop latencies (p50/p99 over each
-    /// refresh), queue drops, load shed and circuit breakers. Redrawn in
-    /// place on a terminal, one plain line per refresh otherwise.
-    #[command(after_help = "Examples:\n  \
-        livemesh up --metrics-listen 127.0.0.1:9464 &\n  \
-        livemesh top --metrics http://127.0.0.1:9464/metrics\n  \
-        livemesh top --metrics http://10.0.0.5:9464,http://10.0.0.6:9464 --plain | tee top.log")]
-    Top {
-        /// Metrics endpoints, comma-separated or repeated: every pod of a
-        /// deployment, summed (`http://HOST:PORT[/PATH]`; the path
-        /// defaults to /metrics).
-        #[arg(long, value_name = "URL[,URL...]", required = true)]
-        metrics: Vec<String>,
-        /// Time between refreshes.
-        #[arg(long, value_name = "MS", default_value_t = 500)]
-        interval_ms: u64,
-        /// Stop after N refreshes [default: until Ctrl-C].
-        #[arg(long, value_name = "N")]
-        count: Option<u64>,
         /// Plain lines even on a terminal.
         #[arg(long)]
         plain: bool,
@@ -154,20 +128,6 @@ impl LabCommand {
                     live,
                 };
                 demo::run(args, mesh).await
-            }
-            Self::Top {
-                metrics,
-                interval_ms,
-                count,
-                plain,
-            } => {
-                live::top::run(live::top::TopArgs {
-                    metrics,
-                    interval: std::time::Duration::from_millis(interval_ms.max(50)),
-                    count,
-                    plain,
-                })
-                .await
             }
             Self::Bench { bench } => bench::run(bench).await,
         }

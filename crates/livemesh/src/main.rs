@@ -1,5 +1,5 @@
 //! `livemesh`: the whole mesh in one process (`up`) and the tools to run it
-//! (`config check`, `health`, `ledger-export`, `token`); with the default
+//! (`config check`, `health`, `ledger-export`, `token`, `top`); with the default
 //! `lab` feature also the lab's commands (`demo`, `bench`, `topology-check`,
 //! from `crates/lab`).
 
@@ -58,6 +58,31 @@ enum Command {
         /// How long to keep asking a server that is not serving yet.
         #[arg(long, value_name = "SECS", default_value_t = 0)]
         wait_secs: u64,
+    },
+    /// A live view of a running mesh, read from its services' Prometheus
+    /// endpoints: viewers, loves/s and the total, comments, gifts and
+    /// deliveries per second, the per-hop latencies (p50/p99 over each
+    /// refresh), queue drops, load shed and circuit breakers. Redrawn in
+    /// place on a terminal, one plain line per refresh otherwise.
+    #[command(after_help = "Examples:\n  \
+        livemesh up --metrics-listen 127.0.0.1:9464 &\n  \
+        livemesh top --metrics http://127.0.0.1:9464/metrics\n  \
+        livemesh top --metrics http://10.0.0.5:9464,http://10.0.0.6:9464 --plain | tee top.log")]
+    Top {
+        /// Metrics endpoints, comma-separated or repeated: every pod of a
+        /// deployment, summed (`http://HOST:PORT[/PATH]`; the path
+        /// defaults to /metrics).
+        #[arg(long, value_name = "URL[,URL...]", required = true)]
+        metrics: Vec<String>,
+        /// Time between refreshes.
+        #[arg(long, value_name = "MS", default_value_t = 500)]
+        interval_ms: u64,
+        /// Stop after N refreshes [default: until Ctrl-C].
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Plain lines even on a terminal.
+        #[arg(long)]
+        plain: bool,
     },
     /// The lab: `topology-check`, `demo` and `bench` (crates/lab).
     #[cfg(feature = "lab")]
@@ -178,6 +203,20 @@ async fn main() -> ExitCode {
                 &service,
                 std::time::Duration::from_secs(wait_secs),
             )
+            .await,
+        ),
+        Command::Top {
+            metrics,
+            interval_ms,
+            count,
+            plain,
+        } => report(
+            livemesh_live::top::run(livemesh_live::top::TopArgs {
+                metrics,
+                interval: std::time::Duration::from_millis(interval_ms.max(50)),
+                count,
+                plain,
+            })
             .await,
         ),
         #[cfg(feature = "lab")]

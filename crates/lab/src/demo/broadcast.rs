@@ -22,9 +22,9 @@ use tokio::sync::watch;
 use super::crowd::Crowd;
 use super::traffic::{self, Accepted, Plan};
 use super::{Clients, money, step};
-use crate::live::figures::{Figures, Percentiles, Window};
-use crate::live::prom::Sample;
-use crate::live::view::View;
+use livemesh_live::figures::{Figures, Percentiles, Window};
+use livemesh_live::prom::Sample;
+use livemesh_live::view::View;
 
 /// The broadcast's size and length.
 #[derive(Debug, Clone)]

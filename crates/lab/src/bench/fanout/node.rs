@@ -27,7 +27,7 @@ use super::{
     FanoutArgs, Layout, MAX_STREAMS_DEFAULT, MAX_STREAMS_ENV, Measured, OPEN_CONCURRENCY,
     OPEN_RETRIES,
 };
-use crate::live::prom;
+use livemesh_live::prom;
 
 /// One livemesh stream in this many asks for write stamps
 /// (`stamp_writes`), to time the last hop, written → received, apart from

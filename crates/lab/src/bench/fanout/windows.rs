@@ -13,8 +13,8 @@ use tonic::transport::Channel;
 
 use super::recorder::Recorder;
 use super::{CpuMeter, FanoutArgs, NodeHops, PUBLISHER_VIEWER, Window};
-use crate::live::figures::names;
-use crate::live::prom::{Endpoint, Sample, quantile};
+use livemesh_live::figures::names;
+use livemesh_live::prom::{Endpoint, Sample, quantile};
 
 pub(super) enum Target {
     Livemesh {

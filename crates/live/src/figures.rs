@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::prom::{Sample, quantile};
+use crate::prom::{Sample, quantile};
 
 /// The metric names the view reads (as the Prometheus exporter names them).
 pub mod names {
@@ -324,9 +324,6 @@ mod tests {
             note: "the demo's phase".into(),
             ..figures
         };
-        assert_eq!(
-            longest.lines("t").len(),
-            usize::from(super::super::view::HEIGHT)
-        );
+        assert_eq!(longest.lines("t").len(), usize::from(crate::view::HEIGHT));
     }
 }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use super::figures::{Figures, Window};
-use super::prom::{Endpoint, scrape_all};
-use super::view::View;
+use crate::figures::{Figures, Window};
+use crate::prom::{Endpoint, scrape_all};
+use crate::view::View;
 
 /// How `top` runs.
 #[derive(Debug, Clone)]

@@ -10,10 +10,10 @@ use ratatui::text::Line;
 use ratatui::widgets::{Paragraph, Widget as _};
 use ratatui::{TerminalOptions, Viewport};
 
-use super::figures::Figures;
+use crate::figures::Figures;
 
 /// The lines the terminal view keeps for the figures (the longest view).
-pub(super) const HEIGHT: u16 = 10;
+pub(crate) const HEIGHT: u16 = 10;
 
 /// The live view of a run.
 pub struct View {
