@@ -30,6 +30,16 @@ pub const SERVICE_NAMES: &[&str] = &[
 
 /// Conversions between wall-clock milliseconds and protobuf timestamps.
 pub mod time {
+    /// How long ago `ts` was by this machine's clock (e.g. a message's
+    /// `written_at` when it arrives); zero for a time ahead of the clock
+    /// or out of range.
+    pub fn since(ts: prost_types::Timestamp) -> std::time::Duration {
+        std::time::SystemTime::try_from(ts)
+            .ok()
+            .and_then(|then| std::time::SystemTime::now().duration_since(then).ok())
+            .unwrap_or_default()
+    }
+
     /// A timestamp for `ms` milliseconds since the Unix epoch.
     pub fn timestamp_from_ms(ms: i64) -> prost_types::Timestamp {
         prost_types::Timestamp {
@@ -54,6 +64,30 @@ pub mod time {
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn since_is_the_age_of_a_past_time_and_zero_for_a_future_one() {
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        let age = time::since(time::timestamp_from_ms(now_ms - 1_500));
+        assert!(
+            age >= std::time::Duration::from_millis(1_500)
+                && age < std::time::Duration::from_secs(60),
+            "{age:?}"
+        );
+        let ahead = time::since(time::timestamp_from_ms(now_ms + 60_000));
+        assert_eq!(ahead, std::time::Duration::ZERO);
+        let out_of_range = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 0,
+        };
+        assert_eq!(time::since(out_of_range), std::time::Duration::ZERO);
+    }
 
     #[test]
     fn service_names_match_the_descriptor_set() {

@@ -64,11 +64,8 @@ impl CrowdStats {
         }
     }
 
-    /// A message the node wrote at `written` arrived now.
-    fn written(&self, written: SystemTime) {
-        let hop = SystemTime::now()
-            .duration_since(written)
-            .unwrap_or(Duration::ZERO);
+    /// A message arrived `hop` after the node wrote it.
+    fn written(&self, hop: Duration) {
         self.receive_delay.record(hop.as_secs_f64(), &[]);
     }
 
@@ -239,8 +236,7 @@ impl Viewer {
                 match stream.message().await {
                     Ok(Some(response)) => {
                         if let Some(written) = response.written_at {
-                            self.stats
-                                .written(SystemTime::try_from(written).unwrap_or(UNIX_EPOCH));
+                            self.stats.written(livemesh_proto::time::since(written));
                         }
                         match response.message {
                             Some(Message::Started(_)) => {

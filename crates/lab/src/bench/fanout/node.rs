@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
@@ -295,7 +295,7 @@ pub(super) async fn viewer(
         match stream.message().await {
             Ok(Some(reply)) => {
                 if let Some(written) = reply.written_at {
-                    rec.written(SystemTime::try_from(written).unwrap_or(UNIX_EPOCH));
+                    rec.written(livemesh_proto::time::since(written));
                 }
                 match &reply.message {
                     Some(Message::Event(event)) => comment(event),

@@ -8,7 +8,7 @@ use prost::Message as _;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::PUBLISHER_VIEWER;
@@ -70,11 +70,8 @@ impl Recorder {
         livemesh_mesh::lock(&self.latencies).record(latency);
     }
 
-    /// A message written by the node at `written` arrived now.
-    pub(super) fn written(&self, written: SystemTime) {
-        let hop = SystemTime::now()
-            .duration_since(written)
-            .unwrap_or(Duration::ZERO);
+    /// A message arrived `hop` after the node wrote it.
+    pub(super) fn written(&self, hop: Duration) {
         livemesh_mesh::lock(&self.last_hop).record(hop);
     }
 
